@@ -1,0 +1,341 @@
+"""Public functional API: argument checking (once, here), then dispatch to a backend.
+
+Backends (``flashmaps.torch_path`` on any device, ``flashmaps.triton_path`` on CUDA or under
+``TRITON_INTERPRET=1``) all implement one internal contract and may assume valid input::
+
+    backend.attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
+
+    q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv): one float dtype, one device, Hq % Hkv == 0,
+        L >= 1, S >= 1, any strides;
+    normalizer: a Normalizer instance;
+    mask: None, or a (B, Hq, L, S) tensor (a broadcast view with zero strides, never materialized),
+        dtype bool (True = may attend) or floating (added to the scores; an entry <= finfo(mask.dtype).min,
+        -inf included, excludes the key);
+    causal: None, "upper_left" (j <= i) or "lower_right" (j <= i + S - L);
+    scale: float; softcap: None or a float > 0; dropout_p: float in [0, 1);
+    returns out (B, Hq, L, Dv) in v's dtype, or (out, {stat name: (B, Hq, L) tensor}) if return_stats.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+from .normalizers import Normalizer, parse
+
+__all__ = ["attention", "sdpa"]
+
+_CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
+_BACKENDS = ("auto", "torch", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checking
+
+
+def _check_tensor(x, argname: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            f"{argname} has dtype {x.dtype}; flashmaps needs float16, bfloat16 or float32 "
+            "(float64 on the torch backend); convert it with .to(torch.float32) or similar"
+        )
+
+
+def _check_qkv(q, k, v, enable_gqa: bool, names=("q", "k", "v")) -> None:
+    nq, nk, nv = names
+    for x, n in zip((q, k, v), names):
+        _check_tensor(x, n)
+        if x.dim() != 4:
+            raise ValueError(
+                f"{n} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(x.shape)}; "
+                "use flashmaps.sdpa for other ranks"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{nq}, {nk}, {nv} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, L, Dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: {nq} has {B}, {nk} has {k.shape[0]}, {nv} has {v.shape[0]}; they must match"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"{nk} and {nv} must have the same sequence length (dim 2), got {k.shape[2]} and {v.shape[2]}"
+        )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{nk} and {nv} must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[3] != Dqk:
+        raise ValueError(
+            f"{nq} and {nk} must have the same head dim (dim 3), got {Dqk} and {k.shape[3]} "
+            f"({nv} may differ)"
+        )
+    Hkv = k.shape[1]
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"{nq} has {Hq} heads but {nk}/{nv} have {Hkv}; for grouped-query attention set enable_gqa=True"
+            )
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(
+                f"grouped-query attention needs the query heads ({Hq}) to be a multiple of the key/value "
+                f"heads ({Hkv})"
+            )
+    if Dqk == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dims must be >= 1, got {nq}/{nk}: {Dqk}, {nv}: {v.shape[3]}")
+
+
+def _check_mask(attn_mask, shape, device, argname="attn_mask"):
+    """Validate a bool/float mask and return it as a broadcast view of ``shape`` (B, Hq, L, S)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{argname} must be a torch.Tensor (bool or float) or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(
+            f"{argname} has dtype {attn_mask.dtype}; use a bool mask (True = may attend) or a float mask "
+            "(added to the scores, -inf excludes)"
+        )
+    if attn_mask.device != device:
+        raise ValueError(f"{argname} is on {attn_mask.device} but the inputs are on {device}; move it with .to()")
+    if attn_mask.requires_grad:
+        raise ValueError(
+            f"{argname} requires grad, but flashmaps does not compute gradients with respect to the mask; "
+            f"pass {argname}.detach()"
+        )
+    try:
+        torch.broadcast_shapes(attn_mask.shape, shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{argname} of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, L, S) = "
+            f"{tuple(shape)}"
+        ) from None
+    if attn_mask.dim() > len(shape):
+        raise ValueError(f"{argname} has {attn_mask.dim()} dims; at most {len(shape)} broadcast to {tuple(shape)}")
+    return attn_mask.expand(shape)
+
+
+def _check_causal(causal):
+    try:
+        return _CAUSAL[causal]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"causal must be False, True, 'upper_left' or 'lower_right', got {causal!r}"
+        ) from None
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_softcap(softcap):
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite float > 0 (e.g. 50.0), got {softcap}; use None for no cap")
+    return softcap
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def _choose_backend(backend, device: torch.device, dtype: torch.dtype):
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing flashmaps "
+                f"to run the kernels on the CPU (got tensors on {device}); or use backend='torch'"
+            )
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 needs backend='torch'")
+        from . import triton_path
+
+        return triton_path
+    from . import torch_path
+
+    return torch_path
+
+
+def _empty_result(q, k, v, norm: Normalizer, return_stats: bool):
+    """S == 0: every row has no allowed key -> zeros (and the empty-row statistics)."""
+    B, Hq, L, _ = q.shape
+    # keep the result attached to the inputs so that .backward() works (and gives zero gradients)
+    link = (q.sum() + k.sum() + v.sum()) * 0 if (q.requires_grad or k.requires_grad or v.requires_grad) else 0
+    out = torch.zeros(B, Hq, L, v.shape[-1], dtype=v.dtype, device=v.device) + link
+    if not return_stats:
+        return out
+    sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = {n: torch.full((B, Hq, L), val, dtype=sdt, device=q.device) for n, val in zip(norm.stats, norm.empty_stats)}
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    normalizer: str | Normalizer = "softmax",
+    *,
+    causal=False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    enable_gqa: bool = False,
+    dropout_p: float = 0.0,
+    return_stats: bool = False,
+    backend: str = "auto",
+):
+    """Blockwise attention with a pluggable normalizer.
+
+    ``o_i = sum_j p_ij v_j`` with ``p_i = N(s_i)`` and ``s_ij = scale * q_i . k_j`` (then
+    ``softcap * tanh(s / softcap)`` if ``softcap``, then ``+ attn_mask`` if it is a float mask).
+
+    Args:
+        q: (B, Hq, L, Dqk). k: (B, Hkv, S, Dqk). v: (B, Hkv, S, Dv). One float dtype, one device.
+        normalizer: "softmax", "taylor", "entmax15", "topk:<k>" or a Normalizer instance.
+        causal: False, True (= "upper_left", j <= i, as SDPA's is_causal) or "lower_right"
+            (j <= i + S - L, the KV-cache convention).
+        attn_mask: bool (True = may attend) or float (added to the scores) broadcastable to
+            (B, Hq, L, S). A float entry that is -inf or <= finfo(mask dtype).min excludes the key.
+        scale: defaults to 1/sqrt(Dqk). softcap: None or > 0.
+        enable_gqa: allow Hq to be a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
+        dropout_p: dropout on the normalized weights, scaled by 1/(1 - dropout_p).
+        return_stats: also return the normalizer's row statistics, a dict of (B, Hq, L) float tensors
+            (softmax: natural-log "lse"; taylor: "z"; entmax15: "tau"; topk: "tau", "lse").
+        backend: "auto" (Triton on CUDA, the torch path otherwise), "torch" or "triton".
+
+    Returns:
+        out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
+        gives zeros.
+    """
+    _check_qkv(q, k, v, enable_gqa)
+    norm = parse(normalizer)
+    B, Hq, L, Dqk = q.shape
+    S = k.shape[2]
+    causal_mode = _check_causal(causal)
+    mask = _check_mask(attn_mask, (B, Hq, L, S), q.device)
+    scale_f = _check_scale(scale, Dqk)
+    softcap_f = _check_softcap(softcap)
+    dropout_f = _check_dropout(dropout_p)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    impl = _choose_backend(backend, q.device, q.dtype)
+    if L == 0 or S == 0 or B == 0 or Hq == 0:
+        return _empty_result(q, k, v, norm, return_stats)
+    return impl.attention(
+        q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
+        dropout_p=dropout_f, return_stats=return_stats,
+    )
+
+
+def _causal_from_bias(attn_mask, L: int, S: int):
+    """Map torch.nn.attention.bias.CausalBias to a causal mode, or return None if not one."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover - old torch
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if attn_mask.seq_len_q != L or attn_mask.seq_len_kv != S:
+        raise ValueError(
+            f"attn_mask: the causal bias was built for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+            f"but the inputs have ({L}, {S})"
+        )
+    return "upper_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "lower_right"
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    normalizer: str | Normalizer = "softmax",
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a choice of normalizer.
+
+    query (N, ..., Hq, L, E), key (N, ..., Hkv, S, E), value (N, ..., Hkv, S, Ev) -> (N, ..., Hq, L, Ev):
+    any number of leading batch dims (3-D inputs have no head dim of their own: dim -3 is the batch).
+    ``attn_mask`` is a bool or float tensor broadcastable to (N, ..., Hq, L, S), or a
+    ``torch.nn.attention.bias`` causal bias (``causal_upper_left`` / ``causal_lower_right``).
+    ``dropout_p`` is applied whenever it is > 0 (as in torch: pass 0.0 in eval mode).
+    """
+    names = ("query", "key", "value")
+    for x, n in zip((query, key, value), names):
+        _check_tensor(x, n)
+        if x.dim() < 3:
+            raise ValueError(f"{n} must have at least 3 dims (..., seq_len, head_dim), got shape {tuple(x.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            f"query, key, value must have the same number of dims, got {query.dim()}, {key.dim()}, {value.dim()}"
+        )
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    lead = query.shape[:-3]
+    if key.shape[:-3] != lead or value.shape[:-3] != lead:
+        raise ValueError(
+            f"query, key, value must share their leading batch dims, got {tuple(query.shape[:-3])}, "
+            f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}"
+        )
+    L, S = query.shape[-2], key.shape[-2]
+    causal = "upper_left" if is_causal else False
+    bias_causal = _causal_from_bias(attn_mask, L, S)
+    if bias_causal is not None:
+        if is_causal:
+            raise ValueError("sdpa: explicit attn_mask should not be set when is_causal=True (as in torch)")
+        causal, attn_mask = bias_causal, None
+    elif attn_mask is not None and is_causal:
+        raise ValueError("sdpa: explicit attn_mask should not be set when is_causal=True (as in torch)")
+
+    # (N, ..., H, L, E) -> (B, H, L, E) with B = prod(N, ...); 3-D inputs get B = 1
+    def to4(x):
+        return x.reshape((-1,) + tuple(x.shape[-3:])) if x.dim() != 3 else x.unsqueeze(0)
+
+    q4, k4, v4 = to4(query), to4(key), to4(value)
+    _check_qkv(q4, k4, v4, enable_gqa, names=names)
+    full = tuple(query.shape[:-1]) + (S,)  # (N, ..., Hq, L, S)
+    if attn_mask is not None:
+        attn_mask = _check_mask(attn_mask, full, query.device)
+        attn_mask = attn_mask.reshape((-1,) + full[-3:]) if len(full) != 3 else attn_mask.unsqueeze(0)
+    out = attention(
+        q4, k4, v4, normalizer, causal=causal, attn_mask=attn_mask, scale=scale,
+        enable_gqa=enable_gqa, dropout_p=dropout_p,
+    )
+    return out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))  # (N, ..., Hq, L, Ev)
