@@ -1,0 +1,292 @@
+"""Hugging Face transformers integration: run any model's attention through flashmaps.
+
+    from flashmaps.integrations.transformers import register
+
+    register()   # "fmaps_softmax", "fmaps_taylor", "fmaps_entmax15", "fmaps_topk"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fmaps_entmax15")
+    model.config.fmaps_topk_k = 32            # k of "fmaps_topk" (default 64), read at every call
+    model.set_attn_implementation("fmaps_topk")
+    register("fmaps_top8", "topk:8")          # any other normalizer under a name of your choice
+
+Nothing is patched: each name is registered in transformers' ``AttentionInterface`` (the attention
+function below) and in its ``AttentionMaskInterface`` (transformers' own ``sdpa_mask``: a bool
+``(B, 1, L, S)`` mask, True = may attend, or ``None`` where a plain causal mask suffices). Without the mask
+function a custom name would silently get no mask at all (no padding, no causality, no sliding window).
+
+It works for every model that routes its attention through ``AttentionInterface`` (the model class has
+``_supports_attention_backend = True``: Llama, Mistral, Qwen2, Gemma 2, BERT from transformers 5, ...),
+transformers >= 4.53. Names must not contain "flash": transformers 5.x sends those to its hub-kernel
+loader.
+
+The attention function follows transformers' calling convention and the rules of its own
+``sdpa_attention_forward``:
+
+* query (B, Hq, L, D), key/value (B, Hkv, S, D) -> out (B, L, Hq, Dv) contiguous, and ``None`` weights.
+  Grouped-query attention is native (no ``repeat_kv``: query head h reads kv head h // (Hq // Hkv)).
+* causality: ``is_causal`` (or ``module.is_causal``, default True) is used only when no mask is given
+  and L > 1. A single query token (KV-cache decoding) attends to every key. When L < S without a mask
+  (prefill into an empty static cache: the mask function skipped the mask because the cache is empty),
+  the keys beyond the first L are empty slots, so K/V are cropped to L and the mask is upper-left causal,
+  exactly what SDPA's ``is_causal`` computes there. With a mask, the mask alone decides.
+* ``sliding_window``: the masks from the mask function already contain the window; when no mask is
+  given the window is applied here, as transformers' mask functions define it (causal: a query at
+  position t sees keys t - sliding_window < j <= t; bidirectional: |t - j| <= sliding_window), with the
+  queries aligned to the last L key positions.
+* ``softcap`` (Gemma 2): ``s = softcap * tanh(scaling * q.k / softcap)`` before the mask.
+* ``position_bias`` (T5 family): added to the scores, combined with the mask as SDPA's path does.
+* ``dropout`` applies only while ``module.training`` is True.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from ..functional import attention
+from ..normalizers import Normalizer, TopK, parse
+
+__all__ = ["register", "attention_forward", "NAMES", "TOPK_CONFIG_ATTR", "TOPK_DEFAULT_K"]
+
+#: the model-config attribute that sets k for "fmaps_topk" (read from ``module.config`` at every call)
+TOPK_CONFIG_ATTR = "fmaps_topk_k"
+#: k for "fmaps_topk" when the config has no ``fmaps_topk_k``
+TOPK_DEFAULT_K = 64
+
+#: the names that ``register()`` adds, and their normalizers (None: top-k with k from the config)
+NAMES: dict[str, str | None] = {
+    "fmaps_softmax": "softmax",
+    "fmaps_taylor": "taylor",
+    "fmaps_entmax15": "entmax15",
+    "fmaps_topk": None,
+}
+
+_MIN_TRANSFORMERS = "4.53"
+# transformers gives these names (or substrings) a meaning of its own: refuse them
+_RESERVED = ("eager", "sdpa", "flex_attention", "paged")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the attention function
+
+
+def _topk_from_config(module) -> Normalizer:
+    """TopK(k) with k = ``module.config.fmaps_topk_k`` (default ``TOPK_DEFAULT_K``)."""
+    k = getattr(getattr(module, "config", None), TOPK_CONFIG_ATTR, None)
+    return _topk(TOPK_DEFAULT_K if k is None else k)
+
+
+@functools.lru_cache(maxsize=64)
+def _topk(k) -> TopK:
+    try:
+        return TopK(k)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.{TOPK_CONFIG_ATTR} = {k!r} is not a valid k for fmaps_topk: {err}") from None
+
+
+def _window_mask(L: int, S: int, window: int, causal: bool, device) -> torch.Tensor:
+    """Bool (L, S) sliding-window mask, queries at key positions S - L .. S - 1 (True = may attend)."""
+    t = torch.arange(S - L, S, device=device)[:, None]  # (L, 1) query positions
+    j = torch.arange(S, device=device)[None, :]  # (1, S) key positions
+    if causal:
+        return j > t - window  # causality itself is applied by `causal`
+    return (t - j).abs() <= window
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    normalizer: str | Normalizer = "softmax",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function convention, computed by :func:`flashmaps.attention`.
+
+    Args:
+        module: the calling attention layer (read for ``training``, ``is_causal`` and ``config``).
+        query: (B, Hq, L, D). key: (B, Hkv, S, D). value: (B, Hkv, S, Dv), Hq a multiple of Hkv.
+        attention_mask: None, or bool (True = may attend) / float (added; <= finfo.min excludes)
+            broadcastable to (B, Hq, L, S); a longer last dim is cut to S.
+        dropout: dropout probability on the normalized weights, applied only if ``module.training``.
+        scaling: score scale (default 1/sqrt(D)). softcap: Gemma 2's attention logit cap.
+        sliding_window: applied here only when there is no mask (see the module docstring).
+        is_causal: overrides ``module.is_causal``; used only when there is no mask and L > 1.
+        normalizer: the normalizer (a Normalizer, a spec string, or a callable ``module -> Normalizer``).
+        kwargs: ``position_bias`` (float, broadcastable to (B, Hq, L, S)) is supported; other model
+            kwargs are ignored, as in transformers' SDPA path.
+
+    Returns:
+        (out (B, L, Hq, Dv) contiguous, None).
+    """
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError("flashmaps does not support attention sinks (s_aux); use attn_implementation='eager'")
+    if kwargs.get("head_mask") is not None:
+        raise NotImplementedError("flashmaps does not support head_mask; use attn_implementation='eager'")
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError(
+            "flashmaps does not support transformers' paged cache (continuous batching) yet; "
+            "use generate() or attn_implementation='sdpa'"
+        )
+    if kwargs.get("output_attentions", False):
+        warnings.warn(
+            "flashmaps attention does not materialize the attention weights (output_attentions=True gives None); "
+            "use attn_implementation='eager' to get them",
+            stacklevel=2,
+        )
+    norm = normalizer(module) if callable(normalizer) and not isinstance(normalizer, Normalizer) else normalizer
+    L, S = query.shape[2], key.shape[2]
+    mask = attention_mask
+    if mask is not None and mask.shape[-1] > S:
+        mask = mask[..., :S]  # static caches may hand a longer mask
+    position_bias = kwargs.get("position_bias")
+
+    # the is_causal rule of transformers' sdpa_attention_forward
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    causal = bool(is_causal) and L > 1 and mask is None
+    if causal and S > L:
+        # no mask and more keys than queries: prefill into an empty static cache, keys L.. are empty slots
+        key, value = key[:, :, :L], value[:, :, :L]  # (B, Hkv, L, D)
+        if position_bias is not None:
+            position_bias = position_bias[..., :L]
+        S = L
+    if mask is None and sliding_window is not None and S > sliding_window:
+        mask = _window_mask(L, S, int(sliding_window), bool(is_causal), query.device)  # (L, S) bool
+    if position_bias is not None:
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, position_bias, float("-inf"))
+        else:  # keep excluded keys excluded: finfo.min + bias would be a finite (huge negative) score
+            excluded = mask <= torch.finfo(mask.dtype).min
+            mask = (position_bias + mask).masked_fill(excluded, float("-inf"))
+
+    training = getattr(module, "training", False)
+    out = attention(
+        query, key, value, norm,
+        causal="upper_left" if causal else False,
+        attn_mask=mask,
+        scale=scaling,
+        softcap=softcap,
+        enable_gqa=query.shape[1] != key.shape[1],
+        dropout_p=float(dropout) if training else 0.0,
+    )  # (B, Hq, L, Dv)
+    return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# registration
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: the name must be a non-empty string, got {name!r}")
+    low = name.lower()
+    if "flash" in low:
+        raise ValueError(
+            f"register: {name!r} contains 'flash'; transformers 5.x sends every attention name containing "
+            "'flash' to its flash-attention / hub-kernel loader. Pick another name, e.g. 'fmaps_...'"
+        )
+    if any(c in name for c in "/:|@") or any(c.isspace() for c in name):
+        raise ValueError(
+            f"register: {name!r} contains '/', ':', '|', '@' or whitespace, which transformers reads as a hub "
+            "kernel repo or an implementation prefix; use letters, digits and '_', e.g. 'fmaps_mine'"
+        )
+    if any(r in low for r in _RESERVED):
+        raise ValueError(
+            f"register: {name!r} contains one of {', '.join(map(repr, _RESERVED))}, names transformers "
+            "treats specially; use e.g. 'fmaps_mine'"
+        )
+    return name
+
+
+def _check_normalizer(normalizer) -> Normalizer:
+    try:
+        return parse(normalizer)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"register: invalid normalizer: {err}") from None
+
+
+def _interfaces():
+    """(AttentionInterface, AttentionMaskInterface, sdpa_mask) of the installed transformers."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            "flashmaps.integrations.transformers needs Hugging Face transformers >= "
+            f"{_MIN_TRANSFORMERS}: pip install 'flashmaps[hf]'"
+        ) from None
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < Version(_MIN_TRANSFORMERS).release:
+        raise ImportError(
+            f"flashmaps.integrations.transformers needs transformers >= {_MIN_TRANSFORMERS} (AttentionInterface "
+            f"and AttentionMaskInterface), found {transformers.__version__}; pip install -U transformers"
+        )
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    return AttentionInterface, AttentionMaskInterface, sdpa_mask
+
+
+def _named_forward(name: str, normalizer):
+    """The attention function registered under ``name``: :func:`attention_forward` with ``normalizer``."""
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                softcap=None, is_causal=None, **kwargs):
+        return attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, softcap=softcap, is_causal=is_causal, normalizer=normalizer, **kwargs,
+        )
+
+    forward.__name__ = forward.__qualname__ = f"{name}_attention_forward"
+    forward.__doc__ = f"flashmaps attention registered as {name!r} (see attention_forward)."
+    forward.normalizer = normalizer
+    return forward
+
+
+def register(name: str | None = None, normalizer: str | Normalizer | None = None) -> list[str]:
+    """Register flashmaps attention in transformers under ``name``.
+
+    ``register()`` adds the four built-in names: ``"fmaps_softmax"``, ``"fmaps_taylor"``,
+    ``"fmaps_entmax15"`` and ``"fmaps_topk"`` (k read at every call from the model config attribute
+    ``fmaps_topk_k``, default 64). ``register(name, normalizer)`` adds one more name for any normalizer
+    (``"topk:8"``, ``TopK(8)``, ...). Registering a name again is harmless (the latest normalizer wins).
+
+    Each name goes into ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface``
+    (transformers' ``sdpa_mask``), after which ``from_pretrained(..., attn_implementation=name)`` and
+    ``model.set_attn_implementation(name)`` work.
+
+    Raises:
+        ValueError: the name contains "flash" (or another name transformers reserves), or the normalizer
+            is invalid. ImportError: transformers is missing or older than 4.53.
+
+    Returns:
+        the registered names.
+    """
+    if name is None:
+        if normalizer is not None:
+            raise ValueError("register(name, normalizer): give a name for the normalizer, e.g. 'fmaps_mine'")
+        todo = {n: (_topk_from_config if spec is None else parse(spec)) for n, spec in NAMES.items()}
+    else:
+        if normalizer is None:
+            raise ValueError(
+                f"register({name!r}): give a normalizer too, e.g. register({name!r}, 'topk:8'); "
+                "register() with no arguments adds the built-in fmaps_* names"
+            )
+        todo = {_check_name(name): _check_normalizer(normalizer)}
+    attn_interface, mask_interface, sdpa_mask = _interfaces()
+    for n, norm in todo.items():
+        attn_interface.register(n, _named_forward(n, norm))
+        mask_interface.register(n, sdpa_mask)
+    return list(todo)
+
