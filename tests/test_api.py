@@ -1,0 +1,296 @@
+"""The public API: argument checking (every bad input class) and sdpa()'s drop-in semantics vs torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+import flashmaps
+from flashmaps import reference
+
+NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
+
+
+def qkv(B=2, Hq=4, Hkv=4, L=9, S=11, D=8, Dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+    q = torch.randn(B, Hq, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype)
+    return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------------
+# normalizer specs
+
+
+def test_normalizer_names_and_parse():
+    assert flashmaps.normalizers() == ["entmax15", "softmax", "taylor", "topk"]
+    assert flashmaps.parse("softmax") == flashmaps.Softmax()
+    assert flashmaps.parse(" TopK:64 ") == flashmaps.TopK(64)
+    assert flashmaps.parse(flashmaps.TopK(3)) is not None
+    assert str(flashmaps.TopK(7)) == "topk:7" and flashmaps.parse(str(flashmaps.TopK(7))) == flashmaps.TopK(7)
+    with pytest.raises(Exception):  # frozen
+        flashmaps.TopK(3).k = 4
+
+
+@pytest.mark.parametrize(
+    "spec,exc,words",
+    [
+        ("sofmax", ValueError, ["unknown normalizer", "'softmax'", "'topk:<k>'"]),
+        ("topk", ValueError, ["topk:<k>"]),
+        ("topk:", ValueError, ["topk:<k>"]),
+        ("topk:abc", ValueError, ["malformed", "topk:<k>"]),
+        ("topk:0", ValueError, ["k >= 1"]),
+        ("topk:-3", ValueError, ["k >= 1"]),
+        ("topk:2.5", ValueError, ["malformed"]),
+        ("softmax:3", ValueError, ["takes no argument"]),
+        (3, TypeError, ["normalizer must be a string"]),
+        (flashmaps.Softmax, TypeError, ["instance"]),
+    ],
+    ids=lambda x: repr(x) if not isinstance(x, list) else "",
+)
+def test_bad_normalizer(spec, exc, words):
+    q, k, v = qkv()
+    with pytest.raises(exc) as info:
+        flashmaps.attention(q, k, v, spec)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_topk_class_validation():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        flashmaps.TopK(0)
+    with pytest.raises(TypeError, match="positive int"):
+        flashmaps.TopK(2.0)
+    with pytest.raises(TypeError, match="positive int"):
+        flashmaps.TopK(True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input at the boundary
+
+
+def _bad_cases():
+    q, k, v = qkv()
+    return {
+        "q-not-tensor": (dict(q=q.tolist()), TypeError, "q must be a torch.Tensor"),
+        "q-3d": (dict(q=q[0]), ValueError, "q must be 4-D"),
+        "k-5d": (dict(k=k[None]), ValueError, "k must be 4-D"),
+        "int-dtype": (dict(q=q.long(), k=k.long(), v=v.long()), TypeError, "dtype"),
+        "mixed-dtype": (dict(k=k.half()), TypeError, "share one dtype"),
+        "batch-mismatch": (dict(k=k[:1], v=v[:1]), ValueError, "batch sizes differ"),
+        "kv-len-mismatch": (dict(v=v[:, :, :5]), ValueError, "same sequence length"),
+        "head-dim-mismatch": (dict(k=k[..., :4]), ValueError, "same head dim"),
+        "kv-heads-mismatch": (dict(v=v[:, :2]), ValueError, "same number of heads"),
+        "gqa-needs-flag": (dict(k=k[:, :2], v=v[:, :2]), ValueError, "enable_gqa=True"),
+        "gqa-not-multiple": (dict(k=k[:, :3], v=v[:, :3], enable_gqa=True), ValueError, "multiple"),
+        "mask-no-broadcast": (dict(attn_mask=torch.ones(3, 11, dtype=torch.bool)), ValueError, "does not broadcast"),
+        "mask-int": (dict(attn_mask=torch.ones(9, 11, dtype=torch.int64)), TypeError, "attn_mask has dtype"),
+        "mask-list": (dict(attn_mask=[[True]]), TypeError, "attn_mask must be a torch.Tensor"),
+        "mask-5d": (dict(attn_mask=torch.ones(1, 2, 4, 9, 11, dtype=torch.bool)), ValueError, "attn_mask"),
+        "mask-grad": (dict(attn_mask=torch.zeros(9, 11, requires_grad=True)), ValueError, "detach"),
+        "causal-bad": (dict(causal="lower"), ValueError, "causal must be"),
+        "causal-int": (dict(causal=2), ValueError, "causal must be"),
+        "softcap-zero": (dict(softcap=0.0), ValueError, "softcap must be"),
+        "softcap-neg": (dict(softcap=-1), ValueError, "softcap must be"),
+        "softcap-str": (dict(softcap="30"), TypeError, "softcap"),
+        "scale-str": (dict(scale="0.1"), TypeError, "scale"),
+        "scale-nan": (dict(scale=float("nan")), ValueError, "scale"),
+        "backend-bad": (dict(backend="cuda"), ValueError, "backend must be one of"),
+        "dropout-1": (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
+        "dropout-neg": (dict(dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
+        "return-stats-str": (dict(return_stats="yes"), TypeError, "return_stats"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input(case):
+    q, k, v = qkv()
+    kwargs, exc, words = _bad_cases()[case]
+    args = dict(q=q, k=k, v=v)
+    for name in ("q", "k", "v"):
+        if name in kwargs:
+            args[name] = kwargs.pop(name)
+    before = [t.clone() for t in (q, k, v)]
+    with pytest.raises(exc) as info:
+        flashmaps.attention(args["q"], args["k"], args["v"], **kwargs)
+    assert words in str(info.value)
+    for t, b in zip((q, k, v), before):  # inputs never modified, even on error paths
+        assert torch.equal(t, b)
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        flashmaps.attention(q, k, v, backend="triton")
+
+
+def test_triton_backend_rejects_float64():
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 needs backend='torch'"):
+        flashmaps.attention(q, k, v, backend="triton")
+
+
+def test_sdpa_bad_input():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="should not be set when is_causal=True"):
+        flashmaps.sdpa(q, k, v, attn_mask=torch.ones(9, 11, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="at least 3 dims"):
+        flashmaps.sdpa(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="same number of dims"):
+        flashmaps.sdpa(q, k[0], v)
+    with pytest.raises(ValueError, match="leading batch dims"):
+        flashmaps.sdpa(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        flashmaps.sdpa(q, k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="dropout_p"):
+        flashmaps.sdpa(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        flashmaps.sdpa(q, k, v, is_causal="yes")
+    with pytest.raises(ValueError, match="unknown normalizer"):
+        flashmaps.sdpa(q, k, v, normalizer="relu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# semantics through the default (CPU) path
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_empty_query_and_empty_keys(norm):
+    q, k, v = qkv(L=0)
+    out = flashmaps.attention(q, k, v, norm)
+    assert out.shape == (2, 4, 0, 8)
+    q, k, v = qkv(S=0)
+    q.requires_grad_(True)
+    out, stats = flashmaps.attention(q, k, v, norm, return_stats=True)
+    assert out.shape == (2, 4, 9, 8) and torch.equal(out, torch.zeros_like(out))
+    assert set(stats) == set(flashmaps.parse(norm).stats)
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def _torch_sdpa_ref(*args, **kw):
+    return F.scaled_dot_product_attention(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "shape_q,shape_k",
+    [
+        ((3, 9, 8), (3, 11, 8)),  # 3-D: no head dim
+        ((2, 3, 4, 9, 8), (2, 3, 4, 11, 8)),  # 5-D
+        ((2, 4, 1, 8), (2, 4, 11, 8)),  # L = 1
+    ],
+    ids=["3d", "5d", "L1"],
+)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_sdpa_ranks_match_torch(shape_q, shape_k, is_causal):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(shape_q, generator=g)
+    k = torch.randn(shape_k, generator=g)
+    v = torch.randn(shape_k[:-1] + (6,), generator=g)
+    out = flashmaps.sdpa(q, k, v, is_causal=is_causal)
+    ref = _torch_sdpa_ref(q, k, v, is_causal=is_causal)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(9, 11), (1, 11), (4, 1, 11), (2, 1, 9, 11), (2, 4, 9, 11), (11,)],
+    ids=lambda s: "mask" + "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_sdpa_masks_broadcast_like_torch(mask_shape, kind):
+    q, k, v = qkv(seed=3)
+    g = torch.Generator().manual_seed(4)
+    if kind == "bool":
+        mask = torch.rand(mask_shape, generator=g) > 0.3
+        mask[..., 0] = True  # keep every row non-empty so torch's and our semantics coincide
+    else:
+        mask = torch.randn(mask_shape, generator=g)
+    out = flashmaps.sdpa(q, k, v, attn_mask=mask)
+    # torch itself rejects a 1-D mask in some versions: give it the explicitly expanded mask
+    ref = _torch_sdpa_ref(q, k, v, attn_mask=mask.expand(2, 4, 9, 11))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_sdpa_scale_gqa_dtype_and_causal_bias():
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    q, k, v = qkv(Hq=6, Hkv=2, L=7, S=12, seed=5)
+    for kw in (dict(scale=0.3), dict(enable_gqa=True, scale=None)):
+        if "enable_gqa" not in kw:
+            kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+        else:
+            kk, vv = k, v
+        assert rel_err(flashmaps.sdpa(q, kk, vv, **kw), _torch_sdpa_ref(q, kk, vv, **kw)) < 1e-5
+    for bias, causal in ((causal_upper_left(7, 12), "upper_left"), (causal_lower_right(7, 12), "lower_right")):
+        out = flashmaps.sdpa(q, k, v, attn_mask=bias, enable_gqa=True)
+        ref = reference.attention(q, k, v, causal=causal, enable_gqa=True)
+        assert rel_err(out, ref) < 1e-5
+        torch_out = _torch_sdpa_ref(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=bias)
+        assert rel_err(out, torch_out) < 1e-5
+    with pytest.raises(ValueError, match="causal bias was built for"):
+        flashmaps.sdpa(q, k, v, attn_mask=causal_upper_left(5, 12), enable_gqa=True)
+    with pytest.raises(ValueError, match="is_causal=True"):
+        flashmaps.sdpa(q, k, v, attn_mask=causal_upper_left(7, 12), is_causal=True, enable_gqa=True)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    out = flashmaps.sdpa(qb, kb, vb, enable_gqa=True)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference.attention(qb, kb, vb, enable_gqa=True)) < 2e-2
+
+
+def test_sdpa_fully_masked_rows_are_zero_like_torch():
+    q, k, v = qkv(seed=6)
+    mask = torch.ones(9, 11, dtype=torch.bool)
+    mask[2] = False
+    out = flashmaps.sdpa(q, k, v, attn_mask=mask)
+    ref = _torch_sdpa_ref(q, k, v, attn_mask=mask)
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_sdpa_normalizer_matches_attention(norm):
+    q, k, v = qkv(seed=7)
+    out = flashmaps.sdpa(q, k, v, is_causal=True, normalizer=norm)
+    ref = reference.attention(q, k, v, norm, causal=True)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_sdpa_dropout():
+    q, k, v = qkv(B=4, Hq=4, L=16, S=64, seed=8)
+    torch.manual_seed(0)
+    a = flashmaps.sdpa(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = flashmaps.sdpa(q, k, v, dropout_p=0.5)
+    c = flashmaps.sdpa(q, k, v, dropout_p=0.5)
+    base = flashmaps.sdpa(q, k, v)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, base)
+    assert torch.isfinite(a).all()
+    # dropout is unbiased: the mean over many draws approaches the no-dropout output
+    torch.manual_seed(1)
+    mean = torch.stack([flashmaps.sdpa(q, k, v, dropout_p=0.5) for _ in range(64)]).mean(0)
+    assert rel_err(mean, base) < 0.25
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_inputs_not_modified(norm):
+    q, k, v = qkv(seed=9)
+    mask = torch.randn(9, 11)
+    mask[0, 3] = float("-inf")
+    saved = [t.clone() for t in (q, k, v, mask)]
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = flashmaps.attention(q, k, v, norm, attn_mask=mask, causal="lower_right", softcap=5.0)
+    out.square().sum().backward()
+    for t, s in zip((q, k, v, mask), saved):
+        assert torch.equal(t.detach(), s)
+
+
+def test_version_and_exports():
+    assert flashmaps.__version__
+    for name in ("attention", "sdpa", "Softmax", "Taylor", "Entmax15", "TopK", "normalizers", "reference"):
+        assert hasattr(flashmaps, name)
