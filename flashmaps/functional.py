@@ -1,9 +1,10 @@
 """Public functional API: argument checking (once, here), then dispatch to a backend.
 
 Backends (``flashmaps.torch_path`` on any device, ``flashmaps.triton_path`` on CUDA or under
-``TRITON_INTERPRET=1``) all implement one internal contract and may assume valid input::
+``TRITON_INTERPRET=1``) may assume valid input. Calls go through the custom ops of :mod:`flashmaps.ops`
+(forward and backward as torch.library ops, so torch.compile traces them); what a call means::
 
-    backend.attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
+    ops.attention(backend, q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
 
     q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv): one float dtype, one device, Hq % Hkv == 0,
         L >= 1, S >= 1, any strides;
@@ -24,6 +25,7 @@ import os
 
 import torch
 
+from . import ops
 from .normalizers import Normalizer, parse
 
 __all__ = ["attention", "sdpa"]
@@ -176,12 +178,7 @@ def _choose_backend(backend, device: torch.device, dtype: torch.dtype):
             )
         if dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32; float64 needs backend='torch'")
-        from . import triton_path
-
-        return triton_path
-    from . import torch_path
-
-    return torch_path
+    return backend
 
 
 def _empty_result(q, k, v, norm: Normalizer, return_stats: bool):
@@ -250,11 +247,11 @@ def attention(
     dropout_f = _check_dropout(dropout_p)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    impl = _choose_backend(backend, q.device, q.dtype)
+    backend_name = _choose_backend(backend, q.device, q.dtype)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
-    return impl.attention(
-        q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
+    return ops.attention(
+        backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats,
     )
 

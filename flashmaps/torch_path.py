@@ -45,8 +45,8 @@ Softmax without dropout or softcap dispatches to torch's CPU flash-attention op 
 returns logsumexp; its backward op takes it) whenever the semantics match exactly: see
 :func:`_sdpa_route`.
 
-Backward: :class:`_Attention` is a ``torch.autograd.Function`` that saves q, k, v and the row statistics
-only, and recomputes each chunk's scores and weights from them (no autograd graph over the loop, no
+Backward: :func:`backward` (wrapped with :func:`forward` as torch.library custom ops by
+:mod:`flashmaps.ops`) gets q, k, v and the row statistics only, and recomputes each chunk's scores and weights from them (no autograd graph over the loop, no
 stored score matrix).
 
 Dropout: one seed is drawn from torch's default generator per call (:func:`draw_seed`); the keep mask of
@@ -284,8 +284,8 @@ HOOKS: dict[str, Hooks] = {
 
 
 def draw_seed() -> int:
-    """The dropout seed of one call, drawn from torch's default CPU generator (``torch.manual_seed``
-    reproduces it)."""
+    """The dropout seed of one call as :mod:`flashmaps.ops` draws it from torch's default CPU generator
+    (``torch.manual_seed(n); draw_seed()`` gives the seed that the next call with dropout will use)."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
@@ -479,34 +479,6 @@ def _backward(pb: _Problem, hooks, norm, dropout_p, seed, stats, dout):
     return dq5.view(B, Hkv * G, L, D), dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    """Chunked attention; backward recomputes each chunk from q, k, v and the saved row statistics."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, norm, mask, causal, scale, softcap, dropout_p, seed):
-        pb = _prepare(q, k, v, mask, causal, scale, softcap)
-        hooks = HOOKS[norm.name]
-        out5, stats = _forward(pb, hooks, norm, dropout_p, seed)
-        B, Hq, L = q.shape[:3]
-        out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
-        names = tuple(stats)
-        ctx.save_for_backward(q, k, v, *stats.values())
-        ctx.args = (names, norm, mask, causal, scale, softcap, dropout_p, seed)
-        stat_list = [val.view(B, Hq, L) for val in stats.values()]
-        ctx.mark_non_differentiable(*stat_list)
-        return (out, *stat_list)
-
-    @staticmethod
-    def backward(ctx, dout, *_dstats):
-        q, k, v, *stat_vals = ctx.saved_tensors
-        names, norm, mask, causal, scale, softcap, dropout_p, seed = ctx.args
-        pb = _prepare(q, k, v, mask, causal, scale, softcap)
-        B, Hkv, G, L, _ = pb.q5.shape
-        stats = {n: val.view(B, Hkv, G, L) for n, val in zip(names, stat_vals)}
-        dq, dk, dv = _backward(pb, HOOKS[norm.name], norm, dropout_p, seed, stats, dout)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
-
-
 # ----------------------------------------------------------------------------------------------------
 # softmax through torch's CPU flash-attention op
 
@@ -548,27 +520,18 @@ def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
     return fm, is_causal
 
 
-class _SdpaSoftmax(torch.autograd.Function):
-    """Softmax attention through aten's CPU flash-attention forward/backward ops."""
+def _sdpa_forward(q, k, v, fmask, is_causal, scale):
+    """aten's CPU flash-attention forward: (out, lse) with lse = 0 for a row with no allowed key."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale
+    )
 
-    @staticmethod
-    def forward(ctx, q, k, v, fmask, is_causal, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=fmask, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (fmask, is_causal, scale)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        fmask, is_causal, scale = ctx.args
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=fmask, scale=scale
-        )
-        return dq, dk, dv, None, None, None
+def _sdpa_backward(dout, q, k, v, out, lse, fmask, is_causal, scale):
+    lse = torch.where(lse == _NEG_INF, torch.zeros((), dtype=lse.dtype), lse)  # back to the op's convention
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=fmask, scale=scale
+    )
 
 
 def _empty_rows(fmask, is_causal, shape):
@@ -582,35 +545,70 @@ def _empty_rows(fmask, is_causal, shape):
     return ~allowed.any(-1).expand(B, Hq, L)
 
 
-def _softmax_sdpa(q, k, v, route, scale, return_stats):
-    fmask, is_causal = route
-    out, lse = _SdpaSoftmax.apply(q, k, v, fmask, is_causal, scale)
-    if not return_stats:
-        return out
-    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    if fmask is not None:  # the op reports 0 for a row with no allowed key; the contract says -inf
-        lse = lse.masked_fill(_empty_rows(fmask, is_causal, (*q.shape[:3], k.shape[2])), _NEG_INF)
-    return out, {"lse": lse}
-
-
 # ----------------------------------------------------------------------------------------------------
-# backend entry point
+# backend entry points (wrapped as torch.library custom ops by flashmaps.ops)
 
 
-def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats):
-    """The backend contract (see :mod:`flashmaps.functional`): q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk),
-    v (B, Hkv, S, Dv) -> out (B, Hq, L, Dv) in v's dtype, or (out, stats) with stats a dict
-    name -> (B, Hq, L) float32 (float64 for float64 inputs) tensor."""
+def aux_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
+    """The torch path saves nothing beyond the row statistics."""
+    return (0,)
+
+
+def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad):
+    """-> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L)] in ``normalizer.stats`` order, aux (0,)).
+
+    Softmax goes through torch's CPU flash op where :func:`_sdpa_route` says it is exact; every other
+    case through the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``)."""
+    aux = torch.empty(0, dtype=torch.float32, device=q.device)
     if normalizer.name == "softmax":
         route = _sdpa_route(q, k, v, mask, causal, softcap, dropout_p)
         if route is not None:
-            return _softmax_sdpa(q, k, v, route, scale, return_stats)
-    if normalizer.name not in HOOKS:
+            fmask, is_causal = route
+            out, lse = _sdpa_forward(q, k, v, fmask, is_causal, scale)
+            lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+            if fmask is not None:  # the op reports 0 for a row with no allowed key; the contract says -inf
+                lse = lse.masked_fill(_empty_rows(fmask, is_causal, (*q.shape[:3], k.shape[2])), _NEG_INF)
+            return out, [lse], aux
+    hooks = _hooks(normalizer)
+    pb = _prepare(q, k, v, mask, causal, scale, softcap)
+    out5, stats = _forward(pb, hooks, normalizer, dropout_p, seed)
+    B, Hq, L = q.shape[:3]
+    out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
+    return out, [val.view(B, Hq, L) for val in stats.values()], aux
+
+
+def backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask, causal, scale, softcap,
+             dropout_p, seed):
+    """Gradients (dq, dk, dv) by recomputing each chunk from q, k, v and the saved row statistics."""
+    if normalizer.name == "softmax":
+        route = _sdpa_route(q, k, v, mask, causal, softcap, dropout_p)
+        if route is not None:
+            fmask, is_causal = route
+            dq, dk, dv = _sdpa_backward(dout, q, k, v, out, stats[0], fmask, is_causal, scale)
+            return dq, dk, dv
+    pb = _prepare(q, k, v, mask, causal, scale, softcap)
+    B, Hkv, G, L, _ = pb.q5.shape
+    st = {n: val.reshape(B, Hkv, G, L) for n, val in zip(normalizer.stats, stats)}
+    dq, dk, dv = _backward(pb, _hooks(normalizer), normalizer, dropout_p, seed, st, dout)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _hooks(normalizer: Normalizer) -> Hooks:
+    try:
+        return HOOKS[normalizer.name]
+    except KeyError:
         raise ValueError(
             f"normalizer {normalizer.name!r} has no torch-path hooks; add an entry to flashmaps.torch_path.HOOKS"
-        )
-    seed = draw_seed() if dropout_p > 0 else None
-    out, *stat_vals = _Attention.apply(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed)
-    if not return_stats:
-        return out
-    return out, dict(zip(normalizer.stats, stat_vals))
+        ) from None
+
+
+def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,
+              seed=None):
+    """The backend contract (see :mod:`flashmaps.functional`): q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk),
+    v (B, Hkv, S, Dv) -> out (B, Hq, L, Dv) in v's dtype, or (out, stats) with stats a dict
+    name -> (B, Hq, L) float32 (float64 for float64 inputs) tensor. Runs through the custom ops of
+    :mod:`flashmaps.ops`; ``seed`` (an int64 scalar tensor) fixes the dropout mask."""
+    from . import ops
+
+    return ops.attention("torch", q, k, v, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap,
+                         dropout_p=dropout_p, return_stats=return_stats, seed=seed)

@@ -187,7 +187,8 @@ def test_gradcheck_dropout_fixed_seed(norm):
     nrm = parse(norm)
 
     def f(q, k, v):
-        return TP._Attention.apply(q, k, v, nrm, None, "lower_right", 0.5, None, 0.3, 1234)[0]
+        return TP.attention(q, k, v, nrm, mask=None, causal="lower_right", scale=0.5, softcap=None,
+                            dropout_p=0.3, return_stats=False, seed=torch.tensor(1234))
 
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -424,8 +425,8 @@ def test_softmax_vs_torch_sdpa(case, dtype):
 def test_softmax_sdpa_route_taken_and_equal_to_chunked(monkeypatch):
     """The dispatch is taken for plain contiguous inputs, refused for strided K, and both agree."""
     calls = []
-    real = TP._SdpaSoftmax.apply
-    monkeypatch.setattr(TP._SdpaSoftmax, "apply", lambda *a: calls.append(1) or real(*a))
+    real = TP._sdpa_forward
+    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     shape = (2, 4, 2, 33, 41, 16, 16)
     q, k, v = make_qkv(shape, torch.float64, seed=17)
     mask = make_mask("float-inf-min-emptyrow", shape, torch.float64)
@@ -454,8 +455,8 @@ def test_softmax_sdpa_route_taken_and_equal_to_chunked(monkeypatch):
 )
 def test_softmax_sdpa_route_mask_dtypes(mask_dtype, q_dtype, routed, monkeypatch):
     calls = []
-    real = TP._SdpaSoftmax.apply
-    monkeypatch.setattr(TP._SdpaSoftmax, "apply", lambda *a: calls.append(1) or real(*a))
+    real = TP._sdpa_forward
+    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     shape = (1, 2, 2, 9, 12, 16, 16)
     q, k, v = make_qkv(shape, q_dtype, seed=19)
     if mask_dtype == torch.bool:
@@ -501,8 +502,8 @@ def _strided_qkv(case, B=2, H=4, L=9, S=11, D=8):
 def test_softmax_sdpa_route_strided_inputs(case, causal, monkeypatch):
     """The SDPA op reads through strides when the head dim has unit stride (and is then routed)."""
     calls = []
-    real = TP._SdpaSoftmax.apply
-    monkeypatch.setattr(TP._SdpaSoftmax, "apply", lambda *a: calls.append(1) or real(*a))
+    real = TP._sdpa_forward
+    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     q, k, v = (x.requires_grad_() for x in _strided_qkv(case))
     out = flashmaps.attention(q, k, v, causal=causal, backend="torch")
     assert calls

@@ -1,0 +1,137 @@
+"""torch.library custom ops: the forward and backward of every backend as two opaque, compile-safe ops.
+
+``flashmaps::attention_fwd`` and ``flashmaps::attention_bwd`` have fake (meta) implementations and an
+autograd formula, so ``torch.compile(fullgraph=True)`` traces code that calls ``flashmaps.attention`` or
+``flashmaps.sdpa`` without graph breaks, and ``torch.library.opcheck`` holds.
+
+A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides::
+
+    forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
+        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, aux Tensor)
+    aux_shape(normalizer, q, k, v, need_grad) -> shape of ``aux`` (float32; () -> (0,) when unused)
+    backward(dout, q, k, v, out, stats, aux, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
+        -> (dq, dk, dv)
+
+``stats`` follow ``normalizer.stats``; ``aux`` carries whatever else the backend's backward needs (the
+Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
+(n_stats, B, Hq, L) tensor. The dropout seed is an int64 tensor drawn from torch's default generator
+(``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Optional
+
+import torch
+
+from .normalizers import Normalizer, parse
+
+__all__ = ["attention", "backend_module"]
+
+_MODULES = {"torch": "flashmaps.torch_path", "triton": "flashmaps.triton_path"}
+
+
+def backend_module(name: str):
+    return import_module(_MODULES[name])
+
+
+def _stats_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p):
+    return dict(
+        mask=mask, causal=causal or None, scale=scale, softcap=softcap, dropout_p=dropout_p,
+        seed=int(seed.item()) if dropout_p > 0 else 0,
+    )
+
+
+@torch.library.custom_op("flashmaps::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor,
+    backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), aux). ``causal`` is "" for none."""
+    norm = parse(normalizer)
+    out, stats, aux = backend_module(backend).forward(
+        q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
+    )
+    # outputs must have the strides the fake implementation promises (contiguous)
+    return out.contiguous(), torch.stack(list(stats)), aux.contiguous()
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad):
+    norm = parse(normalizer)
+    B, Hq, L, _ = q.shape
+    out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
+    stats = q.new_empty((len(norm.stats), B, Hq, L), dtype=_stats_dtype(q))
+    aux = q.new_empty(backend_module(backend).aux_shape(norm, q, k, v, need_grad), dtype=torch.float32)
+    return out, stats, aux
+
+
+@torch.library.custom_op("flashmaps::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    stats: torch.Tensor, aux: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
+    normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) shaped like q, k, v."""
+    dq, dk, dv = backend_module(backend).backward(
+        dout, q, k, v, out, list(stats.unbind(0)), aux, parse(normalizer),
+        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
+    )
+    return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the dtype and strides of ``torch.empty_like(x)`` (what the fake op promises)."""
+    want = torch.empty_like(x)
+    if grad.dtype == want.dtype and grad.stride() == want.stride():
+        return grad
+    return want.copy_(grad)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, stats, aux, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs
+    out, stats, aux = output
+    ctx.save_for_backward(q, k, v, out, stats, aux, mask, seed)
+    ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
+
+
+def _backward(ctx, dout, _dstats, _daux):
+    q, k, v, out, stats, aux, mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, stats, aux, mask, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flashmaps::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def attention(
+    backend: str, q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,
+    seed: Optional[torch.Tensor] = None,
+):
+    """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
+
+    ``seed``: an int64 scalar tensor fixing the dropout mask (drawn from torch's default generator if None).
+    """
+    if seed is None:
+        if dropout_p > 0:
+            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out, stats, _ = attention_fwd(
+        q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad
+    )
+    if not return_stats:
+        return out
+    return out, dict(zip(normalizer.stats, stats.unbind(0)))
