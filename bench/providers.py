@@ -1,0 +1,365 @@
+"""The benchmark providers: one registry of "things that compute attention", measured the same way.
+
+A provider is a name, the normalizer it computes (so that its error can be checked against
+``flashmaps.reference``), and a function ``fn(q, k, v, causal) -> out`` for q (B, Hq, L, Dqk),
+k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) with ``causal`` in {None, "upper_left", "lower_right"}.
+
+    flashmaps-<spec>-<backend>  flashmaps.attention(normalizer=<spec>, backend=<backend>): "torch" on every
+                                device, "triton" on CUDA only (the CPU interpreter is far too slow to time)
+    sdpa, sdpa-<kernel>         torch's scaled_dot_product_attention, default dispatch or one kernel forced
+                                with torch.nn.attention.sdpa_kernel (math on CPU; flash, efficient, cudnn,
+                                math on CUDA)
+    flex                        torch FlexAttention (compiled), CUDA only
+    entmax15-dense              the ``entmax`` package's entmax15 over the materialized (B, Hq, L, S) scores
+    fla-based                   flash-linear-attention's parallel Based kernel (the taylor map), if importable
+    adasplash                   AdaSplash (1.5-entmax flash attention), if importable
+
+A provider that cannot run here (package missing, no CUDA) is *unavailable* with a reason; a case it
+cannot do (a kernel that rejects fp32, a causal-only kernel asked for full attention) is *unsupported*.
+Both are recorded as data points by the harness, never raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+from flashmaps.normalizers import parse
+
+__all__ = [
+    "Provider",
+    "DEFAULT_NORMALIZERS",
+    "BASELINE",
+    "providers_for",
+    "get_provider",
+    "flashmaps_provider",
+]
+
+#: the normalizers benchmarked when none are named
+DEFAULT_NORMALIZERS = ("softmax", "taylor", "entmax15", "topk:64")
+#: the provider every "x SDPA" ratio is taken against
+BASELINE = "sdpa"
+
+Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "str | None"], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One benchmarked implementation.
+
+    ``make(device)`` returns ``fn(q, k, v, causal) -> out`` (or raises: the provider is then unavailable);
+    ``probe(device)`` returns None when the provider can run on ``device``, else the reason it cannot;
+    ``limits(case)`` returns None when the provider supports the case, else why not.
+    """
+
+    name: str
+    family: str  # "flashmaps" | "sdpa" | "flex" | "entmax" | "fla" | "adasplash"
+    normalizer: str  # the map it computes, as a flashmaps normalizer spec
+    make: Callable[[str], Fn]
+    probe: Callable[[str], "str | None"]
+    backend: str | None = None
+    dense: bool = False  # materializes the (L, S) scores
+    limits: Callable[[dict], "str | None"] = lambda case: None
+
+    def unavailable(self, device: str) -> str | None:
+        """None if this provider can run on ``device`` ("cpu"/"cuda"), else the reason it cannot."""
+        try:
+            return self.probe(device)
+        except Exception as exc:  # a probe must never take the harness down
+            return f"{type(exc).__name__}: {exc}"
+
+    def unsupported(self, case: dict) -> str | None:
+        """None if this provider can run ``case`` (a job dict), else why not."""
+        return self.limits(case)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _gqa(q, k) -> bool:
+    return q.shape[1] != k.shape[1]
+
+
+def _module_version(name: str) -> str | None:
+    try:
+        mod = importlib.import_module(name)
+    except Exception:
+        return None
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def _import_or_reason(name: str) -> str | None:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        return f"{name} not importable ({type(exc).__name__}: {exc})"[:200]
+    return None
+
+
+def _needs_cuda(device: str, what: str) -> str | None:
+    if device != "cuda" or not torch.cuda.is_available():
+        return f"{what} is benchmarked on CUDA only"
+    return None
+
+
+def _repeat_kv(q, k, v):
+    """Dense baselines that do not understand GQA get repeated K/V (as a user of them would)."""
+    if _gqa(q, k):
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, Hq, S, D)
+    return k, v
+
+
+def _causal_allowed(L: int, S: int, causal, device) -> torch.Tensor:
+    """(L, S) bool, True = may attend (ARCHITECTURE.md's two causal conventions)."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + (0 if causal == "upper_left" else S - L)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flashmaps
+
+
+def flashmaps_provider(spec: str, backend: str) -> Provider:
+    """``flashmaps-<spec>-<backend>``: flashmaps.attention with one normalizer on one backend."""
+    spec = parse(spec).spec  # canonical ("TopK(64)" / "topk:64" -> "topk:64"); raises on a bad spec
+
+    def make(device):
+        import flashmaps
+
+        norm = flashmaps.parse(spec)
+
+        def fn(q, k, v, causal):
+            return flashmaps.attention(
+                q, k, v, norm, causal=causal or False, enable_gqa=_gqa(q, k), backend=backend
+            )
+
+        return fn
+
+    def probe(device):
+        if backend == "triton":
+            reason = _needs_cuda(device, "the triton backend (on CPU only its interpreter runs)")
+            if reason:
+                return reason
+        return _import_or_reason(f"flashmaps.{backend}_path")
+
+    return Provider(f"flashmaps-{spec}-{backend}", "flashmaps", spec, make, probe, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch SDPA
+
+
+_SDPA_KERNELS = {  # provider suffix -> SDPBackend member name
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+
+
+def _sdpa_provider(kernel: str | None) -> Provider:
+    def make(device):
+        import contextlib
+
+        import torch.nn.functional as F
+        from torch.nn.attention.bias import causal_lower_right
+
+        if kernel is None:
+            ctx = contextlib.nullcontext
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = getattr(SDPBackend, _SDPA_KERNELS[kernel])
+
+            def ctx():
+                return sdpa_kernel(backend)
+
+        def fn(q, k, v, causal):
+            kw = {"enable_gqa": True} if _gqa(q, k) else {}
+            with ctx():
+                if causal == "lower_right" and q.shape[2] != k.shape[2]:
+                    bias = causal_lower_right(q.shape[2], k.shape[2])
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, **kw)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal is not None, **kw)
+
+        return fn
+
+    def probe(device):
+        if kernel in ("flash", "efficient", "cudnn"):
+            return _needs_cuda(device, f"the SDPA {kernel} kernel")
+        if kernel is not None:
+            from torch.nn.attention import SDPBackend  # noqa: F401  (torch >= 2.3)
+        return None
+
+    name = "sdpa" if kernel is None else f"sdpa-{kernel}"
+    return Provider(name, "sdpa", "softmax", make, probe, backend=kernel or "default", dense=kernel == "math")
+
+
+# ----------------------------------------------------------------------------------------------------
+# FlexAttention (CUDA)
+
+
+def _flex_provider() -> Provider:
+    def make(device):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        masks: dict = {}
+
+        def fn(q, k, v, causal):
+            L, S = q.shape[2], k.shape[2]
+            block_mask = None
+            if causal is not None:
+                key = (L, S, causal, q.device)
+                if key not in masks:
+                    off = 0 if causal == "upper_left" else S - L
+
+                    def mask_mod(b, h, i, j):
+                        return j <= i + off
+
+                    masks[key] = create_block_mask(mask_mod, None, None, L, S, device=q.device)
+                block_mask = masks[key]
+            return compiled(q, k, v, block_mask=block_mask, enable_gqa=_gqa(q, k))
+
+        return fn
+
+    def probe(device):
+        return _needs_cuda(device, "FlexAttention") or _import_or_reason("torch.nn.attention.flex_attention")
+
+    return Provider("flex", "flex", "softmax", make, probe, backend="compiled")
+
+
+# ----------------------------------------------------------------------------------------------------
+# entmax package over materialized scores
+
+
+def _entmax_dense_provider() -> Provider:
+    def make(device):
+        from entmax import entmax15
+
+        def fn(q, k, v, causal):
+            k, v = _repeat_kv(q, k, v)
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            s = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hq, L, S), fp32 as flashmaps accumulates
+            if causal is not None:
+                s = s.masked_fill(~_causal_allowed(q.shape[2], k.shape[2], causal, q.device), float("-inf"))
+            p = entmax15(s, dim=-1)  # (B, Hq, L, S)
+            return torch.matmul(p.to(v.dtype), v)  # (B, Hq, L, Dv)
+
+        return fn
+
+    def probe(device):
+        return _import_or_reason("entmax")
+
+    return Provider("entmax15-dense", "entmax", "entmax15", make, probe, backend="dense", dense=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# optional third-party kernels (when importable)
+
+
+def _fla_based_provider() -> Provider:
+    def make(device):
+        from fla.ops.based import parallel_based
+
+        params = inspect.signature(parallel_based).parameters
+        kw = {"head_first": True} if "head_first" in params else {}
+
+        def fn(q, k, v, causal):
+            # Based's parallel kernel: causal (upper_left, L == S), f(s) = 1 + s + s^2/2 normalized by Z
+            return parallel_based(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), use_norm=True, **kw)
+
+        return fn
+
+    def probe(device):
+        return _needs_cuda(device, "flash-linear-attention") or _import_or_reason("fla.ops.based")
+
+    def limits(case):
+        if case.get("causal") != "upper_left" or case["L"] != case["S"]:
+            return "fla parallel_based is causal-only with L == S"
+        if case["Hq"] != case["Hkv"]:
+            return "fla parallel_based has no GQA"
+        if case["Dqk"] > 128:
+            return "fla parallel_based supports feature dims up to 128"
+        return None
+
+    return Provider("fla-based", "fla", "taylor", make, probe, backend="triton", limits=limits)
+
+
+def _adasplash_provider() -> Provider:
+    def make(device):
+        from adasplash import adasplash
+
+        def fn(q, k, v, causal):
+            return adasplash(q, k, v, alpha=1.5, is_causal=causal is not None)
+
+        return fn
+
+    def probe(device):
+        return _needs_cuda(device, "AdaSplash") or _import_or_reason("adasplash")
+
+    def limits(case):
+        if case.get("causal") == "lower_right" and case["L"] != case["S"]:
+            return "adasplash has no lower-right causal mask"
+        return None
+
+    return Provider("adasplash", "adasplash", "entmax15", make, probe, backend="triton", limits=limits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry
+
+
+def providers_for(device: str, normalizers=DEFAULT_NORMALIZERS, *, baselines: bool = True) -> list[Provider]:
+    """Every provider that belongs in a benchmark on ``device`` ("cpu" or "cuda"), available or not.
+
+    flashmaps: one provider per normalizer and backend (torch everywhere, triton on CUDA only);
+    baselines: SDPA (default dispatch and each kernel of the device), FlexAttention (CUDA), the dense
+    entmax package, flash-linear-attention's Based and AdaSplash (reported unavailable when missing).
+    """
+    backends = ("triton", "torch") if device == "cuda" else ("torch",)
+    out = [flashmaps_provider(spec, b) for b in backends for spec in normalizers]
+    if not baselines:
+        return out
+    kernels = ("flash", "efficient", "cudnn", "math") if device == "cuda" else ("math",)
+    out.append(_sdpa_provider(None))
+    out += [_sdpa_provider(kern) for kern in kernels]
+    if device == "cuda":
+        out.append(_flex_provider())
+    out += [_entmax_dense_provider(), _fla_based_provider(), _adasplash_provider()]
+    return out
+
+
+_FIXED = {
+    "sdpa": lambda: _sdpa_provider(None),
+    **{f"sdpa-{kern}": (lambda kern=kern: _sdpa_provider(kern)) for kern in _SDPA_KERNELS},
+    "flex": _flex_provider,
+    "entmax15-dense": _entmax_dense_provider,
+    "fla-based": _fla_based_provider,
+    "adasplash": _adasplash_provider,
+}
+
+
+def get_provider(name: str) -> Provider:
+    """The provider called ``name`` ("flashmaps-topk:64-torch", "sdpa-math", "entmax15-dense", ...)."""
+    if name in _FIXED:
+        return _FIXED[name]()
+    if name.startswith("flashmaps-"):
+        spec, sep, backend = name[len("flashmaps-"):].rpartition("-")
+        if sep and backend in ("torch", "triton"):
+            return flashmaps_provider(spec, backend)
+    known = ", ".join(sorted(_FIXED))
+    raise ValueError(f"unknown provider {name!r}; known: flashmaps-<normalizer>-<torch|triton>, {known}")
+
+
+def optional_versions() -> dict[str, str | None]:
+    """Versions of the optional baseline packages (None when not importable)."""
+    return {name: _module_version(name) for name in ("entmax", "fla", "adasplash")}

@@ -1,0 +1,385 @@
+"""The ``flashmaps`` command (also ``python -m flashmaps``).
+
+    flashmaps compare [--out DIR]   the normalizers side by side on this machine: error vs the float64
+                                    reference, time and extra peak memory vs torch SDPA, sparsity
+    flashmaps bench [--normalizers ...] [--seq ...] [--modes ...] [--out DIR]
+                                    the long-sequence sweep: TFLOP/s, time quantiles, memory per provider
+    flashmaps plot RESULTS.json     redraw the PNGs of a bench/compare results file (e.g. from another machine)
+    flashmaps info                  versions, device, backends and optional providers
+
+Results (JSON + CSV, every row tagged with device, versions, git sha and date) and PNG plots go to --out,
+by default bench/results/<device>/ in a source checkout, else ./flashmaps-results/<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument helpers
+
+
+def _split(values) -> list[str]:
+    """["256,512", "1k"] -> ["256", "512", "1k"] (lists may be given space- or comma-separated)."""
+    out = []
+    for v in values or []:
+        out += [x for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _causal(text: str):
+    t = text.strip().lower()
+    table = {"none": None, "no": None, "false": None, "0": None, "full": None, "true": "upper_left",
+             "yes": "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
+    if t not in table:
+        raise argparse.ArgumentTypeError(f"causal must be none, upper_left (= true) or lower_right, got {text!r}")
+    return table[t]
+
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+           "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
+
+
+def _dtype(text: str) -> str:
+    t = text.strip().lower()
+    if t not in _DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of fp32, bf16, fp16, fp64, got {text!r}")
+    return _DTYPES[t]
+
+
+def _positive_int(text) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _convert(values, fn, what):
+    out = []
+    for v in _split(values):
+        try:
+            out.append(fn(v))
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise _UsageError(f"{what}: {exc}") from None
+    return out
+
+
+def _normalizers(values) -> list[str]:
+    from .normalizers import parse
+
+    return _convert(values, lambda s: parse(s, argname="--normalizers").spec, "--normalizers")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>/ in a "
+                   "checkout, else ./flashmaps-results/<device>/)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
+    p.add_argument("--normalizers", nargs="+", default=None,
+                   help="softmax taylor entmax15 topk:<k> (default: softmax taylor entmax15 topk:64)")
+    p.add_argument("--dtype", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="CPU: seconds of timed runs per case (torch.utils.benchmark blocked_autorange)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads in the measuring process "
+                   "(default: torch's default, all cores)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one case may take before it is abandoned")
+    p.add_argument("--no-plot", action="store_true", help="write JSON/CSV only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flashmaps", description="flashmaps: attention with pluggable normalizers. "
+                                 "Benchmarks and comparisons of the normalizers against torch SDPA and a float64 "
+                                 "reference.")
+    sub = ap.add_subparsers(dest="command", metavar="{compare,bench,plot,info}")
+
+    c = sub.add_parser("compare", help="the normalizers side by side: error, time and memory vs SDPA, sparsity",
+                       description="Each normalizer (flashmaps, default backend of the device) and the baselines "
+                       "(torch SDPA, entmax package over materialized scores) at one shape: relative error vs the "
+                       "float64 reference, time and extra peak memory vs SDPA, fraction of exact zero weights.")
+    _add_common(c)
+    c.add_argument("--seq", default=None, help="L = S (default 1024 on CPU, 8192 on CUDA; '4k' works)")
+    c.add_argument("--batch", type=_positive_int, default=None, help="default 1 on CPU, 2 on CUDA")
+    c.add_argument("--heads", type=_positive_int, default=None, help="query heads (default 8 on CPU, 16 on CUDA)")
+    c.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads (GQA; default = heads)")
+    c.add_argument("--head-dim", type=_positive_int, default=None, help="default 64 on CPU, 128 on CUDA")
+    c.add_argument("--causal", type=_causal, default=None, help="none (default), upper_left or lower_right")
+    c.add_argument("--modes", nargs="+", default=None,
+                   help="fwd, bwd, fwd+bwd (default fwd on CPU, fwd fwd+bwd on CUDA)")
+    c.add_argument("--backend", choices=("torch", "triton"), default=None,
+                   help="flashmaps backend (default: triton on CUDA, torch on CPU)")
+
+    b = sub.add_parser("bench", help="the sweep over sequence lengths, modes and providers",
+                       description="Sweep providers x modes x shapes; record time (median, 20/80 percent quantiles), "
+                       "TFLOP/s (bench/flops.py) and extra peak memory; plot against sequence length.")
+    _add_common(b)
+    b.add_argument("--seq", nargs="+", default=None,
+                   help="sequence lengths L = S (default CPU 256..16k, CUDA 512..128k, powers of two)")
+    b.add_argument("--modes", nargs="+", default=None, help="fwd bwd fwd+bwd decode (default: all four)")
+    b.add_argument("--providers", nargs="+", default=None,
+                   help="provider names or globs, e.g. 'flashmaps-*' sdpa 'sdpa-*' flex entmax15-dense (default: all)")
+    b.add_argument("--batch", nargs="+", default=None,
+                   help="batch sizes, or 'auto' = tokens // seq (default: 1 on CPU, auto on CUDA)")
+    b.add_argument("--tokens", type=_positive_int, default=None, help="for --batch auto (default 16384)")
+    b.add_argument("--heads", nargs="+", default=None, help="query heads (default 8 on CPU, 16 on CUDA)")
+    b.add_argument("--kv-heads", nargs="+", default=None, help="key/value heads (GQA; default = heads)")
+    b.add_argument("--head-dim", nargs="+", default=None, help="head dims (default 64 on CPU, 128 on CUDA)")
+    b.add_argument("--causal", nargs="+", default=None,
+                   help="none upper_left lower_right (default: none on CPU, none upper_left on CUDA)")
+    b.add_argument("--max-call-s", type=float, default=None,
+                   help="skip a case whose time per call, extrapolated from the previous length, exceeds this "
+                   "(default 20 on CPU, 5 on CUDA)")
+
+    p = sub.add_parser("plot", help="draw the PNGs of a results file", description="Redraw the plots of a "
+                       "bench.json or compare.json (a separate step, e.g. for results measured elsewhere).")
+    p.add_argument("results", type=Path, help="bench.json or compare.json")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: next to the results)")
+
+    i = sub.add_parser("info", help="versions, device, backends, optional providers")
+    i.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------------
+# commands
+
+
+def _kind(args) -> str:
+    from .bench.harness import device_kind
+
+    try:
+        return device_kind(args.device)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _out_dir(args, kind: str) -> Path:
+    from .bench.harness import default_out_dir
+
+    out = args.out if args.out is not None else default_out_dir(kind)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _plots(fn, rows, out: Path, meta: dict) -> list[Path]:
+    try:
+        return fn(rows, out, meta)
+    except ImportError as exc:
+        print(f"(no plots: {exc}; pip install 'flashmaps[bench]')", file=sys.stderr)
+        return []
+
+
+def _unavailable_row(prov, kind: str) -> dict:
+    return dict(provider=prov.name, family=prov.family, normalizer=prov.normalizer, backend=prov.backend,
+                device=kind, status="unavailable", message=prov.unavailable(kind))
+
+
+def cmd_compare(args) -> int:
+    from .bench import compare as cmp
+    from .bench.harness import default_mem_limit, interruptible, parse_seq, tags, write_results
+    from .bench.plot import plot_compare
+    from .bench.providers import DEFAULT_NORMALIZERS
+
+    kind = _kind(args)
+    d = cmp.DEFAULTS[kind]
+    dtypes = _convert(args.dtype, _dtype, "--dtype") or [d["dtype"]]
+    if len(dtypes) != 1:
+        raise _UsageError("compare takes one --dtype")
+    modes = _split(args.modes) or list(d["modes"])
+    for m in modes:
+        if m not in ("fwd", "bwd", "fwd+bwd"):
+            raise _UsageError(f"--modes: compare runs fwd, bwd, fwd+bwd; got {m!r}")
+    L = parse_seq(args.seq) if args.seq else d["L"]
+    H = args.heads or d["H"]
+    if args.kv_heads and H % args.kv_heads:
+        raise _UsageError(f"--heads {H} must be a multiple of --kv-heads {args.kv_heads}")
+    jobs = cmp.compare_jobs(
+        device=kind, normalizers=_normalizers(args.normalizers) or DEFAULT_NORMALIZERS, backend=args.backend,
+        B=args.batch or d["B"], H=H, Hkv=args.kv_heads, L=L, D=args.head_dim or d["D"], dtype=dtypes[0],
+        causal=args.causal, modes=modes, max_ref_elems=d["max_ref_elems"],
+        min_run_time=args.min_run_time if args.min_run_time is not None else d["min_run_time"],
+    )
+    out = _out_dir(args, kind)
+    meta = tags(kind)
+    print(f"flashmaps compare on {meta['device']} (torch {meta['version_torch']}, git {meta['git_sha'][:12]})",
+          flush=True)
+    stopped: list = []
+    with interruptible():
+        rows = cmp.run_compare(jobs, out, timeout=args.timeout, threads=args.threads, interrupted=stopped,
+                               mem_limit=default_mem_limit() if kind == "cpu" else None,
+                               progress=not args.no_progress)
+    print(cmp.table(rows))
+    jpath, cpath = write_results(rows, out, "compare", meta)
+    (out / "compare.partial.jsonl").unlink(missing_ok=True)
+    pngs = [] if args.no_plot else _plots(plot_compare, rows, out, meta)
+    print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
+    return _interrupted_status(stopped, len(jobs))
+
+
+def _interrupted_status(stopped: list, n_jobs: int) -> int:
+    if stopped:
+        print(f"interrupted: {stopped[0]} of {n_jobs} cases measured (the files above hold those)", file=sys.stderr)
+        return 130
+    return 0
+
+
+_BENCH_DEFAULTS = {
+    "cpu": dict(seq=[256 << i for i in range(7)], batch=["1"], heads=[8], head_dim=[64], causal=[None],
+                dtype=["float32"], max_call_s=20.0, tokens=16384),
+    "cuda": dict(seq=[512 << i for i in range(9)], batch=["auto"], heads=[16], head_dim=[128],
+                 causal=[None, "upper_left"], dtype=["bfloat16"], max_call_s=5.0, tokens=16384),
+}
+
+
+def cmd_bench(args) -> int:
+    from .bench.flops import MODES
+    from .bench.harness import (
+        default_mem_limit, fmt_bytes, format_table, interruptible, parse_seq, run_jobs, sweep, tags, write_results,
+    )
+    from .bench.plot import plot_bench
+    from .bench.providers import DEFAULT_NORMALIZERS, providers_for
+
+    kind = _kind(args)
+    d = _BENCH_DEFAULTS[kind]
+    norms = _normalizers(args.normalizers) or list(DEFAULT_NORMALIZERS)
+    seqs = _convert(args.seq, parse_seq, "--seq") or d["seq"]
+    modes = _split(args.modes) or list(MODES)
+    for m in modes:
+        if m not in MODES:
+            raise _UsageError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    batches = _convert(args.batch, lambda s: "auto" if s == "auto" else _positive_int(s), "--batch") or d["batch"]
+    heads = _convert(args.heads, _positive_int, "--heads") or d["heads"]
+    kv_heads = _convert(args.kv_heads, _positive_int, "--kv-heads") or [None]
+    for h in heads:
+        for hk in kv_heads:
+            if hk is not None and h % hk:
+                raise _UsageError(f"--heads {h} must be a multiple of --kv-heads {hk}")
+    head_dims = _convert(args.head_dim, _positive_int, "--head-dim") or d["head_dim"]
+    causals = _convert(args.causal, _causal, "--causal") or d["causal"]
+    dtypes = _convert(args.dtype, _dtype, "--dtype") or d["dtype"]
+
+    provs = providers_for(kind, norms)
+    if args.providers:
+        pats = _split(args.providers)
+        provs = [p for p in provs if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats)]
+        if not provs:
+            names = ", ".join(p.name for p in providers_for(kind, norms))
+            raise _UsageError(f"--providers {' '.join(pats)} matches none of: {names}")
+    unavailable = [p for p in provs if p.unavailable(kind)]
+    runnable = [p for p in provs if p not in unavailable]
+    extra = {}
+    if args.min_run_time is not None:
+        extra["min_run_time"] = args.min_run_time
+    jobs = sweep(device=kind, providers=runnable, seqs=seqs, modes=modes, batches=batches, heads=heads,
+                 kv_heads=kv_heads, head_dims=head_dims, causals=causals, dtypes=dtypes,
+                 tokens=args.tokens or d["tokens"], **extra)
+    out = _out_dir(args, kind)
+    meta = tags(kind)
+    print(f"flashmaps bench on {meta['device']}: {len(jobs)} cases, {len(runnable)} providers "
+          f"({len(unavailable)} unavailable), results in {out}", flush=True)
+    rows = [_unavailable_row(p, kind) for p in unavailable]
+    stopped: list = []
+    with interruptible():
+        rows += run_jobs(jobs, log_path=out / "bench.log", partial_path=out / "bench.partial.jsonl",
+                         timeout=args.timeout, interrupted=stopped,
+                         max_call_s=args.max_call_s if args.max_call_s is not None else d["max_call_s"],
+                         mem_limit=default_mem_limit() if kind == "cpu" else None, threads=args.threads,
+                         progress=not args.no_progress)
+    for r in rows:
+        r["mem_s"] = fmt_bytes(r.get("peak_mem_bytes"))
+        r["status_s"] = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message') or ''}"[:60]
+    cols = [("provider", "provider"), ("mode", "mode"), ("B", "B"), ("H", "Hq"), ("S", "S"), ("D", "Dqk"),
+            ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("TFLOP/s", "tflops"),
+            ("extra peak", "mem_s"), ("status", "status_s")]
+    print(format_table(rows, cols))
+    for r in rows:
+        r.pop("mem_s", None)
+        r.pop("status_s", None)
+    jpath, cpath = write_results(rows, out, "bench", meta)
+    (out / "bench.partial.jsonl").unlink(missing_ok=True)
+    pngs = [] if args.no_plot else _plots(plot_bench, rows, out, meta)
+    print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
+    return _interrupted_status(stopped, len(jobs))
+
+
+def cmd_plot(args) -> int:
+    from .bench.compare import summarize
+    from .bench.harness import load_rows
+    from .bench.plot import plot_bench, plot_compare
+
+    if not args.results.is_file():
+        raise _UsageError(f"{args.results} is not a file; pass a bench.json or compare.json written by flashmaps")
+    meta, rows = load_rows(args.results)
+    out = args.out or args.results.parent
+    out.mkdir(parents=True, exist_ok=True)
+    is_compare = any(r.get("err") is not None or "time_vs_sdpa" in r for r in rows)
+    fn = plot_compare if is_compare else plot_bench
+    pngs = _plots(fn, summarize(rows) if is_compare else rows, out, meta)
+    print("\n".join(f"plot: {p}" for p in pngs) or "nothing to plot (no ok rows)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bench.harness import device_name, format_table, versions
+    from .bench.providers import providers_for
+
+    kind = _kind(args)
+    import torch
+
+    threads = f", torch threads {torch.get_num_threads()}" if kind == "cpu" else ""
+    print(f"device:   {device_name(kind)} [{kind}]{threads}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items() if v) +
+          "; not installed: " + (", ".join(k for k, v in versions().items() if not v) or "-"))
+    backends = []
+    for b in ("torch", "triton"):
+        try:
+            __import__(f"flashmaps.{b}_path")
+            st = "available"
+        except Exception as exc:
+            st = f"not importable ({type(exc).__name__}: {exc})"[:90]
+        if b == "triton" and kind == "cpu":
+            st += "; runs on CPU only under TRITON_INTERPRET=1 (tests, not benchmarks)"
+        backends.append({"backend": b, "status": st})
+    default = "triton" if kind == "cuda" else "torch"
+    print(f"backends (default here: {default}):")
+    print(format_table(backends, [("backend", "backend"), ("status", "status")]))
+    print("benchmark providers:")
+    prov_rows = []
+    for p in providers_for(kind):
+        reason = p.unavailable(kind)
+        prov_rows.append({"provider": p.name, "computes": p.normalizer, "status": "available" if not reason else
+                          f"unavailable: {reason}"[:100]})
+    print(format_table(prov_rows, [("provider", "provider"), ("computes", "computes"), ("status", "status")]))
+    return 0
+
+
+_COMMANDS = {"compare": cmd_compare, "bench": cmd_bench, "plot": cmd_plot, "info": cmd_info}
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``flashmaps`` console script; returns the exit status."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except _UsageError as exc:
+        print(f"flashmaps {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,97 @@
+"""The ``flashmaps`` command end to end at tiny sizes: tables printed, JSON parses, PNG written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flashmaps.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--heads", "2", "--head-dim", "16", "--min-run-time", "0.01", "--threads", "1", "--no-progress"]
+
+
+def _is_png(path):
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "flashmaps-entmax15-torch" in out and "sdpa" in out
+    assert "unavailable" in out  # fla-based / adasplash: reported, not fatal
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    out_dir = tmp_path / "cmp"
+    args = ["compare", "--out", str(out_dir), "--seq", "48", "--kv-heads", "1", "--causal", "lower_right", *TINY]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for name in ("flashmaps-softmax-torch", "flashmaps-taylor-torch", "flashmaps-entmax15-torch",
+                 "flashmaps-topk:64-torch", "sdpa", "entmax15-dense", "rel err", "time/SDPA", "zeros"):
+        assert name in text
+    data = json.loads((out_dir / "compare.json").read_text())
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [(r["provider"], r["message"]) for r in rows.values()]
+    for r in rows.values():
+        assert r["err"] < 1e-5, r["provider"]
+        assert r["device"] == data["meta"]["device"] and r["git_sha"] and r["date"] and r["version_torch"]
+    assert rows["sdpa"]["time_vs_sdpa"] == 1.0
+    assert 0 < rows["flashmaps-entmax15-torch"]["sparsity"] < 1
+    assert rows["flashmaps-entmax15-torch"]["sparsity"] == rows["entmax15-dense"]["sparsity"]
+    assert rows["flashmaps-topk:64-torch"]["sparsity"] is not None
+    assert rows["flashmaps-softmax-torch"]["sparsity"] is None
+    assert (out_dir / "compare.csv").read_text().count("\n") == len(rows) + 1
+    assert _is_png(out_dir / "compare-fwd.png")
+
+
+def test_bench_end_to_end_with_an_unavailable_provider(tmp_path, capsys):
+    out_dir = tmp_path / "bench"
+    args = ["bench", "--out", str(out_dir), "--seq", "32,64", "--modes", "fwd", "decode", "fwd+bwd",
+            "--normalizers", "entmax15", "--providers", "flashmaps-*", "sdpa", "adasplash", *TINY]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "TFLOP/s" in text and "adasplash" in text and "unavailable" in text
+    data = json.loads((out_dir / "bench.json").read_text())
+    by = {(r["provider"], r.get("mode"), r.get("S")): r for r in data["rows"]}
+    assert by[("adasplash", None, None)]["status"] == "unavailable"
+    for prov in ("flashmaps-entmax15-torch", "sdpa"):
+        for mode in ("fwd", "decode", "fwd+bwd"):
+            for s in (32, 64):
+                r = by[(prov, mode, s)]
+                assert r["status"] == "ok" and r["time_ms"] > 0 and r["tflops"] > 0, r
+    assert not (out_dir / "bench.partial.jsonl").exists()
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert pngs == ["bench-decode-float32-full-h2-kv2-d16.png", "bench-fwd-bwd-float32-full-h2-kv2-d16.png",
+                    "bench-fwd-float32-full-h2-kv2-d16.png"]
+    assert all(_is_png(out_dir / p) for p in pngs)
+
+    # the separate plotting step redraws from the JSON
+    replot = tmp_path / "replot"
+    assert main(["plot", str(out_dir / "bench.json"), "--out", str(replot)]) == 0
+    assert sorted(p.name for p in replot.glob("*.png")) == pngs
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["bench", "--seq", "abc"], "--seq"),
+    (["bench", "--normalizers", "softmaxx"], "unknown normalizer"),
+    (["bench", "--providers", "nope-*"], "matches none"),
+    (["bench", "--modes", "sideways"], "unknown mode"),
+    (["compare", "--heads", "6", "--kv-heads", "4"], "multiple"),
+    (["compare", "--modes", "decode"], "compare runs"),
+    (["plot", "/nonexistent/bench.json"], "not a file"),
+], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing"])
+def test_usage_errors_say_what_to_do(args, msg, capsys, tmp_path):
+    assert main([*args, *(["--out", str(tmp_path)] if args[0] != "plot" else [])]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "compare" in capsys.readouterr().out
+
+
+def test_python_dash_m_flashmaps():
+    res = subprocess.run([sys.executable, "-m", "flashmaps", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "bench" in res.stdout and "compare" in res.stdout
