@@ -1,0 +1,302 @@
+"""Shared ``@triton.jit`` helpers of the attention kernels (forward tile loop, threshold pre-passes,
+and the backward kernels), plus the small Python record that plugs a normalizer into the loop.
+
+Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
+
+    i, j        query row in [0, L), key in [0, S); `offs_m` = start_m + arange(BM), `offs_n` = arange(BN)
+    qk          q_i . k_j in fp32 (tl.dot)                                        # [BM, BN]
+    s           the score in KERNEL UNITS: s = u * s_nat, where
+                  s_nat = scale * qk                      (no softcap)
+                  s_nat = c * tanh(scale * qk / c)        (softcap c)
+                  s_nat = s_nat + bias_ij                 (float mask, after the cap)
+                and u is the normalizer's score unit (`Hooks.score_unit`): LOG2E for the exp2-based
+                normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
+                The launcher folds u into the kernel's scalars (`fold_score_unit`); the kernels never
+                multiply by LOG2E themselves. LOG2E / LN2 below are the ONE place the log base is named.
+    allowed     j < S, and (causal) j <= i + causal_off, and (bool mask) m_ij, and (float mask)
+                bias_ij > finfo(mask dtype).min (-inf and finfo.min EXCLUDE the key)
+    masked tile a tile that needs the `allowed` test (diagonal causal tiles, the ragged last tile, every
+                tile when a user mask is given). CONVENTION: in a masked tile the helpers return
+                s = -inf exactly where the key is not allowed; unmasked tiles contain no -inf.
+
+Flags (tl.constexpr unless noted)::
+
+    IS_CAUSAL   causal attention; causal_off (runtime int) = 0 for upper_left, S - L for lower_right
+    MASK_KIND   0: no mask, 1: bool mask (passed as a uint8 view), 2: float mask
+    SOFTCAP     apply the cap; then qk_scale = scale / c and cap_mult = c * u, else qk_scale = scale * u
+    DOT_PREC    tl.dot input precision for fp32 inputs ("ieee", "tf32", "tf32x3"), or "upcast": the
+                interpreter workaround of `mma` (Triton 3.6's interpreter multiplies bf16 operands
+                wrongly, so they are upcast to fp32 first, exactly)
+
+Pointers: `*_base` pointers are already offset (in int64) to the (batch, head) of the program; per-tile
+offsets are advanced with an int64 scalar (`start * int64(1) * stride`) so that long sequences with
+large strides never overflow int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------
+# the log base: kernels use exp2/log2; scores of the exp-based normalizers are carried in log2 units.
+
+#: log2(e): natural-log scores times LOG2E are log2-unit scores (exp(s) == exp2(s * LOG2E))
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+#: ln(2): log2-unit values times LN2 are natural-log values (lse = lse2 * LN2)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+#: MASK_KIND values
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+def fold_score_unit(scale: float, softcap: Optional[float], unit: float) -> tuple[float, float]:
+    """Kernel scalars (qk_scale, cap_mult) with the score unit ``unit`` folded in.
+
+    Kernel score: ``s = qk * qk_scale`` (no cap) or ``s = cap_mult * tanh(qk * qk_scale)`` (cap ``c``),
+    equal to ``unit * s_nat`` (see the glossary). The float-mask bias is multiplied by ``unit`` too
+    (the launcher passes ``bias_mult = unit``)."""
+    if softcap is None:
+        return scale * unit, 0.0
+    return scale / softcap, softcap * unit
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Python record a normalizer module fills in (one per module: softmax.HOOKS, taylor.HOOKS, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """How one normalizer plugs into the forward tile loop (`tile_loop.attn_fwd`).
+
+    Every callable is a ``@triton.jit`` function passed to the kernel as a ``tl.constexpr`` argument:
+
+    * ``update(s, m_i, l_i, par, MASKED) -> (p, alpha, m_new, l_new)``: weights ``p`` [BM, BN] (fp32,
+      unnormalized) of one score tile, the rescale ``alpha`` [BM] of the old accumulator (ignored unless
+      ``rescale``), and the new running state (``m`` running max or unused, ``l`` running normalizer).
+    * ``finalize(m_i, l_i, par) -> (inv_l, stat0, stat1)``: ``out = acc * inv_l`` (0 for empty rows) and
+      the public row statistics (``stats`` names them, natural-log / score units; stat1 is ignored if
+      the normalizer has one statistic).
+    * ``prepass(...) -> par`` [BM] (optional): the threshold pre-pass (scores only), kernel units.
+    * ``tile_live(s, par) -> scalar bool`` (optional): False if the tile has no support in any row; the
+      loop then skips the P @ V product (``skip_dead``).
+    * ``aux_weights(s, par) -> g`` and ``aux_finalize(l_i, l_g) -> (inv_l_g, aux_stat)`` (optional):
+      a second weighted sum ``G = sum_j g_j v_j`` kept for the backward (entmax15's ``O2`` and
+      ``sum_g``), only computed when gradients will be needed.
+    * ``prepass_config(normalizer, S) -> (norm_arg, NORM_CONST)``: a runtime int and a constexpr
+      passed to every hook (top-k's k and its select mode; entmax15's points per pass).
+    """
+
+    name: str
+    score_unit: float
+    stats: tuple[str, ...]
+    update: Callable
+    finalize: Callable
+    rescale: bool
+    prepass: Optional[Callable] = None
+    tile_live: Optional[Callable] = None
+    aux_weights: Optional[Callable] = None
+    aux_finalize: Optional[Callable] = None
+    prepass_config: Optional[Callable] = None
+
+    @property
+    def has_prepass(self) -> bool:
+        return self.prepass is not None
+
+    @property
+    def has_aux(self) -> bool:
+        return self.aux_weights is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# scalar math
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh in fp32 through exp2 (no libdevice, so it runs in the interpreter too): sign(x) (1-e)/(1+e),
+    e = exp(-2|x|). Absolute error ~1e-7."""
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def safe_inv(l):
+    """1 / l where l > 0, else 0 (rows with no allowed key output exactly 0)."""
+    return tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """tl.dot(a, b) + acc (acc may be None) with fp32 accumulation; see DOT_PREC in the glossary."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# block bounds (which tiles a program visits)
+
+
+@triton.jit
+def key_bounds(start_m, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
+    """Key tiles visited by the query rows [start_m, start_m + BM) (forward and dQ kernels).
+
+    Returns (full_end, hi): keys [0, full_end) form whole tiles that every row of the block may attend
+    (no mask arithmetic needed; full_end is a multiple of BN), keys [full_end, hi) are visited as masked
+    tiles, keys >= hi are masked for every row and never touched (causal tile skipping).
+    ``ALL_MASKED`` (a user mask is given) makes every visited tile a masked one."""
+    if IS_CAUSAL:
+        last_row = tl.minimum(start_m + BM, L) - 1
+        hi = tl.minimum(last_row + causal_off + 1, S)   # keys j <= i + off for the block's last row
+        full = tl.minimum(start_m + causal_off + 1, S)  # ... and for its first row
+        hi = tl.maximum(hi, 0)
+        full = tl.maximum(full, 0)
+    else:
+        hi = S + 0 * start_m
+        full = S + 0 * start_m
+    full_end = (full // BN) * BN
+    if ALL_MASKED:
+        full_end = 0 * full_end
+    return full_end, hi
+
+
+@triton.jit
+def query_bounds(start_n, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
+    """Query tiles visiting the keys [start_n, start_n + BN) (the dK/dV kernel's mirror of key_bounds).
+
+    Returns (lo, full_start): rows [lo, L) may attend some key of the tile (lo is a multiple of BM);
+    query tiles starting at or after full_start (a multiple of BM) see every key of the tile and need
+    no mask arithmetic; tiles in [lo, full_start) are masked tiles. Without causal: lo = 0 and
+    full_start = 0 (or L rounded up to BM when ALL_MASKED, i.e. every tile masked). The ragged last
+    query tile and ragged key tile must still be bounds-checked by the caller's loads."""
+    if IS_CAUSAL:
+        first = tl.maximum(start_n - causal_off, 0)                       # row seeing key start_n
+        last_key = tl.minimum(start_n + BN, S) - 1
+        full = tl.maximum(last_key - causal_off, 0)                       # rows seeing the whole tile
+        lo = (first // BM) * BM
+        full_start = tl.minimum(((full + BM - 1) // BM) * BM, ((L + BM - 1) // BM) * BM)
+        full_start = tl.maximum(full_start, lo)
+    else:
+        lo = 0 * start_n
+        full_start = 0 * start_n
+    if ALL_MASKED:
+        full_start = tl.maximum(lo, ((L + BM - 1) // BM) * BM)
+    return lo, full_start
+
+
+# ---------------------------------------------------------------------------------------------------
+# loads
+
+
+@triton.jit
+def load_tile(base, start, offs_r, offs_c, n_r, n_c, stride_r, stride_c,
+              CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    """Tile [R, C] of a row-major-ish 2-D view: element (start + r, c) at base + (start + r) * stride_r
+    + c * stride_c, zero outside [0, n_r) x [0, n_c) when the corresponding CHECK flag is set."""
+    start64 = start * tl.full([], 1, tl.int64)           # int64 tile offset (start may be a Python int)
+    ptrs = base + start64 * stride_r + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_R and CHECK_C:
+        ok = ((start + offs_r) < n_r)[:, None] & (offs_c < n_c)[None, :]
+        return tl.load(ptrs, mask=ok, other=0.0)
+    elif CHECK_R:
+        return tl.load(ptrs, mask=((start + offs_r) < n_r)[:, None], other=0.0)
+    elif CHECK_C:
+        return tl.load(ptrs, mask=(offs_c < n_c)[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scores
+
+
+@triton.jit
+def scale_scores(qk, qk_scale, cap_mult, SOFTCAP: tl.constexpr):
+    """Kernel-unit scores from raw dot products: qk * qk_scale, or cap_mult * tanh(qk * qk_scale)."""
+    if SOFTCAP:
+        return cap_mult * tanh_f32(qk * qk_scale)
+    else:
+        return qk * qk_scale
+
+
+@triton.jit
+def mask_scores(s, i, j, L, S, causal_off, p_mask_rows, stride_mask_j, bias_mult, mask_min,
+                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Apply the `allowed` test (and the float-mask bias) to a score tile of any orientation.
+
+    ``i`` and ``j`` are broadcastable query/key index tensors (e.g. offs_m[:, None] and
+    offs_n[None, :] for S, or the transposes for S^T); ``p_mask_rows`` is the mask pointer of each
+    query row (base + i * stride_mask_i, int64), broadcastable like ``i``. Returns s + u * bias where
+    allowed and -inf elsewhere (keys >= S, causal, bool False, float <= mask_min)."""
+    ok = j < S
+    if IS_CAUSAL:
+        ok = ok & (j <= i + causal_off)
+    if MASK_KIND == 1:
+        mv = tl.load(p_mask_rows + j * stride_mask_j, mask=(i < L) & (j < S), other=0)
+        ok = ok & (mv != 0)
+    elif MASK_KIND == 2:
+        bias = tl.load(p_mask_rows + j * stride_mask_j, mask=(i < L) & (j < S), other=0.0).to(tl.float32)
+        ok = ok & (bias > mask_min)
+        s = s + bias * bias_mult
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows,
+               L, S, D, causal_off, stride_kn, stride_kd, stride_mask_n,
+               qk_scale, cap_mult, bias_mult, mask_min,
+               MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Score tile s [BM, BN] of the query block ``q`` [BM, BD] against keys [start_n, start_n + BN).
+
+    ``i`` = offs_m[:, None]; ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked
+    tiles are whole tiles inside [0, S) that every row attends."""
+    k = load_tile(k_base, start_n, offs_n, offs_d, S, D, stride_kn, stride_kd, MASKED, PAD_D)  # [BN, BD]
+    qk = mma(q, tl.trans(k), None, DOT_PREC)                                                   # [BM, BN]
+    s = scale_scores(qk, qk_scale, cap_mult, SOFTCAP)
+    if MASKED:
+        s = mask_scores(s, i, (start_n + offs_n)[None, :], L, S, causal_off, p_mask_rows, stride_mask_n,
+                        bias_mult, mask_min, IS_CAUSAL, MASK_KIND)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# small defaults for hooks a normalizer does not use
+
+
+@triton.jit
+def no_prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+               full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+               mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+               DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr):
+    """The pre-pass of normalizers without a threshold: par = 0."""
+    return tl.zeros([BM], dtype=tl.float32)
+
+
+@triton.jit
+def always_live(s, par):
+    return True
+
+
+@triton.jit
+def no_aux_weights(s, par):
+    return s
+
+
+@triton.jit
+def no_aux_finalize(l_i, l_g):
+    return l_g, l_g
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))

@@ -1,0 +1,205 @@
+"""1.5-entmax hooks and the threshold pre-pass.
+
+Scores arrive as z = s_nat / 2 (score unit 1/2). With n allowed keys::
+
+    p_j = max(z_j - tau, 0)^2,   tau such that F(tau) = sum_j max(z_j - tau, 0)^2 - 1 = 0,
+    tau in [max z - 1, max z - n^(-1/2)]   (F(max z - 1) >= 0 >= F(max z - n^(-1/2)))
+
+Pre-pass (scores only, no V), per row:
+
+1. one pass: zmax and n; bracket lo = zmax - 1 (F(lo) >= 0), hi = zmax - n^(-1/2).
+2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate): for each point the
+   support moments c = #{z > t}, s1 = sum (z - t)_+, s2 = sum (z - t)_+^2 and zmin = min{z : z > t}.
+   With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau):
+   * exact polish: if the support were {z > t_a}, tau solves c y^2 - 2 s1 y + (s2 - 1) = 0 (y = tau -
+     t_a, the smaller root, y = (s2 - 1) / (s1 + sqrt(s1^2 - c (s2 - 1)))), which is tau - the mean
+     minus sqrt(1/c - variance) form - computed relative to t_a for accuracy. The candidate r = t_a + y
+     is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound.
+   * Newton from t_a (F convex decreasing): t_a + (s2 - 1) / (2 s1) <= tau, the next t0.
+   * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
+   The block repeats passes until every row is exact (or its bracket is a few ulps wide).
+3. the output pass (tile loop): p = max(z - tau, 0)^2 (no exp, no rescale), out = acc / sum p, and
+   key tiles with every z <= tau are skipped (no P @ V).
+
+Stats: tau (units of z; +inf for empty rows). For the backward (when gradients are needed) the loop
+also keeps G = sum_j g_j v_j and sum_j g_j with g = max(z - tau, 0), giving O2 = G / sum g and
+sum_g = sum g / sqrt(sum p) (the sum of sqrt of the normalized p).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import Hooks, safe_inv, score_tile
+
+#: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
+MAX_PASSES: tl.constexpr = tl.constexpr(40)
+#: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
+#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is.
+NPTS = 2
+
+
+@triton.jit
+def _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, start, end,
+               stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+               BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Running row max of z and count of allowed keys over the key tiles [start, end)."""
+    for start_n in range(start, end, BN):
+        z = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
+        zmax = tl.maximum(zmax, tl.max(z, 1))
+        if MASKED:
+            n += tl.sum((z > float("-inf")).to(tl.float32), 1)
+        else:
+            n += BN
+    return zmax, n
+
+
+@triton.jit
+def _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+             start, end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+             BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+             MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Support moments at the points t [BM, NP]: count, sum and sum of squares of (z - t)_+ and the
+    smallest z above t, accumulated over the key tiles [start, end)."""
+    NP: tl.constexpr = t.shape[1]
+    cols = tl.arange(0, NP)
+    for start_n in range(start, end, BN):
+        z = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
+        for pt in tl.static_range(NP):                 # one [BM, BN] pass per point (no 3-D tensor)
+            sel = cols[None, :] == pt                                                    # [1, NP]
+            d = z - tl.sum(tl.where(sel, t, 0.0), 1)[:, None]                            # [BM, BN]
+            pos = d > 0
+            dp = tl.where(pos, d, 0.0)
+            cnt += tl.where(sel, tl.sum(pos.to(tl.float32), 1)[:, None], 0.0)            # [BM, NP]
+            s1 += tl.where(sel, tl.sum(dp, 1)[:, None], 0.0)
+            s2 += tl.where(sel, tl.sum(dp * dp, 1)[:, None], 0.0)
+            zmin = tl.minimum(zmin, tl.where(sel, tl.min(tl.where(pos, z, float("inf")), 1)[:, None],
+                                             float("inf")))
+    return cnt, s1, s2, zmin
+
+
+@triton.jit
+def _pick(x, sel):
+    """x[r, a_r] for a one-hot [BM, NP] selector (0 where the selector row is empty)."""
+    return tl.sum(tl.where(sel, x, 0.0), 1)
+
+
+@triton.jit
+def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+            full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+            mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr):
+    """tau [BM] (units of z, +inf for empty rows) for the query block; NORM_CONST = points per pass."""
+    NP: tl.constexpr = NORM_CONST
+    zmax = tl.full([BM], float("-inf"), tl.float32)
+    n = tl.zeros([BM], tl.float32)
+    zmax, n = _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                         0, full_end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                         bias_mult, mask_min, BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+    zmax, n = _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                         full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                         bias_mult, mask_min, BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+    empty = n == 0
+    ztop = tl.where(empty, 0.0, zmax)
+    lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
+    up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
+    t0 = lo                                             # next Newton iterate (first point of a pass)
+    tau = lo                                            # exact when n == 1
+    done = n <= 1.0
+    idx = tl.arange(0, NP)                              # [NP]
+    frac = idx.to(tl.float32) / NP
+    passes = tl.full([], 0, tl.int32)
+    while (tl.max(tl.where(done, 0, 1)) > 0) & (passes < MAX_PASSES):
+        t = t0[:, None] + (up - t0)[:, None] * frac[None, :]                           # [BM, NP]
+        cnt = tl.zeros([BM, NP], tl.float32)
+        s1 = tl.zeros([BM, NP], tl.float32)
+        s2 = tl.zeros([BM, NP], tl.float32)
+        zmin = tl.full([BM, NP], float("inf"), tl.float32)
+        cnt, s1, s2, zmin = _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows,
+                                     L, S, D, causal_off, 0, full_end, stride_kn, stride_kd,
+                                     stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                                     BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+        cnt, s1, s2, zmin = _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows,
+                                     L, S, D, causal_off, full_end, hi, stride_kn, stride_kd,
+                                     stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                                     BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+        # the largest point with F(t) = s2 - 1 >= 0 (t <= tau); -1 if rounding put t0 above tau
+        a = tl.max(tl.where(s2 >= 1.0, idx[None, :], -1), 1)                           # [BM]
+        sel = idx[None, :] == a[:, None]
+        found = a >= 0
+        t_a = _pick(t, sel)
+        c_a = _pick(cnt, sel)
+        s1_a = _pick(s1, sel)
+        f_a = _pick(s2, sel) - 1.0                                                     # F(t_a) >= 0
+        zmin_a = _pick(zmin, sel)
+        t_b = _pick(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, up, 0.0)
+        # exact polish on the support {z > t_a}: smaller root of c y^2 - 2 s1 y + F(t_a) = 0
+        disc = s1_a * s1_a - c_a * f_a
+        r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
+        has_r = found & (disc >= 0)
+        exact = has_r & (r < zmin_a)
+        newton = t_a + f_a / (2.0 * tl.maximum(s1_a, 1e-30))                          # <= tau
+        # shrink the bracket [lo, up]
+        lo = tl.where(found, tl.maximum(lo, t_a), lo)
+        up = tl.where(found, tl.minimum(up, t_b), tl.minimum(up, t0))
+        up = tl.where(has_r, tl.minimum(up, r), up)
+        up = tl.maximum(up, lo)
+        t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
+        narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
+        tau = tl.where(done, tau, tl.where(exact, r, lo))
+        done = done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
+        passes += 1
+    return tl.where(empty, float("inf"), tau)
+
+
+@triton.jit
+def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+    g = tl.maximum(s - par[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
+    p = g * g
+    return p, l_i, m_i, l_i + tl.sum(p, 1)
+
+
+@triton.jit
+def finalize(m_i, l_i, par):
+    return safe_inv(l_i), par, par
+
+
+@triton.jit
+def tile_live(s, par):
+    """Some z in the tile lies above its row's tau."""
+    return tl.max(s - par[:, None]) > 0
+
+
+@triton.jit
+def aux_weights(s, par):
+    return tl.maximum(s - par[:, None], 0.0)
+
+
+@triton.jit
+def aux_finalize(l_i, l_g):
+    """(1 / sum g, sum_g) with g the square root of the normalized weights: sum g / sqrt(sum p)."""
+    return safe_inv(l_g), l_g * tl.where(l_i > 0, tl.rsqrt(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+
+def prepass_config(normalizer, S: int):
+    return 0, NPTS
+
+
+HOOKS = Hooks(
+    name="entmax15",
+    score_unit=0.5,
+    stats=("tau",),
+    update=update,
+    finalize=finalize,
+    rescale=False,
+    prepass=prepass,
+    tile_live=tile_live,
+    aux_weights=aux_weights,
+    aux_finalize=aux_finalize,
+    prepass_config=prepass_config,
+)

@@ -1,0 +1,57 @@
+"""Softmax hooks: the online-softmax recurrence, in log2 units.
+
+Scores arrive as s = LOG2E * s_nat (the launcher folds LOG2E into the scale, see common.LOG2E), so
+exp(s_nat - m_nat) = exp2(s - m). Per tile::
+
+    m' = max(m, rowmax(s));  alpha = exp2(m - m');  p = exp2(s - m');  l' = alpha * l + rowsum(p)
+    acc' = alpha * acc + p @ v                                    (done by the tile loop)
+
+Finalize: out = acc / l, lse = (m + log2 l) * LN2 (natural log), -inf and out = 0 for empty rows.
+In a masked tile a row can be all -inf; its m stays -inf and exp2 uses 0 in its place (no NaN).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, Hooks, safe_inv
+
+
+@triton.jit
+def online_update(s, m_i, l_i, MASKED: tl.constexpr):
+    """One online-softmax step on log2-unit scores s [BM, BN] -> (p, alpha, m_new, l_new)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))                       # [BM]
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all-masked rows so far: no -inf - -inf
+    else:
+        m_use = m_new                                          # unmasked tiles are finite
+    p = tl.exp2(s - m_use[:, None])                            # [BM, BN]
+    alpha = tl.exp2(m_i - m_use)                               # [BM]
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def lse_natural(m_i, l_i):
+    """Natural-log logsumexp from the log2-unit state; -inf for empty rows."""
+    return tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2, float("-inf"))
+
+
+@triton.jit
+def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+    return online_update(s, m_i, l_i, MASKED)
+
+
+@triton.jit
+def finalize(m_i, l_i, par):
+    lse = lse_natural(m_i, l_i)
+    return safe_inv(l_i), lse, lse
+
+
+HOOKS = Hooks(
+    name="softmax",
+    score_unit=float(LOG2E.value),
+    stats=("lse",),
+    update=update,
+    finalize=finalize,
+    rescale=True,
+)

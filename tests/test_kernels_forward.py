@@ -1,0 +1,607 @@
+"""The Triton forward kernel (kernels/tile_loop.py + the normalizer hooks) against the float64 reference.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (conftest) with 16x16 blocks, so the small shapes
+here still span several query blocks and key tiles (full, diagonal and ragged ones). Tests marked
+``cuda`` run only on a GPU, at realistic sizes, with the real compiler (and autotuning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import flashmaps
+from flashmaps.normalizers import Entmax15, Softmax, TopK, entmax15_threshold, topk_threshold
+from flashmaps import reference
+from flashmaps.kernels import topk as topk_kernels
+from flashmaps.kernels.common import key_bounds, query_bounds
+
+from conftest import KERNEL_DEVICE, rel_err
+
+triton_path = pytest.importorskip("flashmaps.triton_path")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
+CAUSALS = [None, "upper_left", "lower_right"]
+# Triton's interpreter indexes ranges with 1-element numpy arrays (its own deprecation warning), and numpy
+# warns about the intended inf arithmetic of masked scores (-inf bias, finfo.min * log2(e) overflowing)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_qkv(B, Hq, Hkv, L, S, D, Dv=None, dtype=torch.float32, device=KERNEL_DEVICE, seed=0, spread=1.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = (torch.randn(B, Hq, L, D, generator=g) * spread).to(dtype=dtype, device=device)
+    k = (torch.randn(B, Hkv, S, D, generator=g) * spread).to(dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype=dtype, device=device)
+    return q, k, v
+
+
+def make_mask(kind, B, Hq, L, S, dtype, device=KERNEL_DEVICE, seed=1):
+    """None, or a mask broadcastable to (B, Hq, L, S) of the given kind (a view, not expanded)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "bool":                                        # (B, 1, L, S), ~75% True
+        return (torch.rand(B, 1, L, S, generator=g) < 0.75).to(device)
+    if kind == "float":                                       # (1, Hq, L, S) bias with -inf / finfo.min holes
+        m = torch.randn(1, Hq, L, S, generator=g)
+        holes = torch.rand(1, Hq, L, S, generator=g)
+        m = m.to(dtype)
+        m[holes < 0.1] = float("-inf")
+        m[(holes >= 0.1) & (holes < 0.2)] = torch.finfo(dtype).min
+        return m.to(device)
+    if kind == "empty_rows":                                  # float (B, 1, L, 1)-style rows fully excluded
+        m = torch.randn(B, 1, L, S, generator=g).to(dtype)
+        m[:, :, 1::3, :] = torch.finfo(dtype).min             # every third row excluded entirely ...
+        m[:, :, 2::5, :] = float("-inf")                      # ... and some with -inf
+        return m.to(device)
+    raise ValueError(kind)
+
+
+def ref_stats(q, k, norm, *, causal=None, mask=None, scale=None, softcap=None):
+    """The public row statistics computed densely in float64 from reference.scores_and_allowed."""
+    gqa = q.shape[1] != k.shape[1]
+    s, allowed = reference.scores_and_allowed(q, k, causal=causal or False, attn_mask=mask, scale=scale,
+                                              softcap=softcap, enable_gqa=gqa)
+    neg = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    if norm.name == "softmax":
+        return {"lse": torch.logsumexp(torch.where(allowed, s, neg), -1)}
+    if norm.name == "taylor":
+        return {"z": torch.where(allowed, 1 + s + 0.5 * s * s, torch.zeros_like(s)).sum(-1)}
+    if norm.name == "entmax15":
+        return {"tau": entmax15_threshold(s, allowed)[..., 0]}
+    tau = topk_threshold(s, allowed, norm.k)
+    keep = allowed & (s >= tau)
+    return {"tau": tau[..., 0], "lse": torch.logsumexp(torch.where(keep, s, neg), -1)}
+
+
+def check_stats(stats, ref, tol):
+    for name, want in ref.items():
+        got = stats[name].double().cpu()
+        want = want.cpu()
+        assert got.shape == want.shape, name
+        fin = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), fin), f"{name}: infinities at different rows"
+        assert torch.equal(got[~fin], want[~fin]), f"{name}: wrong infinities"
+        if fin.any():
+            err = (got[fin] - want[fin]).abs().max().item()
+            scale = max(1.0, want[fin].abs().max().item())
+            assert err <= tol * scale, f"{name}: max abs err {err:.3g} (scale {scale:.3g})"
+
+
+def run_case(q, k, v, norm, *, causal=None, mask=None, scale=None, softcap=None, tol=None, stats_tol=None,
+             config=None):
+    norm = flashmaps.parse(norm)
+    res = triton_path.launch_forward(q, k, v, norm, mask=None if mask is None else mask.expand(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2]), causal=causal, scale=scale, softcap=softcap,
+        config=config)
+    gqa = q.shape[1] != k.shape[1]
+    ref = reference.attention(q, k, v, norm, causal=causal or False, attn_mask=mask, scale=scale,
+                              softcap=softcap, enable_gqa=gqa)
+    tol = TOL[q.dtype] if tol is None else tol
+    assert res.out.dtype == v.dtype and res.out.shape == ref.shape
+    err = rel_err(res.out, ref)
+    assert err < tol, f"rel err {err:.3g} >= {tol}"
+    if stats_tol is not None:
+        check_stats(res.stats, ref_stats(q, k, norm, causal=causal, mask=mask, scale=scale, softcap=softcap),
+                    stats_tol)
+    return res, ref
+
+
+# ----------------------------------------------------------------------------------------------------
+# the grid: every normalizer x mask kind x causal kind x GQA x dtype (fp16 on a slice)
+
+
+def _grid():
+    cases = []
+    for norm in NORMS:
+        for mask in ("none", "bool", "float", "empty_rows"):
+            for causal in CAUSALS:
+                for gqa in (False, True):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        cases.append(pytest.param(norm, mask, causal, gqa, dtype, id=(
+                            f"{norm}-{mask}-{causal or 'full'}-{'gqa' if gqa else 'mha'}-{DTYPE_NAMES[dtype]}")))
+                # fp16: one GQA case per (normalizer, mask, causal) triple would triple the cost; one per mask
+                if causal == "lower_right":
+                    cases.append(pytest.param(norm, mask, causal, True, torch.float16,
+                                              id=f"{norm}-{mask}-{causal}-gqa-fp16"))
+    return cases
+
+
+@pytest.mark.parametrize("norm,mask_kind,causal,gqa,dtype", _grid())
+def test_grid(norm, mask_kind, causal, gqa, dtype):
+    B, Hq, Hkv, L, S, D = 1, 2, (1 if gqa else 2), 33, 45, 24
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, Dv=20, dtype=dtype, seed=NORMS.index(norm) * 10 + len(mask_kind))
+    mask = make_mask(mask_kind, B, Hq, L, S, dtype)
+    stats_tol = 2e-5 if dtype == torch.float32 else None
+    res, ref = run_case(q, k, v, norm, causal=causal, mask=mask, stats_tol=stats_tol)
+    # rows with no allowed key: exactly 0
+    _, allowed = reference.scores_and_allowed(q, k, causal=causal or False, attn_mask=mask, enable_gqa=gqa)
+    empty = ~allowed.any(-1)
+    if mask_kind == "empty_rows":
+        assert empty.any()
+    assert torch.equal(res.out[empty].float().cpu(), torch.zeros_like(res.out[empty].float().cpu()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes: head dims (padded, Dqk != Dv), L = 1, ragged sizes, block sizes
+
+
+@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+@pytest.mark.parametrize("D,Dv", [(16, 64), (40, 40), (72, 24), (80, 80), (96, 160), (160, 96), (256, 16)],
+                         ids=lambda x: str(x))
+def test_head_dims(norm, D, Dv):
+    q, k, v = make_qkv(1, 2, 1, 19, 37, D, Dv=Dv, seed=D + Dv)
+    run_case(q, k, v, norm, causal="lower_right", stats_tol=2e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("causal", CAUSALS)
+@pytest.mark.parametrize("S", [1, 7, 40])
+def test_single_query(norm, causal, S):
+    """L = 1 (decoding): upper_left sees key 0 only, lower_right sees every key."""
+    q, k, v = make_qkv(2, 4, 2, 1, S, 32, seed=S)
+    run_case(q, k, v, norm, causal=causal, stats_tol=2e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_lower_right_more_queries_than_keys(norm):
+    """L > S with lower_right: the first L - S rows have no key and output 0."""
+    q, k, v = make_qkv(1, 2, 2, 41, 18, 16, seed=3)
+    res, _ = run_case(q, k, v, norm, causal="lower_right", stats_tol=2e-5)
+    assert torch.equal(res.out[:, :, : 41 - 18], torch.zeros_like(res.out[:, :, : 41 - 18]))
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16), (64, 64)])
+def test_block_shapes(bm, bn):
+    q, k, v = make_qkv(1, 2, 2, 50, 70, 32, seed=bm + bn)
+    for norm in ("softmax", "entmax15"):
+        run_case(q, k, v, norm, causal="upper_left", config={"BM": bm, "BN": bn}, stats_tol=2e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_strided_inputs(norm):
+    """Non-contiguous q/k/v (BLHD transposes, a stepped head dim, a slice of a larger tensor), and a
+    broadcast mask with zero strides: results equal the contiguous ones, inputs are untouched."""
+    B, H, L, S, D = 2, 2, 21, 34, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, L, H, D, generator=g).transpose(1, 2)                 # (B, H, L, D), stride_l = H*D
+    k = torch.randn(B, H, S, 2 * D, generator=g)[..., ::2]                  # stride_d = 2
+    v = torch.randn(B, S + 5, H, 3 * D, generator=g)[:, 3:S + 3, :, D:2 * D].transpose(1, 2)
+    mask = torch.rand(S, generator=g) < 0.8                                 # (S,) -> (B, H, L, S), zero strides
+    before = [x.clone() for x in (q, k, v)]
+    res, _ = run_case(q, k, v, norm, causal="upper_left", mask=mask, stats_tol=2e-5)
+    res_c = triton_path.launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), flashmaps.parse(norm),
+                                mask=mask.expand(B, H, L, S).contiguous(), causal="upper_left")
+    assert rel_err(res.out, res_c.out) < 1e-6
+    for x, y in zip((q, k, v), before):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_softcap_and_scale(norm):
+    q, k, v = make_qkv(1, 2, 1, 30, 40, 32, seed=7, spread=2.0)
+    mask = make_mask("float", 1, 2, 30, 40, torch.float32)
+    run_case(q, k, v, norm, softcap=3.0, scale=0.4, mask=mask, stats_tol=2e-5)
+    run_case(q, k, v, norm, scale=0.05, causal="lower_right", stats_tol=2e-5)
+
+
+def test_float32_mask_with_bf16_inputs():
+    q, k, v = make_qkv(1, 2, 2, 20, 30, 16, dtype=torch.bfloat16, seed=8)
+    mask = make_mask("float", 1, 2, 20, 30, torch.float32)
+    for norm in NORMS:
+        run_case(q, k, v, norm, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tile skipping: tiles that must not be touched are poisoned with NaN
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_causal_tiles_skipped(norm):
+    """upper_left, L = 20 < S = 64: keys >= 32 (two whole tiles) are above the causal frontier of every
+    row. They hold NaN in K and V; a kernel that loads them, even masked, produces NaN (0 * NaN in P @ V,
+    NaN scores in the pre-passes)."""
+    L, S = 20, 64
+    q, k, v = make_qkv(1, 2, 2, L, S, 16, seed=9)
+    k_p, v_p = k.clone(), v.clone()
+    k_p[:, :, 32:] = float("nan")
+    v_p[:, :, 32:] = float("nan")
+    res = triton_path.launch_forward(q, k_p, v_p, flashmaps.parse(norm), causal="upper_left")
+    ref = reference.attention(q, k, v, flashmaps.parse(norm), causal="upper_left")
+    assert rel_err(res.out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("norm", ["softmax", "entmax15", "topk:3"])
+@pytest.mark.parametrize("causal", ["upper_left", "lower_right"])
+def test_causal_tiles_skipped_per_block(norm, causal):
+    """Query block b (rows [16b, 16b+16)) touches key tiles up to its diagonal only: with key tile t
+    poisoned (NaN in K and V), the blocks that never see tile t stay exact and the blocks that do are
+    NaN (so the poison is really read where it should be). lower_right: L = 48, S = 64, offset 16."""
+    L, S = (64, 64) if causal == "upper_left" else (48, 64)
+    off = S - L if causal == "lower_right" else 0
+    q, k, v = make_qkv(1, 1, 1, L, S, 16, seed=10)
+    ref = reference.attention(q, k, v, norm, causal=causal)
+    for t in (1, 2, 3):
+        first_reader = max(0, 16 * t - off) // 16 * 16          # first row of the first block reading tile t
+        if first_reader == 0:
+            continue
+        k_p, v_p = k.clone(), v.clone()
+        k_p[:, :, 16 * t: 16 * t + 16] = float("nan")
+        v_p[:, :, 16 * t: 16 * t + 16] = float("nan")
+        res = triton_path.launch_forward(q, k_p, v_p, flashmaps.parse(norm), causal=causal)
+        rows = slice(0, first_reader)
+        assert rel_err(res.out[:, :, rows], ref[:, :, rows]) < 1e-5
+        if norm == "softmax":                                      # (sparse normalizers may skip NaN tiles)
+            assert torch.isnan(res.out[:, :, first_reader:]).all()
+
+
+@pytest.mark.parametrize("norm", ["entmax15", "topk:3"])
+def test_dead_tiles_skip_pv(norm):
+    """A key tile whose scores are all below the row thresholds contributes nothing: its V may be NaN."""
+    L, S, D = 16, 48, 16
+    q, k, v = make_qkv(1, 1, 1, L, S, D, seed=11)
+    q = q.abs() + 0.5
+    k[:, :, 16:32] = -k[:, :, 16:32].abs() - 3.0                  # tile 1: very negative scores
+    v_p = v.clone()
+    v_p[:, :, 16:32] = float("nan")
+    res = triton_path.launch_forward(q, k, v_p, flashmaps.parse(norm))
+    ref = reference.attention(q, k, v, flashmaps.parse(norm))
+    assert rel_err(res.out, ref) < 1e-5
+
+
+@triton.jit
+def _bounds_kernel(Out, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   ALL_MASKED: tl.constexpr):
+    pid = tl.program_id(0)
+    full_end, hi = key_bounds(pid * BM, L, S, causal_off, BM, BN, IS_CAUSAL, ALL_MASKED)
+    lo, full_start = query_bounds(pid * BN, L, S, causal_off, BM, BN, IS_CAUSAL, ALL_MASKED)
+    tl.store(Out + pid * 4 + 0, full_end)
+    tl.store(Out + pid * 4 + 1, hi)
+    tl.store(Out + pid * 4 + 2, lo)
+    tl.store(Out + pid * 4 + 3, full_start)
+
+
+@pytest.mark.parametrize("causal", CAUSALS)
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 50), (37, 37), (64, 48), (20, 70), (70, 20), (33, 100)])
+@pytest.mark.parametrize("all_masked", [False, True])
+def test_block_bounds(causal, L, S, all_masked):
+    """common.key_bounds (query block -> key tiles) and common.query_bounds (key tile -> query blocks,
+    for the backward) against brute force: every allowed (i, j) is visited, and a tile called unmasked
+    has every in-range pair allowed."""
+    BM, BN = 16, 32
+    off = S - L if causal == "lower_right" else 0
+    nm, nn = triton.cdiv(L, BM), triton.cdiv(S, BN)
+    out = torch.zeros(max(nm, nn), 4, dtype=torch.int32, device=KERNEL_DEVICE)
+    _bounds_kernel[(max(nm, nn),)](out, L, S, off, BM, BN, causal is not None, all_masked)
+    out = out.cpu()
+    i = torch.arange(L)[:, None]
+    j = torch.arange(S)[None, :]
+    allowed = (j <= i + off) if causal else torch.ones(L, S, dtype=torch.bool)
+    for m in range(nm):
+        full_end, hi = out[m, 0].item(), out[m, 1].item()
+        rows = allowed[m * BM: (m + 1) * BM]
+        assert full_end % BN == 0 and 0 <= full_end <= max(hi, 0) <= S
+        assert not rows[:, max(hi, 0):].any()                               # nothing allowed is skipped
+        assert rows[:, :full_end].all()                                     # unmasked tiles: all allowed
+        if all_masked:
+            assert full_end == 0
+    for n in range(nn):
+        lo, full_start = out[n, 2].item(), out[n, 3].item()
+        cols = allowed[:, n * BN: (n + 1) * BN]
+        assert lo % BM == 0 and full_start % BM == 0 and 0 <= lo <= full_start
+        assert not cols[:lo].any()                                          # rows < lo see no key of the tile
+        assert cols[full_start:].all()                                      # unmasked query tiles
+        if all_masked:
+            assert full_start >= L
+
+
+# ----------------------------------------------------------------------------------------------------
+# top-k: every k, ties, both pre-pass modes
+
+
+@pytest.mark.parametrize("mode", ["buffer", "select"])
+@pytest.mark.parametrize("k", [1, 2, 3, 16, 40, 42, 43, 44, 100])
+def test_topk_every_k(mode, k, monkeypatch):
+    """S = 43: k = 1, small k, k near S (40, 42), k = S and k > S (every key kept, tau = -inf)."""
+    if mode == "select":
+        monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    q, k_, v = make_qkv(1, 2, 1, 18, 43, 16, seed=k)
+    res, _ = run_case(q, k_, v, f"topk:{k}", causal=None, stats_tol=2e-5)
+    if k >= 43:
+        assert torch.isinf(res.stats["tau"]).all()
+
+
+@pytest.mark.parametrize("mode", ["buffer", "select"])
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_topk_ties(mode, k, monkeypatch):
+    """Integer scores with many ties: every key tied with the k-th score is kept (threshold semantics)."""
+    if mode == "select":
+        monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    g = torch.Generator().manual_seed(12)
+    L, S = 20, 50
+    q = torch.zeros(1, 1, L, 4)
+    q[..., 0] = 1.0
+    k_ = torch.zeros(1, 1, S, 4)
+    k_[..., 0] = torch.randint(0, 5, (S,), generator=g).float()   # scores in {0, .., 4}: ties everywhere
+    v = torch.randn(1, 1, S, 8, generator=g)
+    res, _ = run_case(q, k_, v, f"topk:{k}", scale=1.0, causal="lower_right", stats_tol=1e-6)
+    # with ties more than k keys are kept
+    s, allowed = reference.scores_and_allowed(q, k_, causal="lower_right", scale=1.0)
+    kept = (allowed & (s >= res.stats["tau"].double()[..., None])).sum(-1)
+    assert (kept > k).any()
+
+
+def test_topk_select_long_rows(monkeypatch):
+    """The count-based select over many tiles (k > KMAX), with causal diagonal tiles and a bool mask."""
+    q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=13)
+    mask = make_mask("bool", 1, 1, 16, 300, torch.float32)
+    for kk in (150, 200, 299):
+        run_case(q, k, v, f"topk:{kk}", mask=mask, causal="lower_right", stats_tol=2e-5)
+
+
+def test_topk_selects_the_k_largest():
+    """Without ties exactly k keys per row are kept (k-th largest threshold)."""
+    q, k, v = make_qkv(1, 2, 2, 17, 40, 16, seed=14)
+    for kk in (1, 5, 39):
+        res = triton_path.launch_forward(q, k, v, TopK(kk))
+        s, _ = reference.scores_and_allowed(q, k)
+        kept = (s >= res.stats["tau"].double()[..., None] - 1e-6).sum(-1)
+        assert torch.equal(kept, torch.full_like(kept, kk))
+
+
+# ----------------------------------------------------------------------------------------------------
+# entmax15: threshold exactness, sparsity, the backward extras, the entmax package
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 4.0])
+@pytest.mark.parametrize("causal", [None, "upper_left"])
+def test_entmax15_threshold(spread, causal):
+    """tau exact to fp32 rounding over score ranges from dense (0.3) to very sparse (4.0)."""
+    q, k, v = make_qkv(1, 2, 2, 24, 90, 32, seed=15, spread=spread)
+    res, _ = run_case(q, k, v, "entmax15", causal=causal, stats_tol=3e-6)
+    s, allowed = reference.scores_and_allowed(q, k, causal=causal or False)
+    p = torch.clamp(s / 2 - res.stats["tau"].double()[..., None], min=0) ** 2
+    sums = torch.where(allowed, p, torch.zeros_like(p)).sum(-1)
+    assert (sums - 1).abs().max() < 1e-5                           # the kernel's tau solves sum p = 1
+
+
+def test_entmax15_ties_and_single_key():
+    """Many equal scores (support boundary on a tie) and rows with exactly one allowed key."""
+    g = torch.Generator().manual_seed(16)
+    L, S = 18, 40
+    q = torch.zeros(1, 1, L, 4)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, S, 4)
+    k[..., 0] = torch.randint(0, 4, (S,), generator=g).float() * 0.5
+    v = torch.randn(1, 1, S, 8, generator=g)
+    run_case(q, k, v, "entmax15", scale=1.0, causal="upper_left", stats_tol=2e-6)
+
+
+def test_entmax15_against_entmax_package():
+    entmax = pytest.importorskip("entmax")
+    q, k, v = make_qkv(1, 2, 2, 20, 33, 16, seed=17, spread=1.5)
+    out = triton_path.launch_forward(q, k, v, Entmax15()).out
+    s, _ = reference.scores_and_allowed(q, k)
+    p = entmax.entmax15(s, dim=-1)
+    assert rel_err(out, p @ v.double()) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [None, "lower_right"])
+def test_entmax15_backward_extras(causal):
+    """save_aux: sum_g = sum_j sqrt(p_j) and O2 = sum_j sqrt(p_j) v_j / sum_g, and par = tau."""
+    q, k, v = make_qkv(1, 2, 1, 22, 35, 16, Dv=24, seed=18)
+    mask = make_mask("empty_rows", 1, 2, 22, 35, torch.float32)
+    res = triton_path.launch_forward(q, k, v, Entmax15(), causal=causal, mask=mask.expand(1, 2, 22, 35),
+                              save_aux=True)
+    _, p = reference.attention(q, k, v, "entmax15", causal=causal or False, attn_mask=mask,
+                               enable_gqa=True, return_weights=True)
+    g = p.sqrt()
+    sum_g = g.sum(-1)
+    o2 = (g @ v.double().repeat_interleave(2, dim=1)) / torch.where(sum_g > 0, sum_g, 1)[..., None]
+    assert rel_err(res.saved["sum_g"], sum_g) < 1e-5
+    assert rel_err(res.saved["o2"], o2) < 1e-5
+    assert torch.equal(res.saved["par"], res.stats["tau"])
+    empty = sum_g == 0
+    assert empty.any() and (res.saved["o2"][empty] == 0).all() and (res.saved["sum_g"][empty] == 0).all()
+
+
+def test_entmax15_output_is_sparse():
+    q, k, v = make_qkv(1, 1, 1, 16, 64, 16, seed=19, spread=3.0)
+    res = triton_path.launch_forward(q, k, v, Entmax15())
+    s, _ = reference.scores_and_allowed(q, k)
+    support = (s / 2 > res.stats["tau"].double()[..., None]).sum(-1)
+    assert (support < 64).all() and (support >= 1).all()
+
+
+def test_topk_saved_threshold_is_kernel_units():
+    q, k, v = make_qkv(1, 1, 1, 16, 40, 16, seed=20)
+    res = triton_path.launch_forward(q, k, v, TopK(4))
+    assert res.score_unit == pytest.approx(math.log2(math.e))
+    assert torch.allclose(res.saved["par"] * math.log(2), res.stats["tau"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the backend contract through the public API
+
+
+def test_public_api_dispatch():
+    q, k, v = make_qkv(1, 4, 2, 17, 23, 16, seed=21)
+    out, stats = flashmaps.attention(q, k, v, "topk:4", causal=True, enable_gqa=True, return_stats=True,
+                                     backend="triton")
+    ref = reference.attention(q, k, v, "topk:4", causal=True, enable_gqa=True)
+    assert rel_err(out, ref) < 1e-5 and set(stats) == {"tau", "lse"}
+
+
+def test_against_cpu_path():
+    """The Triton kernels and the torch backend agree (fp32)."""
+    q, k, v = make_qkv(1, 2, 1, 25, 37, 16, seed=22)
+    mask = make_mask("bool", 1, 2, 25, 37, torch.float32)
+    for norm in NORMS:
+        a, sa = flashmaps.attention(q, k, v, norm, attn_mask=mask, causal="lower_right", enable_gqa=True,
+                                    backend="triton", return_stats=True)
+        b, sb = flashmaps.attention(q, k, v, norm, attn_mask=mask, causal="lower_right", enable_gqa=True,
+                                    backend="torch", return_stats=True)
+        assert rel_err(a, b) < 1e-5
+        check_stats(sa, {n: x.double() for n, x in sb.items()}, 2e-5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_backend_contract_aux(norm):
+    """forward() of the custom-op contract: stats in normalizer order, aux packed as aux_shape says, and
+    unpack_aux giving back the launcher's saved tensors (also with the backward extras)."""
+    q, k, v = make_qkv(1, 2, 1, 20, 30, 16, Dv=8, seed=24)
+    n = flashmaps.parse(norm)
+    out, stats, aux = triton_path.forward(q, k, v, n, mask=None, causal="upper_left", scale=0.25,
+                                          softcap=None, dropout_p=0.0, seed=0, need_grad=False)
+    assert aux.dtype == torch.float32 and tuple(aux.shape) == triton_path.aux_shape(n, q, k, v, False)
+    assert len(stats) == len(n.stats)
+    res = triton_path.launch_forward(q, k, v, n, causal="upper_left", scale=0.25, save_aux=True)
+    assert torch.equal(out, res.out) and all(torch.equal(a, b) for a, b in zip(stats, res.stats.values()))
+    assert tuple(res.aux.shape) == triton_path.aux_shape(n, q, k, v, True)
+    views = triton_path.unpack_aux(res.aux, n, q, v, True)
+    assert set(views) == set(res.saved) and all(torch.equal(views[x], res.saved[x]) for x in views)
+    if n.name in ("entmax15", "topk"):
+        assert torch.equal(triton_path.unpack_aux(aux, n, q, v, False)["par"], res.saved["par"])
+    if n.name == "entmax15":
+        assert set(views) == {"par", "sum_g", "o2"} and views["o2"].shape == (1, 2, 20, 8)
+
+
+def test_grads_and_dropout_not_supported_yet():
+    assert triton_path.SUPPORTS_BACKWARD is False
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, seed=23)
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        triton_path.attention(q.requires_grad_(), k, v, Softmax(), mask=None, causal=None, scale=0.25,
+                              softcap=None, dropout_p=0.0, return_stats=False)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        triton_path.attention(q.detach(), k, v, Softmax(), mask=None, causal=None, scale=0.25,
+                              softcap=None, dropout_p=0.1, return_stats=False)
+    with torch.no_grad():                                          # no grad needed: fine
+        triton_path.attention(q, k, v, Softmax(), mask=None, causal=None, scale=0.25, softcap=None,
+                              dropout_p=0.0, return_stats=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA: realistic sizes, the real compiler (run by scripts/gpu-check)
+
+CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def cuda_cfg(D, Dv=None):
+    """A pinned config (autotuning every case would compile each kernel several times)."""
+    big = max(D, Dv or D) > 128
+    return {"BM": 64, "BN": 32 if big else 64, "num_warps": 8 if big else 4, "num_stages": 2}
+
+
+def _realistic_cases():
+    cases = [pytest.param(n, c, torch.bfloat16, id=f"{n}-{c or 'full'}-bf16") for n in NORMS + ["topk:64"]
+             for c in CAUSALS]
+    cases += [pytest.param(n, "lower_right", d, id=f"{n}-lower_right-{DTYPE_NAMES[d]}")
+              for n in ("softmax", "entmax15", "topk:64") for d in (torch.float16, torch.float32)]
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm,causal,dtype", _realistic_cases())
+def test_cuda_realistic(norm, causal, dtype):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1537, 64, dtype=dtype, device="cuda", seed=30)
+    run_case(q, k, v, norm, causal=causal, tol=CUDA_TOL[dtype], config=cuda_cfg(64),
+             stats_tol=1e-3 if dtype == torch.float32 else None)
+
+
+def _dims_cases():
+    dims = [(16, 128), (40, 40), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160), (256, 256),
+            (128, 64)]
+    cases = [pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in ("softmax", "entmax15") for d, dv in dims]
+    cases += [pytest.param(n, d, d, id=f"{n}-{d}-{d}") for n in ("taylor", "topk:5") for d in (40, 160)]
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm,D,Dv", _dims_cases())
+def test_cuda_head_dims(norm, D, Dv):
+    q, k, v = make_qkv(1, 4, 4, 777, 1025, D, Dv=Dv, dtype=torch.bfloat16, device="cuda", seed=D)
+    run_case(q, k, v, norm, causal="lower_right", tol=2e-2, config=cuda_cfg(D, Dv))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "empty_rows"])
+def test_cuda_masks_gqa_softcap(norm, mask_kind):
+    B, Hq, Hkv, L, S = 2, 8, 2, 600, 900
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, 128, dtype=torch.bfloat16, device="cuda", seed=31)
+    mask = make_mask(mask_kind, B, Hq, L, S, torch.bfloat16, device="cuda")
+    run_case(q, k, v, norm, mask=mask, softcap=20.0, tol=2e-2, config=cuda_cfg(128))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", NORMS)
+def test_cuda_decode_and_strides(norm):
+    B, H, S, D = 4, 8, 3000, 128
+    g = torch.Generator().manual_seed(32)
+    q = torch.randn(B, 1, H, D, generator=g).cuda().bfloat16().transpose(1, 2)
+    k = torch.randn(B, S, H, D, generator=g).cuda().bfloat16().transpose(1, 2)
+    v = torch.randn(B, S, H, D, generator=g).cuda().bfloat16().transpose(1, 2)
+    run_case(q, k, v, norm, causal="lower_right", tol=2e-2, config=cuda_cfg(D))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [1, 64, 128, 129, 1000, 2047])
+def test_cuda_topk_every_mode(k):
+    """Both pre-pass modes at S = 2048 (buffer for k <= KMAX, select beyond). Small-integer q and k make
+    every q.k exact on the GPU too (no near-ties that fp32 rounding could order differently from the
+    float64 reference) while leaving many exact ties at the threshold."""
+    g = torch.Generator().manual_seed(33)
+    q = torch.randint(-2, 3, (1, 4, 512, 64), generator=g).float().cuda()
+    k_ = torch.randint(-2, 3, (1, 4, 2048, 64), generator=g).float().cuda()
+    v = torch.randn(1, 4, 2048, 64, generator=g).cuda()
+    run_case(q, k_, v, f"topk:{k}", causal="lower_right", scale=0.05, tol=1e-4, stats_tol=1e-5,
+             config=cuda_cfg(64))
+
+
+@pytest.mark.cuda
+def test_cuda_autotuned_entmax15_threshold_exact():
+    """Through the autotuner (no pinned config), fp32, tau to fp32 rounding."""
+    q, k, v = make_qkv(1, 4, 4, 1024, 4096, 128, device="cuda", seed=34, spread=1.5)
+    run_case(q, k, v, "entmax15", tol=1e-4, stats_tol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_other_config():
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 64, dtype=torch.bfloat16, device="cuda", seed=35)
+    for norm in NORMS:
+        run_case(q, k, v, norm, causal="upper_left", config={"BM": 128, "BN": 32, "num_warps": 8,
+                                                             "num_stages": 3})
