@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flashmaps.bench import harness
+
 CASES = ("entmax", "flashmaps-entmax15", "sdpa", "flashmaps-softmax")
 GOALS = {"entmax15_speedup_min": 1.5, "entmax15_memory_ratio_max": 1 / 8, "softmax_slowdown_max": 1.1}
 
@@ -158,27 +160,6 @@ def worker_time(args) -> dict:
 # driver
 
 
-def _git_sha() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _run_worker(extra, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--B", str(args.B), "--H", str(args.H), "--L", str(args.L),
            "--D", str(args.D), *extra]
@@ -268,8 +249,8 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "cpu_goal",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
-        "device": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+        "git_sha": harness.git_sha(),
+        "device": {"cpu": harness._cpu_model(), "cores": os.cpu_count(), "threads": threads,
                    "platform": platform.platform()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "entmax": _version("entmax"), "flashmaps": _version("flashmaps")},
