@@ -181,18 +181,6 @@ def _choose_backend(backend, device: torch.device, dtype: torch.dtype):
     return backend
 
 
-def _auto_fallback(q, k, v, dropout_p: float) -> str:
-    """"triton", or "torch" for what the Triton backend cannot do yet (gradients, dropout)."""
-    from . import triton_path
-
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad and not triton_path.SUPPORTS_BACKWARD:
-        return "torch"
-    if dropout_p > 0 and not triton_path.SUPPORTS_DROPOUT:
-        return "torch"
-    return "triton"
-
-
 def _empty_result(q, k, v, norm: Normalizer, return_stats: bool):
     """S == 0: every row has no allowed key -> zeros (and the empty-row statistics)."""
     B, Hq, L, _ = q.shape
@@ -260,8 +248,6 @@ def attention(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)
-    if backend == "auto" and backend_name == "triton":
-        backend_name = _auto_fallback(q, k, v, dropout_f)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
     return ops.attention(

@@ -1,4 +1,5 @@
-"""The Triton backend: launches the one forward kernel (``flashmaps.kernels.tile_loop.attn_fwd``).
+"""The Triton backend: launches the forward kernel (``flashmaps.kernels.tile_loop.attn_fwd``) and the
+backward kernels (``flashmaps.kernels.backward``).
 
 Entry points of the backend contract (wrapped as torch.library custom ops by :mod:`flashmaps.ops`;
 inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``::
@@ -6,15 +7,14 @@ inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTE
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
         -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], aux)
     aux_shape(normalizer, q, k, v, need_grad) -> shape of aux (1-D fp32; see `unpack_aux`)
-    backward(...)                     not written yet: raises NotImplementedError
+    backward(dout, q, k, v, out, stats, aux, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
+        -> (dq, dk, dv) in the dtypes of q, k, v (aux: the one forward() returned with need_grad=True)
     attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
 
-The backward kernels and in-kernel dropout are a later issue: ``SUPPORTS_BACKWARD`` and
-``SUPPORTS_DROPOUT`` are False, and ``forward`` raises NotImplementedError when gradients are needed or
-dropout_p > 0 (the dispatcher routes those calls to the torch backend).
-
-:func:`launch_forward` is the launcher itself (pinned configs, the saved extras by name); ``aux`` packs
-what a FlashAttention-2 style backward needs besides q, k, v, out and the stats (`unpack_aux`).
+:func:`launch_forward` / :func:`launch_backward` are the launchers themselves (pinned configs, the saved
+extras by name); ``aux`` packs what the FlashAttention-2 style backward needs besides q, k, v, out and
+the stats (`unpack_aux`). Dropout: ``seed`` (an int, e.g. :func:`flashmaps.torch_path.draw_seed`) and
+``dropout_p`` give the keep mask of :func:`dropout_keep_mask`, regenerated identically by the backward.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ import torch
 import triton
 
 from .kernels import common, hooks_for
+from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
 
-__all__ = ["attention", "forward", "backward", "aux_shape", "unpack_aux", "launch_forward", "Forward",
-           "SUPPORTS_BACKWARD", "SUPPORTS_DROPOUT"]
+__all__ = ["attention", "forward", "backward", "aux_shape", "unpack_aux", "launch_forward",
+           "launch_backward", "dropout_keep_mask", "Forward", "SUPPORTS_BACKWARD", "SUPPORTS_DROPOUT"]
 
-#: the backward kernels are not written yet (issue 4): gradients go through the torch backend
-SUPPORTS_BACKWARD = False
-#: dropout inside the kernels is not written yet (issue 4)
-SUPPORTS_DROPOUT = False
+#: gradients w.r.t. q, k, v through the Triton backward kernels
+SUPPORTS_BACKWARD = True
+#: dropout inside the kernels (Philox, regenerated in the backward)
+SUPPORTS_DROPOUT = True
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: blocks under the interpreter: small, so that small test shapes still span several tiles
@@ -93,7 +94,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "NORM", "NORM_CONST", "IS_CAUSAL", "MASK_KIND",
-         "SOFTCAP", "AUX", "DOT_PREC"]
+         "SOFTCAP", "AUX", "DOT_PREC", "DROPOUT"]
 _attn_fwd_tuned = triton.autotune(configs=_configs(), key=_KEYS,
                                   prune_configs_by={"early_config_prune": _prune})(attn_fwd)
 
@@ -135,12 +136,37 @@ def unpack_aux(aux: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool)
     return views
 
 
+def _mask_args(mask: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(MASK_KIND, tensor to pass, its 4 strides, mask_min) of a (B, Hq, L, S) mask view or None."""
+    if mask is None:
+        return common.MASK_NONE, dummy, (0, 0, 0, 0), 0.0
+    if mask.dtype == torch.bool:
+        mask_t = mask.view(torch.uint8)                 # same strides, no copy
+        return common.MASK_BOOL, mask_t, mask_t.stride(), 0.0
+    # entries <= finfo.min (and -inf) exclude the key
+    return common.MASK_FLOAT, mask, mask.stride(), float(torch.finfo(mask.dtype).min)
+
+
+def _dropout_args(dropout_p: float, seed: int) -> tuple:
+    """(seed, dropout_p, 1 / (1 - dropout_p)) kernel scalars."""
+    return int(seed), float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+
+
+def _split_config(config: dict) -> tuple[dict, dict]:
+    """{"BM", "BN", ...} -> (block constexprs, launch options num_warps / num_stages)."""
+    cfg = dict(config)
+    launch = {k_: cfg.pop(k_) for k_ in ("num_warps", "num_stages") if k_ in cfg}
+    return cfg, launch
+
+
 def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: Normalizer, *,
                    mask: Optional[torch.Tensor] = None, causal: Optional[str] = None,
                    scale: Optional[float] = None, softcap: Optional[float] = None,
-                   save_aux: bool = False, config: Optional[dict] = None) -> Forward:
+                   save_aux: bool = False, dropout_p: float = 0.0, seed: int = 0,
+                   config: Optional[dict] = None) -> Forward:
     """Run the forward kernel. q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), any strides;
     mask None or a (B, Hq, L, S) bool/float view; causal None | "upper_left" | "lower_right".
+    ``dropout_p`` > 0 drops weights with the keep mask of ``seed`` (:func:`dropout_keep_mask`).
 
     ``save_aux`` also computes the normalizer's backward extras (entmax15: sum_g and O2).
     ``config`` pins the blocks, e.g. {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
@@ -163,16 +189,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     aux_l = saved.get("sum_g", stat0)
     aux_o = saved.get("o2", stat0)
 
-    if mask is None:
-        mask_kind, mask_t, mstr, mask_min = common.MASK_NONE, stat0, (0, 0, 0, 0), 0.0
-    elif mask.dtype == torch.bool:
-        mask_kind, mask_min = common.MASK_BOOL, 0.0
-        mask_t = mask.view(torch.uint8)                 # same strides, no copy
-        mstr = mask_t.stride()
-    else:
-        mask_kind, mask_t = common.MASK_FLOAT, mask
-        mstr = mask.stride()
-        mask_min = float(torch.finfo(mask.dtype).min)   # entries <= this (and -inf) exclude the key
+    mask_kind, mask_t, mstr, mask_min = _mask_args(mask, stat0)
 
     qk_scale, cap_mult = common.fold_score_unit(scale, softcap, hooks.score_unit)
     norm_arg, norm_const = hooks.prepass_config(normalizer, S) if hooks.prepass_config else (0, 0)
@@ -183,7 +200,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
             Hq, Hq // Hkv, L, S, causal_off,
             float(qk_scale), float(cap_mult), float(hooks.score_unit), mask_min, float(norm_arg),
-            _bucket(L), _bucket(S))
+            *_dropout_args(dropout_p, seed), _bucket(L), _bucket(S))
     meta = dict(
         HEAD_D=D, HEAD_DV=DV, BD=BD, BDV=BDV,
         IS_CAUSAL=causal is not None, MASK_KIND=mask_kind, SOFTCAP=softcap is not None,
@@ -192,13 +209,12 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         HAS_PREPASS=hooks.has_prepass, PREPASS=hooks.prepass or common.no_prepass, NORM_CONST=norm_const,
         SKIP_DEAD=hooks.tile_live is not None, TILE_LIVE=hooks.tile_live or common.always_live,
         AUX=aux, AUX_WEIGHTS=hooks.aux_weights or common.no_aux_weights,
-        AUX_FINALIZE=hooks.aux_finalize or common.no_aux_finalize,
+        AUX_FINALIZE=hooks.aux_finalize or common.no_aux_finalize, DROPOUT=dropout_p > 0,
     )
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
-        cfg = dict(config)
-        launch = {k_: cfg.pop(k_) for k_ in ("num_warps", "num_stages") if k_ in cfg}
+        cfg, launch = _split_config(config)
         grid = (triton.cdiv(L, cfg["BM"]), B * Hq)
         attn_fwd[grid](*args, **meta, **cfg, **launch)
     else:
@@ -210,27 +226,143 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
             config: Optional[dict] = None):
-    """The custom op's forward (see the module docstring): (out, [stats], aux). ``seed`` is unused
-    until dropout lands."""
-    if dropout_p > 0 and not SUPPORTS_DROPOUT:
+    """The custom op's forward (see the module docstring): (out, [stats], aux); ``need_grad`` also
+    saves the backward extras in aux (entmax15's O2)."""
+    if need_grad and not hooks_for(normalizer.name).has_backward:
         raise NotImplementedError(
-            "flashmaps' Triton kernels do not implement dropout yet (SUPPORTS_DROPOUT is False); "
-            "use backend='torch' for dropout_p > 0"
-        )
-    if need_grad and not SUPPORTS_BACKWARD:
-        raise NotImplementedError(
-            "flashmaps' Triton backward kernels are not written yet (SUPPORTS_BACKWARD is False); "
-            "use backend='torch' for inputs that require grad, or run under torch.no_grad()"
+            f"the normalizer {normalizer.name!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
+            "bwd_dscores in its kernels module); use backend='torch' for gradients"
         )
     res = launch_forward(q, k, v, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap,
-                         save_aux=need_grad, config=config)
+                         save_aux=need_grad, dropout_p=dropout_p, seed=seed, config=config)
     return res.out, list(res.stats.values()), res.aux
 
 
+# ---------------------------------------------------------------------------------------------------
+# backward
+
+#: backward autotune candidates per padded head-dim class: (BM, BN, num_warps, num_stages). The dK/dV
+#: kernel keeps k, v, dk, dv tiles [BN, D] resident and streams BM query rows; the dQ kernel keeps q, dO,
+#: dq [BM, D] and streams BN keys. Chosen without a GPU from ptxas register reports for sm_90 (bf16,
+#: causal): these compile without register spills; the timings are not tuned (GPU validation pending).
+#: BM >= 64 up to D = 128, like the forward, so that the recomputed score tiles go through the same MMA
+#: shape (top-k compares them against the forward's threshold).
+BWD_CONFIGS_BY_DIM = {
+    "dkdv": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 2)),
+             256: ((32, 16, 4, 1),)},
+    "dq": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)),
+           256: ((32, 32, 4, 1), (32, 16, 4, 1))},
+}
+_BWD_KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "IS_CAUSAL", "MASK_KIND", "SOFTCAP", "DOT_PREC",
+             "DROPOUT", "SKIP_DEAD", "WEIGHTS", "DSCORES"]
+
+
+def _bwd_tuned(kernel, which: str):
+    table = BWD_CONFIGS_BY_DIM[which]
+    seen = sorted({c for cs in table.values() for c in cs})
+    configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in seen]
+
+    def prune(configs, named_args, **kwargs):
+        want = set(table[_dim_class(kwargs["BD"], kwargs["BDV"])])
+        return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+
+    return triton.autotune(configs=configs, key=_BWD_KEYS,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_attn_bwd_dkdv_tuned = _bwd_tuned(attn_bwd_dkdv, "dkdv")
+_attn_bwd_dq_tuned = _bwd_tuned(attn_bwd_dq, "dq")
+#: rows per program of the preprocess kernel (delta and the row statistics: memory bound)
+_PRE_BM = 64
+
+
+def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask=None, causal=None,
+                    scale=None, softcap=None, dropout_p: float = 0.0, seed: int = 0,
+                    config: Optional[dict] = None):
+    """Gradients (dq, dk, dv) of the attention computed by :func:`launch_forward` (with save_aux=True,
+    the same mask / causal / scale / softcap / dropout_p / seed), given dout (B, Hq, L, Dv), any strides.
+    ``stats``: the public row statistics in ``normalizer.stats`` order; ``aux``: the packed buffer.
+
+    Three launches (``kernels.backward``): the preprocess kernel (delta = rowsum(dO * O), or O2 for
+    entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
+    both recomputing scores and weights tile by tile. ``config`` pins the blocks of both kernels (as in
+    launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks."""
+    hooks = hooks_for(normalizer.name)
+    if not hooks.has_backward:
+        raise NotImplementedError(f"the normalizer {normalizer.name!r} has no Triton backward hooks")
+    B, Hq, L, D = q.shape
+    Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    views = unpack_aux(aux, normalizer, q, v, True)
+    if hooks.has_aux and "o2" not in views:
+        raise ValueError("launch_backward: aux lacks the backward extras (entmax15's O2); run the forward "
+                         "with need_grad=True")
+    stat0 = stats[0].contiguous()
+    stat1 = stats[1].contiguous() if len(stats) > 1 else stat0
+    par = views.get("par", stat0)
+    aux_l = views.get("sum_g", stat0)
+    o_bwd = views["o2"] if hooks.has_aux else out        # the row term is taken against O2 for entmax15
+    BD, BDV = max(16, common.next_pow2(D)), max(16, common.next_pow2(DV))
+
+    # delta = rowsum(dO * O_bwd); (r0, r1) = BWD_ROWS(stats, par, sum_g): (B, Hq, L) fp32 each
+    rows = torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev)
+    delta, r0, r1 = rows.unbind(0)
+    pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
+    attn_bwd_preprocess[(triton.cdiv(L, pre_bm), B * Hq)](
+        o_bwd, dout, stat0, stat1, par, aux_l, delta, r0, r1,
+        *o_bwd.stride(), *dout.stride(), Hq, L, HEAD_DV=DV, BDV=BDV, BM=pre_bm, ROWS=hooks.bwd_rows)
+
+    mask_kind, mask_t, mstr, mask_min = _mask_args(mask, stat0)
+    qk_scale, cap_mult = common.fold_score_unit(scale, softcap, hooks.score_unit)
+    causal_off = (S - L) if causal == "lower_right" else 0
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    scalars = (float(qk_scale), float(cap_mult), float(hooks.score_unit), mask_min, float(scale),
+               *_dropout_args(dropout_p, seed), _bucket(L), _bucket(S))
+    meta = dict(
+        HEAD_D=D, HEAD_DV=DV, BD=BD, BDV=BDV, IS_CAUSAL=causal is not None, MASK_KIND=mask_kind,
+        SOFTCAP=softcap is not None, DOT_PREC=_dot_precision(q.dtype), DROPOUT=dropout_p > 0,
+        SKIP_DEAD=hooks.tile_live is not None, WEIGHTS=hooks.bwd_weights, DSCORES=hooks.bwd_dscores,
+    )
+    dkdv_args = (q, k, v, dout, mask_t, delta, r0, r1, dk, dv,
+                 *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *mstr,
+                 Hq, Hkv, Hq // Hkv, L, S, causal_off, *scalars)
+    dq_args = (q, k, v, dout, mask_t, delta, r0, r1, dq,
+               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *mstr,
+               Hq, Hq // Hkv, L, S, causal_off, *scalars)
+    if config is None and _INTERPRET:
+        config = INTERPRET_CONFIG
+    if config is not None:
+        cfg, launch = _split_config(config)
+        attn_bwd_dkdv[(triton.cdiv(S, cfg["BN"]), B * Hkv)](*dkdv_args, **meta, **cfg, **launch)
+        attn_bwd_dq[(triton.cdiv(L, cfg["BM"]), B * Hq)](*dq_args, **meta, **cfg, **launch)
+    else:
+        _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(S, META["BN"]), B * Hkv)](*dkdv_args, **meta)
+        _attn_bwd_dq_tuned[lambda META: (triton.cdiv(L, META["BM"]), B * Hq)](*dq_args, **meta)
+    return dq, dk, dv
+
+
 def backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask, causal, scale, softcap,
-             dropout_p, seed):
-    """Not written yet (SUPPORTS_BACKWARD is False); `forward` refuses need_grad before this is reached."""
-    raise NotImplementedError("flashmaps' Triton backward kernels are not written yet; use backend='torch'")
+             dropout_p, seed, config: Optional[dict] = None):
+    """The custom op's backward (see the module docstring): (dq, dk, dv)."""
+    return launch_backward(dout, q, k, v, out, stats, aux, normalizer, mask=mask, causal=causal,
+                           scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config)
+
+
+def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.Tensor:
+    """The bool keep mask (B, Hq, L, S) the kernels use for ``seed`` (forward and backward): the weights
+    applied are ``p * keep / (1 - dropout_p)``. Materializes (B, Hq, L, S): for tests, small sizes."""
+    B, Hq, L, S = shape
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep = torch.empty((B, Hq, L, S), dtype=torch.uint8, device=device)
+    bm, bn = 16, 64
+    common.dropout_mask_kernel[(triton.cdiv(L, bm), triton.cdiv(S, bn), B * Hq)](
+        keep, int(seed), float(dropout_p), L, S, BM=bm, BN=bn)
+    return keep.bool()
 
 
 def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,

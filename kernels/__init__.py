@@ -1,14 +1,16 @@
 """Triton kernels of flashmaps (installed as ``flashmaps.kernels``).
 
-* ``common``: shared ``@triton.jit`` helpers (scores, masks, causal bounds, loads) and ``Hooks``.
+* ``common``: shared ``@triton.jit`` helpers (scores, masks, causal bounds, loads, dropout) and ``Hooks``.
 * ``tile_loop``: the one forward kernel ``attn_fwd``.
-* ``softmax``, ``taylor``, ``entmax15``, ``topk``: each normalizer's hooks (and threshold pre-pass).
+* ``backward``: the backward kernels (preprocess, dK/dV, dQ), one copy for every normalizer.
+* ``softmax``, ``taylor``, ``entmax15``, ``topk``: each normalizer's hooks (threshold pre-pass, and
+  its backward rule).
 
 ``HOOKS`` maps a normalizer name to its ``common.Hooks``; adding a normalizer means adding a module
-and an entry here, never editing the tile loop.
+and an entry here, never editing the tile loop or the backward kernels.
 """
 
-from . import common, entmax15, softmax, taylor, tile_loop, topk
+from . import backward, common, entmax15, softmax, taylor, tile_loop, topk
 from .common import Hooks
 
 HOOKS: dict[str, Hooks] = {m.HOOKS.name: m.HOOKS for m in (softmax, taylor, entmax15, topk)}
@@ -25,4 +27,5 @@ def hooks_for(name: str) -> Hooks:
         ) from None
 
 
-__all__ = ["HOOKS", "Hooks", "hooks_for", "common", "tile_loop", "softmax", "taylor", "entmax15", "topk"]
+__all__ = ["HOOKS", "Hooks", "hooks_for", "common", "tile_loop", "backward", "softmax", "taylor", "entmax15",
+           "topk"]

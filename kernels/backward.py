@@ -6,13 +6,14 @@ Glossary (besides ``common``'s: i, j, s in kernel units, allowed, masked tile, f
     O_bwd       the output the row term is taken against: O itself, or the forward's AUX output
                 (entmax15: O2 = sum_j g_j v_j / sum_j g_j) when the normalizer has one
     delta       rowsum(dO * O_bwd), per query row                                    # [BM]
-    r0, r1      the normalizer's row statistics in kernel form (ROWS hook, preprocess kernel):
-                softmax (lse2, -), taylor (1/Z, -), entmax15 (tau, 1/sqrt(sum p)), topk (tau2, lse2)
-    p           normalized weights recomputed from s and (r0, r1) (WEIGHTS hook)    # [BM, BN]
-    keep        dropout keep mask, Philox(seed, ((b*Hq + h)*L + i)*S + j) >= dropout_p (``dropout_keep``)
+    r0, r1      the normalizer's row statistics in kernel form (ROWS = Hooks.bwd_rows, run by the
+                preprocess kernel): softmax (lse2, -), taylor (1/Z, -), entmax15 (tau, -), topk (tau2, lse2)
+    p           normalized weights recomputed from s and (r0, r1) (WEIGHTS = Hooks.bwd_weights)  # [BM, BN]
+    keep        dropout keep mask, Philox(seed, ((b*Hq + h)*L + i)*S + j) >= dropout_p
+                (``common.dropout_keep``: the same numbers as the forward tile loop)
     p_d         the weights the forward used: p * keep / (1 - dropout_p)            # [BM, BN]
     dP          dO @ V^T, times keep / (1 - dropout_p)                              # [BM, BN]
-    dS          dL/ds_nat = DSCORES(p, s, dP, delta, r0, r1), the normalizer's rule  # [BM, BN]
+    dS          dL/ds_nat = DSCORES(p, s, dP, delta, r0, r1) (Hooks.bwd_dscores)    # [BM, BN]
                 (softmax: p (dP - delta); taylor: f'(s)/Z (dP - delta); entmax15: g (dP - delta);
                 topk: the softmax rule, p = 0 off the kept set); times (1 - tanh^2) with a softcap
     dQ = scale * dS @ K,  dK = scale * dS^T @ Q,  dV = p_d^T @ dO
@@ -21,7 +22,8 @@ Kernels:
 
 * ``attn_bwd_preprocess``   grid (cdiv(L, BM), B*Hq): delta, r0, r1.
 * ``attn_bwd_dkdv``         grid (cdiv(S, BN), B*Hkv): a program owns BN keys of one kv head and loops over
-                            the query tiles of its GROUP query heads (GQA without atomics: deterministic).
+                            the query tiles of its GROUP query heads, one flat loop over (head, tile) in a
+                            fixed order (GQA without atomics: deterministic).
                             Causal: query tiles [lo, full_start) masked, [full_start, L) unmasked
                             (``common.query_bounds``); tiles above the diagonal are never visited.
 * ``attn_bwd_dq``           grid (cdiv(L, BM), B*Hq): a program owns BM query rows and loops over the
@@ -30,36 +32,14 @@ Kernels:
 Scores are recomputed in the forward's orientation (q @ k^T, the same tiles under the interpreter) so
 that top-k's comparison s >= tau2 sees the values the forward saw. With SKIP_DEAD (sparse normalizers)
 a tile whose weights are all 0 is skipped after the score product: its contribution is exactly 0.
+Rows past L are loaded as zeros (q = dO = 0, row statistics 0): their weights stay finite and their
+dS = p (0 - 0) and dO rows are 0, so they add nothing; empty rows get p = 0 from their statistics.
 """
 
 import triton
 import triton.language as tl
 
-from .common import key_bounds, load_tile, mask_scores, mma, query_bounds, tanh_f32
-
-
-# ---------------------------------------------------------------------------------------------------
-# dropout
-
-
-@triton.jit
-def dropout_keep(seed, row_base, i, j, S, dropout_p):
-    """Keep mask of the tile (i [BM, 1], j [1, BN] global indices; row_base = (b*Hq + h) * L, int64):
-    Philox uniform at offset (row_base + i) * S + j, kept where it is >= dropout_p."""
-    offs = (row_base + i) * S + j                               # int64, unique per (b, h, i, j)
-    return tl.rand(seed, offs) >= dropout_p
-
-
-@triton.jit
-def dropout_mask_kernel(Keep, seed, dropout_p, L, S, BM: tl.constexpr, BN: tl.constexpr):
-    """Materialize the keep mask (B, Hq, L, S) as uint8 (tests; small sizes). Grid (cdiv(L, BM),
-    cdiv(S, BN), B*Hq)."""
-    pid_bh = tl.program_id(2)
-    i = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None]
-    j = (tl.program_id(1) * BN + tl.arange(0, BN))[None, :]
-    row_base = pid_bh.to(tl.int64) * L
-    keep = dropout_keep(seed, row_base, i, j, S, dropout_p)
-    tl.store(Keep + (row_base + i) * S + j, keep.to(tl.uint8), mask=(i < L) & (j < S))
+from .common import dropout_keep, key_bounds, load_tile, mask_scores, mma, query_bounds, scale_scores
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,15 +51,15 @@ def _tile_weights(q, k, i, j, p_mask_rows, r0, r1, L, S, causal_off, stride_mask
                   qk_scale, cap_mult, bias_mult, mask_min,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                   SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, WEIGHTS: tl.constexpr):
-    """Scores s [BM, BN] (kernel units, as ``common.score_tile`` computes them), the softcap
-    derivative dcap = 1 - tanh^2 (or 1.0) and the weights p = WEIGHTS(s, r0, r1)."""
+    """Scores s [BM, BN] (kernel units, computed as ``common.score_tile`` computes them: the same
+    helpers, the same orientation), the softcap derivative dcap = 1 - tanh^2 (or 1.0) and the weights
+    p = WEIGHTS(s, r0, r1)."""
     qk = mma(q, tl.trans(k), None, DOT_PREC)                              # [BM, BN]
+    s = scale_scores(qk, qk_scale, cap_mult, SOFTCAP)
     if SOFTCAP:
-        t = tanh_f32(qk * qk_scale)
-        s = cap_mult * t
+        t = s * (1.0 / cap_mult)                                           # tanh, before the mask bias
         dcap = 1.0 - t * t
     else:
-        s = qk * qk_scale
         dcap = 1.0
     if MASKED:
         s = mask_scores(s, i, j, L, S, causal_off, p_mask_rows, stride_mask_n, bias_mult, mask_min,
@@ -166,20 +146,30 @@ def _dkdv_tile(dk, dv, k, v, q, do, i, j, p_mask_rows, delta, r0, r1, L, S, caus
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, q_base, do_base, p_mask_bh, row_base, Delta, R0, R1, j,
-               start, end, L, S, causal_off,
-               stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
+def _dkdv_loop(dk, dv, k, v, Q, DO, Mask, Delta, R0, R1, j, off_b, off_hk, start, end,
+               Hq, GROUP, L, S, causal_off,
+               stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+               stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                qk_scale, cap_mult, bias_mult, mask_min, seed, dropout_p, drop_scale,
                HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                BM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
                DROPOUT: tl.constexpr, SKIP_DEAD: tl.constexpr, WEIGHTS: tl.constexpr,
                DSCORES: tl.constexpr):
-    """Accumulate the query tiles [start, end) of one query head into dk [BN, BD], dv [BN, BDV]."""
+    """Accumulate the query tiles [start, end) of the GROUP query heads of kv head off_hk into
+    dk [BN, BD], dv [BN, BDV]: one flat loop over (head g, tile) in a fixed order (a nested head loop
+    costs registers and spills on sm_90)."""
     rows = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
-    for start_m in range(start, end, BM):
+    n_tiles = tl.cdiv(end - start, BM)
+    for t in range(0, GROUP * n_tiles):
+        g = t // n_tiles
+        start_m = start + (t - g * n_tiles) * BM
+        off_h = off_hk * GROUP + g                  # GQA: the query heads reading this kv head
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        row_base = (off_b * Hq + off_h).to(tl.int64) * L
         offs_m = start_m + rows                                                        # [BM]
         row_ok = offs_m < L
         q = load_tile(q_base, start_m, rows, offs_d, L, HEAD_D, stride_qm, stride_qd,
@@ -190,7 +180,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, p_mask_bh, row_base, Delta, R0, R1
         r0 = tl.load(R0 + row_base + offs_m, mask=row_ok, other=0.0)
         r1 = tl.load(R1 + row_base + offs_m, mask=row_ok, other=0.0)
         i = offs_m[:, None]                                                            # [BM, 1]
-        p_mask_rows = p_mask_bh + offs_m.to(tl.int64)[:, None] * stride_mask_m
+        p_mask_rows = (Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
+                       + offs_m.to(tl.int64)[:, None] * stride_mask_m)                # [BM, 1]
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, i, j, p_mask_rows, delta, r0, r1, L, S, causal_off,
                             stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, seed, row_base,
                             dropout_p, drop_scale, MASKED, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC,
@@ -198,7 +189,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, p_mask_bh, row_base, Delta, R0, R1
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dkdv(Q, K, V, DO, Mask, Delta, R0, R1, DK, DV,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
@@ -209,12 +200,13 @@ def attn_bwd_dkdv(Q, K, V, DO, Mask, Delta, R0, R1, DK, DV,
                   stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                   Hq, Hkv, GROUP, L, S, causal_off,
                   qk_scale, cap_mult, bias_mult, mask_min, scale, seed, dropout_p, drop_scale,
+                  L_BUCKET, S_BUCKET,
                   HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
                   DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, SKIP_DEAD: tl.constexpr,
                   WEIGHTS: tl.constexpr, DSCORES: tl.constexpr):
-    """dK, dV of BN keys of one kv head; grid (cdiv(S, BN), B * Hkv)."""
+    """dK, dV of BN keys of one kv head; grid (cdiv(S, BN), B * Hkv). L_BUCKET, S_BUCKET: autotune keys."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // Hkv
@@ -233,24 +225,22 @@ def attn_bwd_dkdv(Q, K, V, DO, Mask, Delta, R0, R1, DK, DV,
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BDV], dtype=tl.float32)
     lo, full_start = query_bounds(start_n, L, S, causal_off, BM, BN, IS_CAUSAL, MASK_KIND != 0)
-    for g in range(GROUP):                          # GQA: the query heads reading this kv head
-        off_h = off_hk * GROUP + g
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        p_mask_bh = Mask + off_b.to(tl.int64) * stride_mask_b + off_h.to(tl.int64) * stride_mask_h
-        row_base = (off_b * Hq + off_h).to(tl.int64) * L
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, p_mask_bh, row_base, Delta, R0, R1, j,
-                            lo, full_start, L, S, causal_off,
-                            stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
-                            qk_scale, cap_mult, bias_mult, mask_min, seed, dropout_p, drop_scale,
-                            HEAD_D, HEAD_DV, BD, BDV, BM, True, IS_CAUSAL, MASK_KIND, SOFTCAP,
-                            DOT_PREC, DROPOUT, SKIP_DEAD, WEIGHTS, DSCORES)
-        dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, p_mask_bh, row_base, Delta, R0, R1, j,
-                            full_start, L, L, S, causal_off,
-                            stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_m, stride_mask_n,
-                            qk_scale, cap_mult, bias_mult, mask_min, seed, dropout_p, drop_scale,
-                            HEAD_D, HEAD_DV, BD, BDV, BM, False, IS_CAUSAL, MASK_KIND, SOFTCAP,
-                            DOT_PREC, DROPOUT, SKIP_DEAD, WEIGHTS, DSCORES)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, Mask, Delta, R0, R1, j, off_b, off_hk, lo, full_start,
+                        Hq, GROUP, L, S, causal_off,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                        qk_scale, cap_mult, bias_mult, mask_min, seed, dropout_p, drop_scale,
+                        HEAD_D, HEAD_DV, BD, BDV, BM, True, IS_CAUSAL, MASK_KIND, SOFTCAP,
+                        DOT_PREC, DROPOUT, SKIP_DEAD, WEIGHTS, DSCORES)
+    dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, Mask, Delta, R0, R1, j, off_b, off_hk, full_start, L,
+                        Hq, GROUP, L, S, causal_off,
+                        stride_qb, stride_qh, stride_qm, stride_qd,
+                        stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
+                        qk_scale, cap_mult, bias_mult, mask_min, seed, dropout_p, drop_scale,
+                        HEAD_D, HEAD_DV, BD, BDV, BM, False, IS_CAUSAL, MASK_KIND, SOFTCAP,
+                        DOT_PREC, DROPOUT, SKIP_DEAD, WEIGHTS, DSCORES)
     key_ok = (start_n + keys) < S
     dk_ptrs = (DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
                + (start_n + keys)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
@@ -297,7 +287,7 @@ def _dq_loop(dq, q, do, delta, r0, r1, i, p_mask_rows, k_base, v_base, start, en
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dq(Q, K, V, DO, Mask, Delta, R0, R1, DQ,
                 stride_qb, stride_qh, stride_qm, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -307,12 +297,14 @@ def attn_bwd_dq(Q, K, V, DO, Mask, Delta, R0, R1, DQ,
                 stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
                 Hq, GROUP, L, S, causal_off,
                 qk_scale, cap_mult, bias_mult, mask_min, scale, seed, dropout_p, drop_scale,
+                L_BUCKET, S_BUCKET,
                 HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
                 DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, SKIP_DEAD: tl.constexpr,
                 WEIGHTS: tl.constexpr, DSCORES: tl.constexpr):
-    """dQ of BM query rows of one query head; grid (cdiv(L, BM), B * Hq)."""
+    """dQ of BM query rows of one query head; grid (cdiv(L, BM), B * Hq). L_BUCKET, S_BUCKET: autotune
+    keys."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m        # heaviest blocks first

@@ -89,6 +89,16 @@ class Hooks:
       ``sum_g``), only computed when gradients will be needed.
     * ``prepass_config(normalizer, S) -> (norm_arg, NORM_CONST)``: a runtime int and a constexpr
       passed to every hook (top-k's k and its select mode; entmax15's points per pass).
+
+    The backward rule (`kernels.backward`; all three or none):
+
+    * ``bwd_rows(stat0, stat1, par, aux_l) -> (r0, r1)`` [BM]: the saved row statistics in the form
+      the two hooks below want (run once per row by the preprocess kernel).
+    * ``bwd_weights(s, r0, r1, MASKED) -> p`` [BM, BN]: the normalized weights recomputed from a
+      kernel-unit score tile (0 where s = -inf, and for empty rows).
+    * ``bwd_dscores(p, s, dp, delta, r0, r1) -> ds`` [BM, BN]: dL/ds_nat (natural score units) from
+      dp = dL/dp and the row term delta = rowsum(dO * O), or rowsum(dO * O2) for a normalizer with
+      ``aux_weights`` (its second weighted sum replaces O).
     """
 
     name: str
@@ -102,10 +112,17 @@ class Hooks:
     aux_weights: Optional[Callable] = None
     aux_finalize: Optional[Callable] = None
     prepass_config: Optional[Callable] = None
+    bwd_rows: Optional[Callable] = None
+    bwd_weights: Optional[Callable] = None
+    bwd_dscores: Optional[Callable] = None
 
     @property
     def has_prepass(self) -> bool:
         return self.prepass is not None
+
+    @property
+    def has_backward(self) -> bool:
+        return self.bwd_dscores is not None
 
     @property
     def has_aux(self) -> bool:
@@ -246,7 +263,7 @@ def mask_scores(s, i, j, L, S, causal_off, p_mask_rows, stride_mask_j, bias_mult
     elif MASK_KIND == 2:
         bias = tl.load(p_mask_rows + j * stride_mask_j, mask=(i < L) & (j < S), other=0.0).to(tl.float32)
         ok = ok & (bias > mask_min)
-        s = s + bias * bias_mult
+        s = s + tl.where(ok, bias, 0.0) * bias_mult        # excluded entries: no finfo.min * u overflow
     return tl.where(ok, s, float("-inf"))
 
 
@@ -267,6 +284,29 @@ def score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows,
         s = mask_scores(s, i, (start_n + offs_n)[None, :], L, S, causal_off, p_mask_rows, stride_mask_n,
                         bias_mult, mask_min, IS_CAUSAL, MASK_KIND)
     return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropout (forward tile loop and backward regenerate the same numbers)
+
+
+@triton.jit
+def dropout_keep(seed, row_base, i, j, S, dropout_p):
+    """Keep mask of a tile of query rows i and keys j (broadcastable global indices, e.g. [BM, 1] and
+    [1, BN]) of the head whose rows start at row_base = (b * Hq + h) * L (int64): the Philox uniform at
+    offset (row_base + i) * S + j (unique per (b, h, i, j)) is >= dropout_p."""
+    return tl.rand(seed, (row_base + i) * S + j) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def dropout_mask_kernel(Keep, seed, dropout_p, L, S, BM: tl.constexpr, BN: tl.constexpr):
+    """The keep mask (B, Hq, L, S) as uint8 (for tests); grid (cdiv(L, BM), cdiv(S, BN), B * Hq)."""
+    pid_bh = tl.program_id(2)
+    i = (tl.program_id(0) * BM + tl.arange(0, BM))[:, None]                          # [BM, 1]
+    j = (tl.program_id(1) * BN + tl.arange(0, BN))[None, :]                          # [1, BN]
+    row_base = pid_bh.to(tl.int64) * L
+    keep = dropout_keep(seed, row_base, i, j, S, dropout_p)
+    tl.store(Keep + (row_base + i) * S + j, keep.to(tl.uint8), mask=(i < L) & (j < S))
 
 
 # ---------------------------------------------------------------------------------------------------

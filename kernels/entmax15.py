@@ -24,6 +24,11 @@ Pre-pass (scores only, no V), per row:
 Stats: tau (units of z; +inf for empty rows). For the backward (when gradients are needed) the loop
 also keeps G = sum_j g_j v_j and sum_j g_j with g = max(z - tau, 0), giving O2 = G / sum g and
 sum_g = sum g / sqrt(sum p) (the sum of sqrt of the normalized p).
+
+Backward (``kernels.backward``): with g = max(z - tau, 0) (= sqrt(p)) and the row term
+delta = rowsum(dO * O2) = sum_j g_j dP_j / sum_j g_j, the gradient with respect to the natural score
+s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds = 1/2 cancel. r0 = tau
+(the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
 import triton
@@ -190,6 +195,23 @@ def prepass_config(normalizer, S: int):
     return 0, NPTS
 
 
+@triton.jit
+def bwd_rows(stat0, stat1, par, aux_l):
+    return par, par
+
+
+@triton.jit
+def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    g = tl.maximum(s - r0[:, None], 0.0)        # [BM, BN]; -inf scores and +inf tau give 0
+    return g * g
+
+
+@triton.jit
+def bwd_dscores(p, s, dp, delta, r0, r1):
+    """dS = g * (dP - delta), g = max(z - tau, 0), delta = rowsum(dO * O2)."""
+    return tl.maximum(s - r0[:, None], 0.0) * (dp - delta[:, None])
+
+
 HOOKS = Hooks(
     name="entmax15",
     score_unit=0.5,
@@ -202,4 +224,7 @@ HOOKS = Hooks(
     aux_weights=aux_weights,
     aux_finalize=aux_finalize,
     prepass_config=prepass_config,
+    bwd_rows=bwd_rows,
+    bwd_weights=bwd_weights,
+    bwd_dscores=bwd_dscores,
 )

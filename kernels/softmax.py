@@ -8,6 +8,9 @@ exp(s_nat - m_nat) = exp2(s - m). Per tile::
 
 Finalize: out = acc / l, lse = (m + log2 l) * LN2 (natural log), -inf and out = 0 for empty rows.
 In a masked tile a row can be all -inf; its m stays -inf and exp2 uses 0 in its place (no NaN).
+
+Backward (``kernels.backward``): r0 = lse2 = lse * LOG2E (+inf for an empty row, so exp2(s - r0) = 0
+there), p = exp2(s - lse2), dS = p * (dP - delta) with delta = rowsum(dO * O).
 """
 
 import triton
@@ -47,6 +50,28 @@ def finalize(m_i, l_i, par):
     return safe_inv(l_i), lse, lse
 
 
+@triton.jit
+def lse2_for_backward(lse):
+    """Natural-log lse -> log2 units; an empty row (-inf) gets +inf so that exp2(s - lse2) = 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def bwd_rows(stat0, stat1, par, aux_l):
+    return lse2_for_backward(stat0), stat0
+
+
+@triton.jit
+def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    return tl.exp2(s - r0[:, None])
+
+
+@triton.jit
+def bwd_dscores(p, s, dp, delta, r0, r1):
+    """The softmax rule dS = p * (dP - delta)."""
+    return p * (dp - delta[:, None])
+
+
 HOOKS = Hooks(
     name="softmax",
     score_unit=float(LOG2E.value),
@@ -54,4 +79,7 @@ HOOKS = Hooks(
     update=update,
     finalize=finalize,
     rescale=True,
+    bwd_rows=bwd_rows,
+    bwd_weights=bwd_weights,
+    bwd_dscores=bwd_dscores,
 )

@@ -3,6 +3,9 @@
 Scores arrive in natural units (score unit 1). f is bounded below, so there is no running max and no
 rescale: per tile l' = l + rowsum(f(s)), acc' = acc + f(s) @ v. Finalize: out = acc / Z, stat z = Z
 (0 and out = 0 for empty rows). Disallowed keys (s = -inf in masked tiles) get f = 0, not f(-inf).
+
+Backward (``kernels.backward``): r0 = 1/Z (0 for an empty row), p = f(s) / Z,
+dS = f'(s) / Z * (dP - delta) with f'(s) = 1 + s and delta = rowsum(dO * O).
 """
 
 import triton
@@ -18,18 +21,41 @@ def taylor_f(s):
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+def taylor_f_allowed(s, MASKED: tl.constexpr):
+    """f(s) on allowed keys, 0 where s = -inf (masked tiles only; f(-inf) would be inf - inf)."""
     if MASKED:
         ok = s > float("-inf")
-        p = tl.where(ok, taylor_f(tl.where(ok, s, 0.0)), 0.0)   # [BM, BN]; f(-inf) would be inf - inf
+        return tl.where(ok, taylor_f(tl.where(ok, s, 0.0)), 0.0)
     else:
-        p = taylor_f(s)                                          # [BM, BN]
+        return taylor_f(s)
+
+
+@triton.jit
+def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+    p = taylor_f_allowed(s, MASKED)                              # [BM, BN]
     return p, l_i, m_i, l_i + tl.sum(p, 1)
 
 
 @triton.jit
 def finalize(m_i, l_i, par):
     return safe_inv(l_i), l_i, l_i
+
+
+@triton.jit
+def bwd_rows(stat0, stat1, par, aux_l):
+    return safe_inv(stat0), stat0
+
+
+@triton.jit
+def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    return taylor_f_allowed(s, MASKED) * r0[:, None]
+
+
+@triton.jit
+def bwd_dscores(p, s, dp, delta, r0, r1):
+    """dS = f'(s) / Z * (dP - delta); p > 0 exactly on the allowed keys of non-empty rows."""
+    fprime = tl.where(p > 0, 1.0 + s, 0.0)                      # [BM, BN]
+    return fprime * r0[:, None] * (dp - delta[:, None])
 
 
 HOOKS = Hooks(
@@ -39,4 +65,7 @@ HOOKS = Hooks(
     update=update,
     finalize=finalize,
     rescale=False,
+    bwd_rows=bwd_rows,
+    bwd_weights=bwd_weights,
+    bwd_dscores=bwd_dscores,
 )

@@ -17,6 +17,10 @@ Per tile (``_accumulate``)::
     acc = alpha * acc + p @ v                 # alpha only if RESCALE
     acc_g += g @ v, l_g += rowsum(g)          # only if AUX (g = AUX_WEIGHTS(s, par), e.g. entmax15's O2)
 
+Dropout (DROPOUT): the weights of the P @ V (and G @ V) products are multiplied by the keep mask
+(``common.dropout_keep``, Philox at ((b*Hq + h)*L + i)*S + j), and out (and O2) by 1/(1 - dropout_p);
+the running state and the row statistics (l, l_g, m) are computed without dropout.
+
 With SKIP_DEAD the P @ V step is skipped for tiles where TILE_LIVE(s, par) is False (no row of the
 block keeps a key of the tile: entmax15 z <= tau, topk s < tau_k).
 
@@ -28,24 +32,30 @@ fp32 the pre-pass threshold in kernel units (saved for the backward); AuxL (B, H
 import triton
 import triton.language as tl
 
-from .common import key_bounds, load_tile, mma, score_tile
+from .common import dropout_keep, key_bounds, load_tile, mma, score_tile
 
 
 @triton.jit
-def _accumulate(acc, m_i, l_i, acc_g, l_g, s, par, v_base, start_n, offs_n, offs_dv, S, DV,
-                stride_vn, stride_vd, MASKED: tl.constexpr, PAD_DV: tl.constexpr,
-                DOT_PREC: tl.constexpr, UPDATE: tl.constexpr, RESCALE: tl.constexpr,
-                AUX: tl.constexpr, AUX_WEIGHTS: tl.constexpr):
+def _accumulate(acc, m_i, l_i, acc_g, l_g, s, par, i, v_base, start_n, offs_n, offs_dv, S, DV,
+                stride_vn, stride_vd, seed, drop_base, dropout_p, MASKED: tl.constexpr,
+                PAD_DV: tl.constexpr, DOT_PREC: tl.constexpr, UPDATE: tl.constexpr,
+                RESCALE: tl.constexpr, AUX: tl.constexpr, AUX_WEIGHTS: tl.constexpr,
+                DROPOUT: tl.constexpr):
     """Fold one score tile s [BM, BN] and its value tile into the running state."""
     p, alpha, m_i, l_i = UPDATE(s, m_i, l_i, par, MASKED)                                # [BM, BN]
+    if DROPOUT:
+        keep = dropout_keep(seed, drop_base, i, (start_n + offs_n)[None, :], S, dropout_p)  # [BM, BN]
+        p = tl.where(keep, p, 0.0)
     v = load_tile(v_base, start_n, offs_n, offs_dv, S, DV, stride_vn, stride_vd, MASKED, PAD_DV)  # [BN, BDV]
     if RESCALE:
         acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, DOT_PREC)                      # [BM, BDV]
     if AUX:
         g = AUX_WEIGHTS(s, par)                                                          # [BM, BN]
-        acc_g = mma(g.to(v.dtype), v, acc_g, DOT_PREC)
         l_g += tl.sum(g, 1)
+        if DROPOUT:
+            g = tl.where(keep, g, 0.0)
+        acc_g = mma(g.to(v.dtype), v, acc_g, DOT_PREC)
     return acc, m_i, l_i, acc_g, l_g
 
 
@@ -53,12 +63,12 @@ def _accumulate(acc, m_i, l_i, acc_g, l_g, s, par, v_base, start_n, offs_n, offs
 def tile_loop(acc, m_i, l_i, acc_g, l_g, q, par, i, p_mask_rows, k_base, v_base,
               offs_n, offs_d, offs_dv, start, end, L, S, D, DV, causal_off,
               stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
-              qk_scale, cap_mult, bias_mult, mask_min,
+              qk_scale, cap_mult, bias_mult, mask_min, seed, drop_base, dropout_p,
               BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
               DOT_PREC: tl.constexpr, UPDATE: tl.constexpr, RESCALE: tl.constexpr,
               SKIP_DEAD: tl.constexpr, TILE_LIVE: tl.constexpr, AUX: tl.constexpr,
-              AUX_WEIGHTS: tl.constexpr):
+              AUX_WEIGHTS: tl.constexpr, DROPOUT: tl.constexpr):
     """The one loop over key tiles [start, end) (a multiple of BN apart, except a ragged end).
     Called for the unmasked tiles (MASKED=False) and again for the masked ones (MASKED=True)."""
     for start_n in range(start, end, BN):
@@ -68,16 +78,18 @@ def tile_loop(acc, m_i, l_i, acc_g, l_g, q, par, i, p_mask_rows, k_base, v_base,
         if SKIP_DEAD:
             if TILE_LIVE(s, par):
                 acc, m_i, l_i, acc_g, l_g = _accumulate(
-                    acc, m_i, l_i, acc_g, l_g, s, par, v_base, start_n, offs_n, offs_dv, S, DV,
-                    stride_vn, stride_vd, MASKED, PAD_DV, DOT_PREC, UPDATE, RESCALE, AUX, AUX_WEIGHTS)
+                    acc, m_i, l_i, acc_g, l_g, s, par, i, v_base, start_n, offs_n, offs_dv, S, DV,
+                    stride_vn, stride_vd, seed, drop_base, dropout_p, MASKED, PAD_DV, DOT_PREC, UPDATE,
+                    RESCALE, AUX, AUX_WEIGHTS, DROPOUT)
         else:
             acc, m_i, l_i, acc_g, l_g = _accumulate(
-                acc, m_i, l_i, acc_g, l_g, s, par, v_base, start_n, offs_n, offs_dv, S, DV,
-                stride_vn, stride_vd, MASKED, PAD_DV, DOT_PREC, UPDATE, RESCALE, AUX, AUX_WEIGHTS)
+                acc, m_i, l_i, acc_g, l_g, s, par, i, v_base, start_n, offs_n, offs_dv, S, DV,
+                stride_vn, stride_vd, seed, drop_base, dropout_p, MASKED, PAD_DV, DOT_PREC, UPDATE,
+                RESCALE, AUX, AUX_WEIGHTS, DROPOUT)
     return acc, m_i, l_i, acc_g, l_g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
@@ -85,7 +97,7 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
              stride_ob, stride_oh, stride_om, stride_od,
              stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
              Hq, GROUP, L, S, causal_off,
-             qk_scale, cap_mult, bias_mult, mask_min, norm_arg,
+             qk_scale, cap_mult, bias_mult, mask_min, norm_arg, seed, dropout_p, drop_scale,
              L_BUCKET, S_BUCKET,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr,
@@ -94,9 +106,10 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
              UPDATE: tl.constexpr, FINALIZE: tl.constexpr, RESCALE: tl.constexpr,
              NUM_STATS: tl.constexpr, HAS_PREPASS: tl.constexpr, PREPASS: tl.constexpr,
              NORM_CONST: tl.constexpr, SKIP_DEAD: tl.constexpr, TILE_LIVE: tl.constexpr,
-             AUX: tl.constexpr, AUX_WEIGHTS: tl.constexpr, AUX_FINALIZE: tl.constexpr):
+             AUX: tl.constexpr, AUX_WEIGHTS: tl.constexpr, AUX_FINALIZE: tl.constexpr,
+             DROPOUT: tl.constexpr):
     """Grid (cdiv(L, BM), B * Hq). NORM names the normalizer (autotune key only). L_BUCKET and
-    S_BUCKET are autotune keys only."""
+    S_BUCKET are autotune keys only. seed, dropout_p, drop_scale = 1/(1 - dropout_p): DROPOUT only."""
     PAD_D: tl.constexpr = BD != HEAD_D
     PAD_DV: tl.constexpr = BDV != HEAD_DV
     pid_m = tl.program_id(0)
@@ -122,6 +135,7 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
     q = load_tile(q_base, start_m, rows, offs_d, L, HEAD_D, stride_qm, stride_qd, True, PAD_D)  # [BM, BD]
 
     full_end, hi = key_bounds(start_m, L, S, causal_off, BM, BN, IS_CAUSAL, MASK_KIND != 0)
+    row_base = pid_bh.to(tl.int64) * L                 # (B, Hq, L) contiguous row statistics
 
     if HAS_PREPASS:
         par = PREPASS(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, HEAD_D, causal_off,
@@ -144,26 +158,28 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
     acc, m_i, l_i, acc_g, l_g = tile_loop(
         acc, m_i, l_i, acc_g, l_g, q, par, i, p_mask_rows, k_base, v_base, offs_n, offs_d, offs_dv,
         0, full_end, L, S, HEAD_D, HEAD_DV, causal_off, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+        stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, seed, row_base, dropout_p,
         BN, False, PAD_D, PAD_DV, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC,
-        UPDATE, RESCALE, SKIP_DEAD, TILE_LIVE, AUX, AUX_WEIGHTS)
+        UPDATE, RESCALE, SKIP_DEAD, TILE_LIVE, AUX, AUX_WEIGHTS, DROPOUT)
     acc, m_i, l_i, acc_g, l_g = tile_loop(
         acc, m_i, l_i, acc_g, l_g, q, par, i, p_mask_rows, k_base, v_base, offs_n, offs_d, offs_dv,
         full_end, hi, L, S, HEAD_D, HEAD_DV, causal_off, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+        stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, seed, row_base, dropout_p,
         BN, True, PAD_D, PAD_DV, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC,
-        UPDATE, RESCALE, SKIP_DEAD, TILE_LIVE, AUX, AUX_WEIGHTS)
+        UPDATE, RESCALE, SKIP_DEAD, TILE_LIVE, AUX, AUX_WEIGHTS, DROPOUT)
 
     inv_l, stat0, stat1 = FINALIZE(m_i, l_i, par)                                      # [BM]
     row_ok = offs_m < L
     o_ptrs = (Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
-    out = acc * inv_l[:, None]
+    if DROPOUT:
+        out = acc * (inv_l * drop_scale)[:, None]
+    else:
+        out = acc * inv_l[:, None]
     if PAD_DV:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    row_base = pid_bh.to(tl.int64) * L                 # (B, Hq, L) contiguous row statistics
     tl.store(Stat0 + row_base + offs_m, stat0, mask=row_ok)
     if NUM_STATS > 1:
         tl.store(Stat1 + row_base + offs_m, stat1, mask=row_ok)
@@ -171,6 +187,8 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
         tl.store(Par + row_base + offs_m, par, mask=row_ok)
     if AUX:
         inv_g, aux_l = AUX_FINALIZE(l_i, l_g)
+        if DROPOUT:
+            inv_g = inv_g * drop_scale
         tl.store(AuxL + row_base + offs_m, aux_l, mask=row_ok)
         a_ptrs = AuxO + (row_base + offs_m)[:, None] * HEAD_DV + offs_dv[None, :]
         tl.store(a_ptrs, acc_g * inv_g[:, None], mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :])

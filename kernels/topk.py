@@ -21,13 +21,17 @@ Pre-pass modes (NORM_CONST, chosen by the launcher from k and S, `prepass_config
 
 Stats: tau (score units: tau2 * LN2; the kernel-unit tau2 is also saved for the backward, which must
 compare s >= tau2 in the same units and rounding) and the natural-log lse over the kept keys.
+
+Backward (``kernels.backward``): the softmax rule on the kept set: r0 = tau2 (the saved par, compared
+s >= tau2 against scores recomputed exactly as the forward computed them), r1 = lse2,
+p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 """
 
 import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, Hooks, next_pow2, safe_inv, score_tile
-from .softmax import lse_natural, online_update
+from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 
 #: largest k handled by the running buffer (larger k uses the count-based select)
 KMAX = 128
@@ -234,6 +238,16 @@ def tile_live(s, par):
     return tl.max((s >= par[:, None]).to(tl.int32)) > 0
 
 
+@triton.jit
+def bwd_rows(stat0, stat1, par, aux_l):
+    return par, lse2_for_backward(stat1)
+
+
+@triton.jit
+def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    return tl.where(s >= r0[:, None], tl.exp2(s - r1[:, None]), 0.0)
+
+
 def prepass_config(normalizer, S: int):
     """(norm_arg, NORM_CONST) for TopK(k) over S keys."""
     k = int(normalizer.k)
@@ -254,4 +268,7 @@ HOOKS = Hooks(
     prepass=prepass,
     tile_live=tile_live,
     prepass_config=prepass_config,
+    bwd_rows=bwd_rows,
+    bwd_weights=bwd_weights,
+    bwd_dscores=bwd_dscores,
 )

@@ -500,20 +500,6 @@ def test_backend_contract_aux(norm):
         assert set(views) == {"par", "sum_g", "o2"} and views["o2"].shape == (1, 2, 20, 8)
 
 
-def test_grads_and_dropout_not_supported_yet():
-    assert triton_path.SUPPORTS_BACKWARD is False
-    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, seed=23)
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
-        triton_path.attention(q.requires_grad_(), k, v, Softmax(), mask=None, causal=None, scale=0.25,
-                              softcap=None, dropout_p=0.0, return_stats=False)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        triton_path.attention(q.detach(), k, v, Softmax(), mask=None, causal=None, scale=0.25,
-                              softcap=None, dropout_p=0.1, return_stats=False)
-    with torch.no_grad():                                          # no grad needed: fine
-        triton_path.attention(q, k, v, Softmax(), mask=None, causal=None, scale=0.25, softcap=None,
-                              dropout_p=0.0, return_stats=False)
-
-
 # ----------------------------------------------------------------------------------------------------
 # CUDA: realistic sizes, the real compiler (run by scripts/gpu-check)
 

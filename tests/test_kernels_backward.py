@@ -1,0 +1,314 @@
+"""The Triton backward kernels (kernels/backward.py + each normalizer's backward hooks) and dropout.
+
+dq, dk, dv of the Triton backend against float64 autograd through ``flashmaps.reference.attention`` (the
+ground truth; fp32 kernels, relative error below 1e-4) and against the torch backend. On CPU the kernels
+run under TRITON_INTERPRET=1 (conftest) with 16x16 blocks, so these small shapes still span several
+query and key tiles (full, diagonal, ragged and fully masked ones). Tests marked ``cuda`` run only on a
+GPU, with the real compiler, at larger sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashmaps
+from flashmaps import reference, torch_path
+
+from conftest import KERNEL_DEVICE, rel_err
+from test_kernels_forward import make_mask as forward_make_mask, make_qkv   # shared input makers
+
+triton_path = pytest.importorskip("flashmaps.triton_path")
+
+# Triton's interpreter indexes ranges with 1-element numpy arrays (its own deprecation warning)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+GRAD_TOL = 1e-4          # fp32 gradients vs the float64 reference
+OUT_TOL = 1e-5
+NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_inputs(B, Hq, Hkv, L, S, D, Dv, *, dtype=torch.float32, device=KERNEL_DEVICE, seed=0, spread=1.0):
+    """q, k, v (as the forward tests make them) and an output gradient dout."""
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, Dv, dtype=dtype, device=device, seed=seed, spread=spread)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    dout = torch.randn(B, Hq, L, Dv, generator=g).to(dtype=dtype, device=device)
+    return q, k, v, dout
+
+
+def make_mask(kind, B, Hq, L, S, *, device=KERNEL_DEVICE, seed=1):
+    """None or a float32/bool mask broadcastable to (B, Hq, L, S), not expanded (the forward tests'
+    kinds: "none", "bool", "float" with -inf / finfo.min holes, "empty_rows")."""
+    return forward_make_mask(kind, B, Hq, L, S, torch.float32, device=device, seed=seed)
+
+
+def triton_attention(q, k, v, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_p=0.0):
+    """The Triton backend through the public API (custom ops and their autograd)."""
+    return flashmaps.attention(q, k, v, norm, causal=causal or False, attn_mask=mask, scale=scale,
+                               softcap=softcap, enable_gqa=q.shape[1] != k.shape[1], dropout_p=dropout_p,
+                               backend="triton")
+
+
+def grads(fn, q, k, v, dout):
+    """(out, dq, dk, dv) of out = fn(q, k, v) with the output gradient dout."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return (out.detach(), *(x.grad for x in leaves))
+
+
+def reference_grads(q, k, v, dout, norm, *, mask=None, causal=None, scale=None, softcap=None,
+                    dropout_mask=None):
+    """Float64 autograd through the dense reference."""
+    gqa = q.shape[1] != k.shape[1]
+
+    def fn(q_, k_, v_):
+        return reference.attention(q_, k_, v_, norm, causal=causal or False, attn_mask=mask, scale=scale,
+                                   softcap=softcap, enable_gqa=gqa, dropout_mask=dropout_mask)
+
+    return grads(fn, q.double(), k.double(), v.double(), dout.double())
+
+
+def check_close(got, ref, tol=GRAD_TOL, out_tol=OUT_TOL, what=("out", "dq", "dk", "dv")):
+    errs = {name: rel_err(g, r) for name, g, r in zip(what, got, ref)}
+    bad = {n: e for n, e in errs.items() if not e < (out_tol if n == "out" else tol)}
+    assert not bad, f"relative errors {errs}"
+    return errs
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradients against the float64 reference and the torch backend
+
+#            B  Hq Hkv  L   S   D   Dv  mask          causal         softcap
+CASES = [
+    (1, 2, 2, 37, 45, 24, 24, "none", None, None),
+    (2, 4, 2, 33, 50, 16, 40, "bool", "upper_left", None),           # GQA, Dqk != Dv
+    (1, 3, 1, 40, 29, 24, 16, "float", "lower_right", None),         # MQA, L > S: rows with no key
+    (1, 2, 1, 29, 47, 20, 24, "empty_rows", None, 5.0),              # softcap, fully excluded rows
+    (1, 2, 2, 1, 35, 16, 16, "none", "lower_right", None),           # L = 1 (decoding)
+    (2, 2, 1, 45, 45, 32, 16, "float", "upper_left", 4.0),
+    (1, 2, 2, 50, 31, 16, 24, "bool", "lower_right", 2.0),
+]
+
+
+def _case_id(c):
+    B, Hq, Hkv, L, S, D, Dv, mask, causal, cap = c
+    cap_id = f"-cap{cap:g}" if cap else ""
+    return f"B{B}-Hq{Hq}-Hkv{Hkv}-L{L}-S{S}-D{D}-Dv{Dv}-{mask}-{causal or 'nocausal'}{cap_id}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("norm", NORMS)
+def test_grads_match_reference_and_torch(norm, case):
+    B, Hq, Hkv, L, S, D, Dv, mask_kind, causal, softcap = case
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv)
+    mask = make_mask(mask_kind, B, Hq, L, S)
+    got = grads(lambda *a: triton_attention(*a, norm, mask=mask, causal=causal, softcap=softcap),
+                q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, mask=mask, causal=causal, softcap=softcap)
+    check_close(got, ref)
+
+    # the torch backend (fp32) agrees as closely
+    gqa = Hq != Hkv
+    tor = grads(lambda *a: flashmaps.attention(*a, norm, causal=causal or False, attn_mask=mask,
+                                               softcap=softcap, enable_gqa=gqa, backend="torch"),
+                q, k, v, dout)
+    check_close(got, tor)
+
+    # rows with no allowed key: output and query gradient exactly 0
+    _, allowed = reference.scores_and_allowed(q, k, causal=causal or False, attn_mask=mask, enable_gqa=gqa)
+    empty = ~allowed.any(-1)                                                   # (B, Hq, L)
+    if mask_kind == "empty_rows" or (causal == "lower_right" and L > S):
+        assert empty.any()
+    assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
+
+
+@pytest.mark.parametrize("norm,spread", [("entmax15", 3.0), ("topk:3", 3.0), ("topk:1", 1.0)],
+                         ids=["entmax15-sparse", "topk3-sparse", "topk1"])
+def test_sparse_tiles_are_skipped_exactly(norm, spread):
+    """Large scores make most key tiles of a row dead (no support): skipping them must not change the
+    gradients (they contribute exactly 0)."""
+    q, k, v, dout = make_inputs(1, 2, 1, 48, 80, 16, 16, spread=spread, seed=3)
+    got = grads(lambda *a: triton_attention(*a, norm, causal="lower_right"), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, causal="lower_right")
+    check_close(got, ref)
+
+
+@pytest.mark.parametrize("k_top,S", [(130, 150), (40, 40), (1, 33)], ids=["select-k130", "all-k40", "k1"])
+def test_topk_threshold_modes(k_top, S):
+    """top-k's three pre-pass modes (count select for k > 128, keep-all for k >= S, buffer) feed the
+    same backward rule."""
+    q, k, v, dout = make_inputs(1, 1, 1, 7, S, 16, 16, seed=5)
+    norm = f"topk:{k_top}"
+    got = grads(lambda *a: triton_attention(*a, norm), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm)
+    check_close(got, ref)
+
+
+def test_topk_ties_keep_every_tied_key():
+    """Keys tied with the k-th score are all kept (threshold semantics) in the backward too."""
+    q, k, v, dout = make_inputs(1, 1, 1, 9, 40, 16, 16, seed=6)
+    k[:, :, 20:30] = k[:, :, 3:4]                     # eleven identical keys ...
+    k[:, :, 5] = 1.3 * k[:, :, 3] + 0.1 * k[:, :, 5]  # ... below two larger ones ...
+    k[:, :, 7] = 1.2 * k[:, :, 3] + 0.1 * k[:, :, 7]
+    q = 2 * k[:, :, 3:4] + 0.3 * q                    # ... in every row: tau_4 is the tied score
+    got = grads(lambda *a: triton_attention(*a, "topk:4"), q, k, v, dout)
+    ref_out, ref_p = reference.attention(q.double(), k.double(), v.double(), "topk:4", return_weights=True)
+    assert ((ref_p > 0).sum(-1) == 13).all()        # 2 + 11 tied keys kept in every row
+    ref = reference_grads(q, k, v, dout, "topk:4")
+    check_close(got, ref)
+
+
+def test_any_strides():
+    """Non-contiguous q, k, v (a (B, L, H, D) layout) and a non-contiguous output gradient (and a
+    non-default scale)."""
+    B, Hq, Hkv, L, S, D, Dv = 1, 4, 2, 35, 41, 16, 24
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, seed=7)
+    qs, ks, vs = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    douts = dout.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not qs.is_contiguous() and not douts.is_contiguous()
+    for norm, scale in (("softmax", None), ("entmax15", 0.7)):
+        got = grads(lambda *a: triton_attention(*a, norm, causal="upper_left", scale=scale), qs, ks, vs, douts)
+        ref = reference_grads(q, k, v, dout, norm, causal="upper_left", scale=scale)
+        check_close(got, ref)
+
+
+def test_deterministic():
+    """No atomics: two backward passes give bitwise equal gradients (GQA accumulates in one program)."""
+    q, k, v, dout = make_inputs(1, 4, 1, 33, 40, 16, 16, seed=8)
+    a = grads(lambda *x: triton_attention(*x, "softmax", causal="upper_left"), q, k, v, dout)
+    b = grads(lambda *x: triton_attention(*x, "softmax", causal="upper_left"), q, k, v, dout)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+def test_half_precision(norm, dtype, tol):
+    """fp16/bf16 inputs: gradients in the input dtype, fp32 accumulation."""
+    q, k, v, dout = make_inputs(1, 2, 1, 33, 37, 16, 24, dtype=dtype, seed=13)
+    got = grads(lambda *a: triton_attention(*a, norm, causal="upper_left"), q, k, v, dout)
+    assert all(g.dtype == dtype for g in got)
+    ref = reference_grads(q, k, v, dout, norm, causal="upper_left")
+    check_close(got, ref, tol=tol, out_tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU (real compiler and autotuning; kept small: scripts/gpu-check runs these)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm,dtype,causal,tol", [
+    *[pytest.param(n, torch.float32, "lower_right", 1e-4, id=f"{n}-fp32-lower_right")
+      for n in NORMS + ["topk:64"]],
+    *[pytest.param(n, torch.bfloat16, None, 3e-2, id=f"{n}-bf16")
+      for n in ("softmax", "entmax15", "topk:64")],
+])
+def test_grads_cuda(norm, dtype, causal, tol):
+    B, Hq, Hkv, L, S, D, Dv = 2, 8, 2, 1000, 1031, 72, 64
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, dtype=dtype, device="cuda")
+    mask = make_mask("float", B, Hq, L, S, device="cuda")
+    got = grads(lambda *a: triton_attention(*a, norm, causal=causal, mask=mask), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, causal=causal, mask=mask)
+    check_close(got, ref, tol=tol, out_tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dropout
+
+
+def _keep_for(torch_seed, shape, p):
+    """The keep mask the Triton backend uses after torch.manual_seed(torch_seed): flashmaps.ops draws the
+    seed as torch_path.draw_seed does."""
+    torch.manual_seed(torch_seed)
+    return triton_path.dropout_keep_mask(torch_path.draw_seed(), shape, p, device=KERNEL_DEVICE)
+
+
+def test_dropout_same_seed_same_result_different_seed_differs():
+    q, k, v, dout = make_inputs(1, 2, 1, 33, 40, 16, 16, seed=9)
+    fn = lambda *a: triton_attention(*a, "softmax", causal="upper_left", dropout_p=0.3)  # noqa: E731
+    torch.manual_seed(11)
+    a = grads(fn, q, k, v, dout)
+    torch.manual_seed(11)
+    b = grads(fn, q, k, v, dout)
+    torch.manual_seed(12)
+    c = grads(fn, q, k, v, dout)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_dropout_keep_mask_statistics():
+    """Kept fraction within 5 sigma of 1 - p; the (b, h) slices draw different numbers."""
+    B, Hq, L, S, p = 2, 3, 40, 50, 0.3
+    keep = _keep_for(5, (B, Hq, L, S), p)
+    assert keep.shape == (B, Hq, L, S) and keep.dtype == torch.bool
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, _keep_for(5, (B, Hq, L, S), p))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_dropout_grads_match_reference_with_same_mask(norm):
+    B, Hq, Hkv, L, S, D, Dv, p = 1, 4, 2, 35, 43, 16, 24, 0.25
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, seed=10)
+    mask = make_mask("bool", B, Hq, L, S)
+    keep = _keep_for(21, (B, Hq, L, S), p)
+    torch.manual_seed(21)
+    got = grads(lambda *a: triton_attention(*a, norm, mask=mask, causal="lower_right", dropout_p=p),
+                q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, mask=mask, causal="lower_right",
+                          dropout_mask=keep.double() / (1 - p))
+    check_close(got, ref)
+
+
+def test_dropout_output_mean_matches_no_dropout():
+    """E[out] = out without dropout: over T seeds, ||mean - out||^2 lies within a factor 3 of its
+    expected value sum(Var)/T, Var = p/(1-p) * sum_j w_j^2 v_j^2 (w = the reference weights)."""
+    B, Hq, L, S, D, p, T = 1, 2, 32, 48, 16, 0.4, 8
+    q, k, v, _ = make_inputs(B, Hq, Hq, L, S, D, D, seed=12)
+    with torch.no_grad():
+        base = triton_attention(q, k, v, "softmax")
+        outs = []
+        for t in range(T):
+            torch.manual_seed(100 + t)
+            outs.append(triton_attention(q, k, v, "softmax", dropout_p=p))
+    mean = torch.stack(outs).double().mean(0)
+    _, w = reference.attention(q.double(), k.double(), v.double(), "softmax", return_weights=True)
+    var = p / (1 - p) * torch.matmul(w * w, v.double() ** 2)                   # (B, Hq, L, D)
+    expected = var.sum().item() / T
+    got = (mean - base.double()).pow(2).sum().item()
+    assert expected / 3 < got < 3 * expected, (got, expected)
+
+
+def test_dropout_leaves_row_statistics_unchanged():
+    """The normalizer statistics are computed without dropout (only the P @ V weights are dropped)."""
+    q, k, v, _ = make_inputs(1, 2, 1, 20, 37, 16, 16, seed=14)
+    for norm in NORMS:
+        with torch.no_grad():
+            _, st = flashmaps.attention(q, k, v, norm, causal=True, enable_gqa=True, return_stats=True,
+                                        backend="triton")
+            torch.manual_seed(3)
+            _, st_d = flashmaps.attention(q, k, v, norm, causal=True, enable_gqa=True, return_stats=True,
+                                          dropout_p=0.5, backend="triton")
+        assert all(torch.equal(st[n], st_d[n]) for n in st), norm
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+def test_dropout_cuda(norm):
+    B, Hq, Hkv, L, S, D, Dv, p = 2, 4, 2, 300, 333, 64, 64, 0.2
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, device="cuda", seed=15)
+    keep = _keep_for(31, (B, Hq, L, S), p)
+    torch.manual_seed(31)
+    got = grads(lambda *a: triton_attention(*a, norm, causal="upper_left", dropout_p=p), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, causal="upper_left", dropout_mask=keep.double() / (1 - p))
+    check_close(got, ref, out_tol=1e-4)
