@@ -87,10 +87,50 @@ def _configs():
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in sorted(seen)]
 
 
+#: fraction of the device's shared memory the estimate below may use (the compiler adds layout-conversion
+#: scratch on top of the pipelined tiles)
+SMEM_FRACTION = 0.8
+
+
+def _smem_budget(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 1 << 62  # the interpreter has no shared memory limit
+    props = triton.runtime.driver.active.utils.get_device_properties(t.device.index or 0)
+    return int(props["max_shared_mem"] * SMEM_FRACTION)
+
+
+def _fit_smem(configs, esize: int, budget: int, streamed: str, BD: int, BDV: int):
+    """Shrink configs whose estimated shared memory (``num_stages`` copies of the streamed tiles of
+    ``streamed`` ("BM" or "BN") rows x (BD + BDV) columns, plus one resident tile of the other block) does
+    not fit ``budget`` bytes: fewer stages first, then half the streamed block. fp32 inputs need twice
+    what bf16 needs: the configs are written for 2-byte inputs (found on the H100: fp32 at D = 128 asked
+    for 256 KiB with 3 stages)."""
+    resident = "BN" if streamed == "BM" else "BM"
+    out, seen = [], set()
+    for c in configs:
+        blocks, stages = dict(c.kwargs), c.num_stages
+
+        def need():
+            return (stages * blocks[streamed] + blocks[resident]) * (BD + BDV) * esize
+
+        while need() > budget and stages > 1:
+            stages -= 1
+        while need() > budget and blocks[streamed] > 16:
+            blocks[streamed] //= 2
+        key = (blocks["BM"], blocks["BN"], c.num_warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(blocks, num_warps=c.num_warps, num_stages=stages))
+    return out
+
+
 def _prune(configs, named_args, **kwargs):
-    """Keep the candidates of the head-dim class (registers and shared memory scale with BD, BDV)."""
+    """Keep the candidates of the head-dim class (registers and shared memory scale with BD, BDV), shrunk
+    to fit the shared memory for the input dtype."""
     want = set(CONFIGS_BY_DIM[_dim_class(kwargs["BD"], kwargs["BDV"])])
-    return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+    kept = [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+    q = named_args["Q"]
+    return _fit_smem(kept, q.element_size(), _smem_budget(q), "BN", kwargs["BD"], kwargs["BDV"])
 
 
 _KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "NORM", "NORM_CONST", "IS_CAUSAL", "MASK_KIND",
@@ -264,7 +304,11 @@ def _bwd_tuned(kernel, which: str):
 
     def prune(configs, named_args, **kwargs):
         want = set(table[_dim_class(kwargs["BD"], kwargs["BDV"])])
-        return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+        kept = [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
+        q = named_args["Q"]
+        # dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO
+        return _fit_smem(kept, q.element_size(), _smem_budget(q), "BM" if which == "dkdv" else "BN",
+                         kwargs["BD"], kwargs["BDV"])
 
     return triton.autotune(configs=configs, key=_BWD_KEYS,
                            prune_configs_by={"early_config_prune": prune})(kernel)
