@@ -309,6 +309,13 @@ def dropout_mask_kernel(Keep, seed, dropout_p, L, S, BM: tl.constexpr, BN: tl.co
     tl.store(Keep + (row_base + i) * S + j, keep.to(tl.uint8), mask=(i < L) & (j < S))
 
 
+@triton.jit
+def pick_row(x, sel):
+    """x[r, a_r] [BM] for a one-hot selector sel [BM, NP] (0 where a selector row is empty): the threshold
+    pre-passes keep NP candidate points per row and pick one per row this way."""
+    return tl.sum(tl.where(sel, x, 0.0), 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # small defaults for hooks a normalizer does not use
 

@@ -34,7 +34,7 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .common import Hooks, safe_inv, score_tile
+from .common import Hooks, pick_row, safe_inv, score_tile
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES: tl.constexpr = tl.constexpr(40)
@@ -88,12 +88,6 @@ def _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows, L,
 
 
 @triton.jit
-def _pick(x, sel):
-    """x[r, a_r] for a one-hot [BM, NP] selector (0 where the selector row is empty)."""
-    return tl.sum(tl.where(sel, x, 0.0), 1)
-
-
-@triton.jit
 def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
             full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
             mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
@@ -137,12 +131,12 @@ def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_o
         a = tl.max(tl.where(s2 >= 1.0, idx[None, :], -1), 1)                           # [BM]
         sel = idx[None, :] == a[:, None]
         found = a >= 0
-        t_a = _pick(t, sel)
-        c_a = _pick(cnt, sel)
-        s1_a = _pick(s1, sel)
-        f_a = _pick(s2, sel) - 1.0                                                     # F(t_a) >= 0
-        zmin_a = _pick(zmin, sel)
-        t_b = _pick(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, up, 0.0)
+        t_a = pick_row(t, sel)
+        c_a = pick_row(cnt, sel)
+        s1_a = pick_row(s1, sel)
+        f_a = pick_row(s2, sel) - 1.0                                                     # F(t_a) >= 0
+        zmin_a = pick_row(zmin, sel)
+        t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, up, 0.0)
         # exact polish on the support {z > t_a}: smaller root of c y^2 - 2 s1 y + F(t_a) = 0
         disc = s1_a * s1_a - c_a * f_a
         r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)

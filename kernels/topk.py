@@ -30,7 +30,7 @@ p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, Hooks, next_pow2, safe_inv, score_tile
+from .common import LN2, LOG2E, Hooks, next_pow2, pick_row, safe_inv, score_tile
 from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 
 #: largest k handled by the running buffer (larger k uses the count-based select)
@@ -121,11 +121,6 @@ def _counts(cnt, above_min, below_max, t, q, k_base, offs_n, offs_d, i, p_mask_r
 
 
 @triton.jit
-def _pick(x, sel):
-    return tl.sum(tl.where(sel, x, 0.0), 1)
-
-
-@triton.jit
 def _select(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
             stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, kf,
             BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -171,8 +166,8 @@ def _select(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full
         v_k = tl.max(tl.where(eq_k, amin, float("-inf")), 1)        # min{s >= t} where c(t) == k
         v_k1 = tl.max(tl.where(eq_k1, bmax, float("-inf")), 1)      # max{s < t} where c(t) == k - 1
         a = tl.max(tl.where(cnt >= kf, idx[None, :], -1), 1)        # last point with c(t) >= k
-        new_lo = tl.where(a >= 0, _pick(amin, idx[None, :] == a[:, None]), lo)
-        new_up = tl.where(a + 1 < NP, _pick(bmax, idx[None, :] == (a + 1)[:, None]), up)
+        new_lo = tl.where(a >= 0, pick_row(amin, idx[None, :] == a[:, None]), lo)
+        new_up = tl.where(a + 1 < NP, pick_row(bmax, idx[None, :] == (a + 1)[:, None]), up)
         lo = tl.maximum(lo, new_lo)
         up = tl.minimum(up, new_up)
         val = tl.where(hit_k, v_k, tl.where(hit_k1, v_k1, lo))
