@@ -87,9 +87,9 @@ def _configs():
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in sorted(seen)]
 
 
-#: fraction of the device's shared memory the estimate below may use (the compiler adds layout-conversion
+#: fraction of the device's shared memory the estimate below may use (the compiler may add layout-conversion
 #: scratch on top of the pipelined tiles)
-SMEM_FRACTION = 0.8
+SMEM_FRACTION = 0.9
 
 
 def _smem_budget(t: torch.Tensor) -> int:
@@ -99,19 +99,26 @@ def _smem_budget(t: torch.Tensor) -> int:
     return int(props["max_shared_mem"] * SMEM_FRACTION)
 
 
-def _fit_smem(configs, esize: int, budget: int, streamed: str, BD: int, BDV: int):
-    """Shrink configs whose estimated shared memory (``num_stages`` copies of the streamed tiles of
-    ``streamed`` ("BM" or "BN") rows x (BD + BDV) columns, plus one resident tile of the other block) does
-    not fit ``budget`` bytes: fewer stages first, then half the streamed block. fp32 inputs need twice
-    what bf16 needs: the configs are written for 2-byte inputs (found on the H100: fp32 at D = 128 asked
-    for 256 KiB with 3 stages)."""
+def smem_estimate(blocks: dict, stages: int, esize: int, streamed: str, streamed_cols: int,
+                  resident_cols: int) -> int:
+    """Shared memory (bytes) of a kernel that keeps ``stages`` copies of the streamed tiles (``streamed``
+    block rows x ``streamed_cols``) plus one resident tile (the other block x ``resident_cols``).
+    Checked against the H100: the fp32 forward at D = 128 with BM = 128, BN = 64, 3 stages asked for
+    262144 bytes = 3 * 64 * 256 * 4 + 128 * 128 * 4."""
     resident = "BN" if streamed == "BM" else "BM"
+    return (stages * blocks[streamed] * streamed_cols + blocks[resident] * resident_cols) * esize
+
+
+def _fit_smem(configs, esize: int, budget: int, streamed: str, streamed_cols: int, resident_cols: int):
+    """Shrink the configs whose `smem_estimate` exceeds ``budget`` bytes: fewer stages first, then half
+    the streamed block. The configs are written for 2-byte inputs; fp32 needs twice the memory (found on
+    the H100: every fp32 candidate at D = 128 failed with OutOfResources before this step)."""
     out, seen = [], set()
     for c in configs:
         blocks, stages = dict(c.kwargs), c.num_stages
 
         def need():
-            return (stages * blocks[streamed] + blocks[resident]) * (BD + BDV) * esize
+            return smem_estimate(blocks, stages, esize, streamed, streamed_cols, resident_cols)
 
         while need() > budget and stages > 1:
             stages -= 1
@@ -130,7 +137,9 @@ def _prune(configs, named_args, **kwargs):
     want = set(CONFIGS_BY_DIM[_dim_class(kwargs["BD"], kwargs["BDV"])])
     kept = [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
     q = named_args["Q"]
-    return _fit_smem(kept, q.element_size(), _smem_budget(q), "BN", kwargs["BD"], kwargs["BDV"])
+    # the forward streams k and v tiles (BN x (BD + BDV)) past the resident q tile (BM x BD)
+    bd, bdv = kwargs["BD"], kwargs["BDV"]
+    return _fit_smem(kept, q.element_size(), _smem_budget(q), "BN", bd + bdv, bd)
 
 
 _KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "NORM", "NORM_CONST", "IS_CAUSAL", "MASK_KIND",
@@ -307,8 +316,8 @@ def _bwd_tuned(kernel, which: str):
         kept = [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) in want]
         q = named_args["Q"]
         # dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO
-        return _fit_smem(kept, q.element_size(), _smem_budget(q), "BM" if which == "dkdv" else "BN",
-                         kwargs["BD"], kwargs["BDV"])
+        cols = kwargs["BD"] + kwargs["BDV"]
+        return _fit_smem(kept, q.element_size(), _smem_budget(q), "BM" if which == "dkdv" else "BN", cols, cols)
 
     return triton.autotune(configs=configs, key=_BWD_KEYS,
                            prune_configs_by={"early_config_prune": prune})(kernel)
@@ -330,7 +339,8 @@ def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, m
     Three launches (``kernels.backward``): the preprocess kernel (delta = rowsum(dO * O), or O2 for
     entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
     both recomputing scores and weights tile by tile. ``config`` pins the blocks of both kernels (as in
-    launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks."""
+    launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
+    ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned)."""
     hooks = hooks_for(normalizer.name)
     if not hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.name!r} has no Triton backward hooks")
@@ -379,12 +389,18 @@ def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, m
                Hq, Hq // Hkv, L, S, causal_off, *scalars)
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
-    if config is not None:
-        cfg, launch = _split_config(config)
+    # config: one dict for both kernels, or {"dkdv": {...}, "dq": {...}} (either may be left out: autotune)
+    per_kernel = config if config is not None and ("dkdv" in config or "dq" in config) else \
+        {"dkdv": config, "dq": config}
+    if per_kernel.get("dkdv") is not None:
+        cfg, launch = _split_config(per_kernel["dkdv"])
         attn_bwd_dkdv[(triton.cdiv(S, cfg["BN"]), B * Hkv)](*dkdv_args, **meta, **cfg, **launch)
-        attn_bwd_dq[(triton.cdiv(L, cfg["BM"]), B * Hq)](*dq_args, **meta, **cfg, **launch)
     else:
         _attn_bwd_dkdv_tuned[lambda META: (triton.cdiv(S, META["BN"]), B * Hkv)](*dkdv_args, **meta)
+    if per_kernel.get("dq") is not None:
+        cfg, launch = _split_config(per_kernel["dq"])
+        attn_bwd_dq[(triton.cdiv(L, cfg["BM"]), B * Hq)](*dq_args, **meta, **cfg, **launch)
+    else:
         _attn_bwd_dq_tuned[lambda META: (triton.cdiv(L, META["BM"]), B * Hq)](*dq_args, **meta)
     return dq, dk, dv
 

@@ -220,6 +220,36 @@ def test_grads_cuda(norm, dtype, causal, tol):
     check_close(got, ref, tol=tol, out_tol=tol)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm,D,Dv", [
+    *[pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in ("softmax", "entmax15", "topk:64")
+      for d, dv in ((16, 16), (64, 64), (128, 128), (256, 256), (96, 160))],
+    *[pytest.param("taylor", d, d, id=f"taylor-{d}-{d}") for d in (64, 256)],   # softmax's kernels otherwise
+])
+def test_grads_cuda_head_dims(norm, D, Dv):
+    """Every head-dim class of the backward configs (16 to 256), bf16, autotuned, causal (lower right)."""
+    B, Hq, Hkv, L, S = 1, 4, 2, 513, 700
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, dtype=torch.bfloat16, device="cuda", seed=D)
+    got = grads(lambda *a: triton_attention(*a, norm, causal="lower_right"), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, causal="lower_right")
+    check_close(got, ref, tol=3e-2, out_tol=3e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", ["softmax", "entmax15", "topk:64"])
+def test_compile_cuda_matches_eager(norm):
+    """torch.compile (inductor, fullgraph) around the Triton custom ops on the GPU: same out and grads."""
+    q, k, v, dout = make_inputs(2, 8, 2, 256, 384, 64, 64, dtype=torch.bfloat16, device="cuda", seed=40)
+
+    def fn(q_, k_, v_):
+        return triton_attention(q_, k_, v_, norm, causal="lower_right") * 2.0
+
+    eager = grads(fn, q, k, v, dout)
+    compiled = grads(torch.compile(fn, fullgraph=True), q, k, v, dout)
+    for e, c in zip(eager, compiled):
+        assert rel_err(c, e) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------
 # dropout
 
