@@ -70,12 +70,16 @@ def _bucket(n: int) -> int:
 
 
 #: autotune candidates per padded head-dim class (max(BD, BDV) <= 64, <= 128, <= 256):
-#: (BM, BN, num_warps, num_stages)
+#: (BM, BN, num_warps, num_stages). D = 128 from the H100 sweep (bench/TUNING.md): softmax, L = S = 8k, bf16,
+#: (128, 128, 8, 3) 2.38 ms, (64, 64, 4, 3) 2.67, (128, 64, 8, 3) 2.71; entmax15 and top-k fastest at (64, 64, 4, 3).
 CONFIGS_BY_DIM = {
     64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
-    128: ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)),
+    128: ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
     256: ((64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)),
 }
+#: added for fp32 inputs: small enough to fit whatever the others need (fp32 with 3xTF32 stores each streamed
+#: operand twice, see `_fit_smem`), so that autotuning never ends with every candidate out of resources
+FP32_FALLBACK = (64, 32, 4, 1)
 
 
 def _dim_class(bd: int, bdv: int) -> int:
@@ -87,9 +91,9 @@ def _configs():
     return [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in sorted(seen)]
 
 
-#: fraction of the device's shared memory the estimate below may use (the compiler may add layout-conversion
-#: scratch on top of the pipelined tiles)
-SMEM_FRACTION = 0.9
+#: fraction of the device's shared memory the estimate below may use: the estimate matched both figures the
+#: H100 reported (see `smem_estimate`), and a candidate that still does not fit is skipped by the autotuner
+SMEM_FRACTION = 1.0
 
 
 def _smem_budget(t: torch.Tensor) -> int:
@@ -103,8 +107,10 @@ def smem_estimate(blocks: dict, stages: int, esize: int, streamed: str, streamed
                   resident_cols: int) -> int:
     """Shared memory (bytes) of a kernel that keeps ``stages`` copies of the streamed tiles (``streamed``
     block rows x ``streamed_cols``) plus one resident tile (the other block x ``resident_cols``).
-    Checked against the H100: the fp32 forward at D = 128 with BM = 128, BN = 64, 3 stages asked for
-    262144 bytes = 3 * 64 * 256 * 4 + 128 * 128 * 4."""
+    Checked against the H100 twice (both fp32 forwards, 262144 bytes): D = 128 with BM = 128, BN = 64,
+    3 stages, ieee dot: 3 * 64 * 256 * 4 + 128 * 128 * 4; and D = 72, Dv = 64 (BD = 128, BDV = 64) with
+    BM = 128, BN = 64, 2 stages, 3xTF32 dot (which keeps a high and a low part of each streamed operand:
+    ``streamed_cols`` doubled by the caller): 2 * 64 * 384 * 4 + 128 * 128 * 4."""
     resident = "BN" if streamed == "BM" else "BM"
     return (stages * blocks[streamed] * streamed_cols + blocks[resident] * resident_cols) * esize
 
@@ -112,7 +118,11 @@ def smem_estimate(blocks: dict, stages: int, esize: int, streamed: str, streamed
 def _fit_smem(configs, esize: int, budget: int, streamed: str, streamed_cols: int, resident_cols: int):
     """Shrink the configs whose `smem_estimate` exceeds ``budget`` bytes: fewer stages first, then half
     the streamed block. The configs are written for 2-byte inputs; fp32 needs twice the memory (found on
-    the H100: every fp32 candidate at D = 128 failed with OutOfResources before this step)."""
+    the H100: every fp32 candidate at D = 128 failed with OutOfResources before this step), and fp32 gets
+    the `FP32_FALLBACK` candidate too."""
+    if esize >= 4:
+        bm, bn, w, st = FP32_FALLBACK
+        configs = list(configs) + [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st)]
     out, seen = [], set()
     for c in configs:
         blocks, stages = dict(c.kwargs), c.num_stages
@@ -139,7 +149,12 @@ def _prune(configs, named_args, **kwargs):
     q = named_args["Q"]
     # the forward streams k and v tiles (BN x (BD + BDV)) past the resident q tile (BM x BD)
     bd, bdv = kwargs["BD"], kwargs["BDV"]
-    return _fit_smem(kept, q.element_size(), _smem_budget(q), "BN", bd + bdv, bd)
+    return _fit_smem(kept, q.element_size(), _smem_budget(q), "BN", (bd + bdv) * _operand_copies(kwargs), bd)
+
+
+def _operand_copies(kwargs) -> int:
+    """Copies of each streamed operand in shared memory: 2 for the 3xTF32 dot (high and low parts)."""
+    return 2 if kwargs["DOT_PREC"] == "tf32x3" else 1
 
 
 _KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "NORM", "NORM_CONST", "IS_CAUSAL", "MASK_KIND",
@@ -292,14 +307,18 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 
 #: backward autotune candidates per padded head-dim class: (BM, BN, num_warps, num_stages). The dK/dV
 #: kernel keeps k, v, dk, dv tiles [BN, D] resident and streams BM query rows; the dQ kernel keeps q, dO,
-#: dq [BM, D] and streams BN keys. Chosen without a GPU from ptxas register reports for sm_90 (bf16,
-#: causal): these compile without register spills; the timings are not tuned (GPU validation pending).
+#: dq [BM, D] and streams BN keys. D = 128 from the H100 sweep (bench/TUNING.md; softmax, L = S = 8k,
+#: bf16, not causal): dK/dV (64, 64, 4, 2) 12.6 ms and (128, 64, 8, 2) 13.1 ms against 22.2 ms for the
+#: earlier (64, 32, 8, 2), whose 8 warps on 32-key tiles starved the MMAs; dQ (128, 128, 8, 2) and
+#: (64, 64, 4, 2) each 4.5-5 ms faster than (64, 64, 8, 2). D = 64 follows D = 128 (not swept); D = 256
+#: keeps the small blocks that compile without register spills (ptxas reports, not timed).
 #: BM >= 64 up to D = 128, like the forward, so that the recomputed score tiles go through the same MMA
 #: shape (top-k compares them against the forward's threshold).
 BWD_CONFIGS_BY_DIM = {
-    "dkdv": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 2)),
+    "dkdv": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 64, 4, 2), (128, 64, 8, 2)),
              256: ((32, 16, 4, 1),)},
-    "dq": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2)),
+    "dq": {64: ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)),
+           128: ((128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
            256: ((32, 32, 4, 1), (32, 16, 4, 1))},
 }
 _BWD_KEYS = ["HEAD_D", "HEAD_DV", "L_BUCKET", "S_BUCKET", "IS_CAUSAL", "MASK_KIND", "SOFTCAP", "DOT_PREC",
@@ -317,7 +336,8 @@ def _bwd_tuned(kernel, which: str):
         q = named_args["Q"]
         # dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO
         cols = kwargs["BD"] + kwargs["BDV"]
-        return _fit_smem(kept, q.element_size(), _smem_budget(q), "BM" if which == "dkdv" else "BN", cols, cols)
+        return _fit_smem(kept, q.element_size(), _smem_budget(q), "BM" if which == "dkdv" else "BN",
+                         cols * _operand_copies(kwargs), cols)
 
     return triton.autotune(configs=configs, key=_BWD_KEYS,
                            prune_configs_by={"early_config_prune": prune})(kernel)

@@ -12,10 +12,22 @@ triton_path = pytest.importorskip("flashmaps.triton_path")
 H100_SMEM = 232448
 
 
-def test_estimate_matches_the_h100_report():
-    """The one shared-memory figure the H100 reported (fp32 forward, D = 128, BM = 128, BN = 64, 3 stages)."""
-    need = triton_path.smem_estimate({"BM": 128, "BN": 64}, 3, 4, "BN", 128 + 128, 128)
-    assert need == 262144
+def test_estimate_matches_the_h100_reports():
+    """The shared-memory figures the H100 reported (both 262144 bytes): fp32 forward at D = 128 with BM = 128,
+    BN = 64, 3 stages (ieee dot); and at D = 72, Dv = 64 (blocks 128 and 64) with 2 stages and the 3xTF32
+    dot, which keeps two copies of each streamed operand."""
+    assert triton_path.smem_estimate({"BM": 128, "BN": 64}, 3, 4, "BN", 128 + 128, 128) == 262144
+    copies = triton_path._operand_copies({"DOT_PREC": "tf32x3"})
+    assert triton_path.smem_estimate({"BM": 128, "BN": 64}, 2, 4, "BN", (128 + 64) * copies, 128) == 262144
+
+
+def test_fp32_gets_a_small_fallback_candidate():
+    import triton
+
+    configs = [triton.Config({"BM": 128, "BN": 128}, num_warps=8, num_stages=3)]
+    fitted = triton_path._fit_smem(configs, 4, H100_SMEM, "BN", 2 * 256 * 2, 256)
+    assert triton_path.FP32_FALLBACK in {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages) for c in fitted}
+    assert len(triton_path._fit_smem(configs, 2, H100_SMEM, "BN", 256, 128)) == 1
 
 
 KERNELS = {  # table, streamed block, columns of the streamed and resident tiles at head dim d
