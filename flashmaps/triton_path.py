@@ -64,16 +64,22 @@ class Forward(NamedTuple):
     aux: torch.Tensor
 
 
+#: the scratch rows of a (batch, head) are padded to a multiple of this (the largest BM of any config)
+SCRATCH_ROW_BLOCK = 128
+
+
 def _bucket(n: int) -> int:
     """Autotune length bucket: the next power of two, at least 256."""
     return max(256, common.next_pow2(n))
 
 
 #: autotune candidates per padded head-dim class (max(BD, BDV) <= 64, <= 128, <= 256):
-#: (BM, BN, num_warps, num_stages). D = 128 from the H100 sweep (bench/TUNING.md): softmax, L = S = 8k, bf16,
-#: (128, 128, 8, 3) 2.38 ms, (64, 64, 4, 3) 2.67, (128, 64, 8, 3) 2.71; entmax15 and top-k fastest at (64, 64, 4, 3).
+#: (BM, BN, num_warps, num_stages), from the H100 sweeps (bench/TUNING.md; softmax, L = S = 8k, bf16, not
+#: causal): D = 128 (128, 128, 8, 3) 2.38 ms, (64, 64, 4, 3) 2.67, (128, 64, 8, 3) 2.71; D = 64 (128, 64, 8, 3)
+#: 2.65 ms, (128, 128, 4, 3) 2.67, (64, 64, 4, 3) 2.82 (earlier first pick (128, 64, 4, 3): 3.09). entmax15 and
+#: top-k were fastest at (64, 64, 4, 3) for both head dims.
 CONFIGS_BY_DIM = {
-    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+    64: ((128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)),
     128: ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
     256: ((64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)),
 }
@@ -257,14 +263,17 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
 
     qk_scale, cap_mult = common.fold_score_unit(scale, softcap, hooks.score_unit)
     norm_arg, norm_const = hooks.prepass_config(normalizer, S) if hooks.prepass_config else (0, 0)
+    kc = hooks.scratch_cols(normalizer, S) if hooks.scratch_cols else 0
+    l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
+    scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else stat0
     causal_off = (S - L) if causal == "lower_right" else 0
     BD, BDV = max(16, common.next_pow2(D)), max(16, common.next_pow2(DV))
 
-    args = (q, k, v, out, mask_t, stat0, stat1, par, aux_l, aux_o,
+    args = (q, k, v, out, mask_t, stat0, stat1, par, aux_l, aux_o, scratch,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mstr,
             Hq, Hq // Hkv, L, S, causal_off,
             float(qk_scale), float(cap_mult), float(hooks.score_unit), mask_min, float(norm_arg),
-            *_dropout_args(dropout_p, seed), _bucket(L), _bucket(S))
+            *_dropout_args(dropout_p, seed), _bucket(L), _bucket(S), l_pad)
     meta = dict(
         HEAD_D=D, HEAD_DV=DV, BD=BD, BDV=BDV,
         IS_CAUSAL=causal is not None, MASK_KIND=mask_kind, SOFTCAP=softcap is not None,
@@ -274,6 +283,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         SKIP_DEAD=hooks.tile_live is not None, TILE_LIVE=hooks.tile_live or common.always_live,
         AUX=aux, AUX_WEIGHTS=hooks.aux_weights or common.no_aux_weights,
         AUX_FINALIZE=hooks.aux_finalize or common.no_aux_finalize, DROPOUT=dropout_p > 0,
+        SCRATCH_COLS=kc,
     )
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
@@ -310,14 +320,15 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 #: dq [BM, D] and streams BN keys. D = 128 from the H100 sweep (bench/TUNING.md; softmax, L = S = 8k,
 #: bf16, not causal): dK/dV (64, 64, 4, 2) 12.6 ms and (128, 64, 8, 2) 13.1 ms against 22.2 ms for the
 #: earlier (64, 32, 8, 2), whose 8 warps on 32-key tiles starved the MMAs; dQ (128, 128, 8, 2) and
-#: (64, 64, 4, 2) each 4.5-5 ms faster than (64, 64, 8, 2). D = 64 follows D = 128 (not swept); D = 256
-#: keeps the small blocks that compile without register spills (ptxas reports, not timed).
+#: (64, 64, 4, 2) each 4.5-5 ms faster than (64, 64, 8, 2). D = 64 (second sweep, same shapes): dK/dV
+#: (64, 64, 4, 3) 9.18 ms, (128, 128, 8, 2) 9.28, (64, 64, 4, 2) 10.17; dQ (64, 64, 4, 3) 0.6 ms faster than
+#: (64, 64, 4, 2). D = 256 keeps the small blocks that compile without register spills (ptxas, not timed).
 #: BM >= 64 up to D = 128, like the forward, so that the recomputed score tiles go through the same MMA
 #: shape (top-k compares them against the forward's threshold).
 BWD_CONFIGS_BY_DIM = {
-    "dkdv": {64: ((64, 64, 4, 2), (128, 64, 8, 2)), 128: ((64, 64, 4, 2), (128, 64, 8, 2)),
+    "dkdv": {64: ((64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2)), 128: ((64, 64, 4, 2), (128, 64, 8, 2)),
              256: ((32, 16, 4, 1),)},
-    "dq": {64: ((64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)),
+    "dq": {64: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2)),
            128: ((128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
            256: ((32, 32, 4, 1), (32, 16, 4, 1))},
 }

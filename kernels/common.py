@@ -89,6 +89,8 @@ class Hooks:
       ``sum_g``), only computed when gradients will be needed.
     * ``prepass_config(normalizer, S) -> (norm_arg, NORM_CONST)``: a runtime int and a constexpr
       passed to every hook (top-k's k and its select mode; entmax15's points per pass).
+    * ``scratch_cols(normalizer, S) -> KC`` (optional): fp32 scratch slots per query row the pre-pass
+      gets (``scr_rows`` [BM, 1] pointers, KC columns each; see `collect_above`), 0 for none.
 
     The backward rule (`kernels.backward`; all three or none):
 
@@ -112,6 +114,7 @@ class Hooks:
     aux_weights: Optional[Callable] = None
     aux_finalize: Optional[Callable] = None
     prepass_config: Optional[Callable] = None
+    scratch_cols: Optional[Callable] = None
     bwd_rows: Optional[Callable] = None
     bwd_weights: Optional[Callable] = None
     bwd_dscores: Optional[Callable] = None
@@ -317,15 +320,121 @@ def pick_row(x, sel):
 
 
 # ---------------------------------------------------------------------------------------------------
+# threshold pre-pass building blocks: the largest group maxima, and collecting the scores above a bound
+
+
+@triton.jit
+def top_group_max(buf, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, start, end,
+                  stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                  BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                  MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                  GS: tl.constexpr):
+    """Merge the key tiles [start, end) into buf [BM, KP]: the KP largest maxima of groups of GS
+    consecutive keys (one group per tile when GS >= BN) seen so far, per row. Empty slots hold -inf
+    (slots set to +inf never leave: a caller keeping k < KP maxima starts them at +inf). Branch-free:
+    BN // GS replacement steps per tile, none data dependent. Also counts the allowed keys n [BM].
+
+    The group maxima are distinct scores of the row, so the k-th largest of them is a LOWER bound of
+    the row's k-th largest score (the top-k threshold), and any bound computed from them alone (e.g.
+    entmax15's threshold of the maxima) holds for the whole row."""
+    BM: tl.constexpr = buf.shape[0]
+    G: tl.constexpr = BN // GS if BN > GS else 1
+    slots = tl.arange(0, buf.shape[1])
+    for start_n in range(start, end, BN):
+        s = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
+        if MASKED:
+            n += tl.sum((s > float("-inf")).to(tl.float32), 1)
+        else:
+            n += BN
+        if G == 1:
+            x = tl.max(s, 1)                                                             # [BM]
+            low, slot = tl.min(buf, 1, return_indices=True)
+            buf = tl.where((slots[None, :] == slot[:, None]) & (x > low)[:, None], x[:, None], buf)
+        else:
+            gm = tl.max(tl.reshape(s, [BM, G, BN // G]), 2)                              # [BM, G]
+            cols = tl.arange(0, G)
+            for g in tl.static_range(G):
+                x = tl.max(tl.where(cols[None, :] == g, gm, float("-inf")), 1)          # [BM]
+                low, slot = tl.min(buf, 1, return_indices=True)
+                buf = tl.where((slots[None, :] == slot[:, None]) & (x > low)[:, None], x[:, None], buf)
+    return buf, n
+
+
+@triton.jit
+def collect_above(cnt, lb, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                  start, end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+                  mask_min, BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_PREC: tl.constexpr, KC: tl.constexpr):
+    """Append each row's allowed scores s >= lb [BM] of the key tiles [start, end) to its scratch row
+    (scr_rows [BM, 1] pointers, KC fp32 slots): cnt [BM] (int32) counts them; those past KC are counted
+    but not stored (the caller checks cnt <= KC). The stored values are the scores exactly as the output
+    pass recomputes them (same tile shape), so a threshold picked among them compares exactly."""
+    for start_n in range(start, end, BN):
+        s = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
+        take = s >= lb[:, None]
+        if MASKED:
+            take = take & (s > float("-inf"))
+        ti = take.to(tl.int32)
+        pos = cnt[:, None] + tl.cumsum(ti, 1) - 1                                        # [BM, BN]
+        tl.store(scr_rows + pos, s, mask=take & (pos < KC))
+        cnt += tl.sum(ti, 1)
+    return cnt
+
+
+@triton.jit
+def bounded_collect(buf, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end,
+                    hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, norm_arg,
+                    BN: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, GS: tl.constexpr, KC: tl.constexpr,
+                    BOUND: tl.constexpr):
+    """The two passes of a collecting pre-pass: `top_group_max` into buf over the keys [0, full_end)
+    (unmasked tiles) and [full_end, hi) (masked), then lb = BOUND(buf, norm_arg) [BM] (a lower bound of
+    the row's threshold computed from its largest group maxima), then `collect_above` lb. Returns
+    (cnt [BM] int32 scores collected into scr_rows, n [BM] allowed keys)."""
+    BM: tl.constexpr = buf.shape[0]
+    n = tl.zeros([BM], tl.float32)
+    buf, n = top_group_max(buf, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, 0, full_end,
+                           stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                           BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, GS)
+    buf, n = top_group_max(buf, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
+                           stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                           BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, GS)
+    lb = BOUND(buf, norm_arg)
+    cnt = tl.zeros([BM], tl.int32)
+    cnt = collect_above(cnt, lb, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                        0, full_end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+                        mask_min, BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, KC)
+    cnt = collect_above(cnt, lb, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                        full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+                        mask_min, BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, KC)
+    return cnt, n
+
+
+@triton.jit
+def load_collected(scr_rows, cnt, KC: tl.constexpr):
+    """The collected scores [BM, KC] sorted in descending order (-inf past each row's count). A barrier
+    first: other threads of the program stored them."""
+    tl.debug_barrier()
+    slots = tl.arange(0, KC)
+    vals = tl.load(scr_rows + slots[None, :], mask=slots[None, :] < cnt[:, None], other=float("-inf"))
+    return tl.sort(vals, 1, descending=True)
+
+
+# ---------------------------------------------------------------------------------------------------
 # small defaults for hooks a normalizer does not use
 
 
 @triton.jit
 def no_prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
                full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
-               mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
+               mask_min, norm_arg, scr_rows, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr):
+               DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr, KC: tl.constexpr):
     """The pre-pass of normalizers without a threshold: par = 0."""
     return tl.zeros([BM], dtype=tl.float32)
 

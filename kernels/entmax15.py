@@ -31,16 +31,25 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 (the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
-from .common import Hooks, pick_row, safe_inv, score_tile
+from .common import Hooks, bounded_collect, load_collected, next_pow2, pick_row, safe_inv, score_tile
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES: tl.constexpr = tl.constexpr(40)
 #: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
 #: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is.
 NPTS = 2
+#: COLLECT mode (the GPU default; under Triton's interpreter the default is the iterative mode, because
+#: the interpreter's tl.sort takes about 1-2 s per program: CPU tests switch COLLECT on where they test it).
+#: COLLECT mode (False: the bracket passes alone). Group maxima kept per row, and scratch slots per row
+COLLECT = os.environ.get("TRITON_INTERPRET") != "1"
+KP_GROUPS: tl.constexpr = tl.constexpr(64)
+KC_COLLECT = 128
+COLLECT_FLAG: tl.constexpr = tl.constexpr(1 << 20)
 
 
 @triton.jit
@@ -88,13 +97,70 @@ def _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows, L,
 
 
 @triton.jit
+def sorted_threshold(srt, cnt):
+    """The exact 1.5-entmax threshold (z units) of each row's values srt [BM, C], sorted in descending
+    order, -inf past cnt [BM] (int32); +inf for an empty row. With prefix sums S1_m, S2_m of the m
+    largest values (relative to the largest, for accuracy), tau_m = (S1_m - sqrt(S1_m^2 - m (S2_m - 1)))
+    / m solves sum_{i <= m} (z_i - tau)^2 = 1, and the support size is the largest m with tau_m < z_m."""
+    C: tl.constexpr = srt.shape[1]
+    idx = tl.arange(0, C)
+    top = tl.max(srt, 1)                                                                 # [BM]
+    ok = idx[None, :] < cnt[:, None]
+    w = tl.where(ok, srt - tl.where(cnt > 0, top, 0.0)[:, None], 0.0)                    # <= 0
+    s1 = tl.cumsum(w, 1)
+    s2 = tl.cumsum(w * w, 1)
+    m = (idx + 1).to(tl.float32)[None, :]
+    tau_m = (s1 - tl.sqrt(tl.maximum(s1 * s1 - m * (s2 - 1.0), 0.0))) / m
+    msz = tl.max(tl.where(ok & (tau_m < w), idx[None, :] + 1, 0), 1)                     # support size
+    tau_w = tl.sum(tl.where(idx[None, :] == (msz - 1)[:, None], tau_m, 0.0), 1)
+    return tl.where(cnt > 0, top + tau_w, float("inf"))
+
+
+@triton.jit
+def _group_max_threshold(buf, norm_arg):
+    """The 1.5-entmax threshold of the row's largest group maxima alone: <= tau (F of the whole row is
+    at least F of any subset of its scores); 0 for a row without an allowed key (nothing is collected)."""
+    n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
+    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups)
+    return tl.where(n_groups > 0, lb, 0.0)
+
+
+@triton.jit
 def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
             full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
-            mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
+            mask_min, norm_arg, scr_rows, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr):
-    """tau [BM] (units of z, +inf for empty rows) for the query block; NORM_CONST = points per pass."""
-    NP: tl.constexpr = NORM_CONST
+            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr, KC: tl.constexpr):
+    """tau [BM] (units of z, +inf for empty rows) for the query block. NORM_CONST: NP (the bracket
+    passes, NP points each) or COLLECT_FLAG | GS << 8 | NP (collect; the bracket passes as fallback)."""
+    NP: tl.constexpr = NORM_CONST & 255
+    if NORM_CONST >= COLLECT_FLAG:
+        GS: tl.constexpr = (NORM_CONST >> 8) & 4095
+        buf = tl.full([BM, KP_GROUPS], float("-inf"), tl.float32)
+        cnt, n = bounded_collect(buf, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                                 full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                                 bias_mult, mask_min, norm_arg, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
+                                 DOT_PREC, GS, KC, _group_max_threshold)
+        tau = sorted_threshold(load_collected(scr_rows, cnt, KC), cnt)
+        if tl.max((cnt > KC).to(tl.int32)) > 0:        # a row's support is too wide: the bracket passes
+            tau = _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                                   full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                                   bias_mult, mask_min, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
+                                   DOT_PREC, NP)
+    else:
+        tau = _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end,
+                               hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+                               mask_min, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, NP)
+    return tau
+
+
+@triton.jit
+def _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
+                     stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
+                     BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                     NP: tl.constexpr):
+    """tau [BM] (units of z, +inf for empty rows) by the bracket passes (steps 1-2 above)."""
     zmax = tl.full([BM], float("-inf"), tl.float32)
     n = tl.zeros([BM], tl.float32)
     zmax, n = _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
@@ -186,7 +252,15 @@ def aux_finalize(l_i, l_g):
 
 
 def prepass_config(normalizer, S: int):
-    return 0, NPTS
+    if not COLLECT:
+        return 0, NPTS
+    groups = 4 * int(KP_GROUPS.value)                       # about 4 KP groups per row
+    gs = max(8, min(256, next_pow2(max(1, S // groups))))
+    return 0, int(COLLECT_FLAG.value) | gs << 8 | NPTS
+
+
+def scratch_cols(normalizer, S: int) -> int:
+    return KC_COLLECT if COLLECT else 0
 
 
 @triton.jit
@@ -218,6 +292,7 @@ HOOKS = Hooks(
     aux_weights=aux_weights,
     aux_finalize=aux_finalize,
     prepass_config=prepass_config,
+    scratch_cols=scratch_cols,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

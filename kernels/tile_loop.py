@@ -90,7 +90,7 @@ def tile_loop(acc, m_i, l_i, acc_g, l_g, q, par, i, p_mask_rows, k_base, v_base,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
+def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO, Scratch,
              stride_qb, stride_qh, stride_qm, stride_qd,
              stride_kb, stride_kh, stride_kn, stride_kd,
              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -98,7 +98,7 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
              stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
              Hq, GROUP, L, S, causal_off,
              qk_scale, cap_mult, bias_mult, mask_min, norm_arg, seed, dropout_p, drop_scale,
-             L_BUCKET, S_BUCKET,
+             L_BUCKET, S_BUCKET, L_PAD,
              HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr,
              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -107,9 +107,11 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
              NUM_STATS: tl.constexpr, HAS_PREPASS: tl.constexpr, PREPASS: tl.constexpr,
              NORM_CONST: tl.constexpr, SKIP_DEAD: tl.constexpr, TILE_LIVE: tl.constexpr,
              AUX: tl.constexpr, AUX_WEIGHTS: tl.constexpr, AUX_FINALIZE: tl.constexpr,
-             DROPOUT: tl.constexpr):
+             DROPOUT: tl.constexpr, SCRATCH_COLS: tl.constexpr):
     """Grid (cdiv(L, BM), B * Hq). NORM names the normalizer (autotune key only). L_BUCKET and
-    S_BUCKET are autotune keys only. seed, dropout_p, drop_scale = 1/(1 - dropout_p): DROPOUT only."""
+    S_BUCKET are autotune keys only. seed, dropout_p, drop_scale = 1/(1 - dropout_p): DROPOUT only.
+    Scratch: (B * Hq * L_PAD, SCRATCH_COLS) fp32 rows the pre-pass may use (L_PAD >= every row index a
+    program touches), or a dummy when SCRATCH_COLS == 0."""
     PAD_D: tl.constexpr = BD != HEAD_D
     PAD_DV: tl.constexpr = BDV != HEAD_DV
     pid_m = tl.program_id(0)
@@ -138,10 +140,11 @@ def attn_fwd(Q, K, V, Out, Mask, Stat0, Stat1, Par, AuxL, AuxO,
     row_base = pid_bh.to(tl.int64) * L                 # (B, Hq, L) contiguous row statistics
 
     if HAS_PREPASS:
+        scr_rows = Scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS   # [BM, 1]
         par = PREPASS(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, HEAD_D, causal_off,
                       full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
-                      bias_mult, mask_min, norm_arg, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
-                      DOT_PREC, NORM_CONST)                                              # [BM]
+                      bias_mult, mask_min, norm_arg, scr_rows, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND,
+                      SOFTCAP, DOT_PREC, NORM_CONST, SCRATCH_COLS)                        # [BM]
     else:
         par = tl.zeros([BM], dtype=tl.float32)
 

@@ -7,7 +7,13 @@ semantics: ties at tau_k are all kept), and the output pass is the online softma
 Pre-pass modes (NORM_CONST, chosen by the launcher from k and S, `prepass_config`):
 
 * ALL (k >= S): tau = -inf, no pass at all.
-* BUFFER (k <= KMAX): one pass keeping, per row, the multiset of the k largest scores seen so far in a
+* COLLECT (k <= KMAX, the default): two passes, no data-dependent loop. Pass 1 keeps, per row, the k
+  largest maxima of groups of GS consecutive keys (`common.top_group_max`; GS chosen so that a row
+  has about 4k groups); their k-th largest, lb, is at most tau_k (the maxima are k distinct scores).
+  Pass 2 stores every allowed score >= lb in the row's scratch (`common.collect_above`, KC = 2 KP
+  slots; on random data about 1.2-1.4 k of them); tau_k is the k-th largest of those, read after one
+  sort. If a row of the block collected more than KC scores, the block falls back to BUFFER.
+* BUFFER (k <= KMAX, ``COLLECT = False``, and COLLECT's fallback): one pass keeping, per row, the multiset of the k largest scores seen so far in a
   [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
   theta = min(buffer) is the running k-th largest. Per tile, the candidates are the scores > theta;
   while any row of the block has one, its largest candidate replaces that row's minimum slot (one
@@ -27,14 +33,24 @@ s >= tau2 against scores recomputed exactly as the forward computed them), r1 = 
 p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, Hooks, next_pow2, pick_row, safe_inv, score_tile
+from .common import (LN2, LOG2E, Hooks, bounded_collect, load_collected, next_pow2, pick_row, safe_inv,
+                     score_tile)
 from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 
-#: largest k handled by the running buffer (larger k uses the count-based select)
+#: largest k handled by the collect / running-buffer modes (larger k uses the count-based select)
 KMAX = 128
+#: COLLECT mode (the GPU default; under Triton's interpreter the default is the iterative mode, because
+#: the interpreter's tl.sort takes about 1-2 s per program: CPU tests switch COLLECT on where they test it).
+#: COLLECT mode for k <= KMAX (False: the running buffer alone). H100, bf16, D=128, B=2, H=16,
+#: L=S=8k: see bench/TUNING.md for the two measured against each other
+COLLECT = os.environ.get("TRITON_INTERPRET") != "1"
+#: NORM_CONST of the COLLECT mode: COLLECT_FLAG | GS << 8 | KP
+COLLECT_FLAG: tl.constexpr = tl.constexpr(1 << 20)
 #: points per select pass (power of two)
 SELECT_POINTS: tl.constexpr = tl.constexpr(8)
 MODE_ALL: tl.constexpr = tl.constexpr(0)
@@ -71,6 +87,35 @@ def _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S
             theta = tl.min(buf, 1)
             cand = tl.where(cand > theta[:, None], cand, float("-inf"))
     return buf, theta, n
+
+
+@triton.jit
+def _kth_group_max(buf, kf):
+    """The k-th largest group maximum (buf keeps k of them, slots >= k at +inf): <= tau_k; -inf while a row
+    has fewer than k groups with an allowed key."""
+    return tl.min(buf, 1)
+
+
+@triton.jit
+def _buffer_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
+                    stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min, kf,
+                    BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+                    KP: tl.constexpr):
+    """tau2 [BM] by the running buffer of KP slots (-inf when the row has <= k allowed keys)."""
+    slots = tl.arange(0, KP)
+    buf = tl.where(slots[None, :] < kf, float("-inf"), float("inf")) + tl.zeros([BM, KP], tl.float32)
+    theta = tl.full([BM], float("-inf"), tl.float32)
+    n = tl.zeros([BM], tl.float32)
+    buf, theta, n = _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D,
+                                  causal_off, 0, full_end, stride_kn, stride_kd, stride_mask_n,
+                                  qk_scale, cap_mult, bias_mult, mask_min, BN, False, PAD_D,
+                                  IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+    buf, theta, n = _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D,
+                                  causal_off, full_end, hi, stride_kn, stride_kd, stride_mask_n,
+                                  qk_scale, cap_mult, bias_mult, mask_min, BN, True, PAD_D,
+                                  IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
+    return tl.where(n > kf, theta, float("-inf"))
 
 
 # ------------------------------------------------------------------ count-based select (large k)
@@ -181,11 +226,12 @@ def _select(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full
 @triton.jit
 def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
             full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
-            mask_min, norm_arg, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
+            mask_min, norm_arg, scr_rows, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr):
-    """tau2 [BM] (log2 units; -inf when the row has <= k allowed keys). norm_arg = k. NORM_CONST:
-    MODE_ALL (0), MODE_SELECT (1), or KP >= 2 (buffer of KP slots). norm_arg is k as a float."""
+            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr, KC: tl.constexpr):
+    """tau2 [BM] (log2 units; -inf when the row has <= k allowed keys). norm_arg = k (a float).
+    NORM_CONST: MODE_ALL (0), MODE_SELECT (1), KP >= 2 (buffer of KP slots), or COLLECT_FLAG | GS << 8 |
+    KP (collect, KC = 2 KP scratch slots per row in scr_rows)."""
     kf = norm_arg
     if NORM_CONST == MODE_ALL:
         tau = tl.full([BM], float("-inf"), tl.float32)
@@ -193,21 +239,29 @@ def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_o
         tau = _select(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
                       kf, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, SELECT_POINTS)
-    else:
-        KP: tl.constexpr = NORM_CONST
+    elif NORM_CONST >= COLLECT_FLAG:
+        KP: tl.constexpr = NORM_CONST & 255
+        GS: tl.constexpr = (NORM_CONST >> 8) & 4095
         slots = tl.arange(0, KP)
-        buf = tl.where(slots[None, :] < norm_arg, float("-inf"), float("inf")) + tl.zeros([BM, KP], tl.float32)
-        theta = tl.full([BM], float("-inf"), tl.float32)
-        n = tl.zeros([BM], tl.float32)
-        buf, theta, n = _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D,
-                                      causal_off, 0, full_end, stride_kn, stride_kd, stride_mask_n,
-                                      qk_scale, cap_mult, bias_mult, mask_min, BN, False, PAD_D,
-                                      IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-        buf, theta, n = _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D,
-                                      causal_off, full_end, hi, stride_kn, stride_kd, stride_mask_n,
-                                      qk_scale, cap_mult, bias_mult, mask_min, BN, True, PAD_D,
-                                      IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-        tau = tl.where(n > kf, theta, float("-inf"))
+        buf = tl.where(slots[None, :] < kf, float("-inf"), float("inf")) + tl.zeros([BM, KP], tl.float32)
+        cnt, n = bounded_collect(buf, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                                 full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                                 bias_mult, mask_min, kf, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC,
+                                 GS, KC, _kth_group_max)
+        srt = load_collected(scr_rows, cnt, KC)                                          # [BM, KC]
+        kidx = kf.to(tl.int32) - 1
+        tau = tl.sum(tl.where(tl.arange(0, KC)[None, :] == kidx, srt, 0.0), 1)           # k-th largest
+        if tl.max((cnt > KC).to(tl.int32)) > 0:        # some row collected too many: the exact buffer
+            tau = _buffer_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
+                                  full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
+                                  bias_mult, mask_min, kf, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
+                                  DOT_PREC, KP)
+        tau = tl.where(n > kf, tau, float("-inf"))
+    else:
+        tau = _buffer_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end,
+                              hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
+                              mask_min, kf, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC,
+                              NORM_CONST)
     return tau
 
 
@@ -249,8 +303,18 @@ def prepass_config(normalizer, S: int):
     if k >= S:
         return k, int(MODE_ALL.value)
     if k <= KMAX:
-        return k, max(2, next_pow2(k))
+        kp = max(2, next_pow2(k))
+        if not COLLECT:
+            return k, kp
+        gs = max(8, min(256, 1 << max(0, (S // (4 * k)).bit_length() - 1)))   # about 4k groups per row
+        return k, int(COLLECT_FLAG.value) | gs << 8 | kp
     return k, int(MODE_SELECT.value)
+
+
+def scratch_cols(normalizer, S: int) -> int:
+    """Scratch slots per query row: 2 KP for the COLLECT mode, else 0."""
+    k = int(normalizer.k)
+    return 2 * max(2, next_pow2(k)) if (COLLECT and k < S and k <= KMAX) else 0
 
 
 HOOKS = Hooks(
@@ -263,6 +327,7 @@ HOOKS = Hooks(
     prepass=prepass,
     tile_live=tile_live,
     prepass_config=prepass_config,
+    scratch_cols=scratch_cols,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

@@ -330,27 +330,33 @@ def test_block_bounds(causal, L, S, all_masked):
 
 
 # ----------------------------------------------------------------------------------------------------
-# top-k: every k, ties, both pre-pass modes
+# top-k: every k, ties, every pre-pass mode
+
+TOPK_MODES = ["collect", "buffer", "select"]
 
 
-@pytest.mark.parametrize("mode", ["buffer", "select"])
+def _topk_mode(mode, monkeypatch):
+    monkeypatch.setattr(topk_kernels, "COLLECT", mode == "collect")
+    if mode == "select":
+        monkeypatch.setattr(topk_kernels, "KMAX", 0)
+
+
+@pytest.mark.parametrize("mode", TOPK_MODES)
 @pytest.mark.parametrize("k", [1, 2, 3, 16, 40, 42, 43, 44, 100])
 def test_topk_every_k(mode, k, monkeypatch):
     """S = 43: k = 1, small k, k near S (40, 42), k = S and k > S (every key kept, tau = -inf)."""
-    if mode == "select":
-        monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    _topk_mode(mode, monkeypatch)
     q, k_, v = make_qkv(1, 2, 1, 18, 43, 16, seed=k)
     res, _ = run_case(q, k_, v, f"topk:{k}", causal=None, stats_tol=2e-5)
     if k >= 43:
         assert torch.isinf(res.stats["tau"]).all()
 
 
-@pytest.mark.parametrize("mode", ["buffer", "select"])
+@pytest.mark.parametrize("mode", TOPK_MODES)
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_topk_ties(mode, k, monkeypatch):
     """Integer scores with many ties: every key tied with the k-th score is kept (threshold semantics)."""
-    if mode == "select":
-        monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    _topk_mode(mode, monkeypatch)
     g = torch.Generator().manual_seed(12)
     L, S = 20, 50
     q = torch.zeros(1, 1, L, 4)
@@ -363,6 +369,35 @@ def test_topk_ties(mode, k, monkeypatch):
     s, allowed = reference.scores_and_allowed(q, k_, causal="lower_right", scale=1.0)
     kept = (allowed & (s >= res.stats["tau"].double()[..., None])).sum(-1)
     assert (kept > k).any()
+
+
+@pytest.mark.parametrize("causal", [None, "lower_right"])
+def test_topk_collect_long_rows_and_overflow(causal, monkeypatch):
+    """COLLECT over many tiles and groups (S = 700: groups of 8 keys, two per interpreter tile), with
+    random scores (few scores above the bound: no overflow) and with all scores equal (every score
+    is >= the bound: the rows overflow the KC = 2 KP slots and the block falls back to the buffer)."""
+    monkeypatch.setattr(topk_kernels, "COLLECT", True)
+    q, k, v = make_qkv(1, 2, 1, 40, 700, 16, seed=16)
+    for kk in (3, 8, 20):
+        assert topk_kernels.prepass_config(TopK(kk), 700)[1] >= topk_kernels.COLLECT_FLAG.value
+        run_case(q, k, v, f"topk:{kk}", causal=causal, stats_tol=2e-5)
+    res, _ = run_case(torch.zeros_like(q), k, v, "topk:8", causal=causal, stats_tol=1e-6)
+    assert torch.isfinite(res.out).all()
+
+
+@pytest.mark.parametrize("causal", [None, "lower_right"])
+def test_entmax15_collect_mode_and_overflow(causal, monkeypatch):
+    """entmax15's COLLECT pre-pass (group maxima bound, collected scores, sort-based threshold): random
+    scores (support of a few keys: no overflow), a wide support (scaled-down scores: more than KC = 128
+    keys above the bound, the block falls back to the bracket passes), and equal scores (every key)."""
+    from flashmaps.kernels import entmax15 as entmax_kernels
+
+    monkeypatch.setattr(entmax_kernels, "COLLECT", True)
+    q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=17, spread=1.5)
+    assert entmax_kernels.prepass_config(Entmax15(), 300)[1] >= entmax_kernels.COLLECT_FLAG.value
+    run_case(q, k, v, "entmax15", causal=causal, stats_tol=2e-5)
+    run_case(q * 0.02, k, v, "entmax15", causal=causal, stats_tol=2e-5)
+    run_case(torch.zeros_like(q), k, v, "entmax15", causal=causal, stats_tol=2e-5)
 
 
 def test_topk_select_long_rows(monkeypatch):
