@@ -18,6 +18,12 @@ Pre-pass (scores only, no V), per row:
    * Newton from t_a (F convex decreasing): t_a + (s2 - 1) / (2 s1) <= tau, the next t0.
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
    The block repeats passes until every row is exact (or its bracket is a few ulps wide).
+   COLLECT mode (``COLLECT = True``; experimental, off by default: exact and CPU-tested, not validated on
+   a GPU): instead of steps 1-2, pass 1 keeps each row's KP_GROUPS largest maxima of groups of keys
+   (`common.top_group_max`); their own threshold (`sorted_threshold`) is a lower bound lb <= tau. Pass 2
+   stores every z >= lb in the row's scratch (`common.collect_above`, KC_COLLECT slots), and tau is the
+   sort-based threshold of those (support = the largest m with tau_m < z_(m)). A block in which a row
+   collected more than KC_COLLECT scores (a support wider than about 100 keys) runs steps 1-2 instead.
 3. the output pass (tile loop): p = max(z - tau, 0)^2 (no exp, no rescale), out = acc / sum p, and
    key tiles with every z <= tau are skipped (no P @ V).
 
@@ -31,8 +37,6 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 (the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -43,10 +47,10 @@ MAX_PASSES: tl.constexpr = tl.constexpr(40)
 #: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
 #: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is.
 NPTS = 2
-#: COLLECT mode (the GPU default; under Triton's interpreter the default is the iterative mode, because
-#: the interpreter's tl.sort takes about 1-2 s per program: CPU tests switch COLLECT on where they test it).
-#: COLLECT mode (False: the bracket passes alone). Group maxima kept per row, and scratch slots per row
-COLLECT = os.environ.get("TRITON_INTERPRET") != "1"
+#: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
+#: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
+#: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
+COLLECT = False
 KP_GROUPS: tl.constexpr = tl.constexpr(64)
 KC_COLLECT = 128
 COLLECT_FLAG: tl.constexpr = tl.constexpr(1 << 20)

@@ -7,14 +7,15 @@ semantics: ties at tau_k are all kept), and the output pass is the online softma
 Pre-pass modes (NORM_CONST, chosen by the launcher from k and S, `prepass_config`):
 
 * ALL (k >= S): tau = -inf, no pass at all.
-* COLLECT (k <= KMAX, the default): two passes, no data-dependent loop. Pass 1 keeps, per row, the k
+* COLLECT (k <= KMAX with ``COLLECT = True``; experimental, off by default, see below): two passes, no
+  data-dependent loop. Pass 1 keeps, per row, the k
   largest maxima of groups of GS consecutive keys (`common.top_group_max`; GS chosen so that a row
   has about 4k groups); their k-th largest, lb, is at most tau_k (the maxima are k distinct scores).
   Pass 2 stores every allowed score >= lb in the row's scratch (`common.collect_above`, KC = 2 KP
   slots; on random data about 1.2-1.4 k of them); tau_k is the k-th largest of those, read after one
   sort. If a row of the block collected more than KC scores, the block falls back to BUFFER.
-* BUFFER (k <= KMAX, ``COLLECT = False``, and COLLECT's fallback): one pass keeping, per row, the multiset of the k largest scores seen so far in a
-  [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
+* BUFFER (k <= KMAX, the default, and COLLECT's fallback): one pass keeping, per row, the multiset of
+  the k largest scores seen so far in a [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
   theta = min(buffer) is the running k-th largest. Per tile, the candidates are the scores > theta;
   while any row of the block has one, its largest candidate replaces that row's minimum slot (one
   argmax over the tile and one argmin over the buffer per step). Sort-free; a tile costs
@@ -33,8 +34,6 @@ s >= tau2 against scores recomputed exactly as the forward computed them), r1 = 
 p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -44,11 +43,10 @@ from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 
 #: largest k handled by the collect / running-buffer modes (larger k uses the count-based select)
 KMAX = 128
-#: COLLECT mode (the GPU default; under Triton's interpreter the default is the iterative mode, because
-#: the interpreter's tl.sort takes about 1-2 s per program: CPU tests switch COLLECT on where they test it).
-#: COLLECT mode for k <= KMAX (False: the running buffer alone). H100, bf16, D=128, B=2, H=16,
-#: L=S=8k: see bench/TUNING.md for the two measured against each other
-COLLECT = os.environ.get("TRITON_INTERPRET") != "1"
+#: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
+#: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
+#: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
+COLLECT = False
 #: NORM_CONST of the COLLECT mode: COLLECT_FLAG | GS << 8 | KP
 COLLECT_FLAG: tl.constexpr = tl.constexpr(1 << 20)
 #: points per select pass (power of two)
