@@ -324,6 +324,21 @@ def pick_row(x, sel):
 
 
 @triton.jit
+def count_allowed(n, s, BN: tl.constexpr, MASKED: tl.constexpr):
+    """n [BM] plus the allowed keys of the score tile s [BM, BN] (all BN in an unmasked tile)."""
+    if MASKED:
+        return n + tl.sum((s > float("-inf")).to(tl.float32), 1)
+    else:
+        return n + BN
+
+
+def collect_group_size(S: int, groups: int) -> int:
+    """Keys per group (a power of two in [8, 256]) that gives a row of S keys about ``groups`` groups, for
+    `top_group_max` (at least one group per tile once it reaches the tile size)."""
+    return max(8, min(256, next_pow2(max(1, S // groups))))
+
+
+@triton.jit
 def top_group_max(buf, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, start, end,
                   stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
                   BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -344,10 +359,7 @@ def top_group_max(buf, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, ca
         s = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
                        stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
                        MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
-        if MASKED:
-            n += tl.sum((s > float("-inf")).to(tl.float32), 1)
-        else:
-            n += BN
+        n = count_allowed(n, s, BN, MASKED)
         if G == 1:
             x = tl.max(s, 1)                                                             # [BM]
             low, slot = tl.min(buf, 1, return_indices=True)

@@ -40,7 +40,8 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .common import Hooks, bounded_collect, load_collected, next_pow2, pick_row, safe_inv, score_tile
+from .common import (Hooks, bounded_collect, collect_group_size, count_allowed, load_collected, pick_row,
+                     safe_inv, score_tile)
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES: tl.constexpr = tl.constexpr(40)
@@ -67,10 +68,7 @@ def _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, caus
                        stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
                        MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
         zmax = tl.maximum(zmax, tl.max(z, 1))
-        if MASKED:
-            n += tl.sum((z > float("-inf")).to(tl.float32), 1)
-        else:
-            n += BN
+        n = count_allowed(n, z, BN, MASKED)
     return zmax, n
 
 
@@ -89,7 +87,7 @@ def _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows, L,
                        MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
         for pt in tl.static_range(NP):                 # one [BM, BN] pass per point (no 3-D tensor)
             sel = cols[None, :] == pt                                                    # [1, NP]
-            d = z - tl.sum(tl.where(sel, t, 0.0), 1)[:, None]                            # [BM, BN]
+            d = z - pick_row(t, sel)[:, None]                                            # [BM, BN]
             pos = d > 0
             dp = tl.where(pos, d, 0.0)
             cnt += tl.where(sel, tl.sum(pos.to(tl.float32), 1)[:, None], 0.0)            # [BM, NP]
@@ -116,7 +114,7 @@ def sorted_threshold(srt, cnt):
     m = (idx + 1).to(tl.float32)[None, :]
     tau_m = (s1 - tl.sqrt(tl.maximum(s1 * s1 - m * (s2 - 1.0), 0.0))) / m
     msz = tl.max(tl.where(ok & (tau_m < w), idx[None, :] + 1, 0), 1)                     # support size
-    tau_w = tl.sum(tl.where(idx[None, :] == (msz - 1)[:, None], tau_m, 0.0), 1)
+    tau_w = pick_row(tau_m, idx[None, :] == (msz - 1)[:, None])
     return tl.where(cnt > 0, top + tau_w, float("inf"))
 
 
@@ -258,8 +256,7 @@ def aux_finalize(l_i, l_g):
 def prepass_config(normalizer, S: int):
     if not COLLECT:
         return 0, NPTS
-    groups = 4 * int(KP_GROUPS.value)                       # about 4 KP groups per row
-    gs = max(8, min(256, next_pow2(max(1, S // groups))))
+    gs = collect_group_size(S, 4 * int(KP_GROUPS.value))       # about 4 KP groups per row
     return 0, int(COLLECT_FLAG.value) | gs << 8 | NPTS
 
 

@@ -37,8 +37,8 @@ p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 import triton
 import triton.language as tl
 
-from .common import (LN2, LOG2E, Hooks, bounded_collect, load_collected, next_pow2, pick_row, safe_inv,
-                     score_tile)
+from .common import (LN2, LOG2E, Hooks, bounded_collect, collect_group_size, count_allowed, load_collected,
+                     next_pow2, pick_row, safe_inv, score_tile)
 from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 
 #: largest k handled by the collect / running-buffer modes (larger k uses the count-based select)
@@ -71,10 +71,7 @@ def _buffer_range(buf, theta, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S
         s = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
                        stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
                        MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
-        if MASKED:
-            n += tl.sum((s > float("-inf")).to(tl.float32), 1)
-        else:
-            n += BN
+        n = count_allowed(n, s, BN, MASKED)
         cand = tl.where(s > theta[:, None], s, float("-inf"))                           # [BM, BN]
         while tl.max(cand) > float("-inf"):
             x, ix = tl.max(cand, 1, return_indices=True)                                 # [BM]
@@ -154,7 +151,7 @@ def _counts(cnt, above_min, below_max, t, q, k_base, offs_n, offs_d, i, p_mask_r
                        MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
         for pt in tl.static_range(NP):                 # one [BM, BN] pass per point (no 3-D tensor)
             sel = cols[None, :] == pt                                                    # [1, NP]
-            ge = s >= tl.sum(tl.where(sel, t, 0.0), 1)[:, None]                          # [BM, BN]
+            ge = s >= pick_row(t, sel)[:, None]                                          # [BM, BN]
             cnt += tl.where(sel, tl.sum(ge.to(tl.float32), 1)[:, None], 0.0)             # [BM, NP]
             above_min = tl.minimum(above_min, tl.where(
                 sel, tl.min(tl.where(ge, s, float("inf")), 1)[:, None], float("inf")))
@@ -248,7 +245,7 @@ def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_o
                                  GS, KC, _kth_group_max)
         srt = load_collected(scr_rows, cnt, KC)                                          # [BM, KC]
         kidx = kf.to(tl.int32) - 1
-        tau = tl.sum(tl.where(tl.arange(0, KC)[None, :] == kidx, srt, 0.0), 1)           # k-th largest
+        tau = pick_row(srt, tl.arange(0, KC)[None, :] == kidx)                           # k-th largest
         if tl.max((cnt > KC).to(tl.int32)) > 0:        # some row collected too many: the exact buffer
             tau = _buffer_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
                                   full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
@@ -304,8 +301,7 @@ def prepass_config(normalizer, S: int):
         kp = max(2, next_pow2(k))
         if not COLLECT:
             return k, kp
-        gs = max(8, min(256, 1 << max(0, (S // (4 * k)).bit_length() - 1)))   # about 4k groups per row
-        return k, int(COLLECT_FLAG.value) | gs << 8 | kp
+        return k, int(COLLECT_FLAG.value) | collect_group_size(S, 4 * k) << 8 | kp   # about 4k groups
     return k, int(MODE_SELECT.value)
 
 
