@@ -32,6 +32,7 @@ __all__ = [
     "parse",
     "normalizers",
     "register",
+    "defaults",
 ]
 
 
@@ -51,6 +52,11 @@ class Normalizer:
     def spec(self) -> str:
         """The string form that :func:`parse` turns back into this normalizer."""
         return self.name
+
+    @classmethod
+    def default(cls) -> "Normalizer":
+        """The instance benchmarks, ``compare`` and the transformers names use by default."""
+        return cls()
 
     def reference_weights(self, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Dense weights ``p`` (same shape as ``s``, last dim = keys) from scores ``s`` and a bool
@@ -184,6 +190,10 @@ class TopK(Normalizer):
     def spec(self) -> str:
         return f"topk:{self.k}"
 
+    @classmethod
+    def default(cls) -> "TopK":
+        return cls(64)
+
     def reference_weights(self, s, allowed):
         tau = topk_threshold(s, allowed, self.k)
         keep = allowed & (s >= tau)
@@ -216,6 +226,11 @@ def register(cls: type[Normalizer]) -> type[Normalizer]:
 
 for _cls in (Softmax, Taylor, Entmax15, TopK):
     register(_cls)
+
+
+def defaults() -> list[Normalizer]:
+    """One default instance of every registered normalizer (``Normalizer.default()``), softmax first."""
+    return [cls.default() for cls in sorted(_REGISTRY.values(), key=lambda c: (c.name != "softmax", c.name))]
 
 
 def normalizers() -> list[str]:

@@ -239,8 +239,13 @@ def test_topk_ties_at_threshold_are_all_kept(k):
     vector appears 4 times, so every score is tied 4 ways; S = 40 keeps the sparse path in play."""
     B, H, L, S, D = 1, 2, 6, 40, 8
     g = torch.Generator().manual_seed(47)
-    q = torch.randn(B, H, L, D, generator=g)
-    k_ = torch.randn(B, H, 10, D, generator=g).repeat(1, 1, 4, 1)  # key j == key j % 10
+    # entries on a 1/8 grid: every dot product is exact, so tied keys tie bit for bit whatever the matmul's
+    # summation order (with random floats the copies of a key could differ in the last bit on some CPUs)
+    q = torch.randint(-64, 65, (B, H, L, D), generator=g).float() / 8
+    k10 = torch.randint(-64, 65, (B, H, 10, D), generator=g).float() / 8
+    base = q @ k10.transpose(-1, -2)  # [B, H, L, 10]: the 10 distinct keys' scores must differ in every row
+    assert torch.all(base.sort(-1).values.diff(dim=-1) > 0), "test setup: choose another seed"
+    k_ = k10.repeat(1, 1, 4, 1)  # key j == key j % 10
     v = torch.eye(S).expand(B, H, S, S)
     w = flashmaps.attention(q, k_, v, f"topk:{k}", backend="torch")
     ref = R.attention(q, k_, v, f"topk:{k}")
