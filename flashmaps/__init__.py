@@ -1,28 +1,35 @@
-"""flashmaps: blockwise attention with pluggable normalizers (softmax, taylor, entmax15, top-k).
+"""flashmaps: blockwise attention with pluggable normalizers.
 
     import flashmaps
     out = flashmaps.attention(q, k, v, "entmax15", causal=True)      # (B, Hq, L, Dv)
     out = flashmaps.sdpa(q, k, v, is_causal=True, normalizer="topk:64")  # torch SDPA's signature
+    flashmaps.names()                                                  # the registered normalizers
+
+Normalizer classes are reachable by their class name (``flashmaps.TopK(64)``); ``flashmaps.register``
+adds your own (README, "Write your own normalizer").
 """
 
 from importlib import import_module as _import_module
 
-from . import reference
-from .functional import attention, sdpa
-from .normalizers import Entmax15, Normalizer, Softmax, Taylor, TopK, normalizers, parse
+from . import normalizers, reference
+from .functional import attention, merge, sdpa
+from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "sdpa",
+    "merge",
     "Normalizer",
-    "Softmax",
-    "Taylor",
-    "Entmax15",
-    "TopK",
-    "normalizers",
+    "register",
+    "unregister",
+    "registry",
+    "names",
+    "defaults",
+    "examples",
     "parse",
+    "normalizers",
     "reference",
     "__version__",
 ]
@@ -30,7 +37,14 @@ __all__ = [
 _LAZY = ("nn", "integrations", "cli")
 
 
-def __getattr__(name):  # flashmaps.nn etc. are imported on first use
+def __getattr__(name):  # flashmaps.nn etc. are imported on first use; normalizer classes by class name
     if name in _LAZY:
         return _import_module(f".{name}", __name__)
+    cls = normalizers.classes().get(name)
+    if cls is not None:
+        return cls
     raise AttributeError(f"module 'flashmaps' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(normalizers.classes()))

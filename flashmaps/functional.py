@@ -28,7 +28,7 @@ import torch
 from . import ops
 from .normalizers import Normalizer, parse
 
-__all__ = ["attention", "sdpa"]
+__all__ = ["attention", "sdpa", "merge"]
 
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
@@ -254,6 +254,35 @@ def attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats,
     )
+
+
+def merge(normalizer: str | Normalizer, outs, stats):
+    """Combine attention results over DISJOINT key sets of the same queries into the result over their union.
+
+    ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` (a dict {name: (B, Hq, L)}) are what
+    ``attention(..., return_stats=True)`` returned for part i of the keys (e.g. two halves of a KV cache).
+    Returns ``(out, stats)`` for the union, differentiable with respect to every input. The rule is the
+    normalizer's own (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums. Sparse
+    normalizers have none for independent parts (their threshold is global); they raise NotImplementedError.
+    """
+    norm = parse(normalizer)
+    if isinstance(outs, torch.Tensor) or not isinstance(outs, (list, tuple)) or not outs:
+        raise TypeError("merge: outs must be a non-empty list of (B, Hq, L, Dv) tensors, one per part")
+    if not isinstance(stats, (list, tuple)) or len(stats) != len(outs):
+        raise TypeError(f"merge: stats must be a list of {len(outs)} dicts (one per part, from return_stats=True)")
+    for i, (o, st) in enumerate(zip(outs, stats)):
+        _check_tensor(o, f"outs[{i}]")
+        if o.dim() != 4 or o.shape != outs[0].shape:
+            raise ValueError(f"merge: outs[{i}] has shape {tuple(o.shape)}; every part must be (B, Hq, L, Dv) "
+                             f"like outs[0] {tuple(outs[0].shape)}")
+        if not isinstance(st, dict) or set(st) != set(norm.stats):
+            got = sorted(st) if isinstance(st, dict) else type(st).__name__
+            raise ValueError(f"merge: stats[{i}] must be a dict with exactly {list(norm.stats)} for {norm.spec!r}, "
+                             f"got {got}")
+        for name, x in st.items():
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(o.shape[:3]):
+                raise ValueError(f"merge: stats[{i}][{name!r}] must be a (B, Hq, L) = {tuple(o.shape[:3])} tensor")
+    return norm.merge(list(outs), list(stats))
 
 
 def _causal_from_bias(attn_mask, L: int, S: int):

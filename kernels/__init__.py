@@ -1,31 +1,19 @@
-"""Triton kernels of flashmaps (installed as ``flashmaps.kernels``).
+"""Triton code of flashmaps (installed as ``flashmaps.kernels``).
 
-* ``common``: shared ``@triton.jit`` helpers (scores, masks, causal bounds, loads, dropout) and ``Hooks``.
-* ``tile_loop``: the one forward kernel ``attn_fwd``.
-* ``backward``: the backward kernels (preprocess, dK/dV, dQ), one copy for every normalizer.
-* ``softmax``, ``taylor``, ``entmax15``, ``topk``: each normalizer's hooks (threshold pre-pass, and
-  its backward rule).
-
-``HOOKS`` maps a normalizer name to its ``common.Hooks``; adding a normalizer means adding a module
-and an entry here, never editing the tile loop or the backward kernels.
+* ``contract``: the log base, the argument bundles and `Hooks`, the record a normalizer plugs in with
+  (built by `make_hooks`).
+* ``tiles``: loads, the matrix product, score tiles and masks, tile bounds, and `fold_keys`, the one sweep
+  over a query block's key tiles.
+* ``dropout``: the keep mask shared by the forward and backward kernels.
+* ``threshold``: the threshold engine of the sparse normalizers (bracket passes, collect method).
+* ``tile_loop``: the one forward kernel ``attn_fwd``; ``backward``: the backward kernels.
+* ``softmax``, ``taylor``, ``entmax15``, ``topk``, ...: each normalizer's hooks, next to its Python unit in
+  ``flashmaps/normalizers/``. A normalizer module defines ``HOOKS`` (and, when its kernels depend on the
+  instance or on S, ``configure(normalizer, S) -> (hooks, args, scratch_cols)``); the loop and the backward
+  kernels never name a normalizer.
 """
 
-from . import backward, common, entmax15, softmax, taylor, tile_loop, topk
-from .common import Hooks
+from .contract import Hooks, NoArgs, make_hooks
+from .threshold import Bracket, ThresholdRule
 
-HOOKS: dict[str, Hooks] = {m.HOOKS.name: m.HOOKS for m in (softmax, taylor, entmax15, topk)}
-
-
-def hooks_for(name: str) -> Hooks:
-    """The kernel hooks of the normalizer called ``name`` (``Normalizer.name``)."""
-    try:
-        return HOOKS[name]
-    except KeyError:
-        raise NotImplementedError(
-            f"no Triton kernel hooks for the normalizer {name!r} (have: {', '.join(sorted(HOOKS))}); "
-            "use backend='torch'"
-        ) from None
-
-
-__all__ = ["HOOKS", "Hooks", "hooks_for", "common", "tile_loop", "backward", "softmax", "taylor", "entmax15",
-           "topk"]
+__all__ = ["Hooks", "NoArgs", "make_hooks", "Bracket", "ThresholdRule"]

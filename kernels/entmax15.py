@@ -18,10 +18,11 @@ Pre-pass (scores only, no V), per row:
    * Newton from t_a (F convex decreasing): t_a + (s2 - 1) / (2 s1) <= tau, the next t0.
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
    The block repeats passes until every row is exact (or its bracket is a few ulps wide).
+   Steps 1-2 are the bracket method of the threshold engine (`threshold.search`) with the rule `RULE`.
    COLLECT mode (``COLLECT = True``; experimental, off by default: exact and CPU-tested, not validated on
-   a GPU): instead of steps 1-2, pass 1 keeps each row's KP_GROUPS largest maxima of groups of keys
-   (`common.top_group_max`); their own threshold (`sorted_threshold`) is a lower bound lb <= tau. Pass 2
-   stores every z >= lb in the row's scratch (`common.collect_above`, KC_COLLECT slots), and tau is the
+   a GPU): the engine's collect method instead (`threshold.collect_search`): pass 1 keeps each row's
+   KP_GROUPS largest maxima of groups of keys; their own threshold (`sorted_threshold`) is a lower bound
+   lb <= tau. Pass 2 stores every z >= lb in the row's scratch (KC_COLLECT slots), and tau is the
    sort-based threshold of those (support = the largest m with tau_m < z_(m)). A block in which a row
    collected more than KC_COLLECT scores (a support wider than about 100 keys) runs steps 1-2 instead.
 3. the output pass (tile loop): p = max(z - tau, 0)^2 (no exp, no rescale), out = acc / sum p, and
@@ -37,14 +38,17 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 (the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
-from .common import (Hooks, bounded_collect, collect_group_size, count_allowed, load_collected, pick_row,
-                     safe_inv, score_tile)
+from .contract import NoArgs, make_hooks
+from .threshold import Bracket, ThresholdRule, collect_group_size, collect_search, point_columns, search
+from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
-MAX_PASSES: tl.constexpr = tl.constexpr(40)
+MAX_PASSES = 40
 #: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
 #: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is.
 NPTS = 2
@@ -54,52 +58,88 @@ NPTS = 2
 COLLECT = False
 KP_GROUPS: tl.constexpr = tl.constexpr(64)
 KC_COLLECT = 128
-COLLECT_FLAG: tl.constexpr = tl.constexpr(1 << 20)
+
+
+class Consts(NamedTuple):
+    """Compile-time options of the pre-pass (``NORM.consts``)."""
+
+    COLLECT: bool
+    GS: int       # keys per group of the collect method's first pass
+    KC: int       # scratch slots per row of the collect method
+
+
+# ------------------------------------------------------------------ the bracket rule (threshold engine)
 
 
 @triton.jit
-def _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, start, end,
-               stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-               BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Running row max of z and count of allowed keys over the key tiles [start, end)."""
-    for start_n in range(start, end, BN):
-        z = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
-        zmax = tl.maximum(zmax, tl.max(z, 1))
-        n = count_allowed(n, z, BN, MASKED)
-    return zmax, n
+def _init(zmax, zmin, n, args, NP: tl.constexpr):
+    """tau in [max z - 1, max z - n^(-1/2)]; exact (= max z - 1) for a row with one key."""
+    ztop = tl.where(n == 0, 0.0, zmax)
+    lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
+    up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
+    return Bracket(lo, up, lo, up, lo, n <= 1.0)
 
 
 @triton.jit
-def _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-             start, end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-             BN: tl.constexpr, MASKED: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-             MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+def _zero(t):
+    return (tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32),
+            tl.full(t.shape, float("inf"), tl.float32))
+
+
+@triton.jit
+def _moments(acc, z, start_n, t, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr):
     """Support moments at the points t [BM, NP]: count, sum and sum of squares of (z - t)_+ and the
-    smallest z above t, accumulated over the key tiles [start, end)."""
+    smallest z above t."""
+    cnt, s1, s2, zmin = acc
     NP: tl.constexpr = t.shape[1]
     cols = tl.arange(0, NP)
-    for start_n in range(start, end, BN):
-        z = score_tile(q, k_base, start_n, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                       stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-                       MASKED, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)          # [BM, BN]
-        for pt in tl.static_range(NP):                 # one [BM, BN] pass per point (no 3-D tensor)
-            sel = cols[None, :] == pt                                                    # [1, NP]
-            d = z - pick_row(t, sel)[:, None]                                            # [BM, BN]
-            pos = d > 0
-            dp = tl.where(pos, d, 0.0)
-            cnt += tl.where(sel, tl.sum(pos.to(tl.float32), 1)[:, None], 0.0)            # [BM, NP]
-            s1 += tl.where(sel, tl.sum(dp, 1)[:, None], 0.0)
-            s2 += tl.where(sel, tl.sum(dp * dp, 1)[:, None], 0.0)
-            zmin = tl.minimum(zmin, tl.where(sel, tl.min(tl.where(pos, z, float("inf")), 1)[:, None],
-                                             float("inf")))
+    for pt in tl.static_range(NP):                     # one [BM, BN] pass per point (no 3-D tensor)
+        sel = cols[None, :] == pt                                                        # [1, NP]
+        d = z - pick_row(t, sel)[:, None]                                                # [BM, BN]
+        pos = d > 0
+        dp = tl.where(pos, d, 0.0)
+        cnt = point_columns(cnt, tl.sum(pos.to(tl.float32), 1), sel)                     # [BM, NP]
+        s1 = point_columns(s1, tl.sum(dp, 1), sel)
+        s2 = point_columns(s2, tl.sum(dp * dp, 1), sel)
+        zmin = tl.minimum(zmin, tl.where(sel, tl.min(tl.where(pos, z, float("inf")), 1)[:, None], float("inf")))
     return cnt, s1, s2, zmin
 
 
 @triton.jit
-def sorted_threshold(srt, cnt):
+def _step(br, t, acc, args):
+    """With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau): the exact polish on the
+    support {z > t_a}, a Newton step from t_a, and the bracket shrunk to [t_a, t_{a+1})."""
+    cnt, s1, s2, zmin = acc
+    NP: tl.constexpr = t.shape[1]
+    idx = tl.arange(0, NP)
+    a = tl.max(tl.where(s2 >= 1.0, idx[None, :], -1), 1)   # -1 if rounding put t0 above tau    [BM]
+    sel = idx[None, :] == a[:, None]
+    found = a >= 0
+    t_a = pick_row(t, sel)
+    c_a = pick_row(cnt, sel)
+    s1_a = pick_row(s1, sel)
+    f_a = pick_row(s2, sel) - 1.0                                                         # F(t_a) >= 0
+    zmin_a = pick_row(zmin, sel)
+    t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, br.up, 0.0)
+    # exact polish on the support {z > t_a}: smaller root of c y^2 - 2 s1 y + F(t_a) = 0
+    disc = s1_a * s1_a - c_a * f_a
+    r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
+    has_r = found & (disc >= 0)
+    exact = has_r & (r < zmin_a)
+    newton = t_a + f_a / (2.0 * tl.maximum(s1_a, 1e-30))                              # <= tau
+    lo = tl.where(found, tl.maximum(br.lo, t_a), br.lo)
+    up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
+    up = tl.where(has_r, tl.minimum(up, r), up)
+    up = tl.maximum(up, lo)
+    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
+    narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
+    tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
+    done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
+    return Bracket(lo, up, t0, up, tau, done)
+
+
+@triton.jit
+def sorted_threshold(srt, cnt, args):
     """The exact 1.5-entmax threshold (z units) of each row's values srt [BM, C], sorted in descending
     order, -inf past cnt [BM] (int32); +inf for an empty row. With prefix sums S1_m, S2_m of the m
     largest values (relative to the largest, for accuracy), tau_m = (S1_m - sqrt(S1_m^2 - m (S2_m - 1)))
@@ -119,109 +159,32 @@ def sorted_threshold(srt, cnt):
 
 
 @triton.jit
-def _group_max_threshold(buf, norm_arg):
+def _group_max_threshold(buf, args):
     """The 1.5-entmax threshold of the row's largest group maxima alone: <= tau (F of the whole row is
     at least F of any subset of its scores); 0 for a row without an allowed key (nothing is collected)."""
     n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
-    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups)
+    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups, args)
     return tl.where(n_groups > 0, lb, 0.0)
 
 
+RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=_zero, fold=_moments, step=_step,
+                     bound=_group_max_threshold, sorted=sorted_threshold)
+
+
 @triton.jit
-def prepass(q, k_base, offs_m, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-            full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
-            mask_min, norm_arg, scr_rows, BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
-            DOT_PREC: tl.constexpr, NORM_CONST: tl.constexpr, KC: tl.constexpr):
-    """tau [BM] (units of z, +inf for empty rows) for the query block. NORM_CONST: NP (the bracket
-    passes, NP points each) or COLLECT_FLAG | GS << 8 | NP (collect; the bracket passes as fallback)."""
-    NP: tl.constexpr = NORM_CONST & 255
-    if NORM_CONST >= COLLECT_FLAG:
-        GS: tl.constexpr = (NORM_CONST >> 8) & 4095
+def prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+    """tau [BM] (units of z, +inf for empty rows) for the query block."""
+    if NORM.consts.COLLECT:
         buf = tl.full([BM, KP_GROUPS], float("-inf"), tl.float32)
-        cnt, n = bounded_collect(buf, scr_rows, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                                 full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
-                                 bias_mult, mask_min, norm_arg, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
-                                 DOT_PREC, GS, KC, _group_max_threshold)
-        tau = sorted_threshold(load_collected(scr_rows, cnt, KC), cnt)
-        if tl.max((cnt > KC).to(tl.int32)) > 0:        # a row's support is too wide: the bracket passes
-            tau = _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                                   full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
-                                   bias_mult, mask_min, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP,
-                                   DOT_PREC, NP)
+        tau, n, overflow = collect_search(buf, blk, keys, args, scr, BM, BN, ST, NORM)
+        if overflow:                                   # a row's support is too wide: the bracket passes
+            tau, n = search(blk, keys, args, BM, BN, ST, NORM)
     else:
-        tau = _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end,
-                               hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult,
-                               mask_min, BM, BN, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC, NP)
-    return tau
+        tau, n = search(blk, keys, args, BM, BN, ST, NORM)
+    return tl.where(n == 0, float("inf"), tau)
 
 
-@triton.jit
-def _bracket_prepass(q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off, full_end, hi,
-                     stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-                     BM: tl.constexpr, BN: tl.constexpr, PAD_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                     MASK_KIND: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
-                     NP: tl.constexpr):
-    """tau [BM] (units of z, +inf for empty rows) by the bracket passes (steps 1-2 above)."""
-    zmax = tl.full([BM], float("-inf"), tl.float32)
-    n = tl.zeros([BM], tl.float32)
-    zmax, n = _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                         0, full_end, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
-                         bias_mult, mask_min, BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-    zmax, n = _max_count(zmax, n, q, k_base, offs_n, offs_d, i, p_mask_rows, L, S, D, causal_off,
-                         full_end, hi, stride_kn, stride_kd, stride_mask_n, qk_scale, cap_mult,
-                         bias_mult, mask_min, BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-    empty = n == 0
-    ztop = tl.where(empty, 0.0, zmax)
-    lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
-    up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
-    t0 = lo                                             # next Newton iterate (first point of a pass)
-    tau = lo                                            # exact when n == 1
-    done = n <= 1.0
-    idx = tl.arange(0, NP)                              # [NP]
-    frac = idx.to(tl.float32) / NP
-    passes = tl.full([], 0, tl.int32)
-    while (tl.max(tl.where(done, 0, 1)) > 0) & (passes < MAX_PASSES):
-        t = t0[:, None] + (up - t0)[:, None] * frac[None, :]                           # [BM, NP]
-        cnt = tl.zeros([BM, NP], tl.float32)
-        s1 = tl.zeros([BM, NP], tl.float32)
-        s2 = tl.zeros([BM, NP], tl.float32)
-        zmin = tl.full([BM, NP], float("inf"), tl.float32)
-        cnt, s1, s2, zmin = _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows,
-                                     L, S, D, causal_off, 0, full_end, stride_kn, stride_kd,
-                                     stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-                                     BN, False, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-        cnt, s1, s2, zmin = _moments(cnt, s1, s2, zmin, t, q, k_base, offs_n, offs_d, i, p_mask_rows,
-                                     L, S, D, causal_off, full_end, hi, stride_kn, stride_kd,
-                                     stride_mask_n, qk_scale, cap_mult, bias_mult, mask_min,
-                                     BN, True, PAD_D, IS_CAUSAL, MASK_KIND, SOFTCAP, DOT_PREC)
-        # the largest point with F(t) = s2 - 1 >= 0 (t <= tau); -1 if rounding put t0 above tau
-        a = tl.max(tl.where(s2 >= 1.0, idx[None, :], -1), 1)                           # [BM]
-        sel = idx[None, :] == a[:, None]
-        found = a >= 0
-        t_a = pick_row(t, sel)
-        c_a = pick_row(cnt, sel)
-        s1_a = pick_row(s1, sel)
-        f_a = pick_row(s2, sel) - 1.0                                                     # F(t_a) >= 0
-        zmin_a = pick_row(zmin, sel)
-        t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, up, 0.0)
-        # exact polish on the support {z > t_a}: smaller root of c y^2 - 2 s1 y + F(t_a) = 0
-        disc = s1_a * s1_a - c_a * f_a
-        r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
-        has_r = found & (disc >= 0)
-        exact = has_r & (r < zmin_a)
-        newton = t_a + f_a / (2.0 * tl.maximum(s1_a, 1e-30))                          # <= tau
-        # shrink the bracket [lo, up]
-        lo = tl.where(found, tl.maximum(lo, t_a), lo)
-        up = tl.where(found, tl.minimum(up, t_b), tl.minimum(up, t0))
-        up = tl.where(has_r, tl.minimum(up, r), up)
-        up = tl.maximum(up, lo)
-        t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
-        narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
-        tau = tl.where(done, tau, tl.where(exact, r, lo))
-        done = done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
-        passes += 1
-    return tl.where(empty, float("inf"), tau)
+# ------------------------------------------------------------------ output pass and backward
 
 
 @triton.jit
@@ -253,17 +216,6 @@ def aux_finalize(l_i, l_g):
     return safe_inv(l_g), l_g * tl.where(l_i > 0, tl.rsqrt(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 
 
-def prepass_config(normalizer, S: int):
-    if not COLLECT:
-        return 0, NPTS
-    gs = collect_group_size(S, 4 * int(KP_GROUPS.value))       # about 4 KP groups per row
-    return 0, int(COLLECT_FLAG.value) | gs << 8 | NPTS
-
-
-def scratch_cols(normalizer, S: int) -> int:
-    return KC_COLLECT if COLLECT else 0
-
-
 @triton.jit
 def bwd_rows(stat0, stat1, par, aux_l):
     return par, par
@@ -281,20 +233,25 @@ def bwd_dscores(p, s, dp, delta, r0, r1):
     return tl.maximum(s - r0[:, None], 0.0) * (dp - delta[:, None])
 
 
-HOOKS = Hooks(
+HOOKS = make_hooks(
     name="entmax15",
-    score_unit=0.5,
-    stats=("tau",),
+    unit=0.5,
+    n_stats=1,
     update=update,
     finalize=finalize,
-    rescale=False,
     prepass=prepass,
     tile_live=tile_live,
     aux_weights=aux_weights,
     aux_finalize=aux_finalize,
-    prepass_config=prepass_config,
-    scratch_cols=scratch_cols,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,
+    rule=RULE,
 )
+
+
+def configure(normalizer, S: int):
+    """(hooks, runtime args, scratch columns) of a call over S keys: the module knobs NPTS and COLLECT."""
+    gs = collect_group_size(S, 4 * int(KP_GROUPS.value))       # about 4 KP groups per row
+    hooks = HOOKS._replace(consts=Consts(COLLECT, gs, KC_COLLECT), rule=RULE._replace(points=NPTS))
+    return hooks, NoArgs(), KC_COLLECT if COLLECT else 0

@@ -16,7 +16,8 @@ there), p = exp2(s - lse2), dS = p * (dP - delta) with delta = rowsum(dO * O).
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, Hooks, safe_inv
+from .contract import LN2, LOG2E, make_hooks
+from .tiles import safe_inv
 
 
 @triton.jit
@@ -72,10 +73,10 @@ def bwd_dscores(p, s, dp, delta, r0, r1):
     return p * (dp - delta[:, None])
 
 
-HOOKS = Hooks(
+HOOKS = make_hooks(
     name="softmax",
-    score_unit=float(LOG2E.value),
-    stats=("lse",),
+    unit=float(LOG2E.value),
+    n_stats=1,
     update=update,
     finalize=finalize,
     rescale=True,

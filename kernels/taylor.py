@@ -11,7 +11,8 @@ dS = f'(s) / Z * (dP - delta) with f'(s) = 1 + s and delta = rowsum(dO * O).
 import triton
 import triton.language as tl
 
-from .common import Hooks, safe_inv
+from .contract import make_hooks
+from .tiles import safe_inv
 
 
 @triton.jit
@@ -58,13 +59,12 @@ def bwd_dscores(p, s, dp, delta, r0, r1):
     return fprime * r0[:, None] * (dp - delta[:, None])
 
 
-HOOKS = Hooks(
+HOOKS = make_hooks(
     name="taylor",
-    score_unit=1.0,
-    stats=("z",),
+    unit=1.0,
+    n_stats=1,
     update=update,
     finalize=finalize,
-    rescale=False,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

@@ -1,4 +1,4 @@
-"""Shared test setup.
+"""Shared test setup (helpers live in tests/helpers.py).
 
 Without CUDA, Triton kernels run on the CPU through the interpreter: TRITON_INTERPRET must be set before
 any @triton.jit function is created, so it is set here, before the tests import flashmaps.
@@ -14,7 +14,6 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-#: the device the Triton kernels run on in this session: "cuda" on a GPU machine, else "cpu" (interpreter)
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -28,13 +27,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0/0 counts as 0); NaN anywhere gives inf."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    den = ref64.norm().item()
-    num = (out64 - ref64).norm().item()
-    return num / den if den > 0 else num

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import NORMS, rel_err
 
 import flashmaps
 from flashmaps import reference
 
-NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
 
 
 def qkv(B=2, Hq=4, Hkv=4, L=9, S=11, D=8, Dv=None, dtype=torch.float32, seed=0):
@@ -25,7 +24,7 @@ def qkv(B=2, Hq=4, Hkv=4, L=9, S=11, D=8, Dv=None, dtype=torch.float32, seed=0):
 
 
 def test_normalizer_names_and_parse():
-    assert flashmaps.normalizers() == ["entmax15", "softmax", "taylor", "topk"]
+    assert flashmaps.names()[0] == "softmax" and {"softmax", "taylor", "entmax15", "topk"} <= set(flashmaps.names())
     assert flashmaps.parse("softmax") == flashmaps.Softmax()
     assert flashmaps.parse(" TopK:64 ") == flashmaps.TopK(64)
     assert flashmaps.parse(flashmaps.TopK(3)) is not None

@@ -20,13 +20,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from helpers import NORMS, rel_err  # noqa: E402
 
 import flashmaps  # noqa: E402
 from flashmaps import reference  # noqa: E402
 from flashmaps.integrations import transformers as fm_hf  # noqa: E402
 
-NORMALIZERS = ["softmax", "taylor", "entmax15", "topk:3"]
+NORMALIZERS = NORMS
+#: the transformers names of every registered normalizer but softmax (which is compared with "sdpa")
+OTHER_IMPLS = [f"fmaps_{n}" for n in flashmaps.names() if n != "softmax"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_dropout_only_in_training():
 
 def test_topk_k_from_config():
     q, k, v = qkv(L=9, S=9)
-    topk = fm_hf._topk_from_config
+    topk = fm_hf._FromConfig(flashmaps.TopK)
     out, _ = fm_hf.attention_forward(
         FakeLayer(config=types.SimpleNamespace(fmaps_topk_k=2)), q, k, v, None, normalizer=topk
     )
@@ -200,8 +202,8 @@ def test_register_both_interfaces_twice(hf):
 
     first = fm_hf.register()
     fn = ALL_ATTENTION_FUNCTIONS["fmaps_entmax15"]
-    assert fm_hf.register() == first == list(fm_hf.NAMES)
-    assert set(first) == {"fmaps_softmax", "fmaps_taylor", "fmaps_entmax15", "fmaps_topk"}
+    assert fm_hf.register() == first == fm_hf.names()
+    assert set(first) == {f"fmaps_{n}" for n in flashmaps.names()} >= {"fmaps_softmax", "fmaps_topk"}
     for name in first:
         assert name in ALL_ATTENTION_FUNCTIONS.valid_keys()
         assert ALL_MASK_ATTENTION_FUNCTIONS[name] is sdpa_mask
@@ -222,7 +224,7 @@ def test_register_both_interfaces_twice(hf):
         ("", "softmax", "non-empty"),
         (None, "softmax", "give a name"),
         ("fmaps_x", None, "give a normalizer"),
-        ("fmaps_x", "sparsemax", "unknown normalizer 'sparsemax'"),
+        ("fmaps_x", "nosuchmap", "unknown normalizer 'nosuchmap'"),
         ("fmaps_x", "topk:0", "k >= 1"),
         ("fmaps_x", 3, "invalid normalizer"),
     ],
@@ -326,7 +328,7 @@ def dense_reference(q, k, v, normalizer, *, causal, attn_mask, scale, softcap, e
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("impl", ["fmaps_taylor", "fmaps_entmax15", "fmaps_topk"])
+@pytest.mark.parametrize("impl", OTHER_IMPLS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_normalizer_in_model_matches_dense_reference(hf, arch, impl, monkeypatch):
     """The same model and masks with flashmaps' backend vs the float64 reference underneath: the
@@ -450,7 +452,7 @@ def test_minilm_softmax_matches_sdpa(minilm):
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("impl", ["fmaps_taylor", "fmaps_entmax15", "fmaps_topk"])
+@pytest.mark.parametrize("impl", OTHER_IMPLS)
 def test_minilm_other_normalizers_finite(minilm, impl):
     _, model, batch = minilm
     e_ref, _ = embed(model, batch, "sdpa")

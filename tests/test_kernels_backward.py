@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, TRITON_NORMS, grads, make_mask as _make_mask, make_qkv, reference_grads, rel_err
 
 import flashmaps
 from flashmaps import reference, torch_path
-
-from conftest import KERNEL_DEVICE, rel_err
-from test_kernels_forward import make_mask as forward_make_mask, make_qkv   # shared input makers
 
 triton_path = pytest.importorskip("flashmaps.triton_path")
 
@@ -25,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 GRAD_TOL = 1e-4          # fp32 gradients vs the float64 reference
 OUT_TOL = 1e-5
-NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
+NORMS = TRITON_NORMS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -41,9 +39,8 @@ def make_inputs(B, Hq, Hkv, L, S, D, Dv, *, dtype=torch.float32, device=KERNEL_D
 
 
 def make_mask(kind, B, Hq, L, S, *, device=KERNEL_DEVICE, seed=1):
-    """None or a float32/bool mask broadcastable to (B, Hq, L, S), not expanded (the forward tests'
-    kinds: "none", "bool", "float" with -inf / finfo.min holes, "empty_rows")."""
-    return forward_make_mask(kind, B, Hq, L, S, torch.float32, device=device, seed=seed)
+    """A float32/bool mask of helpers.make_mask's kinds, not expanded."""
+    return _make_mask(kind, B, Hq, L, S, torch.float32, device=device, seed=seed)
 
 
 def triton_attention(q, k, v, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_p=0.0):
@@ -51,26 +48,6 @@ def triton_attention(q, k, v, norm, *, mask=None, causal=None, scale=None, softc
     return flashmaps.attention(q, k, v, norm, causal=causal or False, attn_mask=mask, scale=scale,
                                softcap=softcap, enable_gqa=q.shape[1] != k.shape[1], dropout_p=dropout_p,
                                backend="triton")
-
-
-def grads(fn, q, k, v, dout):
-    """(out, dq, dk, dv) of out = fn(q, k, v) with the output gradient dout."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return (out.detach(), *(x.grad for x in leaves))
-
-
-def reference_grads(q, k, v, dout, norm, *, mask=None, causal=None, scale=None, softcap=None,
-                    dropout_mask=None):
-    """Float64 autograd through the dense reference."""
-    gqa = q.shape[1] != k.shape[1]
-
-    def fn(q_, k_, v_):
-        return reference.attention(q_, k_, v_, norm, causal=causal or False, attn_mask=mask, scale=scale,
-                                   softcap=softcap, enable_gqa=gqa, dropout_mask=dropout_mask)
-
-    return grads(fn, q.double(), k.double(), v.double(), dout.double())
 
 
 def check_close(got, ref, tol=GRAD_TOL, out_tol=OUT_TOL, what=("out", "dq", "dk", "dv")):

@@ -13,93 +13,29 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from helpers import (CAUSALS, DTYPE_NAMES, KERNEL_DEVICE, TRITON_NORMS, check_stats, make_mask, make_qkv,
+                     ref_stats, rel_err)
 
 import flashmaps
-from flashmaps.normalizers import Entmax15, Softmax, TopK, entmax15_threshold, topk_threshold
 from flashmaps import reference
 from flashmaps.kernels import topk as topk_kernels
-from flashmaps.kernels.common import key_bounds, query_bounds
-
-from conftest import KERNEL_DEVICE, rel_err
+from flashmaps.kernels.tiles import key_bounds, query_bounds
+from flashmaps.normalizers import Entmax15, TopK
 
 triton_path = pytest.importorskip("flashmaps.triton_path")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-NORMS = ["softmax", "taylor", "entmax15", "topk:5"]
-CAUSALS = [None, "upper_left", "lower_right"]
+NORMS = TRITON_NORMS
 # Triton's interpreter indexes ranges with 1-element numpy arrays (its own deprecation warning), and numpy
 # warns about the intended inf arithmetic of masked scores (-inf bias, finfo.min * log2(e) overflowing)
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
 ]
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
-
-
-def make_qkv(B, Hq, Hkv, L, S, D, Dv=None, dtype=torch.float32, device=KERNEL_DEVICE, seed=0, spread=1.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    Dv = D if Dv is None else Dv
-    q = (torch.randn(B, Hq, L, D, generator=g) * spread).to(dtype=dtype, device=device)
-    k = (torch.randn(B, Hkv, S, D, generator=g) * spread).to(dtype=dtype, device=device)
-    v = torch.randn(B, Hkv, S, Dv, generator=g).to(dtype=dtype, device=device)
-    return q, k, v
-
-
-def make_mask(kind, B, Hq, L, S, dtype, device=KERNEL_DEVICE, seed=1):
-    """None, or a mask broadcastable to (B, Hq, L, S) of the given kind (a view, not expanded)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if kind == "none":
-        return None
-    if kind == "bool":                                        # (B, 1, L, S), ~75% True
-        return (torch.rand(B, 1, L, S, generator=g) < 0.75).to(device)
-    if kind == "float":                                       # (1, Hq, L, S) bias with -inf / finfo.min holes
-        m = torch.randn(1, Hq, L, S, generator=g)
-        holes = torch.rand(1, Hq, L, S, generator=g)
-        m = m.to(dtype)
-        m[holes < 0.1] = float("-inf")
-        m[(holes >= 0.1) & (holes < 0.2)] = torch.finfo(dtype).min
-        return m.to(device)
-    if kind == "empty_rows":                                  # float (B, 1, L, 1)-style rows fully excluded
-        m = torch.randn(B, 1, L, S, generator=g).to(dtype)
-        m[:, :, 1::3, :] = torch.finfo(dtype).min             # every third row excluded entirely ...
-        m[:, :, 2::5, :] = float("-inf")                      # ... and some with -inf
-        return m.to(device)
-    raise ValueError(kind)
-
-
-def ref_stats(q, k, norm, *, causal=None, mask=None, scale=None, softcap=None):
-    """The public row statistics computed densely in float64 from reference.scores_and_allowed."""
-    gqa = q.shape[1] != k.shape[1]
-    s, allowed = reference.scores_and_allowed(q, k, causal=causal or False, attn_mask=mask, scale=scale,
-                                              softcap=softcap, enable_gqa=gqa)
-    neg = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-    if norm.name == "softmax":
-        return {"lse": torch.logsumexp(torch.where(allowed, s, neg), -1)}
-    if norm.name == "taylor":
-        return {"z": torch.where(allowed, 1 + s + 0.5 * s * s, torch.zeros_like(s)).sum(-1)}
-    if norm.name == "entmax15":
-        return {"tau": entmax15_threshold(s, allowed)[..., 0]}
-    tau = topk_threshold(s, allowed, norm.k)
-    keep = allowed & (s >= tau)
-    return {"tau": tau[..., 0], "lse": torch.logsumexp(torch.where(keep, s, neg), -1)}
-
-
-def check_stats(stats, ref, tol):
-    for name, want in ref.items():
-        got = stats[name].double().cpu()
-        want = want.cpu()
-        assert got.shape == want.shape, name
-        fin = torch.isfinite(want)
-        assert torch.equal(torch.isfinite(got), fin), f"{name}: infinities at different rows"
-        assert torch.equal(got[~fin], want[~fin]), f"{name}: wrong infinities"
-        if fin.any():
-            err = (got[fin] - want[fin]).abs().max().item()
-            scale = max(1.0, want[fin].abs().max().item())
-            assert err <= tol * scale, f"{name}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
 def run_case(q, k, v, norm, *, causal=None, mask=None, scale=None, softcap=None, tol=None, stats_tol=None,
@@ -299,7 +235,7 @@ def _bounds_kernel(Out, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr, IS
 @pytest.mark.parametrize("L,S", [(1, 1), (1, 50), (37, 37), (64, 48), (20, 70), (70, 20), (33, 100)])
 @pytest.mark.parametrize("all_masked", [False, True])
 def test_block_bounds(causal, L, S, all_masked):
-    """common.key_bounds (query block -> key tiles) and common.query_bounds (key tile -> query blocks,
+    """tiles.key_bounds (query block -> key tiles) and tiles.query_bounds (key tile -> query blocks,
     for the backward) against brute force: every allowed (i, j) is visited, and a tile called unmasked
     has every in-range pair allowed."""
     BM, BN = 16, 32
@@ -379,7 +315,7 @@ def test_topk_collect_long_rows_and_overflow(causal, monkeypatch):
     monkeypatch.setattr(topk_kernels, "COLLECT", True)
     q, k, v = make_qkv(1, 2, 1, 40, 700, 16, seed=16)
     for kk in (3, 8, 20):
-        assert topk_kernels.prepass_config(TopK(kk), 700)[1] >= topk_kernels.COLLECT_FLAG.value
+        assert topk_kernels.configure(TopK(kk), 700)[0].consts.MODE == topk_kernels.MODE_COLLECT.value
         run_case(q, k, v, f"topk:{kk}", causal=causal, stats_tol=2e-5)
     res, _ = run_case(torch.zeros_like(q), k, v, "topk:8", causal=causal, stats_tol=1e-6)
     assert torch.isfinite(res.out).all()
@@ -394,7 +330,7 @@ def test_entmax15_collect_mode_and_overflow(causal, monkeypatch):
 
     monkeypatch.setattr(entmax_kernels, "COLLECT", True)
     q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=17, spread=1.5)
-    assert entmax_kernels.prepass_config(Entmax15(), 300)[1] >= entmax_kernels.COLLECT_FLAG.value
+    assert entmax_kernels.configure(Entmax15(), 300)[0].consts.COLLECT
     run_case(q, k, v, "entmax15", causal=causal, stats_tol=2e-5)
     run_case(q * 0.02, k, v, "entmax15", causal=causal, stats_tol=2e-5)
     run_case(torch.zeros_like(q), k, v, "entmax15", causal=causal, stats_tol=2e-5)
@@ -529,9 +465,10 @@ def test_backend_contract_aux(norm):
     assert tuple(res.aux.shape) == triton_path.aux_shape(n, q, k, v, True)
     views = triton_path.unpack_aux(res.aux, n, q, v, True)
     assert set(views) == set(res.saved) and all(torch.equal(views[x], res.saved[x]) for x in views)
-    if n.name in ("entmax15", "topk"):
+    hooks = n.triton(30)[0]
+    if hooks.has_prepass:
         assert torch.equal(triton_path.unpack_aux(aux, n, q, v, False)["par"], res.saved["par"])
-    if n.name == "entmax15":
+    if hooks.has_aux:
         assert set(views) == {"par", "sum_g", "o2"} and views["o2"].shape == (1, 2, 20, 8)
 
 

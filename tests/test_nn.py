@@ -7,13 +7,13 @@ The module is compared with its own projections pushed through the float64 dense
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import NORMS, rel_err
 
 import flashmaps
 from flashmaps import reference
 from flashmaps.nn import Attention
 
-NORMALIZERS = ["softmax", "taylor", "entmax15", "topk:3"]
+NORMALIZERS = NORMS
 
 
 def manual(mod: Attention, x, context=None, *, attn_mask=None, causal=None):

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rel_err
+from helpers import KERNEL_DEVICE, NORMS, rel_err
 
 import flashmaps
 from flashmaps import ops, reference
 
-NORMS = ["softmax", "taylor", "entmax15", "topk:3"]
 
 
 def _inputs(dtype=torch.float32, device="cpu", B=1, Hq=4, Hkv=2, L=12, S=17, D=16, Dv=16, seed=0):

@@ -10,14 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import NORMS as GRID, grad_err, mask_for as make_mask, qkv_for as make_qkv, ref_grads, rel_err
 
 import flashmaps
-from flashmaps.normalizers import entmax15_threshold, parse
 from flashmaps import reference as R
 from flashmaps import torch_path as TP
+from flashmaps.normalizers import Entmax15, entmax15_threshold, parse, rows as RW
+from flashmaps.normalizers import softmax as softmax_unit
 
-NORMS = ["softmax", "taylor", "entmax15", "topk:1", "topk:7", "topk:4096"]
+#: the registry's grid plus top-k at k = 1, a middle k and k past S
+NORMS = GRID + [s for s in ("topk:1", "topk:7", "topk:4096") if s not in GRID]
 
 # (B, Hq, Hkv, L, S, Dqk, Dv)
 SHAPES = [
@@ -31,60 +33,6 @@ MASKS = ["none", "bool-LS", "bool-B1LS-emptyrows", "float-inf-min-emptyrow"]
 CAUSAL = [None, "upper_left", "lower_right"]
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-def grad_err(a, b):
-    """rel_err with an absolute floor (RMS 0.1 per entry): a gradient that is exactly 0 in theory (S = 1:
-    softmax over one key does not depend on q) is compared absolutely, not against rounding noise."""
-    den = max(b.detach().double().norm().item(), 0.1 * math.sqrt(b.numel()))
-    return (a.detach().double() - b.detach().double()).norm().item() / den
-
-
-def make_qkv(shape, dtype, seed=0, device="cpu"):
-    B, Hq, Hkv, L, S, D, Dv = shape
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, Hkv, S, Dv, generator=g, dtype=torch.float64)
-    return [x.to(dtype=dtype, device=device) for x in (q, k, v)]
-
-
-def make_mask(kind, shape, dtype, seed=1):
-    """A mask of the named kind; kinds ending in 'emptyrow(s)' contain rows with no allowed key."""
-    B, Hq, Hkv, L, S, D, Dv = shape
-    g = torch.Generator().manual_seed(seed)
-    if kind == "none":
-        return None
-    if kind == "bool-LS":
-        m = torch.rand(L, S, generator=g) < 0.7
-        m[:, 0] = True  # no empty row
-        return m
-    if kind == "bool-B1LS-emptyrows":
-        m = torch.rand(B, 1, L, S, generator=g) < 0.6
-        m[:, :, ::3] = False  # rows 0, 3, 6, ... empty
-        return m
-    if kind == "float-inf-min-emptyrow":
-        mdt = dtype if dtype != torch.float16 else torch.float32
-        m = torch.randn(L, S, generator=g, dtype=torch.float64).to(mdt)
-        r = torch.rand(L, S, generator=g)
-        m[r < 0.15] = float("-inf")
-        m[(r >= 0.15) & (r < 0.3)] = torch.finfo(mdt).min
-        if L > 2:
-            m[1] = torch.finfo(mdt).min  # a row excluded through finfo.min only (SDPA would average it)
-            m[1, ::2] = float("-inf")
-        return m
-    raise ValueError(kind)
-
-
-def ref_grads(q, k, v, norm, **kw):
-    """Dense float64 reference output and the function to get its gradients for a given dout."""
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out = R.attention(q64, k64, v64, norm, enable_gqa=True, **kw)
-
-    def grads(dout):
-        return torch.autograd.grad(out, (q64, k64, v64), dout.double())
-
-    return out, grads
 
 
 def check_against_reference(shape, norm, mask_kind, causal, dtype, tol, grads=True, softcap=None):
@@ -113,7 +61,7 @@ def small_chunks(monkeypatch):
     """Force many chunks (row, head and batch chunking) on small shapes, and the sparse (gathered) output
     of entmax15/topk with entmax15's growing top-r selection (r = 4, then 32, then the full row)."""
     monkeypatch.setattr(TP, "CHUNK_ELEMS", 1500)
-    monkeypatch.setattr(TP, "SPARSE_R", 4)
+    monkeypatch.setattr(RW, "FIRST_SELECTION", 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,13 +82,13 @@ DTYPE_SHAPES = [SHAPES[2], SHAPES[3]]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
 @pytest.mark.parametrize("causal", ["upper_left", "lower_right"])
 @pytest.mark.parametrize("mask_kind", ["none", "bool-B1LS-emptyrows", "float-inf-min-emptyrow"])
-@pytest.mark.parametrize("norm", NORMS[:5])
+@pytest.mark.parametrize("norm", GRID + ["topk:1"])
 @pytest.mark.parametrize("shape", DTYPE_SHAPES)
 def test_grid_dtypes(shape, norm, mask_kind, causal, dtype):
     check_against_reference(shape, norm, mask_kind, causal, dtype, TOL[dtype])
 
 
-@pytest.mark.parametrize("norm", ["softmax", "taylor", "entmax15", "topk:5"])
+@pytest.mark.parametrize("norm", GRID)
 @pytest.mark.parametrize("softcap", [0.7, 30.0], ids=["cap0.7", "cap30"])
 def test_softcap(norm, softcap, small_chunks):
     check_against_reference(SHAPES[2].values[0], norm, "float-inf-min-emptyrow", "lower_right", torch.float32,
@@ -160,7 +108,7 @@ def test_topk_every_k(k, small_chunks):
 
 
 @pytest.mark.parametrize("causal", ["upper_left", "lower_right"])
-@pytest.mark.parametrize("norm", ["softmax", "taylor", "entmax15", "topk:3"])
+@pytest.mark.parametrize("norm", GRID + ["topk:3"])
 def test_gradcheck(norm, causal, monkeypatch):
     monkeypatch.setattr(TP, "CHUNK_ELEMS", 40)  # several chunks
     shape = (1, 4, 2, 5, 7, 4, 3)  # GQA, Dqk != Dv, L < S
@@ -318,7 +266,7 @@ def test_entmax15_tau_exact(S, r, monkeypatch):
 
     Regression: -inf (disallowed) keys sorted after allowed keys far below the max were once replaced by
     max - 2 out of order, which broke the support count (row: one dominant key, 51 others < max - 2)."""
-    monkeypatch.setattr(TP, "SPARSE_R", r)
+    monkeypatch.setattr(RW, "FIRST_SELECTION", r)
     for dt, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         s = _awkward_rows(S).to(dt)
         allowed = torch.ones_like(s, dtype=torch.bool)
@@ -328,7 +276,7 @@ def test_entmax15_tau_exact(S, r, monkeypatch):
             s = torch.cat([s, s])
             allowed = torch.cat([allowed, allowed_masked])
         want = entmax15_threshold(s.double(), allowed).to(dt)
-        got, _ = TP._entmax15_tau(torch.where(allowed, s, torch.tensor(float("-inf"), dtype=dt)))
+        got = Entmax15().torch_stats(torch.where(allowed, s, torch.tensor(float("-inf"), dtype=dt)), True)["tau"]
         scale = 1 + s.double().abs().amax(-1, keepdim=True) / 2
         assert torch.all((got - want).abs() <= tol * scale), (got, want)
         p = torch.where(allowed, torch.clamp(s.double() / 2 - got.double(), min=0) ** 2, torch.zeros(()))
@@ -339,24 +287,22 @@ def test_entmax15_tau_exact(S, r, monkeypatch):
 # return_stats against values computed from reference.scores_and_allowed
 
 
-def expected_stats(norm, s, allowed):
-    """Row statistics computed densely from the float64 reference scores."""
+def test_topk_reference_stats_match_a_sort():
+    """The unit's reference statistics (torch.topk) against a plain sort, on rows with ties and masks."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(-4, 5, (6, 30), generator=g).double()
+    allowed = torch.rand(6, 30, generator=g) < 0.7
+    allowed[0] = False
     neg = torch.tensor(float("-inf"), dtype=s.dtype)
     sm = torch.where(allowed, s, neg)
-    if norm.name == "softmax":
-        return {"lse": torch.logsumexp(sm, -1)}
-    if norm.name == "taylor":
-        return {"z": torch.where(allowed, 1 + s + s * s / 2, torch.zeros_like(s)).sum(-1)}
-    if norm.name == "entmax15":
-        return {"tau": entmax15_threshold(s, allowed).squeeze(-1)}
-    if norm.name == "topk":
+    for k in (1, 5, 29, 30):
+        st = parse(f"topk:{k}").reference_stats(s, allowed)
         n = allowed.sum(-1)
-        srt = sm.sort(-1, descending=True).values
-        kth = srt[..., min(norm.k, s.shape[-1]) - 1]
-        tau = torch.where(n > norm.k, kth, neg)
+        kth = sm.sort(-1, descending=True).values[..., min(k, 30) - 1]
+        tau = torch.where(n > k, kth, neg)
         kept = allowed & (s >= tau[..., None])
-        return {"tau": tau, "lse": torch.logsumexp(torch.where(kept, s, neg), -1)}
-    raise ValueError(norm)
+        assert torch.equal(st["tau"], tau)
+        assert torch.equal(st["lse"], torch.logsumexp(torch.where(kept, s, neg), -1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -373,7 +319,7 @@ def test_return_stats(norm, route, dtype, small_chunks):
             nrm = parse(norm)
             assert sorted(st) == sorted(nrm.stats)
             s, allowed = R.scores_and_allowed(q, k, attn_mask=mask, causal=causal or False, enable_gqa=True)
-            want = expected_stats(nrm, s, allowed)
+            want = nrm.reference_stats(s, allowed)
             for name in nrm.stats:
                 got = st[name]
                 assert got.shape == (2, 4, 19)
@@ -430,8 +376,8 @@ def test_softmax_vs_torch_sdpa(case, dtype):
 def test_softmax_sdpa_route_taken_and_equal_to_chunked(monkeypatch):
     """The dispatch is taken for plain contiguous inputs, refused for strided K, and both agree."""
     calls = []
-    real = TP._sdpa_forward
-    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
+    real = softmax_unit._sdpa_forward
+    monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     shape = (2, 4, 2, 33, 41, 16, 16)
     q, k, v = make_qkv(shape, torch.float64, seed=17)
     mask = make_mask("float-inf-min-emptyrow", shape, torch.float64)
@@ -460,8 +406,8 @@ def test_softmax_sdpa_route_taken_and_equal_to_chunked(monkeypatch):
 )
 def test_softmax_sdpa_route_mask_dtypes(mask_dtype, q_dtype, routed, monkeypatch):
     calls = []
-    real = TP._sdpa_forward
-    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
+    real = softmax_unit._sdpa_forward
+    monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     shape = (1, 2, 2, 9, 12, 16, 16)
     q, k, v = make_qkv(shape, q_dtype, seed=19)
     if mask_dtype == torch.bool:
@@ -507,8 +453,8 @@ def _strided_qkv(case, B=2, H=4, L=9, S=11, D=8):
 def test_softmax_sdpa_route_strided_inputs(case, causal, monkeypatch):
     """The SDPA op reads through strides when the head dim has unit stride (and is then routed)."""
     calls = []
-    real = TP._sdpa_forward
-    monkeypatch.setattr(TP, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
+    real = softmax_unit._sdpa_forward
+    monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
     q, k, v = (x.requires_grad_() for x in _strided_qkv(case))
     out = flashmaps.attention(q, k, v, causal=causal, backend="torch")
     assert calls
@@ -615,22 +561,26 @@ def test_inputs_not_modified(norm):
 
 def test_chunk_never_holds_more_than_the_budget(monkeypatch):
     """Memory bound: every score chunk has at most max(CHUNK_ELEMS, G*S) entries, never (L, S) per head
-    for all heads (hooks wrapped through the table, which also shows it is the extension point)."""
+    for all heads (each registered unit's torch_stats wrapped: the hook the chunk loop calls)."""
     monkeypatch.setattr(TP, "CHUNK_ELEMS", 2000)
     seen = []
-    for name, h in list(TP.HOOKS.items()):
-        def prepass(norm, s, masked, _h=h):
+    for cls in flashmaps.registry().values():
+        def torch_stats(self, s, masked, _real=cls.torch_stats):
             seen.append(s.numel())
-            return _h.prepass(norm, s, masked)
+            return _real(self, s, masked)
 
-        monkeypatch.setitem(TP.HOOKS, name, TP.Hooks(prepass, h.weights, h.dscores))
+        monkeypatch.setattr(cls, "torch_stats", torch_stats)
     B, Hq, Hkv, L, S = 2, 4, 2, 64, 100
     q, k, v = make_qkv((B, Hq, Hkv, L, S, 8, 8), torch.float32)
-    for norm in ["entmax15", "topk:3"]:
+    for norm in NORMS:
         seen.clear()
-        flashmaps.attention(q, k, v, norm, enable_gqa=True, backend="torch")
-        assert len(seen) > 1 and max(seen) <= 2000 and sum(seen) == B * Hq * L * S
+        flashmaps.attention(q, k, v, norm, enable_gqa=True, softcap=5.0, backend="torch")
+        assert len(seen) > 1 and max(seen) <= 2000 and sum(seen) == B * Hq * L * S, norm
 
 
-def test_hooks_cover_every_registered_normalizer():
-    assert set(TP.HOOKS) == set(flashmaps.normalizers())
+def test_every_registered_normalizer_has_torch_hooks():
+    from flashmaps.normalizers.base import Normalizer
+
+    for name, cls in flashmaps.registry().items():
+        for hook in ("reference_weights", "torch_stats", "torch_weights", "torch_dscores"):
+            assert getattr(cls, hook) is not getattr(Normalizer, hook), (name, hook)

@@ -2,9 +2,9 @@
 
     from flashmaps.integrations.transformers import register
 
-    register()   # "fmaps_softmax", "fmaps_taylor", "fmaps_entmax15", "fmaps_topk"
+    register()   # "fmaps_<name>" for every registered normalizer: fmaps_softmax, fmaps_entmax15, ...
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fmaps_entmax15")
-    model.config.fmaps_topk_k = 32            # k of "fmaps_topk" (default 64), read at every call
+    model.config.fmaps_topk_k = 32            # option k of "fmaps_topk" (default 64), read at every call
     model.set_attn_implementation("fmaps_topk")
     register("fmaps_top8", "topk:8")          # any other normalizer under a name of your choice
 
@@ -39,28 +39,21 @@ The attention function follows transformers' calling convention and the rules of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
 import torch
 
 from ..functional import attention
-from ..normalizers import Normalizer, TopK, parse
+from ..normalizers import Normalizer, parse, registry
 
-__all__ = ["register", "attention_forward", "NAMES", "TOPK_CONFIG_ATTR", "TOPK_DEFAULT_K"]
+__all__ = ["register", "attention_forward", "names", "config_attr", "TOPK_CONFIG_ATTR", "TOPK_DEFAULT_K"]
 
-#: the model-config attribute that sets k for "fmaps_topk" (read from ``module.config`` at every call)
+#: the model-config attribute that sets k for "fmaps_topk" (``config_attr("topk", "k")``)
 TOPK_CONFIG_ATTR = "fmaps_topk_k"
-#: k for "fmaps_topk" when the config has no ``fmaps_topk_k``
+#: k for "fmaps_topk" when the config has no ``fmaps_topk_k`` (``TopK.default()``)
 TOPK_DEFAULT_K = 64
-
-#: the names that ``register()`` adds, and their normalizers (None: top-k with k from the config)
-NAMES: dict[str, str | None] = {
-    "fmaps_softmax": "softmax",
-    "fmaps_taylor": "taylor",
-    "fmaps_entmax15": "entmax15",
-    "fmaps_topk": None,
-}
 
 _MIN_TRANSFORMERS = "4.53"
 # transformers gives these names (or substrings) a meaning of its own: refuse them
@@ -71,18 +64,44 @@ _RESERVED = ("eager", "sdpa", "flex_attention", "paged")
 # the attention function
 
 
-def _topk_from_config(module) -> Normalizer:
-    """TopK(k) with k = ``module.config.fmaps_topk_k`` (default ``TOPK_DEFAULT_K``)."""
-    k = getattr(getattr(module, "config", None), TOPK_CONFIG_ATTR, None)
-    return _topk(TOPK_DEFAULT_K if k is None else k)
+def names() -> list[str]:
+    """The names ``register()`` adds: ``fmaps_<name>`` for every registered normalizer."""
+    return [f"fmaps_{name}" for name in registry()]
 
 
-@functools.lru_cache(maxsize=64)
-def _topk(k) -> TopK:
+def config_attr(name: str, option: str) -> str:
+    """The model-config attribute that sets an option of ``fmaps_<name>`` (``fmaps_topk_k``)."""
+    return f"fmaps_{name}_{option}"
+
+
+class _FromConfig:
+    """The normalizer of ``fmaps_<name>``: the class's default instance, each option overridden by the
+    model config attribute ``fmaps_<name>_<option>`` when present (read at every call)."""
+
+    def __init__(self, cls: type[Normalizer]):
+        self.cls = cls
+        self.options = [f.name for f in dataclasses.fields(cls)]
+
+    def __eq__(self, other):
+        return isinstance(other, _FromConfig) and other.cls is self.cls
+
+    def __hash__(self):
+        return hash(self.cls)
+
+    def __call__(self, module) -> Normalizer:
+        config = getattr(module, "config", None)
+        overrides = tuple((o, getattr(config, config_attr(self.cls.name, o))) for o in self.options
+                          if getattr(config, config_attr(self.cls.name, o), None) is not None)
+        return _instance(self.cls, overrides)
+
+
+@functools.lru_cache(maxsize=256)
+def _instance(cls, overrides: tuple) -> Normalizer:
     try:
-        return TopK(k)
+        return dataclasses.replace(cls.default(), **dict(overrides))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"config.{TOPK_CONFIG_ATTR} = {k!r} is not a valid k for fmaps_topk: {err}") from None
+        what = ", ".join(f"config.{config_attr(cls.name, o)} = {v!r}" for o, v in overrides)
+        raise ValueError(f"{what} is not valid for fmaps_{cls.name}: {err}") from None
 
 
 def _window_mask(L: int, S: int, window: int, causal: bool, device) -> torch.Tensor:
@@ -257,10 +276,11 @@ def _named_forward(name: str, normalizer):
 def register(name: str | None = None, normalizer: str | Normalizer | None = None) -> list[str]:
     """Register flashmaps attention in transformers under ``name``.
 
-    ``register()`` adds the four built-in names: ``"fmaps_softmax"``, ``"fmaps_taylor"``,
-    ``"fmaps_entmax15"`` and ``"fmaps_topk"`` (k read at every call from the model config attribute
-    ``fmaps_topk_k``, default 64). ``register(name, normalizer)`` adds one more name for any normalizer
-    (``"topk:8"``, ``TopK(8)``, ...). Registering a name again is harmless (the latest normalizer wins).
+    ``register()`` adds ``fmaps_<name>`` for every registered normalizer (:func:`names`): its default
+    instance, each option read at every call from the model config attribute ``fmaps_<name>_<option>``
+    when present (``fmaps_topk_k``: k of ``fmaps_topk``, default 64). ``register(name, normalizer)`` adds
+    one more name for any normalizer (``"topk:8"``, ``TopK(8)``, ...). Registering a name again is harmless
+    (the latest normalizer wins).
 
     Each name goes into ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface``
     (transformers' ``sdpa_mask``), after which ``from_pretrained(..., attn_implementation=name)`` and
@@ -276,7 +296,8 @@ def register(name: str | None = None, normalizer: str | Normalizer | None = None
     if name is None:
         if normalizer is not None:
             raise ValueError("register(name, normalizer): give a name for the normalizer, e.g. 'fmaps_mine'")
-        todo = {n: (_topk_from_config if spec is None else parse(spec)) for n, spec in NAMES.items()}
+        todo = {f"fmaps_{n}": _FromConfig(cls) if dataclasses.fields(cls) else cls.default()
+                for n, cls in registry().items()}
     else:
         if normalizer is None:
             raise ValueError(

@@ -1,0 +1,254 @@
+"""The normalizer contract and the one registry.
+
+Attention for one query row is ``o = sum_j p_j v_j`` with ``p = N(s)``, a map from the row's scores to
+weights. A normalizer is ONE unit: a subclass of :class:`Normalizer` in its own module (the built-in ones
+in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernels/<name>.py``), holding
+
+* its formula and options (the class docstring and dataclass fields), and its spec string
+  (``from_spec`` / ``spec``: ``"topk:64"``);
+* its float64 reference weights and row statistics (``reference_weights``, ``reference_stats``);
+* the names of its row statistics and their values for a row with no allowed key (``stats``,
+  ``empty_stats``; zero, one or two of them);
+* its torch-path hooks (``torch_stats``, ``torch_weights``, ``torch_dscores``, optionally ``torch_sparse``)
+  used by the CPU path's row-chunk loop;
+* its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
+* its rule for combining results over disjoint key sets (``merge``), or why there is none.
+
+Everything else (the backends, tests, benchmarks, CLI, transformers names, docs) enumerates the registry:
+:func:`register` a class and it is in. Users do the same from their own files (README, "Write your own
+normalizer").
+
+Conventions of the torch hooks (``s``: scores [..., S'] in the accumulation dtype, float32 or float64, -inf
+exactly on disallowed keys; ``masked``: whether any key of the chunk may be disallowed; ``st``: the dict
+``torch_stats`` returned, each entry [..., 1]; entries whose name starts with ``_`` stay in the chunk)::
+
+    torch_stats(s, masked) -> st                 row statistics from full score rows (threshold pass)
+    torch_weights(s, st, masked) -> p            normalized weights, 0 on disallowed keys and empty rows
+    torch_dscores(s, p, dp, st) -> ds            dL/ds from dp = dL/dp (backward), 0 off the support
+    torch_sparse(s, st) -> (idx, w) | None       optional: the only keys of each row that can be nonzero
+                                                 and their weights (the forward scatters them)
+    torch_native_forward / torch_native_backward optional: a whole call through a native op (softmax: torch's
+                                                 CPU flash-attention op) where it is exact; None otherwise
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from importlib import import_module
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Normalizer", "register", "unregister", "registry", "names", "get", "parse", "defaults", "examples"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """Base class of every normalizer (see the module docstring for the contract).
+
+    Subclasses are frozen dataclasses whose fields are the options, set the class attributes below, and
+    implement at least ``reference_weights`` and the three torch hooks."""
+
+    #: registry name ("softmax"); also the prefix of the spec string and of the transformers name
+    name: ClassVar[str] = ""
+    #: names of the per-row statistics (each (B, Hq, L)) the forward returns (``return_stats=True``)
+    stats: ClassVar[tuple[str, ...]] = ()
+    #: the value of each statistic for a row with no allowed key (same order as ``stats``)
+    empty_stats: ClassVar[tuple[float, ...]] = ()
+    #: True if the weights can contain exact zeros for allowed keys
+    sparse: ClassVar[bool] = False
+    #: True if every row with an allowed key sums to one (tests check it)
+    sums_to_one: ClassVar[bool] = True
+    #: the module with the Triton hooks (``HOOKS`` and optionally ``configure``), or None (torch path only)
+    kernels: ClassVar[str | None] = None
+    #: how the spec is written in messages ("'topk:<k>'")
+    spec_help: ClassVar[str] = ""
+    #: position in listings (softmax first)
+    order: ClassVar[int] = 100
+
+    # -------------------------------------------------------------------------------- spec and options
+
+    @classmethod
+    def from_spec(cls, arg: str | None, *, argname: str = "normalizer") -> "Normalizer":
+        """The instance for the part of a spec after ``name:`` (None when there is none)."""
+        if arg is not None:
+            raise ValueError(f"{argname}: normalizer {cls.name!r} takes no argument, got '{cls.name}:{arg}'")
+        return cls()
+
+    @property
+    def spec(self) -> str:
+        """The string that :func:`parse` turns back into this normalizer."""
+        return self.name
+
+    @classmethod
+    def default(cls) -> "Normalizer":
+        """The instance benchmarks, ``compare`` and the transformers name ``fmaps_<name>`` use by default."""
+        return cls()
+
+    @classmethod
+    def examples(cls) -> list["Normalizer"]:
+        """Representative instances for the test grid (a few option values, not a full product)."""
+        return [cls.default()]
+
+    def __str__(self) -> str:  # "topk:64"
+        return self.spec
+
+    # -------------------------------------------------------------------------------- reference
+
+    def reference_weights(self, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Dense weights ``p`` (shape of ``s``, last dim = keys) from scores ``s`` and a bool ``allowed`` of
+        the same shape, written independently of the fast paths. Disallowed keys get 0; a row with no
+        allowed key is all 0."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reference_weights")
+
+    def reference_stats(self, s: torch.Tensor, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The row statistics {name: s.shape[:-1]} computed densely (the empty-row values included)."""
+        if self.stats:
+            raise NotImplementedError(f"{type(self).__name__} must implement reference_stats")
+        return {}
+
+    # -------------------------------------------------------------------------------- torch path
+
+    def torch_stats(self, s: torch.Tensor, masked: bool) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no torch-path hooks (torch_stats)")
+
+    def torch_weights(self, s: torch.Tensor, st: dict, masked: bool) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no torch-path hooks (torch_weights)")
+
+    def torch_dscores(self, s: torch.Tensor, p: torch.Tensor, dp: torch.Tensor, st: dict) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no torch-path backward (torch_dscores)")
+
+    def torch_sparse(self, s: torch.Tensor, st: dict):
+        return None
+
+    def torch_native_forward(self, q, k, v, *, mask, causal, scale, softcap, dropout_p):
+        """Optional: run the whole call with a native op when it computes exactly this normalizer
+        (-> (out (B, Hq, L, Dv) in v's dtype, [stats (B, Hq, L)])), else None (the chunk loop runs)."""
+        return None
+
+    def torch_native_backward(self, dout, q, k, v, out, stats, *, mask, causal, scale, softcap, dropout_p):
+        """Optional: (dq, dk, dv) natively, exactly when ``torch_native_forward`` ran natively; else None."""
+        return None
+
+    # -------------------------------------------------------------------------------- Triton
+
+    @property
+    def has_triton(self) -> bool:
+        return self.kernels is not None
+
+    def triton(self, S: int):
+        """(hooks, runtime args, scratch columns) of the Triton kernels for a call over S keys: the kernels
+        module's ``configure(self, S)`` if it has one, else ``(HOOKS, NoArgs(), 0)``."""
+        if self.kernels is None:
+            raise NotImplementedError(
+                f"the normalizer {self.spec!r} has no Triton kernels (set `kernels` to the module with its "
+                "HOOKS); use backend='torch'"
+            )
+        mod = import_module(self.kernels)
+        if hasattr(mod, "configure"):
+            return mod.configure(self, S)
+        from ..kernels.contract import NoArgs
+
+        return mod.HOOKS, NoArgs(), 0
+
+    # -------------------------------------------------------------------------------- merging
+
+    def merge(self, outs: list[torch.Tensor], stats: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Combine results over DISJOINT key sets of the same queries into the result over their union:
+        ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` {name: (B, Hq, L)} from ``return_stats=True``. Returns
+        (out in outs[0]'s dtype, stats). Differentiable."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no merge rule")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry
+
+_REGISTRY: dict[str, type[Normalizer]] = {}
+
+
+def register(cls: type[Normalizer] | None = None, *, replace: bool = False):
+    """Add a normalizer class to the registry under ``cls.name`` (usable as ``@register`` or
+    ``@register(replace=True)``). Registering another class under a taken name raises unless ``replace``."""
+    if cls is None:
+        return lambda c: register(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Normalizer)) or cls is Normalizer:
+        raise TypeError("register(cls): cls must be a subclass of flashmaps.Normalizer")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"register({cls.__name__}): decorate it with @dataclasses.dataclass(frozen=True)")
+    if not isinstance(cls.name, str) or not _NAME.match(cls.name):
+        raise ValueError(f"register({cls.__name__}): `name` must be lowercase letters, digits and '_', "
+                         f"starting with a letter (e.g. 'relu2'), got {cls.name!r}")
+    if len(cls.stats) != len(cls.empty_stats):
+        raise ValueError(f"register({cls.__name__}): `stats` and `empty_stats` must have the same length")
+    if len(cls.stats) > 2:
+        raise ValueError(f"register({cls.__name__}): at most two row statistics, got {cls.stats}")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls and not replace and old.__qualname__ != cls.__qualname__:
+        raise ValueError(f"register({cls.__name__}): the name {cls.name!r} is taken by {old.__module__}."
+                         f"{old.__qualname__}; choose another name or pass replace=True")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a registered normalizer (user-defined ones; tests)."""
+    _REGISTRY.pop(name, None)
+
+
+def registry() -> dict[str, type[Normalizer]]:
+    """name -> class of every registered normalizer, in listing order (softmax first)."""
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def names() -> list[str]:
+    """The registered normalizer names, in listing order."""
+    return list(registry())
+
+
+def get(name: str) -> type[Normalizer]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown normalizer {name!r}; known: {_known()}") from None
+
+
+def defaults() -> list[Normalizer]:
+    """One default instance of every registered normalizer (``Normalizer.default()``), in listing order."""
+    return [cls.default() for cls in registry().values()]
+
+
+def examples() -> list[Normalizer]:
+    """The representative instances of every registered normalizer (``Normalizer.examples()``): the grid
+    tests run every backend over."""
+    return [norm for cls in registry().values() for norm in cls.examples()]
+
+
+def _known() -> str:
+    return ", ".join(f"'{cls.spec_help or cls.name}'" for cls in registry().values())
+
+
+def parse(normalizer: "str | Normalizer", *, argname: str = "normalizer") -> Normalizer:
+    """Turn a spec string (``"softmax"``, ``"topk:64"``; the part after ``:`` is the class's to parse) or a
+    Normalizer instance into an instance. Raises ValueError/TypeError naming ``argname`` otherwise."""
+    if isinstance(normalizer, Normalizer):
+        if type(normalizer) is Normalizer:
+            raise TypeError(f"{argname}: the Normalizer base class is abstract; use one of {_known()}")
+        return normalizer
+    if isinstance(normalizer, type) and issubclass(normalizer, Normalizer):
+        raise TypeError(
+            f"{argname}: got the class {normalizer.__name__}; pass an instance such as "
+            f"{normalizer.__name__}() or a string ({_known()})"
+        )
+    if not isinstance(normalizer, str):
+        raise TypeError(
+            f"{argname} must be a string ({_known()}) or a flashmaps Normalizer, got {type(normalizer).__name__}"
+        )
+    text = normalizer.strip().lower()
+    name, sep, arg = text.partition(":")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"{argname}: unknown normalizer {normalizer!r}; known: {_known()}")
+    return cls.from_spec(arg.strip() if sep else None, argname=argname)

@@ -1,0 +1,123 @@
+"""topk: softmax over the k largest scores of each row (threshold semantics: ties at the k-th are kept)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from .base import Normalizer, register
+from .rows import NEG_INF, logsumexp, lse_weights, masked_softmax, rowsum
+
+__all__ = ["TopK", "topk_threshold"]
+
+#: use the scattered (sparse) weights only when the listed keys are at most this fraction of the row
+_SPARSE_FRACTION = 0.25
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class TopK(Normalizer):
+    """Top-k softmax: softmax over the keys whose score is at least ``tau_k``, the k-th largest
+    allowed score of the row (``tau_k = -inf`` when the row has at most k allowed keys).
+
+    Threshold semantics: every key tied with the k-th score is kept, so a row may keep more than k
+    keys when scores tie. Row statistics: ``tau`` (the threshold ``tau_k``, in score units) and ``lse``
+    (natural-log log-sum-exp over the kept keys). Backward: the softmax rule on the kept set.
+
+    Merging partial results: none by independent partials (tau_k is global). Two-phase protocol: each part
+    reports its k largest scores, the global k-th largest is taken, then each part's kept keys are merged
+    by the softmax (log-sum-exp) rule.
+    """
+
+    k: int = 64
+    name: ClassVar[str] = "topk"
+    stats: ClassVar[tuple[str, ...]] = ("tau", "lse")
+    empty_stats: ClassVar[tuple[float, ...]] = (NEG_INF, NEG_INF)
+    sparse: ClassVar[bool] = True
+    kernels: ClassVar[str] = "flashmaps.kernels.topk"
+    spec_help: ClassVar[str] = "topk:<k>"
+    order: ClassVar[int] = 30
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"TopK(k): k must be a positive int, got {type(self.k).__name__} {self.k!r}")
+        if self.k < 1:
+            raise ValueError(f"TopK(k): k must be >= 1, got {self.k}; use e.g. TopK(64) or 'topk:64'")
+
+    @classmethod
+    def from_spec(cls, arg, *, argname="normalizer"):
+        if not arg:
+            raise ValueError(f"{argname}: 'topk' needs k, written 'topk:<k>' (e.g. 'topk:64')")
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(
+                f"{argname}: malformed top-k spec 'topk:{arg}'; write 'topk:<k>' with a positive integer k "
+                "(e.g. 'topk:64')"
+            ) from None
+        if k < 1:
+            raise ValueError(f"{argname}: top-k needs k >= 1, got 'topk:{arg}' (e.g. 'topk:64')")
+        return cls(k)
+
+    @property
+    def spec(self) -> str:
+        return f"topk:{self.k}"
+
+    @classmethod
+    def default(cls) -> "TopK":
+        return cls(64)
+
+    @classmethod
+    def examples(cls) -> list["TopK"]:
+        return [cls(5)]
+
+    def reference_weights(self, s, allowed):
+        tau = topk_threshold(s, allowed, self.k)
+        return masked_softmax(s, allowed & (s >= tau))
+
+    def reference_stats(self, s, allowed):
+        tau = topk_threshold(s, allowed, self.k)
+        kept = torch.where(allowed & (s >= tau), s, torch.full_like(s, NEG_INF))
+        return {"tau": tau[..., 0], "lse": torch.logsumexp(kept, -1)}
+
+    def torch_stats(self, s, masked):
+        k, n_keys = self.k, s.shape[-1]
+        if k >= n_keys:  # every allowed key is kept
+            tau = torch.full(s.shape[:-1] + (1,), NEG_INF, dtype=s.dtype, device=s.device)
+            return {"tau": tau, "lse": logsumexp(s, True)}
+        vals, idx = torch.topk(s, k + 1, dim=-1, sorted=True)  # [.., bl, k+1]
+        kth, next_ = vals[..., k - 1: k], vals[..., k: k + 1]
+        tau = torch.where(next_ > NEG_INF, kth, torch.full_like(kth, NEG_INF))  # -inf iff <= k allowed keys
+        neg = torch.full((), NEG_INF, dtype=s.dtype, device=s.device)
+        if bool((next_ == kth).logical_and_(next_ > NEG_INF).any()):  # a tie at tau: more than k kept keys
+            return {"tau": tau, "lse": logsumexp(torch.where(s >= tau, s, neg), True)}
+        kept = torch.where(vals >= tau, vals, neg)
+        return {"tau": tau, "lse": logsumexp(kept, True), "_top": (kept, idx)}
+
+    def torch_weights(self, s, st, masked):
+        sk = torch.where(s >= st["tau"], s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device))
+        return lse_weights(sk, st["lse"], True)
+
+    def torch_sparse(self, s, st):
+        if "_top" not in st or self.k + 1 > _SPARSE_FRACTION * s.shape[-1]:
+            return None
+        kept, idx = st["_top"]
+        return idx, lse_weights(kept, st["lse"], True)
+
+    def torch_dscores(self, s, p, dp, st):
+        return p * (dp - rowsum(p * dp))          # the softmax rule; p = 0 off the kept set
+
+
+def topk_threshold(s: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest allowed score per row, shape ``s.shape[:-1] + (1,)``; ``-inf`` where the row
+    has at most ``k`` allowed keys (then every allowed key is kept)."""
+    n_keys = s.shape[-1]
+    neg_inf = torch.tensor(NEG_INF, dtype=s.dtype, device=s.device)
+    if k >= n_keys or n_keys == 0:
+        return torch.full(s.shape[:-1] + (1,), NEG_INF, dtype=s.dtype, device=s.device)
+    sm = torch.where(allowed, s, neg_inf)
+    kth = torch.topk(sm, k, dim=-1).values[..., -1:]
+    n = allowed.sum(-1, keepdim=True)
+    return torch.where(n > k, kth, neg_inf)

@@ -1,0 +1,341 @@
+"""The contract between the kernels and a normalizer: the log base, the argument bundles, and `Hooks`.
+
+Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
+
+    i, j        query row in [0, L), key in [0, S)
+    qk          q_i . k_j in fp32 (tl.dot)                                        # [BM, BN]
+    s           the score in KERNEL UNITS: s = u * s_nat, where
+                  s_nat = scale * qk                      (no softcap)
+                  s_nat = c * tanh(scale * qk / c)        (softcap c)
+                  s_nat = s_nat + bias_ij                 (float mask, after the cap)
+                and u is the normalizer's score unit (`Hooks.unit`): LOG2E for the exp2-based
+                normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
+                The launcher folds u into the scalars (`fold_score_unit`); kernels never multiply by
+                LOG2E themselves. LOG2E / LN2 below are the ONE place the log base is named.
+    allowed     j < S, and (causal) j <= i + causal_off, and (bool mask) m_ij, and (float mask)
+                bias_ij > finfo(mask dtype).min (-inf and finfo.min EXCLUDE the key)
+    masked tile a tile that needs the `allowed` test (diagonal causal tiles, the ragged last tile, every
+                tile when a user mask is given). CONVENTION: in a masked tile s = -inf exactly where
+                the key is not allowed; unmasked tiles contain no -inf.
+
+Runtime argument bundles (named tuples: Triton passes their fields as kernel arguments)::
+
+    View        a 4-D tensor (batch, head, row, col): pointer and its four strides
+    Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right)
+    ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
+    Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
+                pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
+    Block       one program's query block: q tile [BM, BD], row indices, and the key bounds
+                (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read)
+
+Compile-time bundles (passed as ONE ``tl.constexpr`` each; a constexpr field inside a runtime tuple does
+not compile, a whole tuple as a constexpr does)::
+
+    Static      the flags of a call: head dims and their padded blocks, causal, mask kind, softcap,
+                dot precision, dropout, dtype (the autotuner keys on it)
+    Hooks       the normalizer: its ``@triton.jit`` functions and flags (see the class)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------
+# the log base: kernels use exp2/log2; scores of the exp-based normalizers are carried in log2 units.
+
+#: log2(e): natural-log scores times LOG2E are log2-unit scores (exp(s) == exp2(s * LOG2E))
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+#: ln(2): log2-unit values times LN2 are natural-log values (lse = lse2 * LN2)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+#: Static.MASK_KIND values (constexpr: kernels compare against them; ``.value`` in Python)
+MASK_NONE: tl.constexpr = tl.constexpr(0)
+MASK_BOOL: tl.constexpr = tl.constexpr(1)
+MASK_FLOAT: tl.constexpr = tl.constexpr(2)
+
+
+def fold_score_unit(scale: float, softcap: Optional[float], unit: float) -> tuple[float, float]:
+    """Kernel scalars (qk_scale, cap_mult) with the score unit ``unit`` folded in.
+
+    Kernel score: ``s = qk * qk_scale`` (no cap) or ``s = cap_mult * tanh(qk * qk_scale)`` (cap ``c``),
+    equal to ``unit * s_nat``. The float-mask bias is multiplied by ``unit`` too (``bias_mult``)."""
+    if softcap is None:
+        return scale * unit, 0.0
+    return scale / softcap, softcap * unit
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument bundles
+
+
+class View(NamedTuple):
+    """A 4-D tensor view (batch, head, row, col): its pointer and strides."""
+
+    ptr: Any
+    sb: Any
+    sh: Any
+    sr: Any
+    sc: Any
+
+    @classmethod
+    def of(cls, t) -> "View":
+        return cls(t, *t.stride())
+
+
+class Dims(NamedTuple):
+    Hq: Any
+    group: Any
+    L: Any
+    S: Any
+    causal_off: Any
+
+
+class ScoreScale(NamedTuple):
+    qk_scale: Any
+    cap_mult: Any
+    bias_mult: Any
+    mask_min: Any
+
+
+class Dropout(NamedTuple):
+    """dropout_p and scale = 1 / (1 - dropout_p) (the seed is a kernel argument of its own: it must not be
+    specialized on)."""
+
+    p: Any
+    scale: Any
+
+
+class Keys(NamedTuple):
+    """What a score tile of one program needs (built inside the kernel)."""
+
+    k: Any            # K pointer at (batch, kv head)
+    sn: Any           # K stride along keys
+    sd: Any           # K stride along the head dim
+    mask_rows: Any    # [BM, 1] mask pointers of the program's query rows (any placeholder when no mask)
+    mask_sn: Any      # mask stride along keys
+    L: Any
+    S: Any
+    causal_off: Any
+    scale: Any        # ScoreScale
+
+
+class Block(NamedTuple):
+    """One program's query block (built inside the kernel)."""
+
+    q: Any            # [BM, BD] query tile
+    offs_m: Any       # [BM] row indices
+    i: Any            # [BM, 1] row indices
+    full_end: Any     # keys [0, full_end): whole tiles every row attends (no mask arithmetic)
+    hi: Any           # keys [full_end, hi): masked tiles; keys >= hi are never read
+
+
+class Static(NamedTuple):
+    """Compile-time flags of a call (one ``tl.constexpr``)."""
+
+    HEAD_D: int
+    HEAD_DV: int
+    BD: int           # HEAD_D padded to a power of two >= 16
+    BDV: int
+    IS_CAUSAL: bool
+    MASK_KIND: int    # MASK_NONE, MASK_BOOL (a uint8 view) or MASK_FLOAT
+    SOFTCAP: bool     # then qk_scale = scale / c and cap_mult = c * u
+    DOT_PREC: str     # tl.dot input precision for fp32 ("ieee", "tf32", "tf32x3"), or "upcast" (interpreter:
+                      # Triton 3.6's interpreter multiplies bf16 operands wrongly; upcast to fp32 first, exact)
+    DROPOUT: bool
+    DTYPE: str        # the input dtype (an autotune key: the bundles hide the tensors' dtypes from it)
+    PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
+    PAD_DV: bool
+
+    @classmethod
+    def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
+             dtype: str) -> "Static":
+        BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
+        return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
+                   BD != D, BDV != Dv)
+
+
+class RowOut(NamedTuple):
+    """The forward's per-row outputs, (B, Hq, L) fp32 contiguous (placeholders where unused): the public
+    statistics, the pre-pass threshold ``par``, the second weighted sum (``aux_l`` (B, Hq, L) and ``aux_o``
+    (B, Hq, L, Dv)), and the pre-pass ``scratch`` ((B * Hq * L_PAD, SCRATCH_COLS) fp32)."""
+
+    stat0: Any
+    stat1: Any
+    par: Any
+    aux_l: Any
+    aux_o: Any
+    scratch: Any
+
+
+class BwdRows(NamedTuple):
+    """The backward's per-row terms, (B, Hq, L) fp32 contiguous: delta = rowsum(dO * O_bwd) and the
+    normalizer's (r0, r1) = bwd_rows(...)."""
+
+    delta: Any
+    r0: Any
+    r1: Any
+
+
+class NoArgs(NamedTuple):
+    """The runtime arguments of a normalizer that has none."""
+
+    unused: Any = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# defaults for hooks a normalizer does not use
+
+
+@triton.jit
+def no_prepass(blk, keys, args, scratch, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr,
+               NORM: tl.constexpr):
+    """The pre-pass of normalizers without a threshold: par = 0."""
+    return tl.zeros([BM], dtype=tl.float32)
+
+
+@triton.jit
+def always_live(s, par):
+    return True
+
+
+@triton.jit
+def no_aux_weights(s, par):
+    return s
+
+
+@triton.jit
+def no_aux_finalize(l_i, l_g):
+    return l_g, l_g
+
+
+@triton.jit
+def no_bwd_rows(stat0, stat1, par, aux_l):
+    return stat0, stat1
+
+
+@triton.jit
+def no_bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    return s
+
+
+@triton.jit
+def no_bwd_dscores(p, s, dp, delta, r0, r1):
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# the normalizer record
+
+
+class Hooks(NamedTuple):
+    """How one normalizer plugs into the kernels. Passed to them as one ``tl.constexpr`` (``NORM``); build
+    it with :func:`make_hooks`. Every function is ``@triton.jit``.
+
+    Forward (``tile_loop.attn_fwd``)::
+
+        update(s, m_i, l_i, par, MASKED) -> (p, alpha, m_new, l_new)
+            weights p [BM, BN] (fp32, unnormalized) of one kernel-unit score tile, the rescale alpha [BM]
+            of the old accumulator (used only if ``rescale``), the new running state (m: running max or
+            unused; l: running normalizer)
+        finalize(m_i, l_i, par) -> (inv_l, stat0, stat1)
+            out = acc * inv_l (0 for empty rows) and the public row statistics (``n_stats`` of them)
+        prepass(blk, keys, args, scratch, BM, BN, ST, NORM) -> par [BM]      (if ``has_prepass``)
+            the per-row threshold in kernel units, from score passes only (`threshold`); ``args`` is the
+            normalizer's runtime bundle, ``scratch`` [BM, 1] pointers to ``scratch_cols`` fp32 slots per row
+        tile_live(s, par) -> scalar bool                                      (if ``skip_dead``)
+            False when no row of the block keeps a key of the tile: its P @ V is skipped
+        aux_weights(s, par) -> g; aux_finalize(l_i, l_g) -> (inv_g, aux_stat)   (if ``has_aux``)
+            a second weighted sum G = sum_j g_j v_j kept for the backward (entmax15's O2 and sum g)
+
+    Backward (``backward``)::
+
+        bwd_rows(stat0, stat1, par, aux_l) -> (r0, r1)       the row statistics as the two hooks below want
+        bwd_weights(s, r0, r1, MASKED) -> p                 the normalized weights of a score tile
+        bwd_dscores(p, s, dp, delta, r0, r1) -> ds          dL/ds_nat from dp = dL/dp and the row term delta
+                                                            (rowsum(dO * O), or rowsum(dO * O2) with has_aux)
+
+    ``consts`` holds the normalizer instance's compile-time options (e.g. top-k's buffer size), read by
+    its own forward hooks as ``NORM.consts`` (the backward kernels get the hooks with ``consts = ()``, so
+    that instances differing only there share one backward compile). ``rule`` is a sparse normalizer's
+    `threshold.ThresholdRule` (read by the threshold engine as ``NORM.rule``), or None.
+
+    Read the fields inside kernels as ``NORM.field`` (or ``NORM.rule.field``); never pass a nested tuple
+    such as ``NORM.rule`` itself as an argument (Triton does not compile that).
+    """
+
+    name: str
+    src_key: str        # hash of the hooks' sources: Triton's on-disk cache key sees only this tuple's repr
+    unit: float         # the score unit u
+    n_stats: int        # 0, 1 or 2 public row statistics
+    rescale: bool
+    has_prepass: bool
+    skip_dead: bool
+    has_aux: bool
+    has_backward: bool
+    consts: tuple
+    rule: Any
+    update: Any
+    finalize: Any
+    prepass: Any
+    tile_live: Any
+    aux_weights: Any
+    aux_finalize: Any
+    bwd_rows: Any
+    bwd_weights: Any
+    bwd_dscores: Any
+
+    def with_consts(self, consts) -> "Hooks":
+        return self._replace(consts=consts)
+
+
+def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finalize: Callable,
+               rescale: bool = False, prepass: Optional[Callable] = None, tile_live: Optional[Callable] = None,
+               aux_weights: Optional[Callable] = None, aux_finalize: Optional[Callable] = None,
+               bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
+               bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None) -> Hooks:
+    """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
+    if not 0 <= n_stats <= 2:
+        raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
+    if (aux_weights is None) != (aux_finalize is None):
+        raise ValueError(f"make_hooks({name!r}): give both aux_weights and aux_finalize, or neither")
+    bwd = (bwd_rows, bwd_weights, bwd_dscores)
+    if any(f is None for f in bwd) and any(f is not None for f in bwd):
+        raise ValueError(f"make_hooks({name!r}): give all three backward hooks, or none")
+    fns = dict(update=update, finalize=finalize, prepass=prepass or no_prepass, tile_live=tile_live or always_live,
+               aux_weights=aux_weights or no_aux_weights, aux_finalize=aux_finalize or no_aux_finalize,
+               bwd_rows=bwd_rows or no_bwd_rows, bwd_weights=bwd_weights or no_bwd_weights,
+               bwd_dscores=bwd_dscores or no_bwd_dscores)
+    for field, fn in fns.items():
+        if not _is_jit(fn):
+            raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)]
+    return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
+                 rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
+                 has_aux=aux_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
+                 rule=rule, **fns)
+
+
+def _is_jit(fn) -> bool:
+    """A @triton.jit function (an InterpretedFunction under TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, (triton.runtime.jit.JITFunction, InterpretedFunction))
+
+
+def _src_key(fns) -> str:
+    """Triton's cache key of each function (its source and the sources of what it calls), hashed; under
+    the interpreter (no compile cache) the functions' own sources."""
+    h = hashlib.sha256()
+    for fn in fns:
+        key = getattr(fn, "cache_key", None)
+        h.update((key if isinstance(key, str) else repr(getattr(fn, "src", fn))).encode())
+    return h.hexdigest()[:16]

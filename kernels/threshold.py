@@ -1,0 +1,189 @@
+"""The threshold engine of the sparse normalizers: exact per-row thresholds from score passes only (no V).
+
+A sparse normalizer's weights are zero below a per-row threshold tau (entmax15, sparsemax: the root of a
+decreasing function F of tau; top-k: the k-th largest score). Its pre-pass finds tau exactly, streaming
+the key tiles of its query block (``tiles.fold_keys``) without ever storing a score row. Two methods:
+
+**bracket** (`search`, the default): one pass for each row's max, min and count of allowed scores, then
+passes at NP points ``t0 + (t1 - t0) * a / NP`` (a = 0..NP-1) per row that accumulate the normalizer's
+statistics at each point (support count and moments), after which the normalizer's step narrows the
+bracket [lo, up] around tau, takes a Newton step, or polishes exactly (tau from the statistics of a point
+whose support is already tau's). Passes repeat until every row of the block is done (at most
+``max_passes``). The normalizer supplies the rule (`ThresholdRule`, carried in its `Hooks` as
+``NORM.rule``)::
+
+    init(smax, smin, n, args, NP) -> Bracket  the first bracket from the row's range and count
+    zero(t) -> acc                            the statistics' zeros at the points t [BM, NP] (a tuple)
+    fold(acc, s, start_n, t, BN, ST, NORM, MASKED) -> acc     a `tiles.fold_keys` fold: one tile's statistics
+    step(br, t, acc, args) -> Bracket         the next bracket (and tau where the row is done)
+
+**collect** (`collect_search`, experimental, off by default: exact and tested on the CPU, not validated on
+a GPU): two passes without a data-dependent loop. Pass 1 keeps each row's largest maxima of groups of GS
+consecutive keys (`top_group_max`); the normalizer's ``bound(buf, args)`` turns them into a lower bound lb
+<= tau. Pass 2 stores every allowed score >= lb in the row's scratch (`collect_above`, KC slots), and the
+normalizer's ``sorted(srt, cnt, args)`` computes tau exactly from those, sorted. A block in which some row
+collected more than KC scores reports overflow; the caller then runs `search`.
+"""
+
+from typing import Any, NamedTuple, Optional
+
+import triton
+import triton.language as tl
+
+from .tiles import count_allowed, fold_keys
+
+
+class Bracket(NamedTuple):
+    """Per-row [BM] search state: tau in [lo, up]; the next pass's points run from t0 towards t1; tau is
+    the answer where done."""
+
+    lo: Any
+    up: Any
+    t0: Any
+    t1: Any
+    tau: Any
+    done: Any
+
+
+class ThresholdRule(NamedTuple):
+    """A sparse normalizer's rule for the engine (see the module docstring); ``bound`` and ``sorted`` only
+    for the collect method."""
+
+    points: int
+    max_passes: int
+    init: Any
+    zero: Any
+    fold: Any
+    step: Any
+    bound: Optional[Any] = None
+    sorted: Optional[Any] = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bracket method
+
+
+@triton.jit
+def _range_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                MASKED: tl.constexpr):
+    smax, smin, n = state
+    smax = tl.maximum(smax, tl.max(s, 1))
+    if MASKED:
+        smin = tl.minimum(smin, tl.min(tl.where(s > float("-inf"), s, float("inf")), 1))
+    else:
+        smin = tl.minimum(smin, tl.min(s, 1))
+    n = count_allowed(n, s, BN, MASKED)
+    return smax, smin, n
+
+
+@triton.jit
+def row_range(blk, keys, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+    """(max, min, count) of each row's allowed scores [BM] (-inf, +inf, 0 for a row without one)."""
+    state = (tl.full([BM], float("-inf"), tl.float32), tl.full([BM], float("inf"), tl.float32),
+             tl.zeros([BM], tl.float32))
+    return fold_keys(state, _range_fold, 0, blk, keys, BN, ST, NORM)
+
+
+@triton.jit
+def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+    """(tau [BM], n [BM]) by the bracket method with the rule NORM.rule; n counts each row's allowed keys."""
+    smax, smin, n = row_range(blk, keys, BM, BN, ST, NORM)
+    br = NORM.rule.init(smax, smin, n, args, NORM.rule.points)
+    frac = tl.arange(0, NORM.rule.points).to(tl.float32) / NORM.rule.points                  # [NP]
+    passes = tl.full([], 0, tl.int32)
+    while (tl.max(tl.where(br.done, 0, 1)) > 0) & (passes < NORM.rule.max_passes):
+        t = br.t0[:, None] + (br.t1 - br.t0)[:, None] * frac[None, :]                    # [BM, NP]
+        acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, t, blk, keys, BN, ST, NORM)
+        br = NORM.rule.step(br, t, acc, args)
+        passes += 1
+    return br.tau, n
+
+
+@triton.jit
+def point_columns(acc_col, x, sel):
+    """acc_col [BM, NP] plus the row values x [BM] in the column picked by sel [1, NP] (one point)."""
+    return acc_col + tl.where(sel, x[:, None], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the collect method: the largest group maxima, and collecting the scores above a bound
+
+
+def collect_group_size(S: int, groups: int) -> int:
+    """Keys per group (a power of two in [8, 256]) that gives a row of S keys about ``groups`` groups, for
+    `top_group_max` (at least one group per tile once it reaches the tile size)."""
+    from .contract import next_pow2
+
+    return max(8, min(256, next_pow2(max(1, S // groups))))
+
+
+@triton.jit
+def _group_max_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """Merge one tile into buf [BM, KP]: the KP largest maxima of groups of GS = NORM.consts.GS keys seen so
+    far, per row. Branch-free: BN // GS replacement steps per tile, none data dependent."""
+    buf, n = state
+    BM: tl.constexpr = buf.shape[0]
+    G: tl.constexpr = BN // NORM.consts.GS if BN > NORM.consts.GS else 1
+    slots = tl.arange(0, buf.shape[1])
+    n = count_allowed(n, s, BN, MASKED)
+    if G == 1:
+        x = tl.max(s, 1)                                                                 # [BM]
+        low, slot = tl.min(buf, 1, return_indices=True)
+        buf = tl.where((slots[None, :] == slot[:, None]) & (x > low)[:, None], x[:, None], buf)
+    else:
+        gm = tl.max(tl.reshape(s, [BM, G, BN // G]), 2)                                  # [BM, G]
+        cols = tl.arange(0, G)
+        for g in tl.static_range(G):
+            x = tl.max(tl.where(cols[None, :] == g, gm, float("-inf")), 1)              # [BM]
+            low, slot = tl.min(buf, 1, return_indices=True)
+            buf = tl.where((slots[None, :] == slot[:, None]) & (x > low)[:, None], x[:, None], buf)
+    return buf, n
+
+
+@triton.jit
+def top_group_max(buf, blk, keys, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+    """(buf [BM, KP], n [BM]): the KP largest group maxima of each row (empty slots -inf; slots set to +inf
+    never leave: a caller keeping k < KP maxima starts them at +inf) and its allowed-key count.
+
+    The group maxima are distinct scores of the row, so the k-th largest of them is a LOWER bound of the
+    row's k-th largest score, and any bound computed from them alone (e.g. entmax15's threshold of the
+    maxima) holds for the whole row."""
+    return fold_keys((buf, tl.zeros([BM], tl.float32)), _group_max_fold, 0, blk, keys, BN, ST, NORM)
+
+
+@triton.jit
+def _collect_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                  MASKED: tl.constexpr):
+    cnt = state
+    lb, scr = ctx
+    take = s >= lb[:, None]
+    if MASKED:
+        take = take & (s > float("-inf"))
+    ti = take.to(tl.int32)
+    pos = cnt[:, None] + tl.cumsum(ti, 1) - 1                                          # [BM, BN]
+    tl.store(scr + pos, s, mask=take & (pos < NORM.consts.KC))
+    return cnt + tl.sum(ti, 1)
+
+
+@triton.jit
+def collect_search(buf, blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr,
+                   NORM: tl.constexpr):
+    """(tau [BM], n [BM], overflow): the collect method (module docstring) with the rule NORM.rule, starting
+    from the group-maxima buffer buf [BM, KP]; scr [BM, 1] points at each row's KC = NORM.consts.KC scratch
+    slots. The stored values are the scores exactly as the output pass recomputes them (same tile shape),
+    so a threshold picked among them compares exactly. overflow: some row collected more than KC scores
+    (tau is then not valid; run `search`)."""
+    buf, n = top_group_max(buf, blk, keys, BM, BN, ST, NORM)
+    lb = NORM.rule.bound(buf, args)                                                     # [BM]
+    cnt = fold_keys(tl.zeros([BM], tl.int32), _collect_fold, (lb, scr), blk, keys, BN, ST, NORM)
+    tl.debug_barrier()                             # other threads of the program stored the scores
+    slots = tl.arange(0, NORM.consts.KC)
+    vals = tl.load(scr + slots[None, :], mask=slots[None, :] < cnt[:, None], other=float("-inf"))
+    srt = tl.sort(vals, 1, descending=True)                                             # [BM, KC]
+    tau = NORM.rule.sorted(srt, cnt, args)
+    return tau, n, tl.max((cnt > NORM.consts.KC).to(tl.int32)) > 0
+
+
+__all__ = ["Bracket", "ThresholdRule", "row_range", "search", "point_columns", "collect_group_size",
+           "top_group_max", "collect_search"]

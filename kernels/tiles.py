@@ -1,0 +1,231 @@
+"""Tiles: loads, the matrix product, score tiles and their masks, and which tiles a program visits.
+
+Shared by the forward loop, the threshold pre-passes and the backward kernels (names in `contract`).
+Pointers: ``View`` bases are offset to the (batch, head) of the program in int64; per-tile offsets are
+advanced with an int64 scalar (``start * int64(1) * stride``), so long sequences with large strides never
+overflow int32.
+"""
+
+import triton
+import triton.language as tl
+
+from .contract import LOG2E, MASK_BOOL, MASK_FLOAT, Keys
+
+# ---------------------------------------------------------------------------------------------------
+# scalar math
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh in fp32 through exp2 (no libdevice, so it runs in the interpreter too): sign(x) (1-e)/(1+e),
+    e = exp(-2|x|). Absolute error ~1e-7."""
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def safe_inv(l):
+    """1 / l where l > 0, else 0 (rows with no allowed key output exactly 0)."""
+    return tl.where(l > 0, 1.0 / tl.where(l > 0, l, 1.0), 0.0)
+
+
+@triton.jit
+def mma(a, b, acc, ST: tl.constexpr):
+    """tl.dot(a, b) + acc (acc may be None) with fp32 accumulation, at the precision ST.DOT_PREC (a
+    `contract.Static`: its string field cannot be passed on as an argument of its own)."""
+    DOT_PREC: tl.constexpr = ST.DOT_PREC
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def pick_row(x, sel):
+    """x[r, a_r] [BM] for a one-hot selector sel [BM, NP] (0 where a selector row is empty)."""
+    return tl.sum(tl.where(sel, x, 0.0), 1)
+
+
+@triton.jit
+def count_allowed(n, s, BN: tl.constexpr, MASKED: tl.constexpr):
+    """n [BM] plus the allowed keys of the score tile s [BM, BN] (all BN in an unmasked tile)."""
+    if MASKED:
+        return n + tl.sum((s > float("-inf")).to(tl.float32), 1)
+    else:
+        return n + BN
+
+
+# ---------------------------------------------------------------------------------------------------
+# pointers and loads
+
+
+@triton.jit
+def head_base(view, off_b, off_h):
+    """The pointer of ``view`` (a contract.View) at (batch off_b, head off_h), in int64."""
+    return view.ptr + off_b.to(tl.int64) * view.sb + off_h.to(tl.int64) * view.sh
+
+
+@triton.jit
+def mask_rows(mask, off_b, off_h, offs_m):
+    """[BM, 1] pointers of the mask rows offs_m of (off_b, off_h) (a placeholder view when no mask)."""
+    return head_base(mask, off_b, off_h) + offs_m.to(tl.int64)[:, None] * mask.sr
+
+
+@triton.jit
+def load_tile(base, start, offs_r, offs_c, n_r, n_c, stride_r, stride_c,
+              CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
+    """Tile [R, C] of a row-major-ish 2-D view: element (start + r, c) at base + (start + r) * stride_r
+    + c * stride_c, zero outside [0, n_r) x [0, n_c) when the corresponding CHECK flag is set."""
+    start64 = start * tl.full([], 1, tl.int64)           # int64 tile offset (start may be a Python int)
+    ptrs = base + start64 * stride_r + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_R and CHECK_C:
+        ok = ((start + offs_r) < n_r)[:, None] & (offs_c < n_c)[None, :]
+        return tl.load(ptrs, mask=ok, other=0.0)
+    elif CHECK_R:
+        return tl.load(ptrs, mask=((start + offs_r) < n_r)[:, None], other=0.0)
+    elif CHECK_C:
+        return tl.load(ptrs, mask=(offs_c < n_c)[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def load_rows(base, start, n_rows, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr, N_COLS: tl.constexpr,
+              CHECK_R: tl.constexpr, PAD_C: tl.constexpr):
+    """Rows [start, start + BR) x cols [0, BC) of a 2-D view (zero past n_rows / N_COLS)."""
+    return load_tile(base, start, tl.arange(0, BR), tl.arange(0, BC), n_rows, N_COLS, stride_r, stride_c,
+                     CHECK_R, PAD_C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scores
+
+
+@triton.jit
+def scale_scores(qk, scale, SOFTCAP: tl.constexpr):
+    """Kernel-unit scores from raw dot products: qk * qk_scale, or cap_mult * tanh(qk * qk_scale)."""
+    if SOFTCAP:
+        return scale.cap_mult * tanh_f32(qk * scale.qk_scale)
+    else:
+        return qk * scale.qk_scale
+
+
+@triton.jit
+def mask_scores(s, i, j, keys, ST: tl.constexpr):
+    """Apply the `allowed` test (and the float-mask bias) to a score tile of query rows i and keys j
+    (broadcastable index tensors, e.g. [BM, 1] and [1, BN]). Returns s + u * bias where allowed and -inf
+    elsewhere (keys >= S, causal, bool False, float <= mask_min)."""
+    ok = j < keys.S
+    if ST.IS_CAUSAL:
+        ok = ok & (j <= i + keys.causal_off)
+    if ST.MASK_KIND == MASK_BOOL:
+        mv = tl.load(keys.mask_rows + j * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0)
+        ok = ok & (mv != 0)
+    elif ST.MASK_KIND == MASK_FLOAT:
+        bias = tl.load(keys.mask_rows + j * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0.0)
+        bias = bias.to(tl.float32)
+        ok = ok & (bias > keys.scale.mask_min)
+        s = s + tl.where(ok, bias, 0.0) * keys.scale.bias_mult   # excluded entries: no finfo.min * u overflow
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def qk_tile(q, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
+    """Raw dot products q k^T [BM, BN] of the query tile q [BM, BD] with keys [start_n, start_n + BN)."""
+    k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
+                  MASKED, ST.PAD_D)                                                    # [BN, BD]
+    return mma(q, tl.trans(k), None, ST)
+
+
+@triton.jit
+def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
+    """Kernel-unit score tile s [BM, BN] of the query block ``blk`` against keys [start_n, start_n + BN).
+    ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked tiles are whole tiles inside
+    [0, S) that every row of the block attends."""
+    s = scale_scores(qk_tile(blk.q, keys, start_n, BN, ST, MASKED), keys.scale, ST.SOFTCAP)
+    if MASKED:
+        s = mask_scores(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, ST)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------
+# which tiles a program visits
+
+
+@triton.jit
+def key_bounds(start_m, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
+    """Key tiles visited by the query rows [start_m, start_m + BM) (forward and dQ kernels).
+
+    Returns (full_end, hi): keys [0, full_end) form whole tiles that every row of the block may attend
+    (no mask arithmetic needed; full_end is a multiple of BN), keys [full_end, hi) are visited as masked
+    tiles, keys >= hi are masked for every row and never touched (causal tile skipping).
+    ``ALL_MASKED`` (a user mask is given) makes every visited tile a masked one."""
+    if IS_CAUSAL:
+        last_row = tl.minimum(start_m + BM, L) - 1
+        hi = tl.minimum(last_row + causal_off + 1, S)   # keys j <= i + off for the block's last row
+        full = tl.minimum(start_m + causal_off + 1, S)  # ... and for its first row
+        hi = tl.maximum(hi, 0)
+        full = tl.maximum(full, 0)
+    else:
+        hi = S + 0 * start_m
+        full = S + 0 * start_m
+    full_end = (full // BN) * BN
+    if ALL_MASKED:
+        full_end = 0 * full_end
+    return full_end, hi
+
+
+@triton.jit
+def query_bounds(start_n, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
+    """Query tiles visiting the keys [start_n, start_n + BN) (the dK/dV kernel's mirror of key_bounds).
+
+    Returns (lo, full_start): rows [lo, L) may attend some key of the tile (lo is a multiple of BM);
+    query tiles starting at or after full_start (a multiple of BM) see every key of the tile and need
+    no mask arithmetic; tiles in [lo, full_start) are masked tiles. Without causal: lo = 0 and
+    full_start = 0 (or L rounded up to BM when ALL_MASKED, i.e. every tile masked). The ragged last
+    query tile and ragged key tile must still be bounds-checked by the caller's loads."""
+    if IS_CAUSAL:
+        first = tl.maximum(start_n - causal_off, 0)                       # row seeing key start_n
+        last_key = tl.minimum(start_n + BN, S) - 1
+        full = tl.maximum(last_key - causal_off, 0)                       # rows seeing the whole tile
+        lo = (first // BM) * BM
+        full_start = tl.minimum(((full + BM - 1) // BM) * BM, ((L + BM - 1) // BM) * BM)
+        full_start = tl.maximum(full_start, lo)
+    else:
+        lo = 0 * start_n
+        full_start = 0 * start_n
+    if ALL_MASKED:
+        full_start = tl.maximum(lo, ((L + BM - 1) // BM) * BM)
+    return lo, full_start
+
+
+# ---------------------------------------------------------------------------------------------------
+# the one sweep over a block's key tiles: the unmasked tiles, then the masked ones
+
+
+@triton.jit
+def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+    """Fold every key tile the block visits into ``state`` (any tuple):
+    ``state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)`` for the score tile s [BM, BN] of keys
+    [start_n, start_n + BN): first the whole unmasked tiles [0, full_end), then the masked ones
+    [full_end, hi). The forward's output pass and every threshold pass are this sweep."""
+    state = _fold_range(state, FOLD, ctx, blk, keys, 0, blk.full_end, BN, ST, NORM, False)
+    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True)
+    return state
+
+
+@triton.jit
+def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.constexpr, ST: tl.constexpr,
+                NORM: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(start, end, BN):
+        s = score_tile(blk, keys, start_n, BN, ST, MASKED)                              # [BM, BN]
+        state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
+    return state
+
+
+__all__ = ["Keys", "tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows",
+           "load_tile", "load_rows", "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds",
+           "query_bounds", "fold_keys"]
