@@ -22,9 +22,9 @@ Pre-pass (scores only, no V), per row:
    COLLECT mode (``COLLECT = True``; experimental, off by default: exact and CPU-tested, not validated on
    a GPU): the engine's collect method instead (`threshold.collect_search`): pass 1 keeps each row's
    KP_GROUPS largest maxima of groups of keys; their own threshold (`sorted_threshold`) is a lower bound
-   lb <= tau. Pass 2 stores every z >= lb in the row's scratch (KC_COLLECT slots), and tau is the
+   lb <= tau. Pass 2 stores every z >= lb in the row's scratch (128 slots), and tau is the
    sort-based threshold of those (support = the largest m with tau_m < z_(m)). A block in which a row
-   collected more than KC_COLLECT scores (a support wider than about 100 keys) runs steps 1-2 instead.
+   collected more than 128 scores (a support wider than about 100 keys) runs steps 1-2 instead.
 3. the output pass (tile loop): p = max(z - tau, 0)^2 (no exp, no rescale), out = acc / sum p, and
    key tiles with every z <= tau are skipped (no P @ V).
 
@@ -38,13 +38,11 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 (the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
-from typing import NamedTuple
-
 import triton
 import triton.language as tl
 
-from .contract import NoArgs, make_hooks
-from .threshold import Bracket, ThresholdRule, collect_group_size, collect_search, point_columns, search
+from .contract import make_hooks
+from .threshold import Bracket, ThresholdRule, configure_root, root_prepass, support_fold, support_zero
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
@@ -56,16 +54,6 @@ NPTS = 2
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
-KP_GROUPS: tl.constexpr = tl.constexpr(64)
-KC_COLLECT = 128
-
-
-class Consts(NamedTuple):
-    """Compile-time options of the pre-pass (``NORM.consts``)."""
-
-    COLLECT: bool
-    GS: int       # keys per group of the collect method's first pass
-    KC: int       # scratch slots per row of the collect method
 
 
 # ------------------------------------------------------------------ the bracket rule (threshold engine)
@@ -78,31 +66,6 @@ def _init(zmax, zmin, n, args, NP: tl.constexpr):
     lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
     up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
     return Bracket(lo, up, lo, up, lo, n <= 1.0)
-
-
-@triton.jit
-def _zero(t):
-    return (tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32),
-            tl.full(t.shape, float("inf"), tl.float32))
-
-
-@triton.jit
-def _moments(acc, z, start_n, t, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr):
-    """Support moments at the points t [BM, NP]: count, sum and sum of squares of (z - t)_+ and the
-    smallest z above t."""
-    cnt, s1, s2, zmin = acc
-    NP: tl.constexpr = t.shape[1]
-    cols = tl.arange(0, NP)
-    for pt in tl.static_range(NP):                     # one [BM, BN] pass per point (no 3-D tensor)
-        sel = cols[None, :] == pt                                                        # [1, NP]
-        d = z - pick_row(t, sel)[:, None]                                                # [BM, BN]
-        pos = d > 0
-        dp = tl.where(pos, d, 0.0)
-        cnt = point_columns(cnt, tl.sum(pos.to(tl.float32), 1), sel)                     # [BM, NP]
-        s1 = point_columns(s1, tl.sum(dp, 1), sel)
-        s2 = point_columns(s2, tl.sum(dp * dp, 1), sel)
-        zmin = tl.minimum(zmin, tl.where(sel, tl.min(tl.where(pos, z, float("inf")), 1)[:, None], float("inf")))
-    return cnt, s1, s2, zmin
 
 
 @triton.jit
@@ -167,21 +130,8 @@ def _group_max_threshold(buf, args):
     return tl.where(n_groups > 0, lb, 0.0)
 
 
-RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=_zero, fold=_moments, step=_step,
-                     bound=_group_max_threshold, sorted=sorted_threshold)
-
-
-@triton.jit
-def prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
-    """tau [BM] (units of z, +inf for empty rows) for the query block."""
-    if NORM.consts.COLLECT:
-        buf = tl.full([BM, KP_GROUPS], float("-inf"), tl.float32)
-        tau, n, overflow = collect_search(buf, blk, keys, args, scr, BM, BN, ST, NORM)
-        if overflow:                                   # a row's support is too wide: the bracket passes
-            tau, n = search(blk, keys, args, BM, BN, ST, NORM)
-    else:
-        tau, n = search(blk, keys, args, BM, BN, ST, NORM)
-    return tl.where(n == 0, float("inf"), tau)
+RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
+                     step=_step, bound=_group_max_threshold, sorted=sorted_threshold, squares=True)
 
 
 # ------------------------------------------------------------------ output pass and backward
@@ -239,7 +189,7 @@ HOOKS = make_hooks(
     n_stats=1,
     update=update,
     finalize=finalize,
-    prepass=prepass,
+    prepass=root_prepass,
     tile_live=tile_live,
     aux_weights=aux_weights,
     aux_finalize=aux_finalize,
@@ -252,6 +202,4 @@ HOOKS = make_hooks(
 
 def configure(normalizer, S: int):
     """(hooks, runtime args, scratch columns) of a call over S keys: the module knobs NPTS and COLLECT."""
-    gs = collect_group_size(S, 4 * int(KP_GROUPS.value))       # about 4 KP groups per row
-    hooks = HOOKS._replace(consts=Consts(COLLECT, gs, KC_COLLECT), rule=RULE._replace(points=NPTS))
-    return hooks, NoArgs(), KC_COLLECT if COLLECT else 0
+    return configure_root(HOOKS, S, collect=COLLECT, points=NPTS)

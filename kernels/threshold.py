@@ -30,7 +30,8 @@ from typing import Any, NamedTuple, Optional
 import triton
 import triton.language as tl
 
-from .tiles import count_allowed, fold_keys
+from .contract import NoArgs
+from .tiles import count_allowed, fold_keys, pick_row
 
 
 class Bracket(NamedTuple):
@@ -47,7 +48,7 @@ class Bracket(NamedTuple):
 
 class ThresholdRule(NamedTuple):
     """A sparse normalizer's rule for the engine (see the module docstring); ``bound`` and ``sorted`` only
-    for the collect method."""
+    for the collect method. ``squares``: `support_fold` also sums (z - t)_+^2."""
 
     points: int
     max_passes: int
@@ -57,6 +58,15 @@ class ThresholdRule(NamedTuple):
     step: Any
     bound: Optional[Any] = None
     sorted: Optional[Any] = None
+    squares: bool = False
+
+
+class RootConsts(NamedTuple):
+    """``NORM.consts`` of a normalizer whose threshold is the root of a decreasing F (`root_prepass`)."""
+
+    COLLECT: bool   # the collect method (else the bracket method)
+    GS: int         # keys per group of the collect method's first pass
+    KC: int         # scratch slots per row of the collect method
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,6 +113,66 @@ def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr
 def point_columns(acc_col, x, sel):
     """acc_col [BM, NP] plus the row values x [BM] in the column picked by sel [1, NP] (one point)."""
     return acc_col + tl.where(sel, x[:, None], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the statistics of the F-root normalizers (entmax, sparsemax): support moments at each point
+
+
+@triton.jit
+def support_zero(t):
+    """Zeros of `support_fold`'s statistics at the points t [BM, NP]."""
+    return (tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32), tl.zeros(t.shape, tl.float32),
+            tl.full(t.shape, float("inf"), tl.float32))
+
+
+@triton.jit
+def support_fold(acc, z, start_n, t, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Support moments at the points t [BM, NP]: count, sum (and, with NORM.rule.squares, sum of squares)
+    of (z - t)_+ over the keys above t, and the smallest z above t."""
+    cnt, s1, s2, zmin = acc
+    NP: tl.constexpr = t.shape[1]
+    cols = tl.arange(0, NP)
+    for pt in tl.static_range(NP):                     # one [BM, BN] pass per point (no 3-D tensor)
+        sel = cols[None, :] == pt                                                        # [1, NP]
+        d = z - pick_row(t, sel)[:, None]                                                # [BM, BN]
+        pos = d > 0
+        dp = tl.where(pos, d, 0.0)
+        cnt = point_columns(cnt, tl.sum(pos.to(tl.float32), 1), sel)                     # [BM, NP]
+        s1 = point_columns(s1, tl.sum(dp, 1), sel)
+        if NORM.rule.squares:
+            s2 = point_columns(s2, tl.sum(dp * dp, 1), sel)
+        zmin = tl.minimum(zmin, tl.where(sel, tl.min(tl.where(pos, z, float("inf")), 1)[:, None], float("inf")))
+    return cnt, s1, s2, zmin
+
+
+#: group maxima kept per row by the collect method of `root_prepass`
+KP_GROUPS: tl.constexpr = tl.constexpr(64)
+
+
+@triton.jit
+def root_prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr,
+                 NORM: tl.constexpr):
+    """The pre-pass hook of a normalizer whose tau is the root of a decreasing F (entmax, sparsemax): tau
+    [BM] by the collect method when NORM.consts.COLLECT (the bracket method when a row overflows), else by
+    the bracket method; +inf for rows with no allowed key."""
+    if NORM.consts.COLLECT:
+        buf = tl.full([BM, KP_GROUPS], float("-inf"), tl.float32)
+        tau, n, overflow = collect_search(buf, blk, keys, args, scr, BM, BN, ST, NORM)
+        if overflow:                                   # a row's support is too wide: the bracket passes
+            tau, n = search(blk, keys, args, BM, BN, ST, NORM)
+    else:
+        tau, n = search(blk, keys, args, BM, BN, ST, NORM)
+    return tl.where(n == 0, float("inf"), tau)
+
+
+def configure_root(hooks, S: int, *, collect: bool, points: int, kc: int = 128):
+    """(hooks, runtime args, scratch columns) for `root_prepass`: the collect method's group size (about
+    4 KP_GROUPS groups per row) and scratch, and the bracket method's points per pass."""
+    gs = collect_group_size(S, 4 * int(KP_GROUPS.value))
+    hooks = hooks._replace(consts=RootConsts(bool(collect), gs, kc), rule=hooks.rule._replace(points=points))
+    return hooks, NoArgs(), kc if collect else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,5 +255,6 @@ def collect_search(buf, blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr
     return tau, n, tl.max((cnt > NORM.consts.KC).to(tl.int32)) > 0
 
 
-__all__ = ["Bracket", "ThresholdRule", "row_range", "search", "point_columns", "collect_group_size",
-           "top_group_max", "collect_search"]
+__all__ = ["Bracket", "ThresholdRule", "RootConsts", "row_range", "search", "point_columns", "support_zero",
+           "support_fold", "root_prepass", "configure_root", "collect_group_size", "top_group_max",
+           "collect_search"]
