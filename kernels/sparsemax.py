@@ -1,0 +1,169 @@
+"""Sparsemax hooks: the threshold pre-pass rule, the output pass and the backward rule.
+
+Scores arrive in natural units (score unit 1). With n allowed keys::
+
+    p_j = max(s_j - tau, 0),   tau such that F(tau) = sum_j max(s_j - tau, 0) - 1 = 0,
+    tau in [max s - 1, max s - 1/n]   (F(max s - 1) >= 0 >= F(max s - 1/n))
+
+Pre-pass: the threshold engine's `threshold.root_prepass` with the rule `RULE`. Per pass, at NP points t
+the support count c = #{s > t}, s1 = sum (s - t)_+ and the smallest s above t; with a = the largest point
+where F(t_a) = s1 - 1 >= 0 (so t_a <= tau):
+
+* exact polish: if the support were {s > t_a}, tau = t_a + (s1 - 1) / c; that candidate r is exact iff
+  r < min{s > t_a} (no score in (t_a, r]). F is convex and piecewise linear, so r is the Newton step from
+  t_a and always a lower bound of tau: the next pass starts there.
+* bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
+
+Collect method (``COLLECT``, experimental as for entmax15): the group maxima's own threshold is a lower
+bound (F of a subset of the scores is at most F of all of them); tau is then the sort-based rule over the
+collected scores (`sorted_threshold`).
+
+Output pass: p = max(s - tau, 0) (no exp, no rescale), out = acc / sum p (an exact simplex), key tiles with
+every s <= tau skipped. Stats: tau (+inf for empty rows).
+
+Backward: r0 = tau (the saved par); with the support indicator m = [s > tau] and the row term
+delta = rowsum(dO * O2), O2 = sum_j m_j v_j / |K| (the second weighted sum with g = m),
+dS = m * (dP - delta).
+"""
+
+import triton
+import triton.language as tl
+
+from .contract import make_hooks
+from .threshold import Bracket, ThresholdRule, configure_root, root_prepass, support_fold, support_zero
+from .tiles import pick_row, safe_inv
+
+MAX_PASSES = 40
+NPTS = 2
+COLLECT = False
+
+
+@triton.jit
+def _init(smax, smin, n, args, NP: tl.constexpr):
+    """tau in [max s - 1, max s - 1/n]; exact (= max s - 1) for a row with one key."""
+    top = tl.where(n == 0, 0.0, smax)
+    lo = top - 1.0
+    up = top - 1.0 / tl.maximum(n, 1.0)
+    return Bracket(lo, up, lo, up, lo, n <= 1.0)
+
+
+@triton.jit
+def _step(br, t, acc, args):
+    """Polish at the largest point with F >= 0 (exact, or the Newton lower bound), and the bracket
+    shrunk to [t_a, t_{a+1})."""
+    cnt, s1, s2, smin = acc
+    NP: tl.constexpr = t.shape[1]
+    idx = tl.arange(0, NP)
+    a = tl.max(tl.where(s1 >= 1.0, idx[None, :], -1), 1)   # -1 if rounding put t0 above tau    [BM]
+    sel = idx[None, :] == a[:, None]
+    found = a >= 0
+    t_a = pick_row(t, sel)
+    c_a = pick_row(cnt, sel)
+    f_a = pick_row(s1, sel) - 1.0                                                         # F(t_a) >= 0
+    smin_a = pick_row(smin, sel)
+    t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, br.up, 0.0)
+    r = t_a + f_a / tl.maximum(c_a, 1.0)                    # <= tau; exact when no score lies in (t_a, r]
+    exact = found & (r < smin_a)
+    lo = tl.where(found, tl.maximum(br.lo, tl.maximum(t_a, r)), br.lo)
+    up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
+    up = tl.maximum(up, lo)
+    t0 = tl.where(found, tl.minimum(lo, up), lo)
+    narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
+    tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
+    done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
+    return Bracket(lo, up, t0, up, tau, done)
+
+
+@triton.jit
+def sorted_threshold(srt, cnt, args):
+    """The exact sparsemax threshold of each row's values srt [BM, C], sorted in descending order, -inf past
+    cnt [BM] (int32); +inf for an empty row: tau_m = (S1_m - 1) / m over the m largest (relative to the
+    largest), the support is the largest m with tau_m < s_m."""
+    C: tl.constexpr = srt.shape[1]
+    idx = tl.arange(0, C)
+    top = tl.max(srt, 1)                                                                 # [BM]
+    ok = idx[None, :] < cnt[:, None]
+    w = tl.where(ok, srt - tl.where(cnt > 0, top, 0.0)[:, None], 0.0)                    # <= 0
+    m = (idx + 1).to(tl.float32)[None, :]
+    tau_m = (tl.cumsum(w, 1) - 1.0) / m
+    msz = tl.max(tl.where(ok & (tau_m < w), idx[None, :] + 1, 0), 1)                     # support size
+    tau_w = pick_row(tau_m, idx[None, :] == (msz - 1)[:, None])
+    return tl.where(cnt > 0, top + tau_w, float("inf"))
+
+
+@triton.jit
+def _group_max_threshold(buf, args):
+    """The threshold of the row's largest group maxima alone: <= tau; 0 for a row without an allowed key."""
+    n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
+    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups, args)
+    return tl.where(n_groups > 0, lb, 0.0)
+
+
+RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
+                     step=_step, bound=_group_max_threshold, sorted=sorted_threshold)
+
+
+@triton.jit
+def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+    p = tl.maximum(s - par[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
+    return p, l_i, m_i, l_i + tl.sum(p, 1)
+
+
+@triton.jit
+def finalize(m_i, l_i, par):
+    return safe_inv(l_i), par, par
+
+
+@triton.jit
+def tile_live(s, par):
+    """Some score in the tile lies above its row's tau."""
+    return tl.max(s - par[:, None]) > 0
+
+
+@triton.jit
+def aux_weights(s, par):
+    """g = the support indicator: O2 = sum_j m_j v_j / |K| is the mean of v over the support."""
+    return (s > par[:, None]).to(tl.float32)
+
+
+@triton.jit
+def aux_finalize(l_i, l_g):
+    return safe_inv(l_g), l_g
+
+
+@triton.jit
+def bwd_rows(stat0, stat1, par, aux_l):
+    return par, par
+
+
+@triton.jit
+def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+    return tl.maximum(s - r0[:, None], 0.0)     # normalized: tau is exact (sum p = 1 to fp32 rounding)
+
+
+@triton.jit
+def bwd_dscores(p, s, dp, delta, r0, r1):
+    """dS = m * (dP - delta), m = [s > tau], delta = rowsum(dO * O2) = mean of dP over the support."""
+    return tl.where(s > r0[:, None], dp - delta[:, None], 0.0)
+
+
+HOOKS = make_hooks(
+    name="sparsemax",
+    unit=1.0,
+    n_stats=1,
+    update=update,
+    finalize=finalize,
+    prepass=root_prepass,
+    tile_live=tile_live,
+    aux_weights=aux_weights,
+    aux_finalize=aux_finalize,
+    bwd_rows=bwd_rows,
+    bwd_weights=bwd_weights,
+    bwd_dscores=bwd_dscores,
+    rule=RULE,
+)
+
+
+def configure(normalizer, S: int):
+    """(hooks, runtime args, scratch columns) of a call over S keys: the module knobs NPTS and COLLECT."""
+    return configure_root(HOOKS, S, collect=COLLECT, points=NPTS)
