@@ -7,12 +7,12 @@ autograd formula, so ``torch.compile(fullgraph=True)`` traces code that calls ``
 A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides::
 
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
-        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, aux Tensor)
-    aux_shape(normalizer, q, k, v, need_grad) -> shape of ``aux`` (float32; () -> (0,) when unused)
-    backward(dout, q, k, v, out, stats, aux, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
+        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
+    extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
+    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
         -> (dq, dk, dv)
 
-``stats`` follow ``normalizer.stats``; ``aux`` carries whatever else the backend's backward needs (the
+``stats`` follow ``normalizer.stats``; ``extras`` carries whatever else the backend's backward needs (the
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
 (n_stats, B, Hq, L) tensor. The dropout seed is an int64 tensor drawn from torch's default generator
 (``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
@@ -53,13 +53,13 @@ def attention_fwd(
     backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), aux). ``causal`` is "" for none."""
+    """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none."""
     norm = parse(normalizer)
-    out, stats, aux = backend_module(backend).forward(
+    out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
     )
     # outputs must have the strides the fake implementation promises (contiguous)
-    return out.contiguous(), torch.stack(list(stats)), aux.contiguous()
+    return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
 
 
 @attention_fwd.register_fake
@@ -68,19 +68,19 @@ def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
     stats = q.new_empty((len(norm.stats), B, Hq, L), dtype=_stats_dtype(q))
-    aux = q.new_empty(backend_module(backend).aux_shape(norm, q, k, v, need_grad), dtype=torch.float32)
-    return out, stats, aux
+    extras = q.new_empty(backend_module(backend).extras_shape(norm, q, k, v, need_grad), dtype=torch.float32)
+    return out, stats, extras
 
 
 @torch.library.custom_op("flashmaps::attention_bwd", mutates_args=())
 def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    stats: torch.Tensor, aux: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
+    stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v."""
     dq, dk, dv = backend_module(backend).backward(
-        dout, q, k, v, out, list(stats.unbind(0)), aux, parse(normalizer),
+        dout, q, k, v, out, list(stats.unbind(0)), extras, parse(normalizer),
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
     )
     return _like(dq, q), _like(dk, k), _like(dv, v)
@@ -95,20 +95,20 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, stats, aux, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
+def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs
-    out, stats, aux = output
-    ctx.save_for_backward(q, k, v, out, stats, aux, mask, seed)
+    out, stats, extras = output
+    ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
 
 
 def _backward(ctx, dout, _dstats, _daux):
-    q, k, v, out, stats, aux, mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, stats, aux, mask, seed, *ctx.args)
+    q, k, v, out, stats, extras, mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, stats, extras, mask, seed, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 

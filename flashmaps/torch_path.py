@@ -270,30 +270,30 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
 # backend entry points (wrapped as torch.library custom ops by flashmaps.ops)
 
 
-def aux_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
+def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
     """The torch path saves nothing beyond the row statistics."""
     return (0,)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad):
-    """-> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L)] in ``normalizer.stats`` order, aux (0,)).
+    """-> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L)] in ``normalizer.stats`` order, extras (0,)).
 
     The normalizer's ``torch_native_forward`` first (softmax: torch's CPU flash op where it computes exactly
     our softmax), else the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``)."""
-    aux = torch.empty(0, dtype=torch.float32, device=q.device)
+    extras = torch.empty(0, dtype=torch.float32, device=q.device)
     native = normalizer.torch_native_forward(q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap,
                                              dropout_p=dropout_p)
     if native is not None:
         out, stats = native
-        return out, stats, aux
+        return out, stats, extras
     pb = _prepare(q, k, v, mask, causal, scale, softcap)
     out5, stats = _forward(pb, normalizer, dropout_p, seed)
     B, Hq, L = q.shape[:3]
     out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
-    return out, [val.view(B, Hq, L) for val in stats.values()], aux
+    return out, [val.view(B, Hq, L) for val in stats.values()], extras
 
 
-def backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask, causal, scale, softcap,
+def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
              dropout_p, seed):
     """Gradients (dq, dk, dv) by recomputing each chunk from q, k, v and the saved row statistics (or the
     normalizer's ``torch_native_backward``, when its forward ran natively)."""

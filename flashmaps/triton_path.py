@@ -5,15 +5,15 @@ Entry points of the backend contract (wrapped as torch.library custom ops by :mo
 inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``::
 
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
-        -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], aux)
-    aux_shape(normalizer, q, k, v, need_grad) -> shape of aux (1-D fp32; see `unpack_aux`)
-    backward(dout, q, k, v, out, stats, aux, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
-        -> (dq, dk, dv) in the dtypes of q, k, v (aux: the one forward() returned with need_grad=True)
+        -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], extras)
+    extras_shape(normalizer, q, k, v, need_grad) -> shape of extras (1-D fp32; see `unpack_extras`)
+    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
+        -> (dq, dk, dv) in the dtypes of q, k, v (extras: the one forward() returned with need_grad=True)
     attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
 
 :func:`launch_forward` / :func:`launch_backward` are the launchers themselves (pinned configs, the saved
-extras by name); ``aux`` packs what the FlashAttention-2 style backward needs besides q, k, v, out and
-the stats (`unpack_aux`). Both build their kernel arguments with `_setup`: the normalizer's hooks
+extras by name); ``extras`` packs what the FlashAttention-2 style backward needs besides q, k, v, out and
+the stats (`unpack_extras`). Both build their kernel arguments with `_setup`: the normalizer's hooks
 (``Normalizer.triton``), the argument bundles of ``flashmaps.kernels.contract`` and the static flags.
 Dropout: ``seed`` (an int, e.g. :func:`flashmaps.torch_path.draw_seed`) and ``dropout_p`` give the keep mask
 of :func:`dropout_keep_mask`, regenerated identically by the backward. Autotune candidates:
@@ -37,7 +37,7 @@ from .kernels.dropout import dropout_mask_kernel
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
 
-__all__ = ["attention", "forward", "backward", "aux_shape", "unpack_aux", "launch_forward",
+__all__ = ["attention", "forward", "backward", "extras_shape", "unpack_extras", "launch_forward",
            "launch_backward", "dropout_keep_mask", "Forward", "SUPPORTS_BACKWARD", "SUPPORTS_DROPOUT"]
 
 #: gradients w.r.t. q, k, v through the Triton backward kernels
@@ -59,20 +59,20 @@ class Forward(NamedTuple):
 
     out: (B, Hq, L, Dv) in v's dtype. stats: the public row statistics {name: (B, Hq, L) fp32}.
     saved: what the backward needs besides q, k, v, out and stats (all fp32, contiguous):
-      ``par``   (B, Hq, L) the pre-pass threshold in kernel units (entmax15: tau in z units, equal to
+      ``thr``   (B, Hq, L) the pre-pass threshold in kernel units (entmax15: tau in z units, equal to
                 stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against),
       ``sum_g`` (B, Hq, L) and ``o2`` (B, Hq, L, Dv): normalizers with a second weighted sum (entmax15)
-                with ``save_aux=True`` only.
-      (views into ``aux``)
+                with ``save_extras=True`` only.
+      (views into ``extras``)
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
-    aux: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_aux`).
+    extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
     """
 
     out: torch.Tensor
     stats: dict
     saved: dict
     score_unit: float
-    aux: torch.Tensor
+    extras: torch.Tensor
 
 
 def _bucket(n: int) -> int:
@@ -89,30 +89,30 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def _aux_parts(hooks, B: int, Hq: int, L: int, Dv: int, need_grad: bool) -> list:
-    """[(name, shape)] of the packed aux buffer, in order: "par" (normalizers with a pre-pass), then
+def _extras_parts(hooks, B: int, Hq: int, L: int, Dv: int, need_grad: bool) -> list:
+    """[(name, shape)] of the packed extras buffer, in order: "thr" (normalizers with a pre-pass), then
     "sum_g" and "o2" (normalizers with a second weighted sum, when gradients are needed)."""
-    parts = [("par", (B, Hq, L))] if hooks.has_prepass else []
-    if need_grad and hooks.has_aux:
+    parts = [("thr", (B, Hq, L))] if hooks.has_prepass else []
+    if need_grad and hooks.has_g:
         parts += [("sum_g", (B, Hq, L)), ("o2", (B, Hq, L, Dv))]
     return parts
 
 
-def aux_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
-    """Shape of the packed aux tensor returned by :func:`forward`: (total elements,)."""
+def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
+    """Shape of the packed extras tensor returned by :func:`forward`: (total elements,)."""
     B, Hq, L = q.shape[:3]
     hooks = normalizer.triton(k.shape[2])[0]
-    return (sum(math.prod(shape) for _, shape in _aux_parts(hooks, B, Hq, L, v.shape[3], need_grad)),)
+    return (sum(math.prod(shape) for _, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad)),)
 
 
-def unpack_aux(aux: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool, S: int = 1) -> dict:
-    """The named contiguous views of a packed aux buffer: {"par": (B, Hq, L), "sum_g": (B, Hq, L),
+def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool, S: int = 1) -> dict:
+    """The named contiguous views of a packed extras buffer: {"thr": (B, Hq, L), "sum_g": (B, Hq, L),
     "o2": (B, Hq, L, Dv)}, as present (see `Forward.saved` for their meaning)."""
     B, Hq, L = q.shape[:3]
     views, at = {}, 0
-    for name, shape in _aux_parts(normalizer.triton(S)[0], B, Hq, L, v.shape[3], need_grad):
+    for name, shape in _extras_parts(normalizer.triton(S)[0], B, Hq, L, v.shape[3], need_grad):
         n = math.prod(shape)
-        views[name] = aux[at: at + n].view(shape)
+        views[name] = extras[at: at + n].view(shape)
         at += n
     return views
 
@@ -177,13 +177,13 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
 def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: Normalizer, *,
                    mask: Optional[torch.Tensor] = None, causal: Optional[str] = None,
                    scale: Optional[float] = None, softcap: Optional[float] = None,
-                   save_aux: bool = False, dropout_p: float = 0.0, seed: int = 0,
+                   save_extras: bool = False, dropout_p: float = 0.0, seed: int = 0,
                    config: Optional[dict] = None) -> Forward:
     """Run the forward kernel. q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), any strides;
     mask None or a (B, Hq, L, S) bool/float view; causal None | "upper_left" | "lower_right".
     ``dropout_p`` > 0 drops weights with the keep mask of ``seed`` (:func:`dropout_keep_mask`).
 
-    ``save_aux`` also computes the normalizer's backward extras (entmax15: sum_g and O2).
+    ``save_extras`` also computes the normalizer's backward extras (entmax15: sum_g and O2).
     ``config`` pins the blocks, e.g. {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
     instead of autotuning (CUDA) or the interpreter's small blocks."""
     B, Hq, L, _ = q.shape
@@ -193,48 +193,48 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_t = [torch.empty((B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
-    aux_buf = torch.empty(sum(math.prod(s) for _, s in _aux_parts(c.hooks, B, Hq, L, DV, save_aux)),
+    extras_buf = torch.empty(sum(math.prod(s) for _, s in _extras_parts(c.hooks, B, Hq, L, DV, save_extras)),
                           dtype=torch.float32, device=dev)
-    saved = unpack_aux(aux_buf, normalizer, q, v, save_aux, S)
+    saved = unpack_extras(extras_buf, normalizer, q, v, save_extras, S)
     l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
-                  saved.get("par", placeholder), saved.get("sum_g", placeholder), saved.get("o2", placeholder),
+                  saved.get("thr", placeholder), saved.get("sum_g", placeholder), saved.get("o2", placeholder),
                   scratch)
-    norm = c.hooks._replace(has_aux=c.hooks.has_aux and save_aux)     # the second sum only when it is needed
+    norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
     args = (View.of(q), View.of(k), View.of(v), View.of(out), c.mask, rows, c.dims, c.scale, c.args, c.drop, c.seed,
             _bucket(L), _bucket(S), l_pad)
     meta = dict(ST=c.static, NORM=norm, SCRATCH_COLS=kc)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (triton.cdiv(L, META["BM"]), B * Hq), args, meta)
-    return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, aux_buf)
+    return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
             config: Optional[dict] = None):
-    """The custom op's forward (see the module docstring): (out, [stats], aux); ``need_grad`` also
-    saves the backward extras in aux (entmax15's O2)."""
+    """The custom op's forward (see the module docstring): (out, [stats], extras); ``need_grad`` also
+    saves the backward extras in extras (entmax15's O2)."""
     if need_grad and not normalizer.triton(k.shape[2])[0].has_backward:
         raise NotImplementedError(
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
             "bwd_dscores in its kernels module); use backend='torch' for gradients"
         )
     res = launch_forward(q, k, v, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap,
-                         save_aux=need_grad, dropout_p=dropout_p, seed=seed, config=config)
-    return res.out, list(res.stats.values()), res.aux
+                         save_extras=need_grad, dropout_p=dropout_p, seed=seed, config=config)
+    return res.out, list(res.stats.values()), res.extras
 
 
 # ---------------------------------------------------------------------------------------------------
 # backward
 
 
-def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask=None, causal=None,
+def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask=None, causal=None,
                     scale=None, softcap=None, dropout_p: float = 0.0, seed: int = 0,
                     config: Optional[dict] = None):
-    """Gradients (dq, dk, dv) of the attention computed by :func:`launch_forward` (with save_aux=True,
+    """Gradients (dq, dk, dv) of the attention computed by :func:`launch_forward` (with save_extras=True,
     the same mask / causal / scale / softcap / dropout_p / seed), given dout (B, Hq, L, Dv), any strides.
-    ``stats``: the public row statistics in ``normalizer.stats`` order; ``aux``: the packed buffer.
+    ``stats``: the public row statistics in ``normalizer.stats`` order; ``extras``: the packed buffer.
 
     Three launches (``kernels.backward``): the preprocess kernel (delta = rowsum(dO * O), or O2 for
     entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
@@ -248,17 +248,17 @@ def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, m
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     if not c.hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
-    views = unpack_aux(aux, normalizer, q, v, True, S)
-    if c.hooks.has_aux and "o2" not in views:
-        raise ValueError("launch_backward: aux lacks the backward extras (entmax15's O2); run the forward "
+    views = unpack_extras(extras, normalizer, q, v, True, S)
+    if c.hooks.has_g and "o2" not in views:
+        raise ValueError("launch_backward: extras lacks the backward extras (entmax15's O2); run the forward "
                          "with need_grad=True")
     stats = [x.contiguous() for x in stats]
     rows = RowOut(stats[0] if stats else placeholder, stats[-1] if stats else placeholder,
-                  views.get("par", placeholder), views.get("sum_g", placeholder), placeholder, placeholder)
-    o_bwd = views["o2"] if c.hooks.has_aux else out      # the row term is taken against O2 for entmax15
+                  views.get("thr", placeholder), views.get("sum_g", placeholder), placeholder, placeholder)
+    o_bwd = views["o2"] if c.hooks.has_g else out      # the row term is taken against O2 for entmax15
     norm = c.hooks.with_consts(())                         # consts are forward-only: one backward per hooks
 
-    # delta = rowsum(dO * O_bwd); (r0, r1) = bwd_rows(stats, par, sum_g): (B, Hq, L) fp32 each
+    # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(triton.cdiv(L, pre_bm), B * Hq)](
@@ -281,10 +281,10 @@ def launch_backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, m
     return dq, dk, dv
 
 
-def backward(dout, q, k, v, out, stats, aux, normalizer: Normalizer, *, mask, causal, scale, softcap,
+def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
              dropout_p, seed, config: Optional[dict] = None):
     """The custom op's backward (see the module docstring): (dq, dk, dv)."""
-    return launch_backward(dout, q, k, v, out, stats, aux, normalizer, mask=mask, causal=causal,
+    return launch_backward(dout, q, k, v, out, stats, extras, normalizer, mask=mask, causal=causal,
                            scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config)
 
 

@@ -4,21 +4,21 @@ Glossary (besides `contract`'s: i, j, s in kernel units, allowed, masked tile)::
 
     dO          gradient of the output                                               # [BM, BDV]
     O_bwd       the output the row term is taken against: O itself, or the forward's second weighted sum
-                (entmax15: O2 = sum_j g_j v_j / sum_j g_j) when NORM.has_aux
+                (entmax15: O2 = sum_j g_j v_j / sum_j g_j) when NORM.has_g
     delta       rowsum(dO * O_bwd), per query row                                    # [BM]
-    r0, r1      the normalizer's row statistics in kernel form (NORM.bwd_rows, run by the preprocess
+    w0, w1      the normalizer's row statistics in kernel form (NORM.bwd_rows, run by the preprocess
                 kernel): softmax (lse2, -), taylor (1/Z, -), entmax15 (tau, -), topk (tau2, lse2)
-    p           normalized weights recomputed from s and (r0, r1) (NORM.bwd_weights)       # [BM, BN]
+    p           normalized weights recomputed from s and (w0, w1) (NORM.bwd_weights)       # [BM, BN]
     keep        dropout keep mask (``dropout.dropout_keep``: the same numbers as the forward loop)
     p_d         the weights the forward used: p * keep / (1 - dropout_p)            # [BM, BN]
     dP          dO @ V^T, times keep / (1 - dropout_p)                              # [BM, BN]
-    dS          dL/ds_nat = NORM.bwd_dscores(p, s, dP, delta, r0, r1)               # [BM, BN]
+    dS          dL/ds_nat = NORM.bwd_dscores(p, s, dP, delta, w0, w1)               # [BM, BN]
                 times (1 - tanh^2) with a softcap
     dQ = scale * dS @ K,  dK = scale * dS^T @ Q,  dV = p_d^T @ dO
 
 Kernels:
 
-* ``attn_bwd_preprocess``   grid (cdiv(L, BM), B*Hq): delta, r0, r1.
+* ``attn_bwd_preprocess``   grid (cdiv(L, BM), B*Hq): delta, w0, w1.
 * ``attn_bwd_dkdv``         grid (cdiv(S, BN), B*Hkv): a program owns BN keys of one kv head and loops over
                             the query tiles of its group's query heads, one flat loop over (head, tile) in a
                             fixed order (GQA without atomics: deterministic).
@@ -50,8 +50,8 @@ class _Rows(NamedTuple):
     q: Any            # [BM, BD]
     do: Any           # [BM, BDV]
     delta: Any        # [BM]
-    r0: Any
-    r1: Any
+    w0: Any
+    w1: Any
     i: Any            # [BM, 1] query rows
     drop_base: Any    # (b * Hq + h) * L, int64
 
@@ -64,7 +64,7 @@ class _Rows(NamedTuple):
 def _tile_weights(rw, k, j, keys, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr):
     """Scores s [BM, BN] of the query rows ``rw`` against keys j [1, BN] (k [BN, BD]), recomputed as
     ``tiles.score_tile`` computes them (same helpers, same orientation), the softcap derivative
-    dcap = 1 - tanh^2 (or 1.0) and the weights p = bwd_weights(s, r0, r1)."""
+    dcap = 1 - tanh^2 (or 1.0) and the weights p = bwd_weights(s, w0, w1)."""
     qk = mma(rw.q, tl.trans(k), None, ST)                                     # [BM, BN]
     s = scale_scores(qk, keys.scale, ST.SOFTCAP)
     if ST.SOFTCAP:
@@ -74,7 +74,7 @@ def _tile_weights(rw, k, j, keys, ST: tl.constexpr, NORM: tl.constexpr, MASKED: 
         dcap = 1.0
     if MASKED:
         s = mask_scores(s, rw.i, j, keys, ST)
-    p = NORM.bwd_weights(s, rw.r0, rw.r1, MASKED)                                      # [BM, BN]
+    p = NORM.bwd_weights(s, rw.w0, rw.w1, MASKED)                                      # [BM, BN]
     return s, dcap, p
 
 
@@ -88,7 +88,7 @@ def _tile_dscores(rw, s, dcap, p, v, j, S, seed, drop, ST: tl.constexpr, NORM: t
         dp = tl.where(keep, dp * drop.scale, 0.0)
     else:
         p_d = p
-    ds = NORM.bwd_dscores(p, s, dp, rw.delta, rw.r0, rw.r1)                            # [BM, BN]
+    ds = NORM.bwd_dscores(p, s, dp, rw.delta, rw.w0, rw.w1)                            # [BM, BN]
     if ST.SOFTCAP:
         ds = ds * dcap
     return p_d, ds
@@ -106,9 +106,9 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
     do = load_tile(head_base(DO, off_b, off_h), start_m, rows, tl.arange(0, ST.BDV), dims.L, ST.HEAD_DV,
                    DO.sr, DO.sc, True, ST.PAD_DV)                                      # [BM, BDV]
     delta = tl.load(rb.delta + row_base + offs_m, mask=row_ok, other=0.0)               # [BM]
-    r0 = tl.load(rb.r0 + row_base + offs_m, mask=row_ok, other=0.0)
-    r1 = tl.load(rb.r1 + row_base + offs_m, mask=row_ok, other=0.0)
-    return _Rows(q, do, delta, r0, r1, offs_m[:, None], row_base)
+    w0 = tl.load(rb.w0 + row_base + offs_m, mask=row_ok, other=0.0)
+    w1 = tl.load(rb.w1 + row_base + offs_m, mask=row_ok, other=0.0)
+    return _Rows(q, do, delta, w0, w1, offs_m[:, None], row_base)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
 
 @triton.jit
 def attn_bwd_preprocess(O, DO, rows, rb, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
-    """delta = rowsum(dO * O_bwd) and (r0, r1) = NORM.bwd_rows(stat0, stat1, par, aux_l) into rb
+    """delta = rowsum(dO * O_bwd) and (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb
     (`contract.BwdRows`), all (B, Hq, L) fp32 contiguous. O (= O_bwd), DO: `contract.View`; rows: the
     forward's `contract.RowOut`."""
     pid_bh = tl.program_id(1)
@@ -134,12 +134,12 @@ def attn_bwd_preprocess(O, DO, rows, rb, Hq, L, BM: tl.constexpr, ST: tl.constex
     row_ok = offs_m < L
     stat0 = tl.load(rows.stat0 + row, mask=row_ok, other=0.0)
     stat1 = tl.load(rows.stat1 + row, mask=row_ok, other=0.0)
-    par = tl.load(rows.par + row, mask=row_ok, other=0.0)
-    aux = tl.load(rows.aux_l + row, mask=row_ok, other=0.0)
-    r0, r1 = NORM.bwd_rows(stat0, stat1, par, aux)
+    thr = tl.load(rows.thr + row, mask=row_ok, other=0.0)
+    extras = tl.load(rows.g_sum + row, mask=row_ok, other=0.0)
+    w0, w1 = NORM.bwd_rows(stat0, stat1, thr, extras)
     tl.store(rb.delta + row, delta, mask=row_ok)
-    tl.store(rb.r0 + row, r0, mask=row_ok)
-    tl.store(rb.r1 + row, r1, mask=row_ok)
+    tl.store(rb.w0 + row, w0, mask=row_ok)
+    tl.store(rb.w1 + row, w1, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -165,24 +165,24 @@ class Static(NamedTuple):
 
 class RowOut(NamedTuple):
     """The forward's per-row outputs, (B, Hq, L) fp32 contiguous (placeholders where unused): the public
-    statistics, the pre-pass threshold ``par``, the second weighted sum (``aux_l`` (B, Hq, L) and ``aux_o``
+    statistics, the pre-pass threshold ``thr``, the second weighted sum (``g_sum`` (B, Hq, L) and ``g_out``
     (B, Hq, L, Dv)), and the pre-pass ``scratch`` ((B * Hq * L_PAD, SCRATCH_COLS) fp32)."""
 
     stat0: Any
     stat1: Any
-    par: Any
-    aux_l: Any
-    aux_o: Any
+    thr: Any
+    g_sum: Any
+    g_out: Any
     scratch: Any
 
 
 class BwdRows(NamedTuple):
     """The backward's per-row terms, (B, Hq, L) fp32 contiguous: delta = rowsum(dO * O_bwd) and the
-    normalizer's (r0, r1) = bwd_rows(...)."""
+    normalizer's (w0, w1) = bwd_rows(...)."""
 
     delta: Any
-    r0: Any
-    r1: Any
+    w0: Any
+    w1: Any
 
 
 class NoArgs(NamedTuple):
@@ -198,37 +198,37 @@ class NoArgs(NamedTuple):
 @triton.jit
 def no_prepass(blk, keys, args, scratch, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr,
                NORM: tl.constexpr):
-    """The pre-pass of normalizers without a threshold: par = 0."""
+    """The pre-pass of normalizers without a threshold: thr = 0."""
     return tl.zeros([BM], dtype=tl.float32)
 
 
 @triton.jit
-def always_live(s, par):
+def always_live(s, thr):
     return True
 
 
 @triton.jit
-def no_aux_weights(s, par):
+def no_g_weights(s, thr):
     return s
 
 
 @triton.jit
-def no_aux_finalize(l_i, l_g):
+def no_g_finalize(l_i, l_g):
     return l_g, l_g
 
 
 @triton.jit
-def no_bwd_rows(stat0, stat1, par, aux_l):
+def no_bwd_rows(stat0, stat1, thr, g_sum):
     return stat0, stat1
 
 
 @triton.jit
-def no_bwd_weights(s, r0, r1, MASKED: tl.constexpr):
+def no_bwd_weights(s, w0, w1, MASKED: tl.constexpr):
     return s
 
 
 @triton.jit
-def no_bwd_dscores(p, s, dp, delta, r0, r1):
+def no_bwd_dscores(p, s, dp, delta, w0, w1):
     return p
 
 
@@ -242,26 +242,26 @@ class Hooks(NamedTuple):
 
     Forward (``tile_loop.attn_fwd``)::
 
-        update(s, m_i, l_i, par, MASKED) -> (p, alpha, m_new, l_new)
+        update(s, m_i, l_i, thr, MASKED) -> (p, alpha, m_new, l_new)
             weights p [BM, BN] (fp32, unnormalized) of one kernel-unit score tile, the rescale alpha [BM]
             of the old accumulator (used only if ``rescale``), the new running state (m: running max or
             unused; l: running normalizer)
-        finalize(m_i, l_i, par) -> (inv_l, stat0, stat1)
+        finalize(m_i, l_i, thr) -> (inv_l, stat0, stat1)
             out = acc * inv_l (0 for empty rows) and the public row statistics (``n_stats`` of them)
-        prepass(blk, keys, args, scratch, BM, BN, ST, NORM) -> par [BM]      (if ``has_prepass``)
+        prepass(blk, keys, args, scratch, BM, BN, ST, NORM) -> thr [BM]      (if ``has_prepass``)
             the per-row threshold in kernel units, from score passes only (`threshold`); ``args`` is the
             normalizer's runtime bundle, ``scratch`` [BM, 1] pointers to ``scratch_cols`` fp32 slots per row
-        tile_live(s, par) -> scalar bool                                      (if ``skip_dead``)
+        tile_live(s, thr) -> scalar bool                                      (if ``skip_dead``)
             False when no row of the block keeps a key of the tile: its P @ V is skipped
-        aux_weights(s, par) -> g; aux_finalize(l_i, l_g) -> (inv_g, aux_stat)   (if ``has_aux``)
+        g_weights(s, thr) -> g; g_finalize(l_i, l_g) -> (inv_g, g_stat)   (if ``has_g``)
             a second weighted sum G = sum_j g_j v_j kept for the backward (entmax15's O2 and sum g)
 
     Backward (``backward``)::
 
-        bwd_rows(stat0, stat1, par, aux_l) -> (r0, r1)       the row statistics as the two hooks below want
-        bwd_weights(s, r0, r1, MASKED) -> p                 the normalized weights of a score tile
-        bwd_dscores(p, s, dp, delta, r0, r1) -> ds          dL/ds_nat from dp = dL/dp and the row term delta
-                                                            (rowsum(dO * O), or rowsum(dO * O2) with has_aux)
+        bwd_rows(stat0, stat1, thr, g_sum) -> (w0, w1)       the row statistics as the two hooks below want
+        bwd_weights(s, w0, w1, MASKED) -> p                 the normalized weights of a score tile
+        bwd_dscores(p, s, dp, delta, w0, w1) -> ds          dL/ds_nat from dp = dL/dp and the row term delta
+                                                            (rowsum(dO * O), or rowsum(dO * O2) with has_g)
 
     ``consts`` holds the normalizer instance's compile-time options (e.g. top-k's buffer size), read by
     its own forward hooks as ``NORM.consts`` (the backward kernels get the hooks with ``consts = ()``, so
@@ -279,7 +279,7 @@ class Hooks(NamedTuple):
     rescale: bool
     has_prepass: bool
     skip_dead: bool
-    has_aux: bool
+    has_g: bool
     has_backward: bool
     consts: tuple
     rule: Any
@@ -287,8 +287,8 @@ class Hooks(NamedTuple):
     finalize: Any
     prepass: Any
     tile_live: Any
-    aux_weights: Any
-    aux_finalize: Any
+    g_weights: Any
+    g_finalize: Any
     bwd_rows: Any
     bwd_weights: Any
     bwd_dscores: Any
@@ -299,19 +299,19 @@ class Hooks(NamedTuple):
 
 def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finalize: Callable,
                rescale: bool = False, prepass: Optional[Callable] = None, tile_live: Optional[Callable] = None,
-               aux_weights: Optional[Callable] = None, aux_finalize: Optional[Callable] = None,
+               g_weights: Optional[Callable] = None, g_finalize: Optional[Callable] = None,
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
-    if (aux_weights is None) != (aux_finalize is None):
-        raise ValueError(f"make_hooks({name!r}): give both aux_weights and aux_finalize, or neither")
+    if (g_weights is None) != (g_finalize is None):
+        raise ValueError(f"make_hooks({name!r}): give both g_weights and g_finalize, or neither")
     bwd = (bwd_rows, bwd_weights, bwd_dscores)
     if any(f is None for f in bwd) and any(f is not None for f in bwd):
         raise ValueError(f"make_hooks({name!r}): give all three backward hooks, or none")
     fns = dict(update=update, finalize=finalize, prepass=prepass or no_prepass, tile_live=tile_live or always_live,
-               aux_weights=aux_weights or no_aux_weights, aux_finalize=aux_finalize or no_aux_finalize,
+               g_weights=g_weights or no_g_weights, g_finalize=g_finalize or no_g_finalize,
                bwd_rows=bwd_rows or no_bwd_rows, bwd_weights=bwd_weights or no_bwd_weights,
                bwd_dscores=bwd_dscores or no_bwd_dscores)
     for field, fn in fns.items():
@@ -320,7 +320,7 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     rule_fns = [f for f in (rule or ()) if _is_jit(f)]
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
-                 has_aux=aux_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
+                 has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
                  rule=rule, **fns)
 
 

@@ -34,8 +34,8 @@ sum_g = sum g / sqrt(sum p) (the sum of sqrt of the normalized p).
 
 Backward (``kernels.backward``): with g = max(z - tau, 0) (= sqrt(p)) and the row term
 delta = rowsum(dO * O2) = sum_j g_j dP_j / sum_j g_j, the gradient with respect to the natural score
-s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds = 1/2 cancel. r0 = tau
-(the saved par); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
+s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds = 1/2 cancel. w0 = tau
+(the saved thr); the weights are not renormalized by sum p (1 to fp32 rounding: tau is exact).
 """
 
 import triton
@@ -138,49 +138,49 @@ RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=suppor
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
-    g = tl.maximum(s - par[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
+def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
+    g = tl.maximum(s - thr[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
     p = g * g
     return p, l_i, m_i, l_i + tl.sum(p, 1)
 
 
 @triton.jit
-def finalize(m_i, l_i, par):
-    return safe_inv(l_i), par, par
+def finalize(m_i, l_i, thr):
+    return safe_inv(l_i), thr, thr
 
 
 @triton.jit
-def tile_live(s, par):
+def tile_live(s, thr):
     """Some z in the tile lies above its row's tau."""
-    return tl.max(s - par[:, None]) > 0
+    return tl.max(s - thr[:, None]) > 0
 
 
 @triton.jit
-def aux_weights(s, par):
-    return tl.maximum(s - par[:, None], 0.0)
+def g_weights(s, thr):
+    return tl.maximum(s - thr[:, None], 0.0)
 
 
 @triton.jit
-def aux_finalize(l_i, l_g):
+def g_finalize(l_i, l_g):
     """(1 / sum g, sum_g) with g the square root of the normalized weights: sum g / sqrt(sum p)."""
     return safe_inv(l_g), l_g * tl.where(l_i > 0, tl.rsqrt(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, par, aux_l):
-    return par, par
+def bwd_rows(stat0, stat1, thr, g_sum):
+    return thr, thr
 
 
 @triton.jit
-def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
-    g = tl.maximum(s - r0[:, None], 0.0)        # [BM, BN]; -inf scores and +inf tau give 0
+def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
+    g = tl.maximum(s - w0[:, None], 0.0)        # [BM, BN]; -inf scores and +inf tau give 0
     return g * g
 
 
 @triton.jit
-def bwd_dscores(p, s, dp, delta, r0, r1):
+def bwd_dscores(p, s, dp, delta, w0, w1):
     """dS = g * (dP - delta), g = max(z - tau, 0), delta = rowsum(dO * O2)."""
-    return tl.maximum(s - r0[:, None], 0.0) * (dp - delta[:, None])
+    return tl.maximum(s - w0[:, None], 0.0) * (dp - delta[:, None])
 
 
 HOOKS = make_hooks(
@@ -191,8 +191,8 @@ HOOKS = make_hooks(
     finalize=finalize,
     prepass=root_prepass,
     tile_live=tile_live,
-    aux_weights=aux_weights,
-    aux_finalize=aux_finalize,
+    g_weights=g_weights,
+    g_finalize=g_finalize,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

@@ -9,7 +9,7 @@ exp(s_nat - m_nat) = exp2(s - m). Per tile::
 Finalize: out = acc / l, lse = (m + log2 l) * LN2 (natural log), -inf and out = 0 for empty rows.
 In a masked tile a row can be all -inf; its m stays -inf and exp2 uses 0 in its place (no NaN).
 
-Backward (``kernels.backward``): r0 = lse2 = lse * LOG2E (+inf for an empty row, so exp2(s - r0) = 0
+Backward (``kernels.backward``): w0 = lse2 = lse * LOG2E (+inf for an empty row, so exp2(s - w0) = 0
 there), p = exp2(s - lse2), dS = p * (dP - delta) with delta = rowsum(dO * O).
 """
 
@@ -41,12 +41,12 @@ def lse_natural(m_i, l_i):
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
     return online_update(s, m_i, l_i, MASKED)
 
 
 @triton.jit
-def finalize(m_i, l_i, par):
+def finalize(m_i, l_i, thr):
     lse = lse_natural(m_i, l_i)
     return safe_inv(l_i), lse, lse
 
@@ -58,17 +58,17 @@ def lse2_for_backward(lse):
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, par, aux_l):
+def bwd_rows(stat0, stat1, thr, g_sum):
     return lse2_for_backward(stat0), stat0
 
 
 @triton.jit
-def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
-    return tl.exp2(s - r0[:, None])
+def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
+    return tl.exp2(s - w0[:, None])
 
 
 @triton.jit
-def bwd_dscores(p, s, dp, delta, r0, r1):
+def bwd_dscores(p, s, dp, delta, w0, w1):
     """The softmax rule dS = p * (dP - delta)."""
     return p * (dp - delta[:, None])
 

@@ -21,7 +21,7 @@ collected scores (`sorted_threshold`).
 Output pass: p = max(s - tau, 0) (no exp, no rescale), out = acc / sum p (an exact simplex), key tiles with
 every s <= tau skipped. Stats: tau (+inf for empty rows).
 
-Backward: r0 = tau (the saved par); with the support indicator m = [s > tau] and the row term
+Backward: w0 = tau (the saved thr); with the support indicator m = [s > tau] and the row term
 delta = rowsum(dO * O2), O2 = sum_j m_j v_j / |K| (the second weighted sum with g = m),
 dS = m * (dP - delta).
 """
@@ -104,47 +104,47 @@ RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=suppor
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
-    p = tl.maximum(s - par[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
+def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
+    p = tl.maximum(s - thr[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
     return p, l_i, m_i, l_i + tl.sum(p, 1)
 
 
 @triton.jit
-def finalize(m_i, l_i, par):
-    return safe_inv(l_i), par, par
+def finalize(m_i, l_i, thr):
+    return safe_inv(l_i), thr, thr
 
 
 @triton.jit
-def tile_live(s, par):
+def tile_live(s, thr):
     """Some score in the tile lies above its row's tau."""
-    return tl.max(s - par[:, None]) > 0
+    return tl.max(s - thr[:, None]) > 0
 
 
 @triton.jit
-def aux_weights(s, par):
+def g_weights(s, thr):
     """g = the support indicator: O2 = sum_j m_j v_j / |K| is the mean of v over the support."""
-    return (s > par[:, None]).to(tl.float32)
+    return (s > thr[:, None]).to(tl.float32)
 
 
 @triton.jit
-def aux_finalize(l_i, l_g):
+def g_finalize(l_i, l_g):
     return safe_inv(l_g), l_g
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, par, aux_l):
-    return par, par
+def bwd_rows(stat0, stat1, thr, g_sum):
+    return thr, thr
 
 
 @triton.jit
-def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
-    return tl.maximum(s - r0[:, None], 0.0)     # normalized: tau is exact (sum p = 1 to fp32 rounding)
+def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
+    return tl.maximum(s - w0[:, None], 0.0)     # normalized: tau is exact (sum p = 1 to fp32 rounding)
 
 
 @triton.jit
-def bwd_dscores(p, s, dp, delta, r0, r1):
+def bwd_dscores(p, s, dp, delta, w0, w1):
     """dS = m * (dP - delta), m = [s > tau], delta = rowsum(dO * O2) = mean of dP over the support."""
-    return tl.where(s > r0[:, None], dp - delta[:, None], 0.0)
+    return tl.where(s > w0[:, None], dp - delta[:, None], 0.0)
 
 
 HOOKS = make_hooks(
@@ -155,8 +155,8 @@ HOOKS = make_hooks(
     finalize=finalize,
     prepass=root_prepass,
     tile_live=tile_live,
-    aux_weights=aux_weights,
-    aux_finalize=aux_finalize,
+    g_weights=g_weights,
+    g_finalize=g_finalize,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

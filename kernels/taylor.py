@@ -4,7 +4,7 @@ Scores arrive in natural units (score unit 1). f is bounded below, so there is n
 rescale: per tile l' = l + rowsum(f(s)), acc' = acc + f(s) @ v. Finalize: out = acc / Z, stat z = Z
 (0 and out = 0 for empty rows). Disallowed keys (s = -inf in masked tiles) get f = 0, not f(-inf).
 
-Backward (``kernels.backward``): r0 = 1/Z (0 for an empty row), p = f(s) / Z,
+Backward (``kernels.backward``): w0 = 1/Z (0 for an empty row), p = f(s) / Z,
 dS = f'(s) / Z * (dP - delta) with f'(s) = 1 + s and delta = rowsum(dO * O).
 """
 
@@ -32,31 +32,31 @@ def taylor_f_allowed(s, MASKED: tl.constexpr):
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
+def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
     p = taylor_f_allowed(s, MASKED)                              # [BM, BN]
     return p, l_i, m_i, l_i + tl.sum(p, 1)
 
 
 @triton.jit
-def finalize(m_i, l_i, par):
+def finalize(m_i, l_i, thr):
     return safe_inv(l_i), l_i, l_i
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, par, aux_l):
+def bwd_rows(stat0, stat1, thr, g_sum):
     return safe_inv(stat0), stat0
 
 
 @triton.jit
-def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
-    return taylor_f_allowed(s, MASKED) * r0[:, None]
+def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
+    return taylor_f_allowed(s, MASKED) * w0[:, None]
 
 
 @triton.jit
-def bwd_dscores(p, s, dp, delta, r0, r1):
+def bwd_dscores(p, s, dp, delta, w0, w1):
     """dS = f'(s) / Z * (dP - delta); p > 0 exactly on the allowed keys of non-empty rows."""
     fprime = tl.where(p > 0, 1.0 + s, 0.0)                      # [BM, BN]
-    return fprime * r0[:, None] * (dp - delta[:, None])
+    return fprime * w0[:, None] * (dp - delta[:, None])
 
 
 HOOKS = make_hooks(

@@ -4,27 +4,27 @@ A program owns BM query rows of one (batch, query head) and streams the key/valu
 (h // group: GQA without repeated K/V). The normalizer is ``NORM``, one ``tl.constexpr`` `contract.Hooks`;
 this file never names a normalizer::
 
-    par = NORM.prepass(...)                  # per-row threshold in kernel units (entmax15, topk) or 0
+    thr = NORM.prepass(...)                  # per-row threshold in kernel units (entmax15, topk) or 0
     state = (acc [BM, BDV], m [BM], l [BM], acc_g [BM, BDV], l_g [BM])
     state = fold_keys(state, _accumulate)    # the unmasked whole tiles, then the masked ones (tiles.fold_keys)
-    out, stats = NORM.finalize(m, l, par)    # keys >= hi are never touched (causal tile skipping)
+    out, stats = NORM.finalize(m, l, thr)    # keys >= hi are never touched (causal tile skipping)
 
 Per tile (``_accumulate``)::
 
-    p, alpha, m, l = NORM.update(s, m, l, par)   # [BM, BN] weights, [BM] rescale, new state
+    p, alpha, m, l = NORM.update(s, m, l, thr)   # [BM, BN] weights, [BM] rescale, new state
     acc = alpha * acc + p @ v                    # alpha only if NORM.rescale
-    acc_g += g @ v, l_g += rowsum(g)             # only if NORM.has_aux (g = aux_weights(s, par), entmax15's O2)
+    acc_g += g @ v, l_g += rowsum(g)             # only if NORM.has_g (g = g_weights(s, thr), entmax15's O2)
 
 Dropout (ST.DROPOUT): the weights of the P @ V (and G @ V) products are multiplied by the keep mask
 (``dropout.dropout_keep``), and out (and O2) by 1/(1 - dropout_p); the running state and the row
 statistics (l, l_g, m) are computed without dropout.
 
-With NORM.skip_dead the P @ V step is skipped for tiles where tile_live(s, par) is False (no row of the
+With NORM.skip_dead the P @ V step is skipped for tiles where tile_live(s, thr) is False (no row of the
 block keeps a key of the tile: entmax15 z <= tau, topk s < tau_k).
 
-Outputs (`contract.RowOut`): O (B, Hq, L, Dv) in v's dtype; stat0/stat1 (B, Hq, L) fp32 public stats; par
-(B, Hq, L) fp32 the pre-pass threshold in kernel units (saved for the backward); aux_l (B, Hq, L) and aux_o
-(B, Hq, L, Dv) fp32 from aux_finalize (entmax15: sum_g and O2). All contiguous except O.
+Outputs (`contract.RowOut`): O (B, Hq, L, Dv) in v's dtype; stat0/stat1 (B, Hq, L) fp32 public stats; thr
+(B, Hq, L) fp32 the pre-pass threshold in kernel units (saved for the backward); g_sum (B, Hq, L) and g_out
+(B, Hq, L, Dv) fp32 from g_finalize (entmax15: sum_g and O2). All contiguous except O.
 """
 
 from typing import Any, NamedTuple
@@ -40,7 +40,7 @@ from .tiles import fold_keys, head_base, key_bounds, load_tile, mask_rows, mma
 class _Values(NamedTuple):
     """What the output pass needs per tile besides the scores."""
 
-    par: Any          # [BM] the pre-pass threshold
+    thr: Any          # [BM] the pre-pass threshold
     i: Any            # [BM, 1] query rows
     v: Any            # V pointer at (batch, kv head)
     sn: Any           # V stride along keys
@@ -56,7 +56,7 @@ def _accumulate(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NOR
                 MASKED: tl.constexpr):
     """Fold one score tile s [BM, BN] and its value tile into the running state."""
     if NORM.skip_dead:
-        if NORM.tile_live(s, vals.par):
+        if NORM.tile_live(s, vals.thr):
             state = _accumulate_live(state, s, start_n, vals, BN, ST, NORM, MASKED)
     else:
         state = _accumulate_live(state, s, start_n, vals, BN, ST, NORM, MASKED)
@@ -67,7 +67,7 @@ def _accumulate(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NOR
 def _accumulate_live(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                      MASKED: tl.constexpr):
     acc, m_i, l_i, acc_g, l_g = state
-    p, alpha, m_i, l_i = NORM.update(s, m_i, l_i, vals.par, MASKED)                   # [BM, BN]
+    p, alpha, m_i, l_i = NORM.update(s, m_i, l_i, vals.thr, MASKED)                   # [BM, BN]
     offs_n = tl.arange(0, BN)
     if ST.DROPOUT:
         keep = dropout_keep(vals.seed, vals.drop_base, vals.i, (start_n + offs_n)[None, :], vals.S, vals.drop_p)
@@ -77,8 +77,8 @@ def _accumulate_live(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr
     if NORM.rescale:
         acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, ST)                                     # [BM, BDV]
-    if NORM.has_aux:
-        g = NORM.aux_weights(s, vals.par)                                              # [BM, BN]
+    if NORM.has_g:
+        g = NORM.g_weights(s, vals.thr)                                              # [BM, BN]
         l_g += tl.sum(g, 1)
         if ST.DROPOUT:
             g = tl.where(keep, g, 0.0)
@@ -115,25 +115,25 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
 
     if NORM.has_prepass:
         scr = rows.scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS        # [BM, 1]
-        par = NORM.prepass(blk, keys, args, scr, BM, BN, ST, NORM)                     # [BM]
+        thr = NORM.prepass(blk, keys, args, scr, BM, BN, ST, NORM)                     # [BM]
     else:
-        par = tl.zeros([BM], dtype=tl.float32)
+        thr = tl.zeros([BM], dtype=tl.float32)
 
     BDV: tl.constexpr = ST.BDV                         # (shapes take constexprs, not bundle fields)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
-    if NORM.has_aux:
+    if NORM.has_g:
         acc_g = tl.zeros([BM, BDV], dtype=tl.float32)
         l_g = tl.zeros([BM], dtype=tl.float32)
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    vals = _Values(par, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, row_base, drop.p)
+    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, row_base, drop.p)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 
-    inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, par)                                # [BM]
+    inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr)                                # [BM]
     row_ok = offs_m < dims.L
     o_ptrs = head_base(O, off_b, off_h) + offs_m[:, None] * O.sr + offs_dv[None, :] * O.sc
     if ST.DROPOUT:
@@ -149,11 +149,11 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     if NORM.n_stats > 1:
         tl.store(rows.stat1 + row_base + offs_m, stat1, mask=row_ok)
     if NORM.has_prepass:
-        tl.store(rows.par + row_base + offs_m, par, mask=row_ok)
-    if NORM.has_aux:
-        inv_g, aux_l = NORM.aux_finalize(l_i, l_g)
+        tl.store(rows.thr + row_base + offs_m, thr, mask=row_ok)
+    if NORM.has_g:
+        inv_g, g_sum = NORM.g_finalize(l_i, l_g)
         if ST.DROPOUT:
             inv_g = inv_g * drop.scale
-        tl.store(rows.aux_l + row_base + offs_m, aux_l, mask=row_ok)
-        a_ptrs = rows.aux_o + (row_base + offs_m)[:, None] * ST.HEAD_DV + offs_dv[None, :]
+        tl.store(rows.g_sum + row_base + offs_m, g_sum, mask=row_ok)
+        a_ptrs = rows.g_out + (row_base + offs_m)[:, None] * ST.HEAD_DV + offs_dv[None, :]
         tl.store(a_ptrs, acc_g * inv_g[:, None], mask=row_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :])

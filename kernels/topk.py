@@ -30,8 +30,8 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
 Stats: tau (score units: tau2 * LN2; the kernel-unit tau2 is also saved for the backward, which must
 compare s >= tau2 in the same units and rounding) and the natural-log lse over the kept keys.
 
-Backward (``kernels.backward``): the softmax rule on the kept set: r0 = tau2 (the saved par, compared
-s >= tau2 against scores recomputed exactly as the forward computed them), r1 = lse2,
+Backward (``kernels.backward``): the softmax rule on the kept set: w0 = tau2 (the saved thr, compared
+s >= tau2 against scores recomputed exactly as the forward computed them), w1 = lse2,
 p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 """
 
@@ -224,35 +224,35 @@ def prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: tl.con
 
 
 @triton.jit
-def keep(s, par):
+def keep(s, thr):
     """Scores of the kept keys (s >= tau_k), -inf elsewhere."""
-    return tl.where(s >= par[:, None], s, float("-inf"))
+    return tl.where(s >= thr[:, None], s, float("-inf"))
 
 
 @triton.jit
-def update(s, m_i, l_i, par, MASKED: tl.constexpr):
-    return online_update(keep(s, par), m_i, l_i, True)
+def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
+    return online_update(keep(s, thr), m_i, l_i, True)
 
 
 @triton.jit
-def finalize(m_i, l_i, par):
-    return safe_inv(l_i), par * LN2, lse_natural(m_i, l_i)
+def finalize(m_i, l_i, thr):
+    return safe_inv(l_i), thr * LN2, lse_natural(m_i, l_i)
 
 
 @triton.jit
-def tile_live(s, par):
+def tile_live(s, thr):
     """Some score in the tile is kept."""
-    return tl.max((s >= par[:, None]).to(tl.int32)) > 0
+    return tl.max((s >= thr[:, None]).to(tl.int32)) > 0
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, par, aux_l):
-    return par, lse2_for_backward(stat1)
+def bwd_rows(stat0, stat1, thr, g_sum):
+    return thr, lse2_for_backward(stat1)
 
 
 @triton.jit
-def bwd_weights(s, r0, r1, MASKED: tl.constexpr):
-    return tl.where(s >= r0[:, None], tl.exp2(s - r1[:, None]), 0.0)
+def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
+    return tl.where(s >= w0[:, None], tl.exp2(s - w1[:, None]), 0.0)
 
 
 HOOKS = make_hooks(

@@ -23,6 +23,14 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 NORMS = [n.spec for n in flashmaps.examples()]
 #: the ones with Triton kernels
 TRITON_NORMS = [n.spec for n in flashmaps.examples() if n.has_triton]
+#: the default instance of every normalizer with Triton kernels (topk:64): the CUDA tests at real sizes
+TRITON_DEFAULTS = [n.spec for n in flashmaps.defaults() if n.has_triton]
+#: the sparse ones of the grid
+SPARSE_NORMS = [n.spec for n in flashmaps.examples() if n.has_triton and n.sparse]
+#: one dense and one sparse normalizer (the first registered of each): the deep sweeps (head dims, block
+#: shapes, dtypes) run over these rather than the whole registry, to bound their cost
+DEEP = [next(n.spec for n in flashmaps.defaults() if n.has_triton and not n.sparse),
+        next(n.spec for n in flashmaps.defaults() if n.has_triton and n.sparse)]
 CAUSALS = [None, "upper_left", "lower_right"]
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 

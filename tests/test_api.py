@@ -315,3 +315,14 @@ def test_sdpa_cuda_matches_torch(is_causal):
     assert rel_err(out, ref) < 2e-2
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) < 3e-2
+
+
+def test_readme_table_is_the_registry():
+    """The README's table of normalizers is the registry's (regenerate: python -m flashmaps.normalizers
+    --readme README.md)."""
+    import pathlib
+
+    from flashmaps.normalizers.__main__ import with_table
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert with_table(readme) == readme

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, TRITON_NORMS, grads, make_mask as _make_mask, make_qkv, reference_grads, rel_err
+from helpers import (DEEP, KERNEL_DEVICE, SPARSE_NORMS, TRITON_DEFAULTS, TRITON_NORMS, grads, make_mask as _make_mask,
+                     make_qkv, reference_grads, rel_err)
 
 import flashmaps
 from flashmaps import reference, torch_path
@@ -104,8 +105,8 @@ def test_grads_match_reference_and_torch(norm, case):
     assert (got[0][empty] == 0).all() and (got[1][empty] == 0).all()
 
 
-@pytest.mark.parametrize("norm,spread", [("entmax15", 3.0), ("topk:3", 3.0), ("topk:1", 1.0)],
-                         ids=["entmax15-sparse", "topk3-sparse", "topk1"])
+@pytest.mark.parametrize("norm,spread", [pytest.param(n, 3.0, id=f"{n}-sparse") for n in SPARSE_NORMS]
+                         + [pytest.param("topk:1", 1.0, id="topk1")])
 def test_sparse_tiles_are_skipped_exactly(norm, spread):
     """Large scores make most key tiles of a row dead (no support): skipping them must not change the
     gradients (they contribute exactly 0)."""
@@ -167,7 +168,7 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+@pytest.mark.parametrize("norm", DEEP)
 def test_half_precision(norm, dtype, tol):
     """fp16/bf16 inputs: gradients in the input dtype, fp32 accumulation."""
     q, k, v, dout = make_inputs(1, 2, 1, 33, 37, 16, 24, dtype=dtype, seed=13)
@@ -184,9 +185,8 @@ def test_half_precision(norm, dtype, tol):
 @pytest.mark.cuda
 @pytest.mark.parametrize("norm,dtype,causal,tol", [
     *[pytest.param(n, torch.float32, "lower_right", 1e-4, id=f"{n}-fp32-lower_right")
-      for n in NORMS + ["topk:64"]],
-    *[pytest.param(n, torch.bfloat16, None, 3e-2, id=f"{n}-bf16")
-      for n in ("softmax", "entmax15", "topk:64")],
+      for n in NORMS + [d for d in TRITON_DEFAULTS if d not in NORMS]],
+    *[pytest.param(n, torch.bfloat16, None, 3e-2, id=f"{n}-bf16") for n in TRITON_DEFAULTS],
 ])
 def test_grads_cuda(norm, dtype, causal, tol):
     B, Hq, Hkv, L, S, D, Dv = 2, 8, 2, 1000, 1031, 72, 64
@@ -199,9 +199,9 @@ def test_grads_cuda(norm, dtype, causal, tol):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("norm,D,Dv", [
-    *[pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in ("softmax", "entmax15", "topk:64")
+    *[pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in DEEP
       for d, dv in ((16, 16), (64, 64), (128, 128), (256, 256), (96, 160))],
-    *[pytest.param("taylor", d, d, id=f"taylor-{d}-{d}") for d in (64, 256)],   # softmax's kernels otherwise
+    *[pytest.param(n, d, d, id=f"{n}-{d}-{d}") for n in TRITON_DEFAULTS if n not in DEEP for d in (64, 256)],
 ])
 def test_grads_cuda_head_dims(norm, D, Dv):
     """Every head-dim class of the backward configs (16 to 256), bf16, autotuned, causal (lower right)."""
@@ -213,7 +213,7 @@ def test_grads_cuda_head_dims(norm, D, Dv):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("norm", ["softmax", "entmax15", "topk:64"])
+@pytest.mark.parametrize("norm", DEEP)
 def test_compile_cuda_matches_eager(norm):
     """torch.compile (inductor, fullgraph) around the Triton custom ops on the GPU: same out and grads."""
     q, k, v, dout = make_inputs(2, 8, 2, 256, 384, 64, 64, dtype=torch.bfloat16, device="cuda", seed=40)
@@ -310,7 +310,7 @@ def test_dropout_leaves_row_statistics_unchanged():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+@pytest.mark.parametrize("norm", DEEP)
 def test_dropout_cuda(norm):
     B, Hq, Hkv, L, S, D, Dv, p = 2, 4, 2, 300, 333, 64, 64, 0.2
     q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, device="cuda", seed=15)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import (CAUSALS, DTYPE_NAMES, KERNEL_DEVICE, TRITON_NORMS, check_stats, make_mask, make_qkv,
-                     ref_stats, rel_err)
+from helpers import (CAUSALS, DEEP, DTYPE_NAMES, KERNEL_DEVICE, SPARSE_NORMS, TRITON_DEFAULTS, TRITON_NORMS,
+                     check_stats, make_mask, make_qkv, ref_stats, rel_err)
 
 import flashmaps
 from flashmaps import reference
@@ -96,7 +96,7 @@ def test_grid(norm, mask_kind, causal, gqa, dtype):
 # shapes: head dims (padded, Dqk != Dv), L = 1, ragged sizes, block sizes
 
 
-@pytest.mark.parametrize("norm", ["softmax", "entmax15"])
+@pytest.mark.parametrize("norm", DEEP)
 @pytest.mark.parametrize("D,Dv", [(16, 64), (40, 40), (72, 24), (80, 80), (96, 160), (160, 96), (256, 16)],
                          ids=lambda x: str(x))
 def test_head_dims(norm, D, Dv):
@@ -124,7 +124,7 @@ def test_lower_right_more_queries_than_keys(norm):
 @pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16), (64, 64)])
 def test_block_shapes(bm, bn):
     q, k, v = make_qkv(1, 2, 2, 50, 70, 32, seed=bm + bn)
-    for norm in ("softmax", "entmax15"):
+    for norm in DEEP:
         run_case(q, k, v, norm, causal="upper_left", config={"BM": bm, "BN": bn}, stats_tol=2e-5)
 
 
@@ -181,7 +181,7 @@ def test_causal_tiles_skipped(norm):
     assert rel_err(res.out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("norm", ["softmax", "entmax15", "topk:3"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("causal", ["upper_left", "lower_right"])
 def test_causal_tiles_skipped_per_block(norm, causal):
     """Query block b (rows [16b, 16b+16)) touches key tiles up to its diagonal only: with key tile t
@@ -201,11 +201,11 @@ def test_causal_tiles_skipped_per_block(norm, causal):
         res = triton_path.launch_forward(q, k_p, v_p, flashmaps.parse(norm), causal=causal)
         rows = slice(0, first_reader)
         assert rel_err(res.out[:, :, rows], ref[:, :, rows]) < 1e-5
-        if norm == "softmax":                                      # (sparse normalizers may skip NaN tiles)
+        if not flashmaps.parse(norm).sparse:                     # (sparse normalizers may skip NaN tiles)
             assert torch.isnan(res.out[:, :, first_reader:]).all()
 
 
-@pytest.mark.parametrize("norm", ["entmax15", "topk:3"])
+@pytest.mark.parametrize("norm", SPARSE_NORMS)
 def test_dead_tiles_skip_pv(norm):
     """A key tile whose scores are all below the row thresholds contributes nothing: its V may be NaN."""
     L, S, D = 16, 48, 16
@@ -393,11 +393,11 @@ def test_entmax15_against_entmax_package():
 
 @pytest.mark.parametrize("causal", [None, "lower_right"])
 def test_entmax15_backward_extras(causal):
-    """save_aux: sum_g = sum_j sqrt(p_j) and O2 = sum_j sqrt(p_j) v_j / sum_g, and par = tau."""
+    """save_extras: sum_g = sum_j sqrt(p_j) and O2 = sum_j sqrt(p_j) v_j / sum_g, and thr = tau."""
     q, k, v = make_qkv(1, 2, 1, 22, 35, 16, Dv=24, seed=18)
     mask = make_mask("empty_rows", 1, 2, 22, 35, torch.float32)
     res = triton_path.launch_forward(q, k, v, Entmax15(), causal=causal, mask=mask.expand(1, 2, 22, 35),
-                              save_aux=True)
+                              save_extras=True)
     _, p = reference.attention(q, k, v, "entmax15", causal=causal or False, attn_mask=mask,
                                enable_gqa=True, return_weights=True)
     g = p.sqrt()
@@ -405,7 +405,7 @@ def test_entmax15_backward_extras(causal):
     o2 = (g @ v.double().repeat_interleave(2, dim=1)) / torch.where(sum_g > 0, sum_g, 1)[..., None]
     assert rel_err(res.saved["sum_g"], sum_g) < 1e-5
     assert rel_err(res.saved["o2"], o2) < 1e-5
-    assert torch.equal(res.saved["par"], res.stats["tau"])
+    assert torch.equal(res.saved["thr"], res.stats["tau"])
     empty = sum_g == 0
     assert empty.any() and (res.saved["o2"][empty] == 0).all() and (res.saved["sum_g"][empty] == 0).all()
 
@@ -422,7 +422,7 @@ def test_topk_saved_threshold_is_kernel_units():
     q, k, v = make_qkv(1, 1, 1, 16, 40, 16, seed=20)
     res = triton_path.launch_forward(q, k, v, TopK(4))
     assert res.score_unit == pytest.approx(math.log2(math.e))
-    assert torch.allclose(res.saved["par"] * math.log(2), res.stats["tau"], rtol=1e-6)
+    assert torch.allclose(res.saved["thr"] * math.log(2), res.stats["tau"], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,24 +452,24 @@ def test_against_cpu_path():
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_backend_contract_aux(norm):
-    """forward() of the custom-op contract: stats in normalizer order, aux packed as aux_shape says, and
-    unpack_aux giving back the launcher's saved tensors (also with the backward extras)."""
+    """forward() of the custom-op contract: stats in normalizer order, extras packed as extras_shape says, and
+    unpack_extras giving back the launcher's saved tensors (also with the backward extras)."""
     q, k, v = make_qkv(1, 2, 1, 20, 30, 16, Dv=8, seed=24)
     n = flashmaps.parse(norm)
-    out, stats, aux = triton_path.forward(q, k, v, n, mask=None, causal="upper_left", scale=0.25,
+    out, stats, extras = triton_path.forward(q, k, v, n, mask=None, causal="upper_left", scale=0.25,
                                           softcap=None, dropout_p=0.0, seed=0, need_grad=False)
-    assert aux.dtype == torch.float32 and tuple(aux.shape) == triton_path.aux_shape(n, q, k, v, False)
+    assert extras.dtype == torch.float32 and tuple(extras.shape) == triton_path.extras_shape(n, q, k, v, False)
     assert len(stats) == len(n.stats)
-    res = triton_path.launch_forward(q, k, v, n, causal="upper_left", scale=0.25, save_aux=True)
+    res = triton_path.launch_forward(q, k, v, n, causal="upper_left", scale=0.25, save_extras=True)
     assert torch.equal(out, res.out) and all(torch.equal(a, b) for a, b in zip(stats, res.stats.values()))
-    assert tuple(res.aux.shape) == triton_path.aux_shape(n, q, k, v, True)
-    views = triton_path.unpack_aux(res.aux, n, q, v, True)
+    assert tuple(res.extras.shape) == triton_path.extras_shape(n, q, k, v, True)
+    views = triton_path.unpack_extras(res.extras, n, q, v, True)
     assert set(views) == set(res.saved) and all(torch.equal(views[x], res.saved[x]) for x in views)
     hooks = n.triton(30)[0]
     if hooks.has_prepass:
-        assert torch.equal(triton_path.unpack_aux(aux, n, q, v, False)["par"], res.saved["par"])
-    if hooks.has_aux:
-        assert set(views) == {"par", "sum_g", "o2"} and views["o2"].shape == (1, 2, 20, 8)
+        assert torch.equal(triton_path.unpack_extras(extras, n, q, v, False)["thr"], res.saved["thr"])
+    if hooks.has_g:
+        assert set(views) == {"thr", "sum_g", "o2"} and views["o2"].shape == (1, 2, 20, 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,10 +485,10 @@ def cuda_cfg(D, Dv=None):
 
 
 def _realistic_cases():
-    cases = [pytest.param(n, c, torch.bfloat16, id=f"{n}-{c or 'full'}-bf16") for n in NORMS + ["topk:64"]
-             for c in CAUSALS]
+    cases = [pytest.param(n, c, torch.bfloat16, id=f"{n}-{c or 'full'}-bf16")
+             for n in NORMS + [d for d in TRITON_DEFAULTS if d not in NORMS] for c in CAUSALS]
     cases += [pytest.param(n, "lower_right", d, id=f"{n}-lower_right-{DTYPE_NAMES[d]}")
-              for n in ("softmax", "entmax15", "topk:64") for d in (torch.float16, torch.float32)]
+              for n in DEEP for d in (torch.float16, torch.float32)]
     return cases
 
 
@@ -503,8 +503,8 @@ def test_cuda_realistic(norm, causal, dtype):
 def _dims_cases():
     dims = [(16, 128), (40, 40), (64, 64), (72, 72), (80, 80), (96, 96), (128, 128), (160, 160), (256, 256),
             (128, 64)]
-    cases = [pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in ("softmax", "entmax15") for d, dv in dims]
-    cases += [pytest.param(n, d, d, id=f"{n}-{d}-{d}") for n in ("taylor", "topk:5") for d in (40, 160)]
+    cases = [pytest.param(n, d, dv, id=f"{n}-{d}-{dv}") for n in DEEP for d, dv in dims]
+    cases += [pytest.param(n, d, d, id=f"{n}-{d}-{d}") for n in NORMS if n not in DEEP for d in (40, 160)]
     return cases
 
 

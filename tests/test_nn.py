@@ -157,7 +157,7 @@ def test_repr_mentions_the_configuration():
         (dict(embed_dim=32, num_heads=0), "num_heads must be a positive int"),
         (dict(embed_dim=True, num_heads=1), "embed_dim must be a positive int"),
         (dict(embed_dim=32, num_heads=4, head_dim=-1), "head_dim must be a positive int"),
-        (dict(embed_dim=32, num_heads=4, normalizer="sparsemax"), "unknown normalizer"),
+        (dict(embed_dim=32, num_heads=4, normalizer="nosuchmap"), "unknown normalizer"),
         (dict(embed_dim=32, num_heads=4, normalizer="topk"), "needs k"),
         (dict(embed_dim=32, num_heads=4, dropout=1.0), "dropout_p must be in"),
         (dict(embed_dim=32, num_heads=4, causal="diagonal"), "causal must be"),

@@ -15,7 +15,7 @@ import pkgutil as _pkgutil
 from importlib import import_module as _import_module
 
 from . import rows
-from .base import Normalizer, defaults, examples, get, names, parse, register, registry, unregister
+from .base import Normalizer, defaults, examples, get, names, parse, register, registry, table, unregister
 
 _UNITS = [m.name for m in _pkgutil.iter_modules(__path__) if m.name not in ("base", "rows") and not m.name.startswith("_")]
 for _unit in _UNITS:
@@ -25,7 +25,7 @@ from .entmax15 import entmax15_threshold  # noqa: E402  (helpers the tests and r
 from .topk import topk_threshold  # noqa: E402
 
 __all__ = ["Normalizer", "register", "unregister", "registry", "names", "get", "parse", "defaults", "examples",
-           "rows", "entmax15_threshold", "topk_threshold"]
+           "table", "rows", "entmax15_threshold", "topk_threshold"]
 
 
 def classes() -> dict[str, type[Normalizer]]:

@@ -40,7 +40,8 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Normalizer", "register", "unregister", "registry", "names", "get", "parse", "defaults", "examples"]
+__all__ = ["Normalizer", "register", "unregister", "registry", "names", "get", "parse", "defaults", "examples",
+           "table"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -64,8 +65,12 @@ class Normalizer:
     sums_to_one: ClassVar[bool] = True
     #: the module with the Triton hooks (``HOOKS`` and optionally ``configure``), or None (torch path only)
     kernels: ClassVar[str | None] = None
-    #: how the spec is written in messages ("'topk:<k>'")
+    #: how the spec is written in messages and docs ("topk:<k>"; default: the name)
     spec_help: ClassVar[str] = ""
+    #: the weights p_j in one line, for the docs' table (default: the docstring's first line)
+    formula: ClassVar[str] = ""
+    #: how results over disjoint key sets combine, in words, for the docs' table
+    merge_rule: ClassVar[str] = "none"
     #: position in listings (softmax first)
     order: ClassVar[int] = 100
 
@@ -137,7 +142,8 @@ class Normalizer:
 
     @property
     def has_triton(self) -> bool:
-        return self.kernels is not None
+        """Whether this normalizer has Triton kernels (``kernels`` set, or ``triton`` overridden)."""
+        return self.kernels is not None or type(self).triton is not Normalizer.triton
 
     def triton(self, S: int):
         """(hooks, runtime args, scratch columns) of the Triton kernels for a call over S keys: the kernels
@@ -224,6 +230,19 @@ def examples() -> list[Normalizer]:
     """The representative instances of every registered normalizer (``Normalizer.examples()``): the grid
     tests run every backend over."""
     return [norm for cls in registry().values() for norm in cls.examples()]
+
+
+def table() -> str:
+    """The Markdown table of the registered normalizers (the README's, generated from the units)."""
+    lines = ["| normalizer | weights `p_j` for row scores `s` | row statistics | sparse | merging partial results "
+             "| Triton |", "|---|---|---|---|---|---|"]
+    for cls in registry().values():
+        inst = cls.default()
+        formula = cls.formula or (cls.__doc__ or "").strip().splitlines()[0]
+        stats = ", ".join(f"`{s}`" for s in cls.stats) or "none"
+        lines.append(f"| `{cls.spec_help or cls.name}` | {formula} | {stats} | {'yes' if cls.sparse else 'no'} | "
+                     f"{cls.merge_rule} | {'yes' if inst.has_triton else 'no'} |")
+    return "\n".join(lines)
 
 
 def _known() -> str:

@@ -38,6 +38,8 @@ class Entmax15(Normalizer):
     sparse: ClassVar[bool] = True
     kernels: ClassVar[str] = "flashmaps.kernels.entmax15"
     order: ClassVar[int] = 20
+    formula: ClassVar[str] = "`max(s_j/2 - tau, 0)^2`, `tau` such that `sum_j p_j = 1` (as `entmax.entmax15`)"
+    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
 
     def reference_weights(self, s, allowed):
         tau = entmax15_threshold(s, allowed)

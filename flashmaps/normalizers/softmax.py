@@ -28,6 +28,8 @@ class Softmax(Normalizer):
     empty_stats: ClassVar[tuple[float, ...]] = (NEG_INF,)
     kernels: ClassVar[str] = "flashmaps.kernels.softmax"
     order: ClassVar[int] = 0
+    formula: ClassVar[str] = "`exp(s_j - m) / sum_i exp(s_i - m)`; `lse` in natural log"
+    merge_rule: ClassVar[str] = "log-sum-exp of `lse`"
 
     def reference_weights(self, s, allowed):
         return masked_softmax(s, allowed)

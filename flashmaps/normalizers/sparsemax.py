@@ -39,6 +39,8 @@ class Sparsemax(Normalizer):
     sparse: ClassVar[bool] = True
     kernels: ClassVar[str] = "flashmaps.kernels.sparsemax"
     order: ClassVar[int] = 25
+    formula: ClassVar[str] = "`max(s_j - tau, 0)`, `tau` such that `sum_j p_j = 1` (Martins & Astudillo 2016)"
+    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
 
     def reference_weights(self, s, allowed):
         tau = sparsemax_threshold(s, allowed)

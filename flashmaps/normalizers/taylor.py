@@ -33,6 +33,8 @@ class Taylor(Normalizer):
     empty_stats: ClassVar[tuple[float, ...]] = (0.0,)
     kernels: ClassVar[str] = "flashmaps.kernels.taylor"
     order: ClassVar[int] = 10
+    formula: ClassVar[str] = "`f(s_j) / Z`, `f(s) = 1 + s + s^2/2` (Based's 2nd-order Taylor map), `Z = sum_i f(s_i)`"
+    merge_rule: ClassVar[str] = "sums of `z`"
 
     def reference_weights(self, s, allowed):
         f = torch.where(allowed, _f(s), torch.zeros_like(s))

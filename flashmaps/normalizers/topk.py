@@ -39,6 +39,8 @@ class TopK(Normalizer):
     kernels: ClassVar[str] = "flashmaps.kernels.topk"
     spec_help: ClassVar[str] = "topk:<k>"
     order: ClassVar[int] = 30
+    formula: ClassVar[str] = "softmax over the keys with `s_j >= tau_k`, the k-th largest score (ties kept)"
+    merge_rule: ClassVar[str] = "two-phase (global `tau_k`)"
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int):
