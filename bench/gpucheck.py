@@ -215,7 +215,10 @@ def _jsonable(obj):
 
 
 def _short(name: str) -> str:
-    return name.removeprefix("flashmaps-").removesuffix("-triton")
+    """"flashmaps-softmax-triton[fwd=64,64,4,3]@base" -> "softmax[fwd=64,64,4,3]@base"."""
+    base, config, knobs, tree = split_name(name)
+    return base.removeprefix("flashmaps-").removesuffix("-triton") + options_text(config, knobs) + (
+        f"@{tree}" if tree else "")
 
 
 def _plain(r: dict) -> bool:

@@ -449,7 +449,10 @@ def _gpucheck_options(args):
 
     smoke = args.cpu_smoke
     if not smoke:
-        _kind(argparse.Namespace(device="cuda"))  # a usage error without a GPU
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _UsageError("torch sees no CUDA device here; --cpu-smoke runs every code path on the CPU")
     suites = _split(args.suites) or (list(SUITES) if smoke else ["h100-goals"])
     if args.long and "long" not in suites:
         suites.append("long")
