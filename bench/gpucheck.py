@@ -7,7 +7,8 @@ Phases, each timed and printed:
 
 1. tests: ``pytest -m cuda`` over tests/ (or ``--test-files``, ``-k --tests``), log in OUTDIR;
 2. prewarm (``--prewarm N``): every flashmaps Triton kernel of the plan compiled once at a small length in
-   N worker processes at once (``harness.prewarm``), so that the timed cases find them in Triton's cache;
+   N worker processes at once (``harness.prewarm``), so that the timed cases find them in Triton's cache
+   (at most half of the budget left);
 3. bench: the suites (``suites.SUITES``: h100-goals, long, tune) run by ``harness.run_jobs``, case by case;
    with ``--baseline-tree DIR`` each flashmaps case also runs from the checkout DIR, right next to it
    ("<provider>@base", ``harness.add_baseline``). ``--budget`` seconds bound the whole run: cases not
@@ -183,8 +184,8 @@ def run_check(opts: Options, echo=log.info) -> dict:
                                     "sha": next((j["tree"] for j in jobs if "@" in j["provider"]), None)}
         kw = dict(timeout=opts.timeout, env=env, mem_limit=harness.default_mem_limit() if kind == "cpu" else None)
         if opts.prewarm:
-            t0 = time.monotonic()
-            warm = harness.prewarm(jobs, opts.prewarm, log_stem=stem, deadline=deadline, **kw)
+            t0 = time.monotonic()  # at most half of the time left: compiling ahead must not eat the measuring
+            warm = harness.prewarm(jobs, opts.prewarm, log_stem=stem, deadline=t0 + (deadline - t0) / 2, **kw)
             run["prewarm"] = {"processes": opts.prewarm, "kernels": len(warm),
                               "not_ok": [f"{r['provider']} {r['mode']} D={r['Dqk']}: {r['status']} {r.get('message')}"[:200]
                                          for r in warm if r["status"] != "ok"]}
@@ -237,12 +238,8 @@ def _case(r: dict) -> tuple:
 def _render(cells: list[dict], columns: list[tuple[str, str]], md: bool) -> str:
     if not md:
         return harness.format_table(cells, columns)
-
-    def fmt(v):
-        return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
-
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|---" * len(columns) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(fmt(c.get(k)) for _, k in columns) + " |" for c in cells])
+    return "\n".join(lines + ["| " + " | ".join(harness.fmt_value(c.get(k)) for _, k in columns) + " |" for c in cells])
 
 
 def _x(v) -> str | None:

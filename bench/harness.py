@@ -559,16 +559,18 @@ def baseline_of(rows: list[dict], row: dict, baseline: str = BASELINE) -> dict |
     return None
 
 
+def fmt_value(v) -> str:
+    """A table cell: "-" for None, floats to 3 significant digits (whole numbers from 1000 on)."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A plain text table: ``columns`` = [(header, key)], values already formatted or formatted here."""
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    cells = [[h for h, _ in columns]] + [[fmt(r.get(k)) for _, k in columns] for r in rows]
+    cells = [[h for h, _ in columns]] + [[fmt_value(r.get(k)) for _, k in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
