@@ -181,7 +181,7 @@ def run_check(opts: Options, echo=log.info) -> dict:
         run["n_jobs"] = len(jobs)
         if opts.baseline_tree is not None:
             run["baseline_tree"] = {"path": str(Path(opts.baseline_tree).resolve()),
-                                    "sha": next((j["tree"] for j in jobs if "@" in j["provider"]), None)}
+                                    "sha": next((j["tree"] for j in jobs if _tree_label(j["provider"])), None)}
         kw = dict(timeout=opts.timeout, env=env, mem_limit=harness.default_mem_limit() if kind == "cpu" else None)
         if opts.prewarm:
             t0 = time.monotonic()  # at most half of the time left: compiling ahead must not eat the measuring
@@ -416,11 +416,10 @@ def load(path) -> tuple[dict, list[dict]]:
     raise ValueError(f"{path}: not a gpu-check results file (no rows)")
 
 
-def plot(path, out_dir) -> list[Path]:
-    """PNGs of a results file (``plot.plot_bench``; the pinned-config rows of tune are a table, not drawn)."""
+def plot(rows: list[dict], out_dir, meta: dict | None = None) -> list[Path]:
+    """PNGs of gpu-check rows (``plot.plot_bench``; the pinned-config rows of tune are a table, not drawn)."""
     from .plot import plot_bench
 
-    meta, rows = load(path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return plot_bench([r for r in rows if not r.get("config")], out_dir, meta)

@@ -288,7 +288,7 @@ def split_name(name: str) -> tuple[str, dict, dict, str | None]:
         key, value = key.strip(), value.strip()
         if not sep or not value:
             raise ValueError(f"provider option {item!r} in {name!r}: write key=value")
-        if key in ("fwd", "dkdv", "dq"):
+        if key in CONFIG_KEYS:
             config[key] = _parse_config(key, value)
         elif key == "bwd":
             config["dkdv"] = config["dq"] = _parse_config(key, value)

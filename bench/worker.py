@@ -164,9 +164,12 @@ def _resolve(path: str):
     attributes ("flashmaps.kernels.topk.COLLECT", "torch._dynamo.config.recompile_limit")."""
     parts = path.split(".")
     for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
         try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
+            obj = importlib.import_module(prefix)
+        except ModuleNotFoundError as exc:
+            if exc.name and not prefix.startswith(exc.name):
+                raise  # the module exists but fails to import: that is the error to see
             continue
         for attr in parts[i:-1]:
             obj = getattr(obj, attr)

@@ -498,7 +498,7 @@ def cmd_gpucheck(args) -> int:
         if args.table:
             print(gpucheck.markdown(rows))
         else:
-            pngs = _plots(lambda rows, out, meta: gpucheck.plot(args.plot[0], out), rows, args.plot[1], meta)
+            pngs = _plots(gpucheck.plot, rows, args.plot[1], meta)
             print("\n".join(f"plot: {p}" for p in pngs) or "nothing to plot (no ok rows)")
         return 0
     opts = _gpucheck_options(args)
