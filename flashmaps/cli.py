@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import re
 import sys
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def _split(values) -> list[str]:
     out = []
     for v in values or []:
         out += [x for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _split_names(values) -> list[str]:
+    """_split for provider names: commas inside [...] options belong to the name."""
+    out = []
+    for v in values or []:
+        out += [x for x in re.split(r",(?![^\[]*\])", str(v)) if x.strip()]
     return out
 
 
@@ -138,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="sequence lengths L = S (default CPU 256..16k, CUDA 512..128k, powers of two)")
     b.add_argument("--modes", nargs="+", default=None, help="fwd bwd fwd+bwd decode (default: all four)")
     b.add_argument("--providers", nargs="+", default=None,
-                   help="provider names or globs, e.g. 'flashmaps-*' sdpa 'sdpa-*' flex entmax15-dense (default: all)")
+                   help="provider names or globs, e.g. 'flashmaps-*' sdpa 'sdpa-*' flex entmax15-dense (default: all); "
+                   "a name with options adds that provider, e.g. 'flashmaps-softmax-triton[fwd=128,64,8,3]'")
     b.add_argument("--batch", nargs="+", default=None,
                    help="batch sizes, or 'auto' = tokens // seq (default: 1 on CPU, auto on CUDA)")
     b.add_argument("--tokens", type=_positive_int, default=None, help="for --batch auto (default 16384)")
@@ -187,7 +197,7 @@ def _add_gpucheck(sub) -> None:
     g.add_argument("--tests", default=None, metavar="EXPR", help="pytest -k EXPR: a subset of the CUDA tests")
     g.add_argument("--test-files", nargs="+", default=None, metavar="FILE",
                    help="test files (default tests/; --cpu-smoke: tests/test_api.py)")
-    g.add_argument("--pytest-args", default=None, help="more pytest arguments (default '-n 6'; --cpu-smoke: none)")
+    g.add_argument("--pytest-args", default=None, help="more pytest arguments, written --pytest-args='-n 4 -x' (default '-n 6'; --cpu-smoke: none)")
     g.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests (default 150)")
     g.add_argument("--normalizers", nargs="+", default=None, help=_normalizers_help())
     g.add_argument("--providers", nargs="+", default=None, metavar="NAME",
@@ -308,7 +318,7 @@ def cmd_bench(args) -> int:
         default_mem_limit, fmt_bytes, format_table, interruptible, parse_seq, run_jobs, sweep, tags, write_results,
     )
     from .bench.plot import plot_bench
-    from .bench.providers import default_normalizers, providers_for
+    from .bench.providers import default_normalizers, get_provider, providers_for
 
     kind = _kind(args)
     d = _BENCH_DEFAULTS[kind]
@@ -331,8 +341,14 @@ def cmd_bench(args) -> int:
 
     provs = providers_for(kind, norms)
     if args.providers:
-        pats = _split(args.providers)
+        pats = _split_names(args.providers)
         provs = [p for p in provs if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats)]
+        for pat in pats:  # a name with options ("...[fwd=128,64,8,3]") adds that provider
+            if "[" in pat and "=" in pat:
+                try:
+                    provs.append(get_provider(pat))
+                except ValueError as exc:
+                    raise _UsageError(f"--providers: {exc}") from None
         if not provs:
             names = ", ".join(p.name for p in providers_for(kind, norms))
             raise _UsageError(f"--providers {' '.join(pats)} matches none of: {names}")
@@ -476,7 +492,7 @@ def _gpucheck_options(args):
         raise _UsageError("OUTDIR is required (the results folder)")
     root = Path(__file__).resolve().parent.parent
     return gpucheck.Options(
-        outdir=outdir, suites=tuple(suites), plan=plan, providers=tuple(_split(args.providers)),
+        outdir=outdir, suites=tuple(suites), plan=plan, providers=tuple(_split_names(args.providers)),
         knobs=_knob_args(args.knobs), baseline_tree=base, baseline_sha=args.baseline_sha,
         prewarm=args.prewarm if args.prewarm is not None else (2 if smoke else 0), budget=args.budget,
         timeout=args.timeout, tests=not args.no_tests, bench=not args.tests_only, test_expr=args.tests,

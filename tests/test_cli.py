@@ -81,10 +81,21 @@ def test_bench_end_to_end_with_an_unavailable_provider(tmp_path, capsys):
     (["compare", "--heads", "6", "--kv-heads", "4"], "multiple"),
     (["compare", "--modes", "decode"], "compare runs"),
     (["plot", "/nonexistent/bench.json"], "not a file"),
-], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing"])
+    (["bench", "--providers", "flashmaps-softmax-torch[fwd=16,16]"], "pinned configs are for"),
+], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing", "pinned-torch"])
 def test_usage_errors_say_what_to_do(args, msg, capsys, tmp_path):
     assert main([*args, *(["--out", str(tmp_path)] if args[0] != "plot" else [])]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_bench_takes_provider_names_with_options(tmp_path):
+    name = "flashmaps-softmax-torch[flashmaps.kernels.topk.KMAX=64]"
+    args = ["bench", "--out", str(tmp_path), "--seq", "32", "--modes", "fwd", "--normalizers", "softmax",
+            "--providers", f"{name},sdpa", "--no-plot", *TINY]
+    assert main(args) == 0
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(rows) == {name, "sdpa"} and rows[name]["status"] == "ok"
+    assert rows[name]["knobs"] == {"flashmaps.kernels.topk.KMAX": 64}
 
 
 @pytest.mark.parametrize("args,msg", [
