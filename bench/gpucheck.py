@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import harness, trees
 from .providers import get_provider, options_text, split_name, with_options
-from .suites import SUITES, Plan, suite_jobs
+from .suites import Plan, suite_jobs
 
 __all__ = ["Options", "run_check", "build_jobs", "run_tests", "summary", "markdown", "load", "plot"]
 
