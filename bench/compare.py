@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import baseline_of, fmt_bytes, format_table, run_jobs, sweep
-from .providers import BASELINE, DEFAULT_NORMALIZERS, flashmaps_provider, get_provider
+from .providers import BASELINE, default_normalizers, flashmaps_provider, get_provider
 
 __all__ = ["DEFAULTS", "compare_jobs", "summarize", "table"]
 
@@ -23,11 +23,12 @@ DEFAULTS = {
 }
 
 
-def compare_jobs(*, device: str, normalizers=DEFAULT_NORMALIZERS, backend: str | None = None, B: int, H: int,
+def compare_jobs(*, device: str, normalizers=None, backend: str | None = None, B: int, H: int,
                  Hkv: int | None = None, L: int, D: int, dtype: str, causal=None, modes=("fwd",),
                  max_ref_elems: int, min_run_time: float | None, baselines=(BASELINE, "entmax15-dense")) -> list[dict]:
     """The jobs of one comparison: every normalizer and baseline at one shape, forward jobs checked."""
     backend = backend or ("triton" if device == "cuda" else "torch")
+    normalizers = default_normalizers() if normalizers is None else normalizers
     provs = [flashmaps_provider(n, backend) for n in normalizers] + [get_provider(b) for b in baselines]
     extra = {"check": True, "max_ref_elems": max_ref_elems}
     if min_run_time is not None:

@@ -6,8 +6,14 @@
 
 Each row: provider, family, normalizer, backend, mode, B, Hq, Hkv, L, S, Dqk, Dv, causal, dtype, status
 ("ok", "unavailable", "unsupported", "oom", "timeout", "crash", "error", "skipped"), message, time_ms (median),
-time_q20_ms, time_q80_ms, flops (``flops.attention_flops``), tflops, peak_mem_bytes (extra peak of one
-call), err / sparsity (``compare`` only), and the tags: device, device_kind, git_sha, date, versions.
+time_q20_ms, time_q80_ms, n_runs, flops (``flops.attention_flops``), tflops, peak_mem_bytes (extra peak of
+one call), err / err_note / sparsity (checked jobs), suite (the gpucheck suite), config (pinned kernel
+configs), knobs, tree (git sha of the checkout that ran it), tuned (autotuner choices made during the job),
+and the tags: device, device_kind, git_sha, date, versions.
+
+Before/after in one run: ``add_baseline(jobs, DIR)`` adds, next to each flashmaps job, the same job run from
+the checkout DIR (provider "<name>@base", its own worker process importing DIR's flashmaps and kernels;
+see ``trees``), alternating which of the two goes first from case to case.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .providers import BASELINE, Provider, optional_versions
+from . import trees
+from .providers import BASELINE, Provider, get_provider, optional_versions
 
 __all__ = [
     "device_kind",
@@ -42,12 +49,15 @@ __all__ = [
     "write_results",
     "format_table",
     "parse_seq",
+    "order_by_case",
+    "add_baseline",
+    "prewarm",
 ]
 
 ROW_FIELDS = (
     "provider", "family", "normalizer", "backend", "mode", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal",
     "dtype", "status", "message", "time_ms", "time_q20_ms", "time_q80_ms", "n_runs", "flops", "tflops",
-    "peak_mem_bytes", "err", "err_note", "sparsity",
+    "peak_mem_bytes", "err", "err_note", "sparsity", "suite", "config", "knobs", "tree", "tuned",
 )
 FAILED = ("oom", "timeout", "crash")
 
@@ -96,20 +106,7 @@ def _package_root() -> Path:
 def git_sha() -> str:
     """HEAD of the checkout the package runs from (+ "-dirty" with uncommitted changes), or "unknown";
     FLASHMAPS_GIT_SHA overrides it (for a copy of a checkout without its history, e.g. on a lent GPU)."""
-    if os.environ.get("FLASHMAPS_GIT_SHA"):
-        return os.environ["FLASHMAPS_GIT_SHA"]
-    root = _package_root()
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-            timeout=10,
-        )
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return os.environ.get("FLASHMAPS_GIT_SHA") or trees.git_sha(_package_root())
 
 
 def versions() -> dict[str, str | None]:
@@ -206,6 +203,52 @@ def _group_key(job: dict) -> tuple:
     return tuple(job[k] for k in ("provider", "mode", "Hq", "Hkv", "Dqk", "Dv", "causal", "dtype"))
 
 
+def order_by_case(jobs: list[dict]) -> list[dict]:
+    """The jobs reordered case by case: every provider of one case (mode and shape) before the next case,
+    so that a drift of the machine (clocks, other load) hits all providers alike. Cases keep the order in
+    which their shape group first appears, lengths increase within a group (the skip rules need that) and
+    providers keep their order."""
+    def rank(values):
+        return {v: i for i, v in reversed(list(enumerate(values)))}
+
+    shape = rank([tuple(str(j.get(k)) for k in ("suite", "dtype", "Dqk", "Dv", "Hq", "Hkv", "causal")) for j in jobs])
+    mode = rank([j["mode"] for j in jobs])
+    prov = rank([j["provider"] for j in jobs])
+
+    def key(j):
+        s = tuple(str(j.get(k)) for k in ("suite", "dtype", "Dqk", "Dv", "Hq", "Hkv", "causal"))
+        return (shape[s], j["S"], j["L"], mode[j["mode"]], prov[j["provider"]])
+
+    return sorted(jobs, key=key)
+
+
+#: the tree label of the jobs ``add_baseline`` adds (provider "<name>@base")
+BASE_LABEL = "base"
+
+
+def add_baseline(jobs: list[dict], root, sha: str | None = None, label: str = BASE_LABEL) -> list[dict]:
+    """``jobs`` with a twin of every flashmaps job, run from the checkout ``root``: provider "<name>@<label>",
+    ``tree`` = that checkout's git sha (or ``sha``), ``tree_root`` = its folder. Each twin is placed next to
+    its job, before it in every other case; every job gets its ``tree`` tag."""
+    root = str(Path(root).resolve())
+    trees.package_dirs(root)  # raises if root is no checkout of flashmaps
+    sha = sha or trees.git_sha(root)
+    here = git_sha()
+    out, flip = [], False
+    last_case = None
+    for job in jobs:
+        case = tuple(job.get(k) for k in ("suite", "mode", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal", "dtype"))
+        if case != last_case:
+            flip, last_case = not flip, case
+        job = dict(job, tree=job.get("tree") or here)
+        if not job["provider"].startswith("flashmaps-"):
+            out.append(job)
+            continue
+        twin = dict(job, provider=f"{job['provider']}@{label}", tree=sha, tree_root=root)
+        out += [job, twin] if flip else [twin, job]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # running jobs in a worker process
 
@@ -213,10 +256,10 @@ def _group_key(job: dict) -> tuple:
 class _Worker:
     """``python -m flashmaps.bench.worker`` with a reader thread, so that a hung job can time out."""
 
-    def __init__(self, env: dict, log):
+    def __init__(self, env: dict, log, mapping: dict):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flashmaps.bench.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env, bufsize=1,
+            [sys.executable, "-m", "flashmaps.bench.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=log, text=True, env=trees.child_env(mapping, env), bufsize=1,
         )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -258,8 +301,8 @@ class _Worker:
             self.proc.wait()
 
 
-def _worker_env(kind: str, mem_limit: int | None, threads: int | None) -> dict:
-    env = dict(os.environ)
+def _worker_env(kind: str, mem_limit: int | None, threads: int | None, extra: dict | None = None) -> dict:
+    env = dict(os.environ, **(extra or {}))
     if threads:
         env["FLASHMAPS_BENCH_THREADS"] = str(int(threads))
     if kind == "cuda":
@@ -311,12 +354,17 @@ def run_jobs(
     desc: str = "bench",
     partial_path: Path | None = None,
     interrupted: list | None = None,
+    deadline: float | None = None,
+    env: dict | None = None,
 ) -> list[dict]:
-    """Run ``jobs`` in a worker process (restarted after a crash or a timeout); one row per job.
+    """Run ``jobs`` in worker processes (one per tree: a job's ``tree_root`` names another checkout, see
+    :func:`add_baseline`; restarted after a crash or a timeout); one row per job.
 
-    ``log_path`` gets the worker's stderr and one line per job; ``partial_path`` (JSON lines) gets each row
-    as soon as it is measured. An interrupt (KeyboardInterrupt) stops the run and returns the rows measured
-    so far; the number of rows is then appended to ``interrupted`` (if given)."""
+    ``log_path`` gets the workers' stderr and one line per job; ``partial_path`` (JSON lines) gets each row
+    as soon as it is measured. ``deadline`` (a ``time.monotonic()`` value): the jobs not started by then
+    are recorded as skipped, and a job running then is stopped there. ``env``: extra environment variables
+    of the workers. An interrupt (KeyboardInterrupt) stops the run and returns the rows measured so far;
+    the number of rows is then appended to ``interrupted`` (if given)."""
     interrupted = [] if interrupted is None else interrupted
     if not jobs:
         return []
@@ -324,31 +372,36 @@ def run_jobs(
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     partial = open(partial_path, "w") if partial_path else None
     bar = _progress(len(jobs), desc, progress)
-    rows, history, worker = [], {}, None
+    rows, history, workers = [], {}, {}
+    worker_env = _worker_env(kind, mem_limit, threads, env)
     try:
         for job in jobs:
             bar.set_postfix_str(f"{job['provider']} {job['mode']} S={job['S']}")
-            reason = _skip_reason(job, history, max_call_s)
+            left = None if deadline is None else deadline - time.monotonic()
+            reason = "skipped: time budget spent" if left is not None and left <= 0 else \
+                _skip_reason(job, history, max_call_s)
             if reason:
                 row = dict(job, status="skipped", message=reason)
             else:
-                if worker is None:
-                    worker = _Worker(_worker_env(kind, mem_limit, threads), log)
-                res = worker.run(job, timeout)
+                root = job.get("tree_root")
+                if root not in workers:
+                    mapping = trees.loaded_mapping() if root is None else trees.baseline_mapping(root)
+                    workers[root] = _Worker(worker_env, log, mapping)
+                case_timeout = timeout if left is None else min(timeout, left)
+                res = workers[root].run(job, case_timeout)
                 if isinstance(res, tuple):
                     what, rc = res
-                    worker.kill()
-                    worker = None
+                    workers.pop(root).kill()
                     if what == "timeout":
-                        row = dict(job, status="timeout", message=f"no result within {timeout:g} s")
+                        row = dict(job, status="timeout", message=f"no result within {case_timeout:g} s" + (
+                            " (end of the time budget)" if case_timeout < timeout else ""))
                     else:
                         st = "oom" if rc in (-9, 137) else "crash"
                         row = dict(job, status=st, message=f"worker process died (exit code {rc})")
                 else:
                     row = res
                     if row.pop("restart_worker", False):
-                        worker.kill()
-                        worker = None
+                        workers.pop(root).kill()
                 history[_group_key(job)] = row
             rows.append(row)
             bar.update(1)
@@ -362,9 +415,9 @@ def run_jobs(
                 partial.write(json.dumps(row, default=str) + "\n")
                 partial.flush()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see interruptible): keep what was measured
-        if worker is not None:
-            worker.kill()
-            worker = None
+        for w in workers.values():
+            w.kill()
+        workers.clear()
         if log_path:
             log.write(f"interrupted after {len(rows)} of {len(jobs)} cases\n")
         interrupted.append(len(rows))
@@ -372,11 +425,49 @@ def run_jobs(
         bar.close()
         if partial:
             partial.close()
-        if worker is not None:
-            worker.close()
+        for w in workers.values():
+            w.close()
         if log_path:
             log.close()
     return rows
+
+
+def prewarm_jobs(jobs: list[dict], max_len: int = 512) -> list[dict]:
+    """One compile-ahead job (``warm_only``, L = S <= ``max_len``, B = 1) per distinct flashmaps Triton
+    kernel setup among ``jobs``: the kernels do not depend on the length, so the real cases then find
+    them compiled in Triton's cache."""
+    out, seen = [], set()
+    for job in jobs:
+        prov = get_provider(job["provider"])
+        if prov.family != "flashmaps" or prov.backend != "triton":
+            continue
+        s = min(job["S"], max_len)
+        warm = dict(job, B=1, L=min(job["L"], s), S=s, warm_only=True, check=False, check_rows=None)
+        key = tuple(str(warm.get(k)) for k in ("provider", "tree_root", "mode", "Hq", "Hkv", "L", "S", "Dqk",
+                                                "Dv", "causal", "dtype"))
+        if key not in seen:
+            seen.add(key)
+            out.append(warm)
+    return out
+
+
+def prewarm(jobs: list[dict], n_procs: int, log_stem: Path | None = None, deadline: float | None = None,
+            **kw) -> list[dict]:
+    """Compile the flashmaps Triton kernels of ``jobs`` ahead, in ``n_procs`` worker processes at once
+    (:func:`prewarm_jobs`, split round-robin; logs ``<log_stem>-prewarm-<i>.log``); returns their rows
+    (status "ok" = compiled and ran once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    warm = prewarm_jobs(jobs)
+    n = max(1, min(n_procs, len(warm)))
+    shards = [warm[i::n] for i in range(n)]
+
+    def one(i):
+        log = Path(f"{log_stem}-prewarm-{i}.log") if log_stem else None
+        return run_jobs(shards[i], log_path=log, progress=False, max_call_s=float("inf"), deadline=deadline, **kw)
+
+    with ThreadPoolExecutor(n) as pool:
+        return [row for rows in pool.map(one, range(n)) for row in rows] if warm else []
 
 
 class _NoBar:
@@ -429,19 +520,27 @@ def _progress(total: int, desc: str, enabled: bool):
 # results
 
 
-def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict) -> tuple[Path, Path]:
-    """``<out>/<name>.json`` ({"meta", "rows"}) and ``<out>/<name>.csv``, every row tagged with ``meta``."""
+def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra: dict | None = None
+                  ) -> tuple[Path, Path]:
+    """``<out>/<name>.json`` ({"meta", "rows", **extra}) and ``<out>/<name>.csv``, every row tagged with
+    ``meta`` (``extra``: more top-level entries of the JSON, not copied into the rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tagged = [{**{k: r.get(k) for k in ROW_FIELDS}, **{k: v for k, v in r.items() if k not in ROW_FIELDS
               and k not in meta and k != "device"}, **meta} for r in rows]
     jpath, cpath = out_dir / f"{name}.json", out_dir / f"{name}.csv"
-    jpath.write_text(json.dumps({"meta": meta, "rows": tagged}, indent=1, default=str) + "\n")
+    jpath.write_text(json.dumps({"meta": meta, "rows": tagged, **(extra or {})}, indent=1, default=str) + "\n")
     fields = list(ROW_FIELDS) + sorted({k for r in tagged for k in r} - set(ROW_FIELDS) - set(meta)) + list(meta)
+
+    def cell(v):
+        if v is None:
+            return ""
+        return json.dumps(v, default=str) if isinstance(v, (dict, list)) else v
+
     with open(cpath, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in tagged:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+            w.writerow({k: cell(r.get(k)) for k in fields})
     return jpath, cpath
 
 
@@ -460,16 +559,18 @@ def baseline_of(rows: list[dict], row: dict, baseline: str = BASELINE) -> dict |
     return None
 
 
+def fmt_value(v) -> str:
+    """A table cell: "-" for None, floats to 3 significant digits (whole numbers from 1000 on)."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A plain text table: ``columns`` = [(header, key)], values already formatted or formatted here."""
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        return str(v)
-
-    cells = [[h for h, _ in columns]] + [[fmt(r.get(k)) for _, k in columns] for r in rows]
+    cells = [[h for h, _ in columns]] + [[fmt_value(r.get(k)) for _, k in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,6 +14,20 @@ k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) with ``causal`` in {None, "upper_left", "l
     fla-based                   flash-linear-attention's parallel Based kernel (the taylor map), if importable
     adasplash                   AdaSplash (1.5-entmax flash attention), if importable
 
+Options in brackets after a name, separated by ";", pin kernel configs and set variant knobs:
+
+    flashmaps-softmax-triton[fwd=128,128,8,3]          the forward kernel's (BM, BN, num_warps, num_stages)
+    flashmaps-entmax15-triton[bwd=64,64,4,2]           both backward kernels (or dkdv=... and dq=... apart)
+    flashmaps-topk:64-triton[fwd=64,64,4,3;flashmaps.kernels.topk.COLLECT=True]
+                                                       a knob: a dotted attribute path set to a Python
+                                                       literal inside the worker for the duration of a case
+
+Configs go to ``flashmaps.triton_path.launch_forward(..., config=)`` / ``launch_backward(..., config=)``
+(flashmaps Triton providers only; a config of two numbers pins BM, BN alone); knobs work on any provider.
+A suffix ``@<label>`` (``flashmaps-softmax-triton@base``) names the same provider run from another
+checkout of the repository (``harness.add_baseline``); the label is only a name, the worker of that tree
+runs it.
+
 A provider that cannot run here (package missing, no CUDA) is *unavailable* with a reason; a case it
 cannot do (a kernel that rejects fp32, a causal-only kernel asked for full attention) is *unsupported*.
 Both are recorded as data points by the harness, never raised.
@@ -21,10 +35,13 @@ Both are recorded as data points by the harness, never raised.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
 import math
+import os
+import re
 from typing import Callable
 
 import torch
@@ -33,19 +50,30 @@ from flashmaps.normalizers import parse
 
 __all__ = [
     "Provider",
-    "DEFAULT_NORMALIZERS",
+    "default_normalizers",
     "BASELINE",
+    "split_name",
+    "options_text",
+    "with_options",
     "providers_for",
     "get_provider",
     "flashmaps_provider",
 ]
 
-#: the normalizers benchmarked when none are named
-DEFAULT_NORMALIZERS = ("softmax", "taylor", "entmax15", "topk:64")
 #: the provider every "x SDPA" ratio is taken against
 BASELINE = "sdpa"
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "str | None"], torch.Tensor]
+#: the pinned-config keys of a provider name, in the order they are written
+CONFIG_KEYS = ("fwd", "dkdv", "dq")
+
+
+def default_normalizers() -> tuple[str, ...]:
+    """The normalizers benchmarked when none are named: the spec of one default instance of every
+    registered normalizer (``flashmaps.normalizers.defaults()``), softmax first."""
+    from flashmaps.normalizers import defaults  # imported here: a baseline tree's worker never needs it
+
+    return tuple(n.spec for n in defaults())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +93,8 @@ class Provider:
     backend: str | None = None
     dense: bool = False  # materializes the (L, S) scores
     limits: Callable[[dict], "str | None"] = lambda case: None
+    config: "dict | None" = None  # pinned kernel configs {"fwd"|"dkdv"|"dq": {"BM", "BN", ...}}
+    knobs: dict = dataclasses.field(default_factory=dict)  # {"dotted.module.attr": value}, set in the worker
 
     def unavailable(self, device: str) -> str | None:
         """None if this provider can run on ``device`` ("cpu"/"cuda"), else the reason it cannot."""
@@ -127,6 +157,12 @@ def _causal_allowed(L: int, S: int, causal, device) -> torch.Tensor:
 # flashmaps
 
 
+def _interpreted() -> bool:
+    """Triton on the CPU: only under TRITON_INTERPRET=1 and FLASHMAPS_BENCH_INTERPRET=1 (``gpucheck
+    --cpu-smoke`` sets both in its workers: a check of the code paths, never a timing)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FLASHMAPS_BENCH_INTERPRET") == "1"
+
+
 def flashmaps_provider(spec: str, backend: str) -> Provider:
     """``flashmaps-<spec>-<backend>``: flashmaps.attention with one normalizer on one backend."""
     spec = parse(spec).spec  # canonical ("TopK(64)" / "topk:64" -> "topk:64"); raises on a bad spec
@@ -144,13 +180,147 @@ def flashmaps_provider(spec: str, backend: str) -> Provider:
         return fn
 
     def probe(device):
-        if backend == "triton":
+        if backend == "triton" and not (device == "cpu" and _interpreted()):
             reason = _needs_cuda(device, "the triton backend (on CPU only its interpreter runs)")
             if reason:
                 return reason
         return _import_or_reason(f"flashmaps.{backend}_path")
 
     return Provider(f"flashmaps-{spec}-{backend}", "flashmaps", spec, make, probe, backend=backend)
+
+
+def _pinned_make(spec: str, config: dict):
+    """make(device) of a flashmaps Triton provider with pinned configs: the launchers themselves
+    (``launch_forward(config=)``, ``launch_backward(config=)``; a kernel without a config autotunes),
+    wrapped in an autograd.Function so that every mode (fwd, bwd, fwd+bwd) times the same calls."""
+
+    def make(device):
+        import flashmaps
+        from flashmaps import triton_path
+
+        norm = flashmaps.parse(spec)
+        fwd_cfg = config.get("fwd")
+        bwd_cfg = {"dkdv": config.get("dkdv"), "dq": config.get("dq")}
+
+        class Pinned(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v, causal):
+                need = any(ctx.needs_input_grad[:3])
+                res = triton_path.launch_forward(q, k, v, norm, causal=causal, save_aux=need, config=fwd_cfg)
+                if need:
+                    ctx.causal, ctx.stats, ctx.aux = causal, list(res.stats.values()), res.aux
+                    ctx.save_for_backward(q, k, v, res.out)
+                return res.out
+
+            @staticmethod
+            def backward(ctx, dout):
+                q, k, v, out = ctx.saved_tensors
+                dq, dk, dv = triton_path.launch_backward(dout, q, k, v, out, ctx.stats, ctx.aux, norm,
+                                                         causal=ctx.causal, config=bwd_cfg)
+                return dq, dk, dv, None
+
+        def fn(q, k, v, causal):
+            return Pinned.apply(q, k, v, causal)
+
+        return fn
+
+    return make
+
+
+def _parse_config(key: str, text: str) -> dict:
+    """"128,64,8,3" -> {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3} ("16,16": BM and BN only)."""
+    try:
+        nums = [int(x) for x in text.split(",")]
+    except ValueError:
+        nums = []
+    if len(nums) not in (2, 4) or min(nums) < 1:
+        raise ValueError(f"config {key}={text!r}: write BM,BN,num_warps,num_stages (or BM,BN), e.g. {key}=128,64,8,3")
+    return dict(zip(("BM", "BN", "num_warps", "num_stages"), nums))
+
+
+def _config_text(cfg: dict) -> str:
+    return ",".join(str(cfg[k]) for k in ("BM", "BN", "num_warps", "num_stages") if k in cfg)
+
+
+_KNOB_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+
+def _knob_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string
+
+
+def _knob_text(value) -> str:
+    """A knob value as written in a name: a word as it is, anything else as a Python literal."""
+    if isinstance(value, str) and _knob_value(value) == value and re.fullmatch(r"[\w.:/+-]+", value):
+        return value
+    return repr(value)
+
+
+def options_text(config: dict | None, knobs: dict | None = None) -> str:
+    """The canonical "[...]" of a provider name ("" without options)."""
+    config = config or {}
+    parts = []
+    if "fwd" in config:
+        parts.append(f"fwd={_config_text(config['fwd'])}")
+    if config.get("dkdv") is not None and config.get("dkdv") == config.get("dq"):
+        parts.append(f"bwd={_config_text(config['dkdv'])}")
+    else:
+        parts += [f"{k}={_config_text(config[k])}" for k in ("dkdv", "dq") if k in config]
+    parts += [f"{path}={_knob_text(value)}" for path, value in sorted((knobs or {}).items())]
+    return f"[{';'.join(parts)}]" if parts else ""
+
+
+def split_name(name: str) -> tuple[str, dict, dict, str | None]:
+    """"base[opts]@tree" -> (base, config, knobs, tree label or None); raises ValueError on bad options."""
+    m = re.fullmatch(r"([^\[\]@]+)(?:\[([^\]]*)\])?(?:@([\w.-]+))?", name.strip())
+    if not m:
+        raise ValueError(f"malformed provider name {name!r}; write e.g. flashmaps-softmax-triton[fwd=128,64,8,3]")
+    base, opts, tree = m.group(1), m.group(2), m.group(3)
+    config, knobs = {}, {}
+    for item in (opts or "").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise ValueError(f"provider option {item!r} in {name!r}: write key=value")
+        if key in CONFIG_KEYS:
+            config[key] = _parse_config(key, value)
+        elif key == "bwd":
+            config["dkdv"] = config["dq"] = _parse_config(key, value)
+        elif _KNOB_PATH.match(key):
+            knobs[key] = _knob_value(value)
+        else:
+            raise ValueError(f"provider option {key!r} in {name!r}: expected fwd=, bwd=, dkdv=, dq= or a knob "
+                             "as a dotted attribute path (module.attr=value)")
+    return base, config, knobs, tree
+
+
+def with_options(prov: Provider, config: dict | None = None, knobs: dict | None = None,
+                 tree: str | None = None) -> Provider:
+    """``prov`` with pinned configs (flashmaps Triton providers only), knobs and a tree label added to
+    those it has, renamed "<name>[<options>]@<tree>"."""
+    base, _, _, old_tree = split_name(prov.name)
+    config = {k: dict(v) for k, v in {**(prov.config or {}), **(config or {})}.items() if v is not None}
+    knobs = {**prov.knobs, **(knobs or {})}
+    tree = tree or old_tree
+    bad = set(config) - set(CONFIG_KEYS)
+    if bad:
+        raise ValueError(f"unknown config keys {sorted(bad)}; use {', '.join(CONFIG_KEYS)}")
+    for path in knobs:
+        if not _KNOB_PATH.match(path):
+            raise ValueError(f"knob {path!r}: expected a dotted attribute path such as flashmaps.kernels.topk.COLLECT")
+    make = prov.make
+    if config:
+        if prov.family != "flashmaps" or prov.backend != "triton":
+            raise ValueError(f"{prov.name}: pinned configs are for flashmaps-<normalizer>-triton providers")
+        make = _pinned_make(prov.normalizer, config)
+    name = base + options_text(config, knobs) + (f"@{tree}" if tree else "")
+    return dataclasses.replace(prov, name=name, make=make, config=config or None, knobs=knobs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,10 +377,32 @@ def _sdpa_provider(kernel: str | None) -> Provider:
 # FlexAttention (CUDA)
 
 
+#: torch._dynamo's recompile limits are raised to this for FlexAttention (see _flex_provider)
+FLEX_RECOMPILE_LIMIT = 256
+
+
+def raise_recompile_limit(limit: int = FLEX_RECOMPILE_LIMIT) -> None:
+    """Raise torch._dynamo's per-function recompile limit (``recompile_limit``, formerly
+    ``cache_size_limit``) to at least ``limit``, and the accumulated limit with it."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), limit))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 16 * limit))
+
+
 def _flex_provider() -> Provider:
     def make(device):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # flex_attention compiles once per (head dim, causal, length, ...): past dynamo's default limit of
+        # 8 recompiles it silently ran uncompiled, with dense scores (18-73 ms at D=64 causal, then out of
+        # memory at 16k on the H100), so one worker timing many cases needs a higher limit
+        raise_recompile_limit()
         compiled = torch.compile(flex_attention, dynamic=False)
         masks: dict = {}
 
@@ -318,14 +510,16 @@ def _adasplash_provider() -> Provider:
 # the registry
 
 
-def providers_for(device: str, normalizers=DEFAULT_NORMALIZERS, *, baselines: bool = True) -> list[Provider]:
-    """Every provider that belongs in a benchmark on ``device`` ("cpu" or "cuda"), available or not.
+def providers_for(device: str, normalizers=None, *, baselines: bool = True) -> list[Provider]:
+    """Every provider that belongs in a benchmark on ``device`` ("cpu" or "cuda"), available or not;
+    ``normalizers`` defaults to :func:`default_normalizers`.
 
     flashmaps: one provider per normalizer and backend (torch everywhere, triton on CUDA only);
     baselines: SDPA (default dispatch and each kernel of the device), FlexAttention (CUDA), the dense
     entmax package, flash-linear-attention's Based and AdaSplash (reported unavailable when missing).
     """
     backends = ("triton", "torch") if device == "cuda" else ("torch",)
+    normalizers = default_normalizers() if normalizers is None else normalizers
     out = [flashmaps_provider(spec, b) for b in backends for spec in normalizers]
     if not baselines:
         return out
@@ -348,8 +542,7 @@ _FIXED = {
 }
 
 
-def get_provider(name: str) -> Provider:
-    """The provider called ``name`` ("flashmaps-topk:64-torch", "sdpa-math", "entmax15-dense", ...)."""
+def _base_provider(name: str) -> Provider:
     if name in _FIXED:
         return _FIXED[name]()
     if name.startswith("flashmaps-"):
@@ -357,7 +550,16 @@ def get_provider(name: str) -> Provider:
         if sep and backend in ("torch", "triton"):
             return flashmaps_provider(spec, backend)
     known = ", ".join(sorted(_FIXED))
-    raise ValueError(f"unknown provider {name!r}; known: flashmaps-<normalizer>-<torch|triton>, {known}")
+    raise ValueError(f"unknown provider {name!r}; known: flashmaps-<normalizer>-<torch|triton>, {known} "
+                     "(options in brackets: [fwd=BM,BN,warps,stages;bwd=...;module.attr=value])")
+
+
+def get_provider(name: str) -> Provider:
+    """The provider called ``name`` ("flashmaps-topk:64-torch", "sdpa-math", "entmax15-dense",
+    "flashmaps-softmax-triton[fwd=128,64,8,3]", "flashmaps-softmax-triton@base", ...)."""
+    base, config, knobs, tree = split_name(name)
+    prov = _base_provider(base)
+    return with_options(prov, config, knobs, tree) if (config or knobs or tree) else prov
 
 
 def optional_versions() -> dict[str, str | None]:

@@ -19,12 +19,22 @@ One job = one provider, one mode, one shape. What is measured, in this order:
    ones, read from the measured path itself: with ``v = I`` (identity, Dv = S) the output IS the weights;
 4. the time: ``triton.testing.do_bench`` (median and 20/80 % quantiles, ms) on CUDA,
    ``torch.utils.benchmark.Timer.blocked_autorange`` (all threads) on the CPU.
+
+A provider's knobs (``flashmaps-topk:64-triton[flashmaps.kernels.topk.COLLECT=True]``) are set for the
+whole job, from before the provider is made until after the timing, and restored afterwards; the row
+records them, the pinned configs and which configs Triton's autotuners chose during the job ("tuned").
+Job options besides the shape: ``check`` (step 3), ``check_rows`` (the error of that many sampled query
+rows over every key, for lengths whose full reference does not fit), ``warm_only`` (step 1 alone: the
+compile-ahead of ``harness.prewarm``), ``min_run_time`` / ``min_runs`` (CPU), ``warmup_ms`` / ``rep_ms``
+(CUDA), ``max_ref_elems``, ``seed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import os
 import resource
@@ -146,6 +156,77 @@ def time_cuda(fn, warmup_ms: float, rep_ms: float, grad_to_none=None, call_ms: f
 
 
 # ----------------------------------------------------------------------------------------------------
+# knobs
+
+
+def _resolve(path: str):
+    """(object, attribute name) of a dotted attribute path: the longest importable module prefix, then
+    attributes ("flashmaps.kernels.topk.COLLECT", "torch._dynamo.config.recompile_limit")."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(prefix)
+        except ModuleNotFoundError as exc:
+            if exc.name and not prefix.startswith(exc.name):
+                raise  # the module exists but fails to import: that is the error to see
+            continue
+        for attr in parts[i:-1]:
+            obj = getattr(obj, attr)
+        if not hasattr(obj, parts[-1]):
+            raise AttributeError(f"knob {path}: {'.'.join(parts[:-1])} has no attribute {parts[-1]!r}")
+        return obj, parts[-1]
+    raise ImportError(f"knob {path}: no importable module in that path")
+
+
+@contextlib.contextmanager
+def knobs_applied(knobs: dict):
+    """Set each ``{"dotted.module.attr": value}`` for the duration of the block, then restore the old
+    values (also when the block raises). An attribute that does not exist is an error: a knob whose
+    target was renamed must not be measured as a silent no-op."""
+    saved = []
+    try:
+        for path, value in (knobs or {}).items():
+            obj, name = _resolve(path)
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            setattr(obj, name, old)
+
+
+def _autotuners() -> dict:
+    """{"module.name": Triton Autotuner} of the flashmaps modules loaded in this process."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    found = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("flashmaps"):
+            continue
+        for attr, obj in list(vars(mod).items()):
+            if isinstance(obj, Autotuner):
+                found[f"{mod_name}.{attr}"] = obj
+    return found
+
+
+def _tuner_caches() -> dict:
+    return {name: dict(getattr(t, "cache", {})) for name, t in _autotuners().items()}
+
+
+def _tuned_since(before: dict) -> dict | None:
+    """{autotuned kernel: chosen config} for the autotune keys first seen since ``before``."""
+    out = {}
+    for name, cache in _tuner_caches().items():
+        new = [str(cfg) for key, cfg in cache.items() if key not in before.get(name, {})]
+        if new:
+            out[name.rsplit(".", 1)[-1]] = new[0] if len(new) == 1 else new
+    return out or None
+
+
+# ----------------------------------------------------------------------------------------------------
 # one job
 
 
@@ -185,6 +266,32 @@ def _slices_that_fit(job: dict, max_elems: int) -> tuple[int, int]:
     heads = max(1, min(job["Hkv"], max_elems // max(1, per_kv_head)))
     batches = max(1, min(job["B"], max_elems // max(1, per_kv_head * job["Hkv"]))) if heads == job["Hkv"] else 1
     return batches, heads
+
+
+def check_sampled_rows(fn, q, k, v, job: dict, norm_spec: str, n_rows: int) -> dict:
+    """Relative error of ``n_rows`` sampled query rows (batch 0, every head) against the float64
+    reference over all S keys: the check for lengths whose full (L, S) reference does not fit."""
+    from flashmaps import reference
+
+    L, S, causal = job["L"], job["S"], job["causal"]
+    res = {"err": None, "err_note": ""}
+    try:
+        g = torch.Generator().manual_seed(job.get("seed", 0) + 1)
+        rows = torch.randperm(L, generator=g)[:n_rows].sort().values.to(q.device)  # (n,)
+        with torch.no_grad():
+            out = fn(q[:1], k[:1], v[:1], causal)[:, :, rows]  # (1, Hq, n, Dv)
+            mask = None
+            if causal:
+                j = torch.arange(S, device=q.device)[None, :]
+                mask = j <= rows[:, None] + (0 if causal == "upper_left" else S - L)  # (n, S)
+            ref = reference.attention(q[:1, :, rows], k[:1], v[:1], norm_spec, attn_mask=mask,
+                                      enable_gqa=job["Hq"] != job["Hkv"])
+            den, num = ref.norm().item(), (out.double() - ref).norm().item()
+        res["err"] = float("inf") if not torch.isfinite(out).all() else (num / den if den > 0 else num)
+        res["err_note"] = f"on {len(rows)} sampled rows of batch 0, every key"
+    except Exception as exc:  # noqa: BLE001
+        res["err_note"] = f"error check failed: {type(exc).__name__}: {exc}"[:200]
+    return res
 
 
 def check_error(fn, q, k, v, job: dict, norm_spec: str, max_elems: int) -> dict:
@@ -244,9 +351,24 @@ def _sparsity(fn, q, k, job: dict) -> float | None:
     return zeros / allowed_total if allowed_total else None
 
 
+def source_tree() -> str:
+    """The checkout this process runs flashmaps from: the folder holding flashmaps/ and the kernels
+    folder, or both folders when they are not one checkout (a mixed import)."""
+    import importlib.util
+
+    dirs = {}
+    for pkg in ("flashmaps", "flashmaps.kernels"):
+        spec = importlib.util.find_spec(pkg)
+        dirs[pkg] = os.path.dirname(os.path.realpath(list(spec.submodule_search_locations)[0]))
+    if len(set(dirs.values())) == 1:
+        return dirs["flashmaps"]
+    return "mixed: " + ", ".join(f"{k} from {v}" for k, v in dirs.items())
+
+
 def run_job(job: dict) -> dict:
     """Measure one job; never raises (a failure is a status in the returned row)."""
     row = dict(job)
+    row["source"] = source_tree()
     L = 1 if job["mode"] == "decode" else job["L"]
     row["L"] = job["L"] = L
     row["flops"] = attention_flops(job["mode"], job["B"], job["Hq"], L, job["S"], job["Dqk"], job["Dv"], job["causal"])
@@ -255,6 +377,7 @@ def run_job(job: dict) -> dict:
     try:
         prov = get_provider(job["provider"])
         row["family"], row["normalizer"], row["backend"] = prov.family, prov.normalizer, prov.backend
+        row["config"], row["knobs"] = prov.config, prov.knobs or None
         reason = prov.unavailable(job["device"])
         if reason:
             row.update(status="unavailable", message=reason)
@@ -263,12 +386,15 @@ def run_job(job: dict) -> dict:
         if reason:
             row.update(status="unsupported", message=reason)
             return row
-        try:
-            fn = prov.make(job["device"])
-        except Exception as exc:
-            row.update(status="unavailable", message=f"{type(exc).__name__}: {exc}"[:300])
-            return row
-        _measure(row, job, fn, prov)
+        with knobs_applied(prov.knobs):
+            try:
+                fn = prov.make(job["device"])
+            except Exception as exc:
+                row.update(status="unavailable", message=f"{type(exc).__name__}: {exc}"[:300])
+                return row
+            tuners = _tuner_caches()
+            _measure(row, job, fn, prov)
+            row["tuned"] = _tuned_since(tuners)
     except BaseException as exc:  # noqa: BLE001 - every failure is a data point
         row.update(status=_classify(exc), message=f"{type(exc).__name__}: {exc}"[:300])
         if row["status"] == "error":
@@ -316,10 +442,15 @@ def _measure(row: dict, job: dict, fn, prov) -> None:
     call()  # warm-up: compile, autotune, thread pools
     if cuda:
         torch.cuda.synchronize()
+    if job.get("warm_only"):
+        row["message"] = "warm-up call only (compile ahead)"
+        return
     row["peak_mem_bytes"], call_s = (cuda_extra_peak if cuda else cpu_extra_peak)(call, prepare)
     row["mem_method"] = "cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM) in the worker process"
     if job.get("check") and mode in ("fwd", "decode"):
         row.update(check_error(fn, q, k, v, job, prov.normalizer, job.get("max_ref_elems", 1 << 24)))
+    elif job.get("check_rows") and mode in ("fwd", "decode"):
+        row.update(check_sampled_rows(fn, q, k, v, job, prov.normalizer, int(job["check_rows"])))
     if cuda:
         t = time_cuda(call, job.get("warmup_ms", 25), job.get("rep_ms", 100), grad_to_none=leaves if grad else None,
                       call_ms=call_s * 1e3, min_runs=job.get("min_runs", 3))

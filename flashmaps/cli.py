@@ -6,6 +6,9 @@
                                     the long-sequence sweep: TFLOP/s, time quantiles, memory per provider
     flashmaps plot RESULTS.json     redraw the PNGs of a bench/compare results file (e.g. from another machine)
     flashmaps info                  versions, device, backends and optional providers
+    flashmaps gpu-check OUTDIR      on a CUDA machine: the CUDA tests, then benchmark suites (h100-goals,
+                                    long, tune), optionally against a second checkout; --cpu-smoke runs
+                                    every code path on the CPU (python -m flashmaps.bench.gpucheck)
 
 Results (JSON + CSV, every row tagged with device, versions, git sha and date) and PNG plots go to --out,
 by default bench/results/<device>/ in a source checkout, else ./flashmaps-results/<device>/.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +34,14 @@ def _split(values) -> list[str]:
     out = []
     for v in values or []:
         out += [x for x in str(v).split(",") if x.strip()]
+    return out
+
+
+def _split_names(values) -> list[str]:
+    """_split for provider names: commas inside [...] options belong to the name."""
+    out = []
+    for v in values or []:
+        out += [x for x in re.split(r",(?![^\[]*\])", str(v)) if x.strip()]
     return out
 
 
@@ -83,12 +95,18 @@ def _normalizers(values) -> list[str]:
     return _convert(values, lambda s: parse(s, argname="--normalizers").spec, "--normalizers")
 
 
+def _normalizers_help() -> str:
+    from .bench.providers import default_normalizers
+
+    return ("normalizer specs of any registered normalizer (topk:<k> for top-k); default: one default instance "
+            f"of each ({' '.join(default_normalizers())})")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>/ in a "
                    "checkout, else ./flashmaps-results/<device>/)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
-    p.add_argument("--normalizers", nargs="+", default=None,
-                   help="softmax taylor entmax15 topk:<k> (default: softmax taylor entmax15 topk:64)")
+    p.add_argument("--normalizers", nargs="+", default=None, help=_normalizers_help())
     p.add_argument("--dtype", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="CPU: seconds of timed runs per case (torch.utils.benchmark blocked_autorange)")
@@ -103,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flashmaps", description="flashmaps: attention with pluggable normalizers. "
                                  "Benchmarks and comparisons of the normalizers against torch SDPA and a float64 "
                                  "reference.")
-    sub = ap.add_subparsers(dest="command", metavar="{compare,bench,plot,info}")
+    sub = ap.add_subparsers(dest="command", metavar="{compare,bench,plot,info,gpu-check}")
 
     c = sub.add_parser("compare", help="the normalizers side by side: error, time and memory vs SDPA, sparsity",
                        description="Each normalizer (flashmaps, default backend of the device) and the baselines "
@@ -129,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="sequence lengths L = S (default CPU 256..16k, CUDA 512..128k, powers of two)")
     b.add_argument("--modes", nargs="+", default=None, help="fwd bwd fwd+bwd decode (default: all four)")
     b.add_argument("--providers", nargs="+", default=None,
-                   help="provider names or globs, e.g. 'flashmaps-*' sdpa 'sdpa-*' flex entmax15-dense (default: all)")
+                   help="provider names or globs, e.g. 'flashmaps-*' sdpa 'sdpa-*' flex entmax15-dense (default: all); "
+                   "a name with options adds that provider, e.g. 'flashmaps-softmax-triton[fwd=128,64,8,3]'")
     b.add_argument("--batch", nargs="+", default=None,
                    help="batch sizes, or 'auto' = tokens // seq (default: 1 on CPU, auto on CUDA)")
     b.add_argument("--tokens", type=_positive_int, default=None, help="for --batch auto (default 16384)")
@@ -149,7 +168,59 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions, device, backends, optional providers")
     i.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_gpucheck(sub)
     return ap
+
+
+def _add_gpucheck(sub) -> None:
+    from .bench.suites import SUITES
+
+    g = sub.add_parser(
+        "gpu-check", help="on a CUDA machine: the CUDA tests, then benchmark suites, as one results file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The CUDA tests (pytest -m cuda), then the benchmark suites through the one harness "
+        "(worker processes, do_bench medians and quantiles), as OUTDIR/gpu-check-<time>.json/.csv with logs; a "
+        "ratio table is printed last, with the seconds of each phase.\n\nsuites:\n  h100-goals  bf16, D 128 "
+        "and 64, L = S 1k 4k 16k, causal and not, fwd and fwd+bwd: flashmaps, SDPA (default, flash, cudnn), "
+        "flex\n  long        L = S = 128k, every normalizer, fwd and fwd+bwd, sampled-row error\n  tune        "
+        "block configs of the forward and backward kernels and the pre-pass variants at L = S = 8k\n\n"
+        "examples:\n  flashmaps gpu-check out --prewarm 8 --long\n  flashmaps gpu-check out --no-tests "
+        "--providers 'flashmaps-softmax-*' --baseline-tree ../old   # before/after, case by case\n  "
+        "flashmaps gpu-check out --suites tune --no-tests --prewarm 12\n  flashmaps gpu-check --cpu-smoke")
+    g.add_argument("outdir", nargs="?", type=Path, help="results folder (a temporary one for --cpu-smoke)")
+    g.add_argument("--suites", nargs="+", default=None, metavar="NAME",
+                   help=f"benchmark suites, of: {', '.join(SUITES)} (default h100-goals; --cpu-smoke: all)")
+    g.add_argument("--long", action="store_true", help="add the long suite")
+    what = g.add_mutually_exclusive_group()
+    what.add_argument("--no-tests", "--bench-only", dest="no_tests", action="store_true", help="skip the tests")
+    what.add_argument("--tests-only", action="store_true", help="only the tests")
+    g.add_argument("--tests", default=None, metavar="EXPR", help="pytest -k EXPR: a subset of the CUDA tests")
+    g.add_argument("--test-files", nargs="+", default=None, metavar="FILE",
+                   help="test files (default tests/; --cpu-smoke: tests/test_api.py)")
+    g.add_argument("--pytest-args", default=None, help="more pytest arguments, written --pytest-args='-n 4 -x' (default '-n 6'; --cpu-smoke: none)")
+    g.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests (default 150)")
+    g.add_argument("--normalizers", nargs="+", default=None, help=_normalizers_help())
+    g.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                   help="keep only these providers (names or globs, e.g. 'flashmaps-softmax-*' sdpa)")
+    g.add_argument("--knobs", nargs="+", default=None, metavar="PATH=VALUE",
+                   help="set on every flashmaps provider, e.g. flashmaps.kernels.topk.COLLECT=True")
+    g.add_argument("--dims", nargs="+", default=None, help="head dims of h100-goals and tune (default 128 64)")
+    g.add_argument("--lengths", nargs="+", default=None, help="L = S of h100-goals (default 1k 4k 16k)")
+    g.add_argument("--modes", nargs="+", default=None, help="modes of h100-goals (default fwd fwd+bwd)")
+    g.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                   help="a second checkout (e.g. a git worktree of an older commit): every flashmaps case also "
+                   "runs from it, next to this tree's ('<provider>@base'), and a now/base table is printed")
+    g.add_argument("--baseline-sha", default=None, help="the tree tag of --baseline-tree (default: its git HEAD)")
+    g.add_argument("--prewarm", type=int, default=None, metavar="N",
+                   help="compile the flashmaps kernels in N processes first (default 0; --cpu-smoke: 2)")
+    g.add_argument("--budget", type=float, default=450.0, metavar="SECONDS",
+                   help="for the whole run; cases not started by then are recorded as skipped (default 450)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds one case may take (default 300)")
+    g.add_argument("--cpu-smoke", action="store_true",
+                   help="every code path on the CPU: Triton interpreted, tiny shapes, about a minute; no GPU needed")
+    g.add_argument("--table", type=Path, default=None, metavar="JSON", help="print the Markdown tables of a results file")
+    g.add_argument("--plot", nargs=2, type=Path, default=None, metavar=("JSON", "DIR"), help="PNG plots of a results file")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,8 +261,6 @@ def cmd_compare(args) -> int:
     from .bench import compare as cmp
     from .bench.harness import default_mem_limit, interruptible, parse_seq, tags, write_results
     from .bench.plot import plot_compare
-    from .bench.providers import DEFAULT_NORMALIZERS
-
     kind = _kind(args)
     d = cmp.DEFAULTS[kind]
     dtypes = _convert(args.dtype, _dtype, "--dtype") or [d["dtype"]]
@@ -206,7 +275,7 @@ def cmd_compare(args) -> int:
     if args.kv_heads and H % args.kv_heads:
         raise _UsageError(f"--heads {H} must be a multiple of --kv-heads {args.kv_heads}")
     jobs = cmp.compare_jobs(
-        device=kind, normalizers=_normalizers(args.normalizers) or DEFAULT_NORMALIZERS, backend=args.backend,
+        device=kind, normalizers=_normalizers(args.normalizers) or None, backend=args.backend,
         B=args.batch or d["B"], H=H, Hkv=args.kv_heads, L=L, D=args.head_dim or d["D"], dtype=dtypes[0],
         causal=args.causal, modes=modes, max_ref_elems=d["max_ref_elems"],
         min_run_time=args.min_run_time if args.min_run_time is not None else d["min_run_time"],
@@ -249,11 +318,11 @@ def cmd_bench(args) -> int:
         default_mem_limit, fmt_bytes, format_table, interruptible, parse_seq, run_jobs, sweep, tags, write_results,
     )
     from .bench.plot import plot_bench
-    from .bench.providers import DEFAULT_NORMALIZERS, providers_for
+    from .bench.providers import default_normalizers, get_provider, providers_for
 
     kind = _kind(args)
     d = _BENCH_DEFAULTS[kind]
-    norms = _normalizers(args.normalizers) or list(DEFAULT_NORMALIZERS)
+    norms = _normalizers(args.normalizers) or list(default_normalizers())
     seqs = _convert(args.seq, parse_seq, "--seq") or d["seq"]
     modes = _split(args.modes) or list(MODES)
     for m in modes:
@@ -272,8 +341,14 @@ def cmd_bench(args) -> int:
 
     provs = providers_for(kind, norms)
     if args.providers:
-        pats = _split(args.providers)
+        pats = _split_names(args.providers)
         provs = [p for p in provs if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats)]
+        for pat in pats:  # a name with options ("...[fwd=128,64,8,3]") adds that provider
+            if "[" in pat and "=" in pat:
+                try:
+                    provs.append(get_provider(pat))
+                except ValueError as exc:
+                    raise _UsageError(f"--providers: {exc}") from None
         if not provs:
             names = ", ".join(p.name for p in providers_for(kind, norms))
             raise _UsageError(f"--providers {' '.join(pats)} matches none of: {names}")
@@ -365,7 +440,98 @@ def cmd_info(args) -> int:
     return 0
 
 
-_COMMANDS = {"compare": cmd_compare, "bench": cmd_bench, "plot": cmd_plot, "info": cmd_info}
+def _knob_args(values) -> dict:
+    from .bench.providers import split_name
+
+    out = {}
+    for item in values or []:
+        path, sep, value = item.partition("=")
+        if not sep:
+            raise _UsageError(f"--knobs: write PATH=VALUE, got {item!r}")
+        try:
+            out.update(split_name(f"x[{path}={value}]")[2])
+        except ValueError as exc:
+            raise _UsageError(f"--knobs: {exc}") from None
+    return out
+
+
+def _gpucheck_options(args):
+    import tempfile
+
+    from .bench import gpucheck
+    from .bench.flops import MODES
+    from .bench.harness import parse_seq
+    from .bench.suites import SUITES, Plan
+
+    smoke = args.cpu_smoke
+    if not smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _UsageError("torch sees no CUDA device here; --cpu-smoke runs every code path on the CPU")
+    suites = _split(args.suites) or (list(SUITES) if smoke else ["h100-goals"])
+    if args.long and "long" not in suites:
+        suites.append("long")
+    for name in suites:
+        if name not in SUITES:
+            raise _UsageError(f"--suites: unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    modes = _split(args.modes) or None
+    for m in modes or ():
+        if m not in MODES:
+            raise _UsageError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+    base = args.baseline_tree
+    if base is not None and not (base / "flashmaps" / "__init__.py").is_file():
+        raise _UsageError(f"--baseline-tree {base}: not a checkout of flashmaps (no flashmaps/__init__.py); "
+                          "make one with: git worktree add DIR <commit>")
+    plan = Plan(device="cpu" if smoke else "cuda", normalizers=tuple(_normalizers(args.normalizers)),
+                dims=tuple(_convert(args.dims, _positive_int, "--dims")) or None,
+                lengths=tuple(_convert(args.lengths, parse_seq, "--lengths")) or None,
+                modes=tuple(modes) if modes else None, smoke=smoke)
+    outdir = args.outdir or (Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) if smoke else None)
+    if outdir is None:
+        raise _UsageError("OUTDIR is required (the results folder)")
+    root = Path(__file__).resolve().parent.parent
+    return gpucheck.Options(
+        outdir=outdir, suites=tuple(suites), plan=plan, providers=tuple(_split_names(args.providers)),
+        knobs=_knob_args(args.knobs), baseline_tree=base, baseline_sha=args.baseline_sha,
+        prewarm=args.prewarm if args.prewarm is not None else (2 if smoke else 0), budget=args.budget,
+        timeout=args.timeout, tests=not args.no_tests, bench=not args.tests_only, test_expr=args.tests,
+        test_files=tuple(args.test_files or ([root / "tests" / "test_api.py"] if smoke else [])),
+        pytest_args=args.pytest_args if args.pytest_args is not None else ("" if smoke else "-n 6"),
+        test_timeout=args.test_timeout, progress=not args.no_progress,
+    )
+
+
+def cmd_gpucheck(args) -> int:
+    from .bench import gpucheck
+
+    if args.table or args.plot:
+        path = args.table or args.plot[0]
+        try:
+            meta, rows = gpucheck.load(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise _UsageError(f"{path}: {exc}") from None
+        if args.table:
+            print(gpucheck.markdown(rows))
+        else:
+            pngs = _plots(gpucheck.plot, rows, args.plot[1], meta)
+            print("\n".join(f"plot: {p}" for p in pngs) or "nothing to plot (no ok rows)")
+        return 0
+    opts = _gpucheck_options(args)
+    res = gpucheck.run_check(opts, echo=lambda line: print(line, flush=True))
+    print("\n" + gpucheck.summary(res["rows"]) if res["rows"] else "")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in res["phases"].items())
+    print(f"\n[gpu-check] phases: {phases}\n[gpu-check] results: {res['path']}", flush=True)
+    failed_tests = res["tests"] is not None and res["tests"]["returncode"] not in (0, 5)  # 5: none selected
+    bad = [r for r in res["rows"] if r["status"] in (gpucheck.BAD if opts.plan.smoke else ("error", "crash"))]
+    for r in bad[:20]:
+        print(f"[gpu-check] {r['status']}: {r['provider']} {r['mode']} D={r['Dqk']} L={r['L']}: "
+              f"{r.get('message')}"[:300], file=sys.stderr)
+    return 1 if failed_tests or bad else 0
+
+
+_COMMANDS = {"compare": cmd_compare, "bench": cmd_bench, "plot": cmd_plot, "info": cmd_info,
+             "gpu-check": cmd_gpucheck}
 
 
 def main(argv=None) -> int:

@@ -264,3 +264,399 @@ def test_format_table():
     lines = text.splitlines()
     assert lines[0].split() == ["A", "B"] and lines[2].split() == ["1.23", "-"] and len(lines) == 4
     assert math.isclose(float(lines[2].split()[0]), 1.23)
+
+
+# ----------------------------------------------------------------------------------------------------
+# provider names with pinned configs, knobs and trees
+
+
+@pytest.mark.parametrize("name,config,knobs", [
+    ("flashmaps-softmax-triton[fwd=128,128,8,3]",
+     {"fwd": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}}, {}),
+    ("flashmaps-entmax15-triton[bwd=64,64,4,2]",
+     {"dkdv": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+      "dq": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}}, {}),
+    ("flashmaps-taylor-triton[fwd=16,16;dkdv=64,32,8,2;dq=128,64,8,2]",
+     {"fwd": {"BM": 16, "BN": 16}, "dkdv": {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
+      "dq": {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 2}}, {}),
+    ("flashmaps-topk:64-triton[fwd=64,64,4,3;flashmaps.kernels.topk.COLLECT=True]",
+     {"fwd": {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}}, {"flashmaps.kernels.topk.COLLECT": True}),
+    ("sdpa[torch.backends.cuda.matmul.allow_tf32=False;x.y=fast]", None,
+     {"torch.backends.cuda.matmul.allow_tf32": False, "x.y": "fast"}),
+])
+def test_provider_names_with_options_round_trip(name, config, knobs):
+    prov = providers.get_provider(name)
+    assert prov.name == name and prov.config == config and prov.knobs == knobs
+    twin = providers.get_provider(name + "@base")
+    assert twin.name == name + "@base" and twin.config == config and providers.split_name(twin.name)[3] == "base"
+    base = providers.split_name(name)[0]
+    assert providers.with_options(providers.get_provider(base), config, knobs).name == name
+    assert prov.normalizer == providers.get_provider(base).normalizer
+
+
+def test_provider_options_are_written_canonically():
+    a = providers.get_provider("flashmaps-softmax-triton[flashmaps.kernels.softmax.X=2; dq=64,64,4,2 ;fwd=64,64,4,3]")
+    assert a.name == "flashmaps-softmax-triton[fwd=64,64,4,3;dq=64,64,4,2;flashmaps.kernels.softmax.X=2]"
+    b = providers.with_options(providers.with_options(providers.get_provider("flashmaps-softmax-triton"),
+                                                      {"fwd": {"BM": 16, "BN": 16}}), knobs={"a.b": 1}, tree="base")
+    assert b.name == "flashmaps-softmax-triton[fwd=16,16;a.b=1]@base"
+
+
+@pytest.mark.parametrize("name,msg", [
+    ("flashmaps-softmax-torch[fwd=64,64,4,3]", "pinned configs are for"),
+    ("sdpa[bwd=64,64,4,2]", "pinned configs are for"),
+    ("flashmaps-softmax-triton[fwd=64,64,4]", "BM,BN,num_warps,num_stages"),
+    ("flashmaps-softmax-triton[speed=11]", "dotted attribute path"),
+    ("flashmaps-softmax-triton[COLLECT]", "key=value"),
+    ("flashmaps-softmax-triton[fwd=64,64", "malformed"),
+])
+def test_bad_provider_options_say_what_to_write(name, msg):
+    with pytest.raises(ValueError, match=msg):
+        providers.get_provider(name)
+
+
+def test_default_normalizers_come_from_the_registry():
+    from flashmaps.normalizers import defaults
+
+    specs = [n.spec for n in defaults()]
+    assert list(providers.default_normalizers()) == specs
+    names = {p.name for p in providers.providers_for("cpu")}
+    assert {f"flashmaps-{s}-torch" for s in specs} <= names
+
+
+def test_triton_on_cpu_only_for_interpreted_smoke_runs(monkeypatch):
+    prov = providers.get_provider("flashmaps-softmax-triton[fwd=16,16]")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FLASHMAPS_BENCH_INTERPRET", raising=False)
+    assert "CUDA" in prov.unavailable("cpu")
+    monkeypatch.setenv("FLASHMAPS_BENCH_INTERPRET", "1")
+    assert prov.unavailable("cpu") is None
+
+
+def test_pinned_config_provider_matches_the_reference_forward_and_backward():
+    """The launchers with pinned configs, wrapped for autograd (runs under the interpreter on the CPU)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prov = providers.get_provider("flashmaps-entmax15-triton[fwd=16,16;bwd=16,16]")
+    fn = prov.make(dev)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(dev).requires_grad_(True)
+               for shape in [(1, 4, 24, 16), (1, 2, 40, 16), (1, 2, 40, 16)])  # GQA, L != S
+    out = fn(q, k, v, "lower_right")
+    ref = reference.attention(q, k, v, "entmax15", causal="lower_right", enable_gqa=True)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    dout = torch.randn(out.shape, generator=g).to(dev)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout.double())
+    for a, b in zip(got, want):
+        assert (a.double() - b).norm() / b.norm() < 1e-4
+
+
+def test_flex_provider_raises_the_recompile_limit(monkeypatch):
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, name, 8)
+    providers.get_provider("flex").make("cpu")  # compiles lazily: nothing runs here
+    assert getattr(torch._dynamo.config, name) >= providers.FLEX_RECOMPILE_LIMIT
+
+
+# ----------------------------------------------------------------------------------------------------
+# knobs in the worker
+
+
+def test_knobs_are_set_for_the_block_and_restored():
+    import flashmaps.kernels.topk as topk
+
+    before = topk.COLLECT
+    with worker.knobs_applied({"flashmaps.kernels.topk.COLLECT": not before, "flashmaps.kernels.topk.KMAX": 7}):
+        assert topk.COLLECT is (not before) and topk.KMAX == 7
+    assert topk.COLLECT is before and topk.KMAX != 7
+    with pytest.raises(RuntimeError, match="inside"):
+        with worker.knobs_applied({"flashmaps.kernels.topk.COLLECT": not before}):
+            raise RuntimeError("inside")
+    assert topk.COLLECT is before
+    # a knob whose target does not exist fails, and the ones set before it are restored
+    with pytest.raises(AttributeError, match="NO_SUCH"):
+        with worker.knobs_applied({"flashmaps.kernels.topk.COLLECT": not before,
+                                   "flashmaps.kernels.topk.NO_SUCH": 1}):
+            pass
+    assert topk.COLLECT is before
+    with pytest.raises(ImportError):
+        with worker.knobs_applied({"no_such_module_xyz.attr": 1}):
+            pass
+
+
+def test_run_job_applies_knobs_for_the_whole_measurement(monkeypatch):
+    import flashmaps.kernels.topk as topk
+
+    seen = []
+
+    def fake_provider(name):
+        base = providers.get_provider("sdpa")
+
+        def make(device):
+            inner = base.make(device)
+            seen.append(("make", topk.KMAX))
+
+            def fn(q, k, v, causal):
+                seen.append(("call", topk.KMAX))
+                return inner(q, k, v, causal)
+            return fn
+
+        return providers.dataclasses.replace(base, name=name, make=make, knobs={"flashmaps.kernels.topk.KMAX": 3})
+
+    monkeypatch.setattr(worker, "get_provider", fake_provider)
+    row = worker.run_job(_job(provider="sdpa[flashmaps.kernels.topk.KMAX=3]", check=True))
+    assert row["status"] == "ok" and row["knobs"] == {"flashmaps.kernels.topk.KMAX": 3}
+    assert len(seen) >= 4 and all(v == 3 for _, v in seen)
+    assert topk.KMAX != 3
+    monkeypatch.undo()
+    row = worker.run_job(_job(provider="sdpa[flashmaps.kernels.topk.NO_SUCH_KNOB=3]"))
+    assert row["status"] == "error" and "NO_SUCH_KNOB" in row["message"]
+
+
+def test_run_job_checks_sampled_rows():
+    row = worker.run_job(_job(provider="entmax15-dense", L=40, S=40, causal="upper_left", check_rows=6))
+    assert row["status"] == "ok" and row["err"] < 1e-5 and "6 sampled rows" in row["err_note"]
+    warm = worker.run_job(_job(warm_only=True))
+    assert warm["status"] == "ok" and warm["time_ms"] is None and "warm-up" in warm["message"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# trees: a second checkout next to this one
+
+
+@pytest.fixture(scope="module")
+def base_tree(tmp_path_factory):
+    """A copy of this checkout's package (flashmaps/, kernels/, pyproject.toml) with a marker attribute
+    that only its kernels have: a knob on it works in that tree's worker and fails in this tree's."""
+    import shutil
+
+    root = harness._package_root()
+    dst = tmp_path_factory.mktemp("base") / "tree"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("flashmaps", "kernels"):
+        shutil.copytree(root / folder, dst / folder, ignore=ignore)
+    shutil.copy(root / "pyproject.toml", dst / "pyproject.toml")
+    with open(dst / "kernels" / "softmax.py", "a") as f:
+        f.write("\nBENCH_TEST_MARK = 0  # only in the baseline copy (tests/test_bench.py)\n")
+    return dst
+
+
+def test_package_dirs_of_a_checkout(base_tree, monkeypatch):
+    from flashmaps.bench import trees
+
+    dirs = trees.package_dirs(base_tree)
+    assert dirs["flashmaps"] == str(base_tree / "flashmaps") and dirs["flashmaps.kernels"] == str(base_tree / "kernels")
+    assert trees.baseline_mapping(base_tree)["flashmaps.bench"] == trees.loaded_mapping()["flashmaps.bench"]
+    monkeypatch.setitem(__import__("sys").modules, "tomllib", None)  # Python 3.10: the table read by hand
+    assert trees.package_dirs(base_tree) == dirs
+    with pytest.raises(ValueError, match="not a checkout"):
+        trees.package_dirs(base_tree / "kernels")
+
+
+def test_add_baseline_interleaves_twins_case_by_case(base_tree):
+    provs = [providers.get_provider(n) for n in ("flashmaps-softmax-torch", "sdpa")]
+    jobs = harness.order_by_case(harness.sweep(device="cpu", providers=provs, seqs=[16, 32], modes=["fwd"]))
+    assert [(j["provider"], j["S"]) for j in jobs] == [("flashmaps-softmax-torch", 16), ("sdpa", 16),
+                                                      ("flashmaps-softmax-torch", 32), ("sdpa", 32)]
+    out = harness.add_baseline(jobs, base_tree, sha="abc123")
+    assert [(j["provider"], j["S"]) for j in out] == [
+        ("flashmaps-softmax-torch", 16), ("flashmaps-softmax-torch@base", 16), ("sdpa", 16),
+        ("flashmaps-softmax-torch@base", 32), ("flashmaps-softmax-torch", 32), ("sdpa", 32)]
+    twins = [j for j in out if j["provider"].endswith("@base")]
+    assert all(j["tree"] == "abc123" and j["tree_root"] == str(base_tree.resolve()) for j in twins)
+    assert all(j["tree"] == harness.git_sha() and "tree_root" not in j for j in out if j not in twins)
+    with pytest.raises(ValueError, match="not a checkout"):
+        harness.add_baseline(jobs, base_tree / "kernels")
+
+
+def test_baseline_twins_run_from_the_other_tree(base_tree):
+    mark = "flashmaps-softmax-torch[flashmaps.kernels.softmax.BENCH_TEST_MARK=1]"
+    jobs = harness.add_baseline([_job(provider=mark), _job(provider="flashmaps-softmax-torch")], base_tree,
+                                sha="basesha")
+    rows = {r["provider"]: r for r in harness.run_jobs(jobs, progress=False)}
+    assert set(rows) == {mark, mark + "@base", "flashmaps-softmax-torch", "flashmaps-softmax-torch@base"}
+    # the marker exists only in the copy's kernels: the twin's worker imported them, this tree's did not
+    assert rows[mark + "@base"]["status"] == "ok", rows[mark + "@base"]["message"]
+    assert rows[mark]["status"] == "error" and "BENCH_TEST_MARK" in rows[mark]["message"]
+    for name in ("flashmaps-softmax-torch", "flashmaps-softmax-torch@base"):
+        assert rows[name]["status"] == "ok"
+    assert rows["flashmaps-softmax-torch@base"]["source"] == str(base_tree.resolve())
+    assert rows["flashmaps-softmax-torch"]["source"] == str(harness._package_root())
+    assert rows["flashmaps-softmax-torch@base"]["tree"] == "basesha"
+
+
+def test_run_jobs_skips_what_the_budget_leaves_no_time_for():
+    import time
+
+    rows = harness.run_jobs([_job(), _job(provider="sdpa-math")], deadline=time.monotonic() - 1, progress=False)
+    assert [r["status"] for r in rows] == ["skipped", "skipped"] and "budget" in rows[0]["message"]
+
+
+def test_prewarm_jobs_compile_each_kernel_setup_once_at_a_small_length():
+    jobs = harness.sweep(device="cuda", providers=[providers.get_provider(n) for n in (
+        "flashmaps-softmax-triton", "flashmaps-softmax-triton[fwd=64,64,4,3]", "flashmaps-softmax-torch", "sdpa")],
+        seqs=[1024, 4096], modes=["fwd", "fwd+bwd"], batches=["auto"], tokens=8192)
+    warm = harness.prewarm_jobs(jobs)
+    assert {(j["provider"], j["mode"]) for j in warm} == {
+        (p, m) for p in ("flashmaps-softmax-triton", "flashmaps-softmax-triton[fwd=64,64,4,3]")
+        for m in ("fwd", "fwd+bwd")}
+    assert all(j["warm_only"] and j["B"] == 1 and j["L"] == j["S"] == 512 for j in warm)
+
+
+def test_write_results_keeps_dicts_in_the_csv(tmp_path):
+    row = dict(_job(provider="flashmaps-softmax-triton[fwd=16,16]"), status="ok", config={"fwd": {"BM": 16, "BN": 16}},
+               knobs={"a.b": True}, tree="abc")
+    jpath, cpath = harness.write_results([row], tmp_path, "x", {"date": "d"}, extra={"run": {"phases": {"bench": 1}}})
+    data = json.loads(jpath.read_text())
+    assert data["run"]["phases"] == {"bench": 1} and data["rows"][0]["config"] == {"fwd": {"BM": 16, "BN": 16}}
+    import csv
+
+    rec = next(csv.DictReader(cpath.open()))
+    assert json.loads(rec["config"]) == row["config"] and json.loads(rec["knobs"]) == {"a.b": True} and rec["tree"] == "abc"
+
+
+# ----------------------------------------------------------------------------------------------------
+# suites and gpucheck
+
+
+def test_suite_h100_goals():
+    from flashmaps.bench import suites
+    from flashmaps.normalizers import defaults
+
+    jobs = suites.suite_jobs(["h100-goals"], suites.Plan())
+    specs = {n.spec for n in defaults()}
+    fwd = {j["provider"] for j in jobs if j["mode"] == "fwd"}
+    assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex"}
+    assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa"}
+    assert {j["mode"] for j in jobs} == {"fwd", "fwd+bwd"} and {j["dtype"] for j in jobs} == {"bfloat16"}
+    assert {(j["Dqk"], j["Hq"]) for j in jobs} == {(128, 16), (64, 32)}
+    assert {j["L"] for j in jobs} == {1024, 4096, 16384} and all(j["B"] * j["L"] == 16384 for j in jobs)
+    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * (8 + 5)
+    assert all(bool(j.get("check")) == (j["mode"] == "fwd" and j["L"] <= 4096) for j in jobs)
+    assert all(j["suite"] == "h100-goals" for j in jobs)
+    # case by case: the first case's providers all come before the next case
+    first = [(j["provider"], j["mode"]) for j in jobs[:8]]
+    assert len({(j["mode"], j["L"], j["Dqk"], j["causal"]) for j in jobs[:8]}) == 1 and len(set(first)) == 8
+    small = suites.suite_jobs(["h100-goals"], suites.Plan(normalizers=("softmax",), dims=(64,), lengths=(2048,),
+                                                           modes=("fwd",)))
+    assert {(j["provider"], j["Dqk"], j["L"]) for j in small} == {
+        (p, 64, 2048) for p in ("flashmaps-softmax-triton", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex")}
+
+
+def test_suite_long_and_tune():
+    from flashmaps.bench import suites
+    from flashmaps.normalizers import defaults
+
+    long = suites.suite_jobs(["long"], suites.Plan())
+    assert {(j["L"], j["S"], j["B"], j["Hq"], j["Dqk"], j["causal"]) for j in long} == {(131072, 131072, 1, 8, 128, None)}
+    assert all((j.get("check_rows") == 32) == (j["mode"] == "fwd") for j in long) and len(long) == 2 * len(defaults())
+
+    tune = suites.suite_jobs(["tune"], suites.Plan())
+    assert {(j["L"], j["B"]) for j in tune} == {(8192, 2)} and {j["mode"] for j in tune} == {"fwd", "bwd", "fwd+bwd"}
+    names = [j["provider"] for j in tune if j["Dqk"] == 128 and j["causal"] is None]
+    for c in suites.FWD_CONFIGS[128]:
+        assert f"flashmaps-softmax-triton[fwd={','.join(map(str, c))}]" in names
+    softmax = providers.get_provider("flashmaps-softmax-triton")
+    for c in suites.BWD_CONFIGS["dkdv"][128]:
+        config = {"dkdv": suites._cfg(c), "dq": suites._cfg(suites.BWD_CONFIGS["dq"][128][0])}
+        assert providers.with_options(softmax, config).name in names
+    bwd = [j for j in tune if j["mode"] == "bwd"]
+    assert bwd and all(providers.get_provider(j["provider"]).config.keys() == {"dkdv", "dq"} for j in bwd)
+    knobbed = {j["provider"] for j in tune if "COLLECT" in j["provider"]}
+    sparse = [n for n in defaults() if n.sparse]
+    assert len(knobbed) == 2 * len(sparse) and all(
+        any(f"flashmaps.kernels.{n.name}.COLLECT" in p for p in knobbed) for n in sparse)
+    assert all(j["Dqk"] == 128 for j in tune if "COLLECT" in j["provider"])
+    with pytest.raises(ValueError, match="unknown suite"):
+        suites.suite_jobs(["nope"], suites.Plan())
+
+
+def test_smoke_plan_is_tiny_and_covers_every_kind_once():
+    from flashmaps.bench import suites
+
+    jobs = suites.suite_jobs(list(suites.SUITES), suites.Plan(device="cpu", smoke=True))
+    assert all(j["dtype"] == "float32" and j["L"] <= 32 and j["Dqk"] == 16 and j["device"] == "cpu" for j in jobs)
+    assert len({suites._smoke_key(j) for j in jobs}) == len(jobs) < 40
+    assert {j["suite"] for j in jobs} == set(suites.SUITES) and {j["mode"] for j in jobs} == {"fwd", "bwd", "fwd+bwd"}
+    assert {j["causal"] for j in jobs} == {None, "upper_left"}
+    cfgs = [providers.get_provider(j["provider"]).config for j in jobs if "[" in j["provider"]]
+    assert cfgs and all(c == {k: suites.SMOKE_CONFIG for k in c} for c in cfgs if c)
+    assert any(j.get("check_rows") for j in jobs) and any(j.get("check") for j in jobs)
+
+
+def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
+    """Every phase and table of the GPU check on the CPU (interpreter, tiny shapes); two normalizers (one
+    sparse) keep it short. No timing value is checked."""
+    from flashmaps.bench import gpucheck
+    from flashmaps.cli import main
+
+    out = tmp_path / "smoke"
+    assert main(["gpu-check", "--cpu-smoke", str(out), "--normalizers", "softmax", "topk:64", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for phase in ("tests", "prewarm", "bench", "total"):
+        assert f"phase {phase}:" in text or f"{phase} " in text.split("phases:")[-1]
+    assert "h100-goals fwd" in text and "long context" in text and "fastest pinned configs" in text
+    [jpath] = out.glob("gpu-check-*.json")
+    data = json.loads(jpath.read_text())
+    meta, rows, run = data["meta"], data["rows"], data["run"]
+    assert {"device", "git_sha", "date", "version_torch", "version_triton"} <= set(meta)
+    assert run["tests"]["returncode"] == 0 and "skipped" in run["tests"]["summary"]
+    assert run["prewarm"]["kernels"] > 0 and not run["prewarm"]["not_ok"]
+    assert {r["suite"] for r in rows} == {"h100-goals", "long", "tune"}
+    assert {r["status"] for r in rows} <= {"ok", "unavailable"}
+    by = {(r["suite"], r["provider"], r["mode"]): r for r in rows}
+    assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["err"] < 1e-5
+    assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["sparsity"] is not None
+    assert "sampled rows" in by[("long", "flashmaps-softmax-triton", "fwd")]["err_note"]
+    assert by[("tune", "flashmaps-softmax-triton[bwd=16,16]", "bwd")]["config"]["dq"] == {"BM": 16, "BN": 16}
+    knob = by[("tune", "flashmaps-topk:64-triton[fwd=16,16;flashmaps.kernels.topk.COLLECT=False]", "fwd")]
+    assert knob["status"] == "ok" and knob["knobs"] == {"flashmaps.kernels.topk.COLLECT": False}
+    assert all(r["tree"] == meta["git_sha"] and r["source"] == str(harness._package_root())
+               for r in rows if r["status"] == "ok")
+    assert (out / f"{jpath.stem}-pytest.log").is_file() and (out / f"{jpath.stem}-bench.log").is_file()
+    assert not list(out.glob("*.partial.jsonl"))
+
+    assert main(["gpu-check", "--table", str(jpath)]) == 0
+    md = capsys.readouterr().out
+    assert "| D | causal | L |" in md and "softmax vs best SDPA" in md
+    assert main(["gpu-check", "--plot", str(jpath), str(tmp_path / "png")]) == 0
+    assert list((tmp_path / "png").glob("bench-*.png"))
+    assert gpucheck.load(jpath)[1] == rows
+
+
+def test_gpucheck_baseline_tree_side_by_side(tmp_path, capsys, base_tree):
+    from flashmaps.cli import main
+
+    out = tmp_path / "ab"
+    args = ["gpu-check", "--cpu-smoke", str(out), "--no-tests", "--prewarm", "0", "--suites", "h100-goals",
+            "--providers", "flashmaps-softmax-*", "--baseline-tree", str(base_tree), "--baseline-sha", "old",
+            "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "now/base" in text and "geomean now/base" in text
+    [jpath] = out.glob("gpu-check-*.json")
+    data = json.loads(jpath.read_text())
+    rows = data["rows"]
+    assert [r["provider"].endswith("@base") for r in rows] == [False, True, True, False]  # alternating
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"} and {r["status"] for r in rows} == {"ok"}
+    assert {r["source"] for r in rows if r["provider"].endswith("@base")} == {str(base_tree.resolve())}
+    assert {r["tree"] for r in rows if r["provider"].endswith("@base")} == {"old"}
+    assert data["run"]["baseline_tree"] == {"path": str(base_tree.resolve()), "sha": "old"}
+
+
+def test_gpucheck_reads_results_of_the_former_script():
+    from flashmaps.bench import gpucheck
+
+    path = harness._package_root() / "bench/results/cuda-nvidia-h100-80gb-hbm3/gpu-check-20261122T192946Z.json"
+    if not path.is_file():
+        pytest.skip("no former results file in this checkout")
+    meta, rows = gpucheck.load(path)
+    assert meta["git_sha"] and rows and {r["suite"] for r in rows} == {"h100-goals", "long"}
+    md = gpucheck.markdown(rows)
+    assert "h100-goals fwd" in md and "long context" in md and "softmax vs best SDPA" in md

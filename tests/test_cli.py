@@ -81,15 +81,69 @@ def test_bench_end_to_end_with_an_unavailable_provider(tmp_path, capsys):
     (["compare", "--heads", "6", "--kv-heads", "4"], "multiple"),
     (["compare", "--modes", "decode"], "compare runs"),
     (["plot", "/nonexistent/bench.json"], "not a file"),
-], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing"])
+    (["bench", "--providers", "flashmaps-softmax-torch[fwd=16,16]"], "pinned configs are for"),
+], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing", "pinned-torch"])
 def test_usage_errors_say_what_to_do(args, msg, capsys, tmp_path):
     assert main([*args, *(["--out", str(tmp_path)] if args[0] != "plot" else [])]) == 2
     assert msg in capsys.readouterr().err
 
 
+def test_bench_takes_provider_names_with_options(tmp_path):
+    name = "flashmaps-softmax-torch[flashmaps.kernels.topk.KMAX=64]"
+    args = ["bench", "--out", str(tmp_path), "--seq", "32", "--modes", "fwd", "--normalizers", "softmax",
+            "--providers", f"{name},sdpa", "--no-plot", *TINY]
+    assert main(args) == 0
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(rows) == {name, "sdpa"} and rows[name]["status"] == "ok"
+    assert rows[name]["knobs"] == {"flashmaps.kernels.topk.KMAX": 64}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["gpu-check", "OUT"], "no CUDA device"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--suites", "h100-goals", "fast"], "unknown suite 'fast'"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--baseline-tree", "/nonexistent"], "not a checkout"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--knobs", "COLLECT"], "--knobs"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--knobs", "COLLECT=1"], "dotted attribute path"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--normalizers", "softmaxx"], "unknown normalizer"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--lengths", "4q"], "--lengths"),
+    (["gpu-check", "--cpu-smoke", "OUT", "--modes", "sideways"], "unknown mode"),
+    (["gpu-check", "--table", "/nonexistent/gpu-check.json"], "No such file"),
+], ids=["no-cuda", "suite", "baseline", "knob-syntax", "knob-path", "normalizer", "lengths", "mode", "table"])
+def test_gpu_check_usage_errors(args, msg, capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("flashmaps gpu-check: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_gpu_check_and_the_registry_defaults(capsys):
+    from flashmaps.normalizers import defaults
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(n.spec for n in defaults()) in text
+    with pytest.raises(SystemExit):
+        main(["gpu-check", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--baseline-tree", "--prewarm", "--budget", "--cpu-smoke", "h100-goals", "tune", "long"):
+        assert word in text
+
+
+def test_python_dash_m_gpucheck_is_flashmaps_gpu_check():
+    res = subprocess.run([sys.executable, "-m", "flashmaps.bench.gpucheck", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--baseline-tree" in res.stdout and "flashmaps gpu-check" in res.stdout
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
-    assert "compare" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compare" in out and "gpu-check" in out
 
 
 def test_python_dash_m_flashmaps():

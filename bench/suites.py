@@ -1,0 +1,184 @@
+"""The named benchmark plans of ``flashmaps gpu-check`` (``python -m flashmaps.bench.gpucheck``): each suite
+is a list of harness jobs (``harness.sweep`` rows), ordered case by case.
+
+    h100-goals  bf16, D in {128, 64} with H = 2048 / D heads, L = S in {1k, 4k, 16k} with B * L = 16k
+                tokens, causal (upper_left) and not. fwd: flashmaps (Triton) for every default normalizer,
+                torch SDPA (default dispatch, flash, cuDNN) and FlexAttention; fwd+bwd: flashmaps and SDPA.
+                Forward error against the float64 reference (one head) up to L = 4k.
+    long        L = S = 128k, B = 1, H = 8, D = 128, bf16, not causal, every normalizer, fwd and fwd+bwd;
+                32 sampled query rows of the forward checked against the reference over all keys
+                (dense attention would need 256 GiB of bf16 scores).
+    tune        the block-config sweep at L = S = 8k, B = 2, H = 2048 / D, D in {128, 64}, causal and not:
+                the forward kernel (FWD_CONFIGS; the first normalizer at every candidate, the others at
+                three), the backward kernels ("bwd" mode: dK/dV candidates with dQ pinned to its first,
+                then dQ candidates with dK/dV pinned), the COLLECT pre-pass on and off for the sparse
+                normalizers (knob ``flashmaps.kernels.<name>.COLLECT``, D = 128), and autotuned flashmaps
+                fwd+bwd with SDPA (default, flash) at the same shapes.
+
+``Plan`` carries the choices every suite shares (normalizers, overrides of the grid, smoke). ``smoke``
+shrinks the suites to tiny float32 shapes with 16 x 16 blocks, the sweep suites to their causal cases (the
+long suite is not causal: both mask paths stay), and keeps one job per provider kind, mode and check:
+every code path once, under Triton's interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flashmaps.normalizers import parse
+
+from .harness import order_by_case, sweep
+from .providers import default_normalizers, flashmaps_provider, get_provider, split_name, with_options
+
+__all__ = ["Plan", "SUITES", "suite_jobs", "FWD_CONFIGS", "BWD_CONFIGS"]
+
+#: tokens (batch x L) and width (heads x D) of the sweep suites
+TOKENS, WIDTH = 16384, 2048
+
+#: forward candidates per head dim: (BM, BN, num_warps, num_stages) (H100 sweeps, bench/TUNING.md)
+FWD_CONFIGS = {
+    128: [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+          (128, 32, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 64, 8, 4)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3), (128, 64, 4, 4),
+         (128, 128, 8, 4), (64, 128, 4, 3), (128, 64, 8, 3)],
+}
+#: backward candidates per kernel and head dim
+BWD_CONFIGS = {
+    "dkdv": {128: [(64, 32, 8, 2), (64, 32, 8, 1), (128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2),
+                   (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+             64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2),
+                  (128, 128, 8, 2)]},
+    "dq": {128: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2),
+                 (128, 128, 8, 2), (64, 128, 8, 2)],
+           64: [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3)]},
+}
+#: the forward config of the pre-pass variants
+VARIANT_CONFIG = (64, 64, 4, 3)
+#: the blocks every pinned config becomes in a smoke run (the interpreter's)
+SMOKE_CONFIG = {"BM": 16, "BN": 16}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What every suite shares. ``dims`` overrides the head dims of h100-goals and tune, ``lengths`` and
+    ``modes`` those of h100-goals; ``None`` keeps a suite's own."""
+
+    device: str = "cuda"
+    normalizers: tuple = ()
+    dims: tuple | None = None
+    lengths: tuple | None = None
+    modes: tuple | None = None
+    smoke: bool = False
+
+    def __post_init__(self):
+        self.normalizers = tuple(self.normalizers) or default_normalizers()
+
+
+def _cfg(t) -> dict:
+    return dict(zip(("BM", "BN", "num_warps", "num_stages"), t))
+
+
+def _fm(spec: str, **config):
+    return with_options(flashmaps_provider(spec, "triton"), config=config)
+
+
+def _grid(plan: Plan, provs, *, dims, seqs, modes, causals=(None, "upper_left"), batches=("auto",),
+          heads=None, **extra) -> list[dict]:
+    causals = causals[-1:] if plan.smoke else causals
+    jobs = []
+    for D in dims:
+        H = heads or max(1, WIDTH // D)
+        jobs += sweep(device=plan.device, providers=provs, seqs=seqs, modes=modes, batches=batches, heads=[H],
+                      head_dims=[D], causals=causals, dtypes=["bfloat16"], tokens=TOKENS, **extra)
+    return jobs
+
+
+def goals(plan: Plan) -> list[dict]:
+    fm = [flashmaps_provider(n, "triton") for n in plan.normalizers]
+    sdpa = [get_provider(n) for n in ("sdpa", "sdpa-flash", "sdpa-cudnn")]
+    dims, seqs = plan.dims or (128, 64), plan.lengths or (1024, 4096, 16384)
+    jobs = []
+    for mode in plan.modes or ("fwd", "fwd+bwd"):
+        provs = fm + sdpa + [get_provider("flex")] if mode == "fwd" else fm + sdpa[:1]
+        jobs += _grid(plan, provs, dims=dims, seqs=seqs, modes=[mode])
+    for j in jobs:  # the forward against the float64 reference where one head of it fits
+        if j["mode"] == "fwd" and j["L"] <= 4096:
+            j.update(check=True, max_ref_elems=1 << 24)
+    return jobs
+
+
+def long(plan: Plan) -> list[dict]:
+    provs = [flashmaps_provider(n, "triton") for n in plan.normalizers]
+    jobs = _grid(plan, provs, dims=[128], seqs=[131072], modes=["fwd", "fwd+bwd"], causals=[None], batches=[1],
+                 heads=8)
+    for j in jobs:
+        if j["mode"] == "fwd":
+            j["check_rows"] = 32
+    return jobs
+
+
+def tune(plan: Plan) -> list[dict]:
+    first, others = plan.normalizers[0], plan.normalizers[1:]
+    dims = plan.dims or (128, 64)
+    jobs = []
+    for D in dims:
+        fwd = FWD_CONFIGS.get(D) or FWD_CONFIGS[128]
+        dkdv, dq = (BWD_CONFIGS[k].get(D) or BWD_CONFIGS[k][128] for k in ("dkdv", "dq"))
+        provs = {"fwd": [_fm(first, fwd=_cfg(c)) for c in fwd] + [_fm(n, fwd=_cfg(c)) for n in others for c in fwd[:3]],
+                 "bwd": [_fm(first, dkdv=_cfg(c), dq=_cfg(dq[0])) for c in dkdv]
+                 + [_fm(first, dkdv=_cfg(dkdv[0]), dq=_cfg(c)) for c in dq[1:]]
+                 + [_fm(n, dkdv=_cfg(dkdv[0]), dq=_cfg(dq[0])) for n in others],
+                 "fwd+bwd": [flashmaps_provider(n, "triton") for n in plan.normalizers]
+                 + [get_provider(n) for n in ("sdpa", "sdpa-flash")]}
+        provs["fwd"] += [get_provider(n) for n in ("sdpa", "sdpa-flash")]
+        if D == (128 if 128 in dims else dims[0]):  # the pre-pass variants, at one head dim
+            sparse = [n for n in plan.normalizers if parse(n).sparse]
+            provs["fwd"] += [with_options(_fm(n, fwd=_cfg(VARIANT_CONFIG)),
+                                          knobs={f"flashmaps.kernels.{parse(n).name}.COLLECT": on})
+                             for n in sparse for on in (False, True)]
+        for mode, ps in provs.items():
+            jobs += _grid(plan, ps, dims=[D], seqs=[8192], modes=[mode])
+    return jobs
+
+
+#: suite name -> jobs of a Plan
+SUITES = {"h100-goals": goals, "long": long, "tune": tune}
+
+
+def _shrunk(job: dict) -> dict:
+    """A job at smoke size: D = 16, 2 heads, B = 1, L = S = 32, float32, pinned configs 16 x 16."""
+    base, config, knobs, tree = split_name(job["provider"])
+    name = job["provider"]
+    if config:
+        name = with_options(get_provider(base), {k: SMOKE_CONFIG for k in config}, knobs, tree).name
+    small = dict(job, provider=name, B=1, Hq=2, Hkv=2, L=min(job["L"], 32), S=min(job["S"], 32), Dqk=16, Dv=16,
+                 dtype="float32", min_run_time=0.0, min_runs=1)
+    if small.get("check_rows"):
+        small["check_rows"] = 8
+    return small
+
+
+def suite_jobs(names, plan: Plan) -> list[dict]:
+    """The jobs of the suites ``names`` in order, each tagged with its suite, ordered case by case
+    (``harness.order_by_case``); at smoke size when ``plan.smoke``, one job per distinct case."""
+    out, seen = [], set()
+    for name in names:
+        if name not in SUITES:
+            raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        jobs = [dict(j, suite=name) for j in SUITES[name](plan)]
+        if plan.smoke:
+            small = []
+            for j in map(_shrunk, jobs):
+                if _smoke_key(j) not in seen:
+                    seen.add(_smoke_key(j))
+                    small.append(j)
+            jobs = small
+        out += order_by_case(jobs)
+    return out
+
+
+def _smoke_key(job: dict) -> tuple:
+    """What a smoke run keeps one job of (the first): the provider without its config values and knob
+    values, the mode and whether the error check samples rows."""
+    base, config, knobs, _ = split_name(job["provider"])
+    return base, tuple(sorted(config)), tuple(sorted(knobs)), job["mode"], bool(job.get("check_rows"))
