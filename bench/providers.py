@@ -202,21 +202,26 @@ def _pinned_make(spec: str, config: dict):
         fwd_cfg = config.get("fwd")
         bwd_cfg = {"dkdv": config.get("dkdv"), "dq": config.get("dq")}
 
+        # the backend contract's forward/backward (positional results: the same in older trees, so that
+        # baseline-tree twins run these too)
+        kw = dict(mask=None, scale=None, softcap=None, dropout_p=0.0, seed=0)
+
         class Pinned(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v, causal):
                 need = any(ctx.needs_input_grad[:3])
-                res = triton_path.launch_forward(q, k, v, norm, causal=causal, save_aux=need, config=fwd_cfg)
+                out, stats, extras = triton_path.forward(q, k, v, norm, causal=causal, need_grad=need,
+                                                         config=fwd_cfg, **kw)
                 if need:
-                    ctx.causal, ctx.stats, ctx.aux = causal, list(res.stats.values()), res.aux
-                    ctx.save_for_backward(q, k, v, res.out)
-                return res.out
+                    ctx.causal, ctx.stats, ctx.extras = causal, stats, extras
+                    ctx.save_for_backward(q, k, v, out)
+                return out
 
             @staticmethod
             def backward(ctx, dout):
                 q, k, v, out = ctx.saved_tensors
-                dq, dk, dv = triton_path.launch_backward(dout, q, k, v, out, ctx.stats, ctx.aux, norm,
-                                                         causal=ctx.causal, config=bwd_cfg)
+                dq, dk, dv = triton_path.backward(dout, q, k, v, out, ctx.stats, ctx.extras, norm,
+                                                  causal=ctx.causal, config=bwd_cfg, **kw)
                 return dq, dk, dv, None
 
         def fn(q, k, v, causal):

@@ -107,10 +107,15 @@ def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int,
 
 def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool, S: int = 1) -> dict:
     """The named contiguous views of a packed extras buffer: {"thr": (B, Hq, L), "sum_g": (B, Hq, L),
-    "o2": (B, Hq, L, Dv)}, as present (see `Forward.saved` for their meaning)."""
+    "o2": (B, Hq, L, Dv)}, as present (see `Forward.saved` for their meaning). ``S``: the key length (the
+    layout does not depend on it; ``Normalizer.triton`` takes it)."""
+    return _unpack(extras, normalizer.triton(S)[0], q, v, need_grad)
+
+
+def _unpack(extras: torch.Tensor, hooks, q, v, need_grad: bool) -> dict:
     B, Hq, L = q.shape[:3]
     views, at = {}, 0
-    for name, shape in _extras_parts(normalizer.triton(S)[0], B, Hq, L, v.shape[3], need_grad):
+    for name, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad):
         n = math.prod(shape)
         views[name] = extras[at: at + n].view(shape)
         at += n
@@ -191,11 +196,16 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     dev = q.device
     placeholder = torch.empty(1, dtype=torch.float32, device=dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
+    if save_extras and not c.hooks.has_backward:
+        raise NotImplementedError(
+            f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
+            "bwd_dscores in its kernels module); use backend='torch' for gradients"
+        )
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_t = [torch.empty((B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
     extras_buf = torch.empty(sum(math.prod(s) for _, s in _extras_parts(c.hooks, B, Hq, L, DV, save_extras)),
                           dtype=torch.float32, device=dev)
-    saved = unpack_extras(extras_buf, normalizer, q, v, save_extras, S)
+    saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
     l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
@@ -215,11 +225,6 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
             config: Optional[dict] = None):
     """The custom op's forward (see the module docstring): (out, [stats], extras); ``need_grad`` also
     saves the backward extras in extras (entmax15's O2)."""
-    if need_grad and not normalizer.triton(k.shape[2])[0].has_backward:
-        raise NotImplementedError(
-            f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
-            "bwd_dscores in its kernels module); use backend='torch' for gradients"
-        )
     res = launch_forward(q, k, v, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap,
                          save_extras=need_grad, dropout_p=dropout_p, seed=seed, config=config)
     return res.out, list(res.stats.values()), res.extras
@@ -248,7 +253,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     if not c.hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
-    views = unpack_extras(extras, normalizer, q, v, True, S)
+    views = _unpack(extras, c.hooks, q, v, True)
     if c.hooks.has_g and "o2" not in views:
         raise ValueError("launch_backward: extras lacks the backward extras (entmax15's O2); run the forward "
                          "with need_grad=True")

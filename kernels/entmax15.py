@@ -41,8 +41,8 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .contract import make_hooks
-from .threshold import Bracket, ThresholdRule, configure_root, root_prepass, support_fold, support_zero
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
+                        support_zero)
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
@@ -73,17 +73,11 @@ def _step(br, t, acc, args):
     """With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau): the exact polish on the
     support {z > t_a}, a Newton step from t_a, and the bracket shrunk to [t_a, t_{a+1})."""
     cnt, s1, s2, zmin = acc
-    NP: tl.constexpr = t.shape[1]
-    idx = tl.arange(0, NP)
-    a = tl.max(tl.where(s2 >= 1.0, idx[None, :], -1), 1)   # -1 if rounding put t0 above tau    [BM]
-    sel = idx[None, :] == a[:, None]
-    found = a >= 0
-    t_a = pick_row(t, sel)
+    sel, found, t_a, t_b = feasible_point(s2 - 1.0, t, br)
     c_a = pick_row(cnt, sel)
     s1_a = pick_row(s1, sel)
     f_a = pick_row(s2, sel) - 1.0                                                         # F(t_a) >= 0
     zmin_a = pick_row(zmin, sel)
-    t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, br.up, 0.0)
     # exact polish on the support {z > t_a}: smaller root of c y^2 - 2 s1 y + F(t_a) = 0
     disc = s1_a * s1_a - c_a * f_a
     r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
@@ -121,17 +115,8 @@ def sorted_threshold(srt, cnt, args):
     return tl.where(cnt > 0, top + tau_w, float("inf"))
 
 
-@triton.jit
-def _group_max_threshold(buf, args):
-    """The 1.5-entmax threshold of the row's largest group maxima alone: <= tau (F of the whole row is
-    at least F of any subset of its scores); 0 for a row without an allowed key (nothing is collected)."""
-    n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
-    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups, args)
-    return tl.where(n_groups > 0, lb, 0.0)
-
-
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
-                     step=_step, bound=_group_max_threshold, sorted=sorted_threshold, squares=True)
+                     step=_step, bound=sorted_bound, sorted=sorted_threshold, squares=True)
 
 
 # ------------------------------------------------------------------ output pass and backward
@@ -142,17 +127,6 @@ def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
     g = tl.maximum(s - thr[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
     p = g * g
     return p, l_i, m_i, l_i + tl.sum(p, 1)
-
-
-@triton.jit
-def finalize(m_i, l_i, thr):
-    return safe_inv(l_i), thr, thr
-
-
-@triton.jit
-def tile_live(s, thr):
-    """Some z in the tile lies above its row's tau."""
-    return tl.max(s - thr[:, None]) > 0
 
 
 @triton.jit
@@ -167,11 +141,6 @@ def g_finalize(l_i, l_g):
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, thr, g_sum):
-    return thr, thr
-
-
-@triton.jit
 def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
     g = tl.maximum(s - w0[:, None], 0.0)        # [BM, BN]; -inf scores and +inf tau give 0
     return g * g
@@ -183,21 +152,8 @@ def bwd_dscores(p, s, dp, delta, w0, w1):
     return tl.maximum(s - w0[:, None], 0.0) * (dp - delta[:, None])
 
 
-HOOKS = make_hooks(
-    name="entmax15",
-    unit=0.5,
-    n_stats=1,
-    update=update,
-    finalize=finalize,
-    prepass=root_prepass,
-    tile_live=tile_live,
-    g_weights=g_weights,
-    g_finalize=g_finalize,
-    bwd_rows=bwd_rows,
-    bwd_weights=bwd_weights,
-    bwd_dscores=bwd_dscores,
-    rule=RULE,
-)
+HOOKS = root_hooks(name="entmax15", unit=0.5, rule=RULE, update=update, g_weights=g_weights, g_finalize=g_finalize,
+                   bwd_weights=bwd_weights, bwd_dscores=bwd_dscores)
 
 
 def configure(normalizer, S: int):

@@ -29,8 +29,8 @@ dS = m * (dP - delta).
 import triton
 import triton.language as tl
 
-from .contract import make_hooks
-from .threshold import Bracket, ThresholdRule, configure_root, root_prepass, support_fold, support_zero
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
+                        support_zero)
 from .tiles import pick_row, safe_inv
 
 MAX_PASSES = 40
@@ -52,16 +52,10 @@ def _step(br, t, acc, args):
     """Polish at the largest point with F >= 0 (exact, or the Newton lower bound), and the bracket
     shrunk to [t_a, t_{a+1})."""
     cnt, s1, s2, smin = acc
-    NP: tl.constexpr = t.shape[1]
-    idx = tl.arange(0, NP)
-    a = tl.max(tl.where(s1 >= 1.0, idx[None, :], -1), 1)   # -1 if rounding put t0 above tau    [BM]
-    sel = idx[None, :] == a[:, None]
-    found = a >= 0
-    t_a = pick_row(t, sel)
+    sel, found, t_a, t_b = feasible_point(s1 - 1.0, t, br)
     c_a = pick_row(cnt, sel)
     f_a = pick_row(s1, sel) - 1.0                                                         # F(t_a) >= 0
     smin_a = pick_row(smin, sel)
-    t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, br.up, 0.0)
     r = t_a + f_a / tl.maximum(c_a, 1.0)                    # <= tau; exact when no score lies in (t_a, r]
     exact = found & (r < smin_a)
     lo = tl.where(found, tl.maximum(br.lo, tl.maximum(t_a, r)), br.lo)
@@ -91,33 +85,14 @@ def sorted_threshold(srt, cnt, args):
     return tl.where(cnt > 0, top + tau_w, float("inf"))
 
 
-@triton.jit
-def _group_max_threshold(buf, args):
-    """The threshold of the row's largest group maxima alone: <= tau; 0 for a row without an allowed key."""
-    n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
-    lb = sorted_threshold(tl.sort(buf, 1, descending=True), n_groups, args)
-    return tl.where(n_groups > 0, lb, 0.0)
-
-
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
-                     step=_step, bound=_group_max_threshold, sorted=sorted_threshold)
+                     step=_step, bound=sorted_bound, sorted=sorted_threshold)
 
 
 @triton.jit
 def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
     p = tl.maximum(s - thr[:, None], 0.0)       # [BM, BN]; -inf scores and +inf tau give 0
     return p, l_i, m_i, l_i + tl.sum(p, 1)
-
-
-@triton.jit
-def finalize(m_i, l_i, thr):
-    return safe_inv(l_i), thr, thr
-
-
-@triton.jit
-def tile_live(s, thr):
-    """Some score in the tile lies above its row's tau."""
-    return tl.max(s - thr[:, None]) > 0
 
 
 @triton.jit
@@ -132,11 +107,6 @@ def g_finalize(l_i, l_g):
 
 
 @triton.jit
-def bwd_rows(stat0, stat1, thr, g_sum):
-    return thr, thr
-
-
-@triton.jit
 def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
     return tl.maximum(s - w0[:, None], 0.0)     # normalized: tau is exact (sum p = 1 to fp32 rounding)
 
@@ -147,21 +117,8 @@ def bwd_dscores(p, s, dp, delta, w0, w1):
     return tl.where(s > w0[:, None], dp - delta[:, None], 0.0)
 
 
-HOOKS = make_hooks(
-    name="sparsemax",
-    unit=1.0,
-    n_stats=1,
-    update=update,
-    finalize=finalize,
-    prepass=root_prepass,
-    tile_live=tile_live,
-    g_weights=g_weights,
-    g_finalize=g_finalize,
-    bwd_rows=bwd_rows,
-    bwd_weights=bwd_weights,
-    bwd_dscores=bwd_dscores,
-    rule=RULE,
-)
+HOOKS = root_hooks(name="sparsemax", unit=1.0, rule=RULE, update=update, g_weights=g_weights, g_finalize=g_finalize,
+                   bwd_weights=bwd_weights, bwd_dscores=bwd_dscores)
 
 
 def configure(normalizer, S: int):

@@ -19,7 +19,7 @@ whose support is already tau's). Passes repeat until every row of the block is d
 
 **collect** (`collect_search`, experimental, off by default: exact and tested on the CPU, not validated on
 a GPU): two passes without a data-dependent loop. Pass 1 keeps each row's largest maxima of groups of GS
-consecutive keys (`top_group_max`); the normalizer's ``bound(buf, args)`` turns them into a lower bound lb
+consecutive keys (`top_group_max`); the normalizer's ``bound(buf, args, NORM)`` turns them into a lower bound lb
 <= tau. Pass 2 stores every allowed score >= lb in the row's scratch (`collect_above`, KC slots), and the
 normalizer's ``sorted(srt, cnt, args)`` computes tau exactly from those, sorted. A block in which some row
 collected more than KC scores reports overflow; the caller then runs `search`.
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .contract import NoArgs
-from .tiles import count_allowed, fold_keys, pick_row
+from .tiles import count_allowed, fold_keys, pick_row, safe_inv
 
 
 class Bracket(NamedTuple):
@@ -147,6 +147,47 @@ def support_fold(acc, z, start_n, t, BN: tl.constexpr, ST: tl.constexpr, NORM: t
     return cnt, s1, s2, zmin
 
 
+@triton.jit
+def feasible_point(f, t, br):
+    """The largest point a with F(t_a) = f[:, a] >= 0 (so t_a <= tau) for the values F f [BM, NP] at the
+    points t: (sel [BM, NP] its one-hot column, found [BM] (False if rounding put every point above tau),
+    t_a, t_b = the next point, or the bracket's upper end after the last)."""
+    NP: tl.constexpr = t.shape[1]
+    idx = tl.arange(0, NP)
+    a = tl.max(tl.where(f >= 0.0, idx[None, :], -1), 1)                                # [BM]
+    sel = idx[None, :] == a[:, None]
+    t_b = pick_row(t, idx[None, :] == (a + 1)[:, None]) + tl.where(a + 1 >= NP, br.up, 0.0)
+    return sel, a >= 0, pick_row(t, sel), t_b
+
+
+@triton.jit
+def finalize_tau(m_i, l_i, thr):
+    """The finalize hook of a normalizer whose one statistic is its threshold: out = acc / sum p, stat tau."""
+    return safe_inv(l_i), thr, thr
+
+
+@triton.jit
+def live_above(s, thr):
+    """The tile_live hook of the F-root normalizers: some score of the tile lies above its row's tau."""
+    return tl.max(s - thr[:, None]) > 0
+
+
+@triton.jit
+def bwd_rows_tau(stat0, stat1, thr, g_sum):
+    """The bwd_rows hook of a normalizer whose weights are a function of s - tau: (w0, w1) = (tau, tau)."""
+    return thr, thr
+
+
+@triton.jit
+def sorted_bound(buf, args, NORM: tl.constexpr):
+    """The collect method's bound for an F-root normalizer: the threshold (NORM.rule.sorted) of the row's
+    largest group maxima alone, <= tau (F of the whole row is at least F of any subset of its scores); 0 for
+    a row without an allowed key (nothing is collected)."""
+    n_groups = tl.sum((buf > float("-inf")).to(tl.int32), 1)
+    lb = NORM.rule.sorted(tl.sort(buf, 1, descending=True), n_groups, args)
+    return tl.where(n_groups > 0, lb, 0.0)
+
+
 #: group maxima kept per row by the collect method of `root_prepass`
 KP_GROUPS: tl.constexpr = tl.constexpr(64)
 
@@ -165,6 +206,17 @@ def root_prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: t
     else:
         tau, n = search(blk, keys, args, BM, BN, ST, NORM)
     return tl.where(n == 0, float("inf"), tau)
+
+
+def root_hooks(*, name: str, unit: float, rule: ThresholdRule, update, g_weights, g_finalize, bwd_weights,
+               bwd_dscores):
+    """The `contract.Hooks` of an F-root normalizer (one statistic, its threshold tau): the pre-pass
+    `root_prepass`, `finalize_tau`, `live_above` and `bwd_rows_tau`, with the normalizer's own weights."""
+    from .contract import make_hooks
+
+    return make_hooks(name=name, unit=unit, n_stats=1, update=update, finalize=finalize_tau, prepass=root_prepass,
+                      tile_live=live_above, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows_tau,
+                      bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule)
 
 
 def configure_root(hooks, S: int, *, collect: bool, points: int, kc: int = 128):
@@ -245,7 +297,7 @@ def collect_search(buf, blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr
     so a threshold picked among them compares exactly. overflow: some row collected more than KC scores
     (tau is then not valid; run `search`)."""
     buf, n = top_group_max(buf, blk, keys, BM, BN, ST, NORM)
-    lb = NORM.rule.bound(buf, args)                                                     # [BM]
+    lb = NORM.rule.bound(buf, args, NORM)                                               # [BM]
     cnt = fold_keys(tl.zeros([BM], tl.int32), _collect_fold, (lb, scr), blk, keys, BN, ST, NORM)
     tl.debug_barrier()                             # other threads of the program stored the scores
     slots = tl.arange(0, NORM.consts.KC)

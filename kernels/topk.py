@@ -185,7 +185,7 @@ def _step(br, t, acc, args):
 
 
 @triton.jit
-def _kth_group_max(buf, args):
+def _kth_group_max(buf, args, NORM: tl.constexpr):
     """The k-th largest group maximum (buf keeps k of them, slots >= k at +inf): <= tau_k; -inf while a row
     has fewer than k groups with an allowed key."""
     return tl.min(buf, 1)

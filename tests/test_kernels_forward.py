@@ -7,6 +7,7 @@ here still span several query blocks and key tiles (full, diagonal and ragged on
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from helpers import (CAUSALS, DEEP, DTYPE_NAMES, KERNEL_DEVICE, SPARSE_NORMS, TR
 import flashmaps
 from flashmaps import reference
 from flashmaps.kernels import topk as topk_kernels
+from flashmaps.kernels.threshold import RootConsts
 from flashmaps.kernels.tiles import key_bounds, query_bounds
 from flashmaps.normalizers import Entmax15, TopK
 
@@ -321,19 +323,23 @@ def test_topk_collect_long_rows_and_overflow(causal, monkeypatch):
     assert torch.isfinite(res.out).all()
 
 
-@pytest.mark.parametrize("causal", [None, "lower_right"])
-def test_entmax15_collect_mode_and_overflow(causal, monkeypatch):
-    """entmax15's COLLECT pre-pass (group maxima bound, collected scores, sort-based threshold): random
-    scores (support of a few keys: no overflow), a wide support (scaled-down scores: more than KC = 128
-    keys above the bound, the block falls back to the bracket passes), and equal scores (every key)."""
-    from flashmaps.kernels import entmax15 as entmax_kernels
+#: the normalizers whose pre-pass is the threshold engine's root_prepass (an F-root threshold)
+ROOT_NORMS = [n for n in SPARSE_NORMS if isinstance(flashmaps.parse(n).triton(300)[0].consts, RootConsts)]
 
-    monkeypatch.setattr(entmax_kernels, "COLLECT", True)
+
+@pytest.mark.parametrize("norm", ROOT_NORMS)
+@pytest.mark.parametrize("causal", [None, "lower_right"])
+def test_root_collect_mode_and_overflow(norm, causal, monkeypatch):
+    """The collect method of root_prepass (group maxima bound, collected scores, sort-based threshold):
+    random scores (support of a few keys: no overflow), a wide support (scaled-down scores: more than KC = 128
+    keys above the bound, the block falls back to the bracket passes), and equal scores (every key)."""
+    nrm = flashmaps.parse(norm)
+    monkeypatch.setattr(importlib.import_module(nrm.kernels), "COLLECT", True)
     q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=17, spread=1.5)
-    assert entmax_kernels.configure(Entmax15(), 300)[0].consts.COLLECT
-    run_case(q, k, v, "entmax15", causal=causal, stats_tol=2e-5)
-    run_case(q * 0.02, k, v, "entmax15", causal=causal, stats_tol=2e-5)
-    run_case(torch.zeros_like(q), k, v, "entmax15", causal=causal, stats_tol=2e-5)
+    assert nrm.triton(300)[0].consts.COLLECT
+    run_case(q, k, v, norm, causal=causal, stats_tol=2e-5)
+    run_case(q * 0.02, k, v, norm, causal=causal, stats_tol=2e-5)
+    run_case(torch.zeros_like(q), k, v, norm, causal=causal, stats_tol=2e-5)
 
 
 def test_topk_select_long_rows(monkeypatch):

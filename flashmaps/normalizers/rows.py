@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 __all__ = ["NEG_INF", "rowsum", "safe_div", "finite_or_zero", "logsumexp", "lse_weights", "masked_softmax",
-           "zero_disallowed", "exact_threshold"]
+           "zero_disallowed", "exact_threshold", "scatter_top"]
 
 NEG_INF = float("-inf")
 
@@ -87,3 +87,16 @@ def exact_threshold(rows: torch.Tensor, tau_of_sorted: Callable, first: int | No
             tau[todo[done]] = tau_t[done]
             todo = todo[~done]
     return tau, (vals, idx, all_complete)
+
+
+def scatter_top(s: torch.Tensor, st: dict, weights_of_top: Callable, max_fraction: float = 0.25):
+    """A sparse normalizer's ``torch_sparse`` from its ``exact_threshold`` selection ``st["_top"]``: (the
+    selected keys' indices, ``weights_of_top(values, st)`` normalized to sum 1), or None (dense weights)
+    when some row's support did not fit the first selection or the selection is over ``max_fraction`` of
+    the row."""
+    vals, idx, complete = st["_top"]
+    if not complete or idx.shape[-1] > max_fraction * s.shape[-1]:
+        return None
+    shape = s.shape[:-1] + (-1,)
+    w = weights_of_top(vals.view(shape), st)
+    return idx.view(shape), safe_div(w, rowsum(w))

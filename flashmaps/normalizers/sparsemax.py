@@ -8,13 +8,9 @@ from typing import ClassVar
 import torch
 
 from .base import Normalizer, register
-from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, zero_disallowed
+from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top, zero_disallowed
 
 __all__ = ["Sparsemax", "sparsemax_threshold"]
-
-#: use the scattered (sparse) weights only when the listed keys are at most this fraction of the row
-_SPARSE_FRACTION = 0.25
-
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +54,7 @@ class Sparsemax(Normalizer):
         return safe_div(p, rowsum(p))                             # exact simplex
 
     def torch_sparse(self, s, st):
-        vals, idx, complete = st["_top"]
-        if not complete or idx.shape[-1] > _SPARSE_FRACTION * s.shape[-1]:
-            return None
-        shape = s.shape[:-1] + (-1,)
-        w = torch.clamp(vals.view(shape) - st["tau"], min=0)
-        return idx.view(shape), safe_div(w, rowsum(w))
+        return scatter_top(s, st, lambda vals, st: torch.clamp(vals - st["tau"], min=0))
 
     def torch_dscores(self, s, p, dp, st):
         m = (p > 0).to(dp.dtype)
