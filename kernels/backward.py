@@ -41,7 +41,8 @@ import triton.language as tl
 
 from .contract import Keys
 from .dropout import dropout_keep
-from .tiles import head_base, key_bounds, load_tile, mask_rows, mask_scores, mma, query_bounds, scale_scores
+from .tiles import (head_base, key_bounds, load_tile, mask_rows, mask_scores, mma, query_bounds, query_program,
+                    scale_scores)
 
 
 class _Rows(NamedTuple):
@@ -238,13 +239,7 @@ def _dq_loop(dq, rw, keys, v_base, V, seed, drop, start, end, BN: tl.constexpr, 
 def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUCKET, S_BUCKET,
                 BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
     """dQ of BM query rows of one query head; grid (cdiv(L, BM), B * Hq). Arguments as attn_bwd_dkdv."""
-    pid_m = tl.program_id(0)
-    if ST.IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m        # heaviest blocks first
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // dims.Hq
-    off_h = pid_bh % dims.Hq
-    off_hk = off_h // dims.group
+    pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                                                # [BM]
     offs_d = tl.arange(0, ST.BD)

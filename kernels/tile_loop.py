@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .contract import Block, Keys
 from .dropout import dropout_keep
-from .tiles import fold_keys, head_base, key_bounds, load_tile, mask_rows, mma
+from .tiles import fold_keys, head_base, key_bounds, load_tile, mask_rows, mma, query_program
 
 
 class _Values(NamedTuple):
@@ -94,13 +94,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     `contract.RowOut`; dims: `contract.Dims`; scale: `contract.ScoreScale`; args: the normalizer's runtime
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
     scratch has L_PAD >= every row index a program touches rows per (batch, head)."""
-    pid_m = tl.program_id(0)
-    if ST.IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m        # heaviest blocks first
+    pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     pid_bh = tl.program_id(1)
-    off_b = pid_bh // dims.Hq
-    off_h = pid_bh % dims.Hq
-    off_hk = off_h // dims.group                       # GQA: query head h reads kv head h // group
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)

@@ -9,7 +9,7 @@ overflow int32.
 import triton
 import triton.language as tl
 
-from .contract import LOG2E, MASK_BOOL, MASK_FLOAT, Keys
+from .contract import LOG2E, MASK_BOOL, MASK_FLOAT
 
 # ---------------------------------------------------------------------------------------------------
 # scalar math
@@ -90,14 +90,6 @@ def load_tile(base, start, offs_r, offs_c, n_r, n_c, stride_r, stride_c,
         return tl.load(ptrs)
 
 
-@triton.jit
-def load_rows(base, start, n_rows, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr, N_COLS: tl.constexpr,
-              CHECK_R: tl.constexpr, PAD_C: tl.constexpr):
-    """Rows [start, start + BR) x cols [0, BC) of a 2-D view (zero past n_rows / N_COLS)."""
-    return load_tile(base, start, tl.arange(0, BR), tl.arange(0, BC), n_rows, N_COLS, stride_r, stride_c,
-                     CHECK_R, PAD_C)
-
-
 # ---------------------------------------------------------------------------------------------------
 # scores
 
@@ -151,6 +143,18 @@ def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: t
 
 # ---------------------------------------------------------------------------------------------------
 # which tiles a program visits
+
+
+@triton.jit
+def query_program(dims, IS_CAUSAL: tl.constexpr):
+    """(query block index, batch, query head, kv head) of a program of a grid (cdiv(L, BM), B * Hq); causal
+    grids run the heaviest blocks (the last rows) first."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    off_h = pid_bh % dims.Hq
+    return pid_m, pid_bh // dims.Hq, off_h, off_h // dims.group      # GQA: query head h reads kv head h // group
 
 
 @triton.jit
@@ -226,6 +230,6 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
     return state
 
 
-__all__ = ["Keys", "tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows",
-           "load_tile", "load_rows", "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds",
-           "query_bounds", "fold_keys"]
+__all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
+           "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds", "query_bounds", "query_program",
+           "fold_keys"]
