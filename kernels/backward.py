@@ -154,21 +154,22 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
     dv [BN, BDV]: one flat loop over (head g, tile) in a fixed order (a nested head loop costs registers
     and spills on sm_90)."""
     n_tiles = tl.cdiv(end - start, BM)
-    for t in range(0, dims.group * n_tiles):
-        g = t // n_tiles
-        start_m = start + (t - g * n_tiles) * BM
-        off_h = off_hk * dims.group + g                 # GQA: the query heads reading this kv head
-        rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
-        keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
-                    dims.causal_off, scale)            # (no key pointer: the k tile is resident)
-        s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
-        live = True
-        if NORM.skip_dead:
-            live = tl.max(p) > 0
-        if live:
-            p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, dims.S, seed, drop, ST, NORM)
-            dv = mma(tl.trans(p_d).to(rw.do.dtype), rw.do, dv, ST)          # [BN, BDV]
-            dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)             # [BN, BD]
+    if n_tiles > 0:                                     # (guarded: see tiles._fold_range)
+        for t in range(0, dims.group * n_tiles):
+            g = t // n_tiles
+            start_m = start + (t - g * n_tiles) * BM
+            off_h = off_hk * dims.group + g                 # GQA: the query heads reading this kv head
+            rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
+            keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
+                        dims.causal_off, scale)            # (no key pointer: the k tile is resident)
+            s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
+            live = True
+            if NORM.skip_dead:
+                live = tl.max(p) > 0
+            if live:
+                p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, dims.S, seed, drop, ST, NORM)
+                dv = mma(tl.trans(p_d).to(rw.do.dtype), rw.do, dv, ST)          # [BN, BDV]
+                dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)             # [BN, BD]
     return dk, dv
 
 
@@ -219,19 +220,20 @@ def _dq_loop(dq, rw, keys, v_base, V, seed, drop, start, end, BN: tl.constexpr, 
              NORM: tl.constexpr, MASKED: tl.constexpr):
     """Accumulate the key tiles [start, end) into dq [BM, BD] (unscaled)."""
     keys_n = tl.arange(0, BN)
-    for start_n in range(start, end, BN):
-        k = load_tile(keys.k, start_n, keys_n, tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
-                      MASKED, ST.PAD_D)                                                # [BN, BD]
-        j = (start_n + keys_n)[None, :]                                                # [1, BN]
-        s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
-        live = True
-        if NORM.skip_dead:
-            live = tl.max(p) > 0
-        if live:
-            v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
-                          MASKED, ST.PAD_DV)                                           # [BN, BDV]
-            p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
-            dq = mma(ds.to(k.dtype), k, dq, ST)                              # [BM, BD]
+    if start < end:                                     # (guarded: see tiles._fold_range)
+        for start_n in range(start, end, BN):
+            k = load_tile(keys.k, start_n, keys_n, tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
+                          MASKED, ST.PAD_D)                                                # [BN, BD]
+            j = (start_n + keys_n)[None, :]                                                # [1, BN]
+            s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
+            live = True
+            if NORM.skip_dead:
+                live = tl.max(p) > 0
+            if live:
+                v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
+                              MASKED, ST.PAD_DV)                                           # [BN, BDV]
+                p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
+                dq = mma(ds.to(k.dtype), k, dq, ST)                              # [BM, BD]
     return dq
 
 

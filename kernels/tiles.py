@@ -224,9 +224,12 @@ def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: t
 @triton.jit
 def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.constexpr, ST: tl.constexpr,
                 NORM: tl.constexpr, MASKED: tl.constexpr):
-    for start_n in range(start, end, BN):
-        s = score_tile(blk, keys, start_n, BN, ST, MASKED)                              # [BM, BN]
-        state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
+    # the guard: a loop that may run zero times lets ptxas put the accumulators' initialisation inside the
+    # wgmma pipeline and serialize it (C7515, a full wait after every product); guarded, it pipelines
+    if start < end:
+        for start_n in range(start, end, BN):
+            s = score_tile(blk, keys, start_n, BN, ST, MASKED)                          # [BM, BN]
+            state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
     return state
 
 

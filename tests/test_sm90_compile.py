@@ -1,6 +1,6 @@
 """The kernels compile for the H100 (sm_90) on a machine without a GPU (`scripts/sm90-compile`: Triton's
 bundled ptxas, no launch). CI has no GPU; this catches what the interpreter cannot: compile errors, shared
-memory over the limit, and kernels that stop building for the real target."""
+memory over the limit, kernels that stop building for the real target, and a serialized wgmma pipeline."""
 
 import os
 import pathlib
@@ -28,3 +28,6 @@ def test_every_kernel_compiles_for_sm90(causal):
             assert (norm, kernel) in kernels, (norm, kernel, proc.stdout)
     for r in rows:
         assert int(r[5]) <= H100_SMEM, r     # shared memory within the H100's limit
+        # ptxas C7515: the wgmma pipeline serialized (a full wait after each product); regression: every
+        # non-causal forward and dQ kernel had it while their loops could run zero times (issue 17)
+        assert r[-1] != "wgmma-serialized", r
