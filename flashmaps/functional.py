@@ -261,9 +261,11 @@ def merge(normalizer: str | Normalizer, outs, stats):
 
     ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` (a dict {name: (B, Hq, L)}) are what
     ``attention(..., return_stats=True)`` returned for part i of the keys (e.g. two halves of a KV cache).
-    Returns ``(out, stats)`` for the union, differentiable with respect to every input. The rule is the
-    normalizer's own (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums. Sparse
-    normalizers have none for independent parts (their threshold is global); they raise NotImplementedError.
+    Returns ``(out, stats)`` for the union, computed with torch ops on the given tensors (autograd flows
+    through them; the statistics returned by ``attention`` carry no gradient of their own yet, so a loss on a
+    merged output back-propagates through the parts' outputs only). The rule is the normalizer's own
+    (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums. Sparse normalizers have none for
+    independent parts (their threshold is global); they raise NotImplementedError.
     """
     norm = parse(normalizer)
     if isinstance(outs, torch.Tensor) or not isinstance(outs, (list, tuple)) or not outs:

@@ -326,3 +326,46 @@ def test_readme_table_is_the_registry():
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert with_table(readme) == readme
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_merge_of_a_key_partition_equals_the_full_call(norm, backend):
+    """flashmaps.merge over a random partition of the keys (three parts, one of them empty for some rows)
+    equals the call over all keys, for every unit with a merge rule; the others refuse clearly."""
+    from helpers import KERNEL_DEVICE
+
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    q, k, v = (x.to(device) for x in qkv(B=2, Hq=4, Hkv=2, L=9, S=23, D=8, Dv=6))
+    part = torch.randint(0, 3, (23,), generator=torch.Generator().manual_seed(3))
+    part[:2] = 2                       # keys 0 and 1 in part 2: early causal rows have no key in parts 0, 1
+    full, st_full = flashmaps.attention(q, k, v, norm, causal=True, enable_gqa=True, return_stats=True,
+                                        backend=backend)
+    causal = torch.arange(23)[None, :] <= torch.arange(9)[:, None]                   # (L, S)
+    outs, stats = [], []
+    for p in range(3):
+        mask = (causal & (part == p)[None, :]).to(device)
+        o, st = flashmaps.attention(q, k, v, norm, attn_mask=mask, enable_gqa=True, return_stats=True,
+                                    backend=backend)
+        outs.append(o)
+        stats.append(st)
+    nrm = flashmaps.parse(norm)
+    if nrm.sparse:
+        with pytest.raises(NotImplementedError):
+            flashmaps.merge(norm, outs, stats)
+        return
+    out, st = flashmaps.merge(norm, outs, stats)
+    assert rel_err(out, full) < 1e-5
+    for name in nrm.stats:
+        assert rel_err(st[name], st_full[name]) < 1e-5, name
+
+
+def test_merge_rejects_bad_input():
+    q, k, v = qkv()
+    o, st = flashmaps.attention(q, k, v, return_stats=True)
+    with pytest.raises(TypeError, match="non-empty list"):
+        flashmaps.merge("softmax", o, st)
+    with pytest.raises(ValueError, match="exactly"):
+        flashmaps.merge("softmax", [o, o], [st, {"z": st["lse"]}])
+    with pytest.raises(ValueError, match="shape"):
+        flashmaps.merge("softmax", [o, o[:, :, :3]], [st, st])

@@ -165,7 +165,7 @@ class Normalizer:
     def merge(self, outs: list[torch.Tensor], stats: list[dict]) -> tuple[torch.Tensor, dict]:
         """Combine results over DISJOINT key sets of the same queries into the result over their union:
         ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` {name: (B, Hq, L)} from ``return_stats=True``. Returns
-        (out in outs[0]'s dtype, stats). Differentiable."""
+        (out in outs[0]'s dtype, stats), with torch ops (autograd flows through the given tensors)."""
         raise NotImplementedError(f"the normalizer {self.spec!r} has no merge rule")
 
 
