@@ -100,9 +100,12 @@ def _extras_parts(hooks, B: int, Hq: int, L: int, Dv: int, need_grad: bool) -> l
 
 def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
     """Shape of the packed extras tensor returned by :func:`forward`: (total elements,)."""
+    return (_extras_size(normalizer.triton(k.shape[2])[0], q, v, need_grad),)
+
+
+def _extras_size(hooks, q, v, need_grad: bool) -> int:
     B, Hq, L = q.shape[:3]
-    hooks = normalizer.triton(k.shape[2])[0]
-    return (sum(math.prod(shape) for _, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad)),)
+    return sum(math.prod(shape) for _, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad))
 
 
 def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool, S: int = 1) -> dict:
@@ -203,7 +206,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         )
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_t = [torch.empty((B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
-    extras_buf = torch.empty(sum(math.prod(s) for _, s in _extras_parts(c.hooks, B, Hq, L, DV, save_extras)),
+    extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
     l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 import triton
 import triton.language as tl
 
-from .contract import NoArgs
+from .contract import NoArgs, make_hooks, next_pow2
 from .tiles import count_allowed, fold_keys, pick_row, safe_inv
 
 
@@ -212,8 +212,6 @@ def root_hooks(*, name: str, unit: float, rule: ThresholdRule, update, g_weights
                bwd_dscores):
     """The `contract.Hooks` of an F-root normalizer (one statistic, its threshold tau): the pre-pass
     `root_prepass`, `finalize_tau`, `live_above` and `bwd_rows_tau`, with the normalizer's own weights."""
-    from .contract import make_hooks
-
     return make_hooks(name=name, unit=unit, n_stats=1, update=update, finalize=finalize_tau, prepass=root_prepass,
                       tile_live=live_above, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows_tau,
                       bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule)
@@ -234,8 +232,6 @@ def configure_root(hooks, S: int, *, collect: bool, points: int, kc: int = 128):
 def collect_group_size(S: int, groups: int) -> int:
     """Keys per group (a power of two in [8, 256]) that gives a row of S keys about ``groups`` groups, for
     `top_group_max` (at least one group per tile once it reaches the tile size)."""
-    from .contract import next_pow2
-
     return max(8, min(256, next_pow2(max(1, S // groups))))
 
 
