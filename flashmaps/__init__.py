@@ -12,7 +12,7 @@ adds your own (README, "Write your own normalizer").
 from importlib import import_module as _import_module
 
 from . import normalizers, reference
-from .functional import attention, merge, sdpa
+from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
 
 __version__ = "0.1.0"
@@ -21,6 +21,8 @@ __all__ = [
     "attention",
     "sdpa",
     "merge",
+    "SdpaValueError",
+    "SdpaTypeError",
     "Normalizer",
     "register",
     "unregister",
