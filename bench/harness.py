@@ -44,6 +44,7 @@ __all__ = [
     "device_name",
     "tags",
     "default_out_dir",
+    "results_root",
     "sweep",
     "run_jobs",
     "write_results",
@@ -136,13 +137,16 @@ def tags(kind: str) -> dict:
     return t
 
 
+def results_root() -> Path:
+    """Where a user's runs write when no --out is given: $FLASHMAPS_RESULTS, else ./flashmaps-results (never the
+    repository's committed bench/results/: a developer moves results there with --out)."""
+    env = os.environ.get("FLASHMAPS_RESULTS")
+    return Path(env) if env else Path.cwd() / "flashmaps-results"
+
+
 def default_out_dir(kind: str) -> Path:
-    """bench/results/<device> inside a source checkout, else ./flashmaps-results/<device>."""
-    root = _package_root()
-    base = root / "bench" / "results" if (root / "pyproject.toml").exists() and (root / "bench").is_dir() else (
-        Path.cwd() / "flashmaps-results"
-    )
-    return base / _slug(("cuda-" if kind == "cuda" else "cpu-") + device_name(kind))
+    """<results_root()>/<device>, e.g. ./flashmaps-results/cpu-amd-epyc-2-cores."""
+    return results_root() / _slug(("cuda-" if kind == "cuda" else "cpu-") + device_name(kind))
 
 
 # ----------------------------------------------------------------------------------------------------

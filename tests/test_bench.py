@@ -670,3 +670,14 @@ def test_gpucheck_reads_results_of_the_former_script():
     assert meta["git_sha"] and rows and {r["suite"] for r in rows} == {"h100-goals", "long"}
     md = gpucheck.markdown(rows)
     assert "h100-goals fwd" in md and "long context" in md and "softmax vs best SDPA" in md
+
+
+def test_default_results_go_to_the_users_folder_not_the_checkout(tmp_path, monkeypatch):
+    """A user's run never writes into the repository's committed bench/results/ unless --out says so."""
+    monkeypatch.delenv("FLASHMAPS_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = harness.default_out_dir("cpu")
+    assert out.parent == tmp_path / "flashmaps-results"
+    monkeypatch.setenv("FLASHMAPS_RESULTS", str(tmp_path / "mine"))
+    assert harness.default_out_dir("cpu").parent == tmp_path / "mine"
+    assert harness._package_root() / "bench" / "results" not in out.parents
