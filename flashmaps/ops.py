@@ -88,11 +88,26 @@ def attention_bwd(
 
 
 def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
+    norm = parse(normalizer)
     dq, dk, dv = backend_module(backend).backward(
-        dout, q, k, v, out, list(stats.unbind(0)), extras, parse(normalizer),
+        dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
     )
+    if stats.numel():
+        dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
     return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+def _nonfinite_grads(dq, dk, dv, stats):
+    """The non-finite rule in the backward: a row whose forward met a NaN or +inf score has NaN statistics;
+    its dq row and its head's dk and dv become NaN, whatever the normalizer (a threshold's comparisons, or a
+    guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors."""
+    bad = stats.isnan().any(0)                                    # (B, Hq, L)
+    nan = torch.tensor(float("nan"), dtype=dq.dtype, device=dq.device)
+    dq = torch.where(bad[..., None], nan, dq)
+    B, Hq = bad.shape[:2]
+    head = bad.any(-1).view(B, dk.shape[1], Hq // dk.shape[1]).any(-1)[..., None, None]   # (B, Hkv, 1, 1)
+    return dq, torch.where(head, nan.to(dk.dtype), dk), torch.where(head, nan.to(dv.dtype), dv)
 
 
 def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

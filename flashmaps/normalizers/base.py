@@ -74,6 +74,11 @@ class Normalizer:
     #: position in listings (softmax first)
     order: ClassVar[int] = 100
 
+    def score_limit(self, dtype: torch.dtype) -> float:
+        """The largest ``|score|`` for which the weights of inputs of ``dtype`` stay finite on every backend
+        (the non-finite rule: beyond it a row may be NaN; a NaN or +inf score always makes its row NaN)."""
+        return float("inf")
+
     # -------------------------------------------------------------------------------- spec and options
 
     @classmethod
