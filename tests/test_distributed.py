@@ -8,6 +8,7 @@ single-process ``flashmaps.attention`` on the full sequence, cuts it with the sa
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import tempfile
 
@@ -111,6 +112,7 @@ def _worker(rank, init_file, out_dir):
         saved[2] = {"results": _run_cases(pair), "errors": _bad_setups(pair, rank - 1)}
     torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
+    gc.collect()  # free what still holds gloo work before teardown
     dist.destroy_process_group()
 
 
