@@ -44,6 +44,7 @@ any of them, and the two reduce-scatters of backward likewise.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import zlib
 
@@ -101,11 +102,14 @@ def positions(n: int, *, layout: str = "allgather", rank: int, world_size: int) 
     return torch.cat([torch.arange(g, g + m) for _, g, m in _spans(layout, world, rank, n // world)])
 
 
-def _rank_order(n: int, layout: str, world: int) -> torch.Tensor | None:
-    """The global positions of a rank-order concatenation of all shards (None when that is the identity)."""
+@functools.lru_cache(maxsize=64)
+def _rank_order(n: int, layout: str, world: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(order, inverse): ``order`` the global positions of a rank-order concatenation of all shards,
+    ``inverse = argsort(order)`` (rank order -> global order); None when both are the identity."""
     if layout != "zigzag":
         return None
-    return torch.cat([positions(n, layout=layout, rank=r, world_size=world) for r in range(world)])
+    order = torch.cat([positions(n, layout=layout, rank=r, world_size=world) for r in range(world)])
+    return order, torch.argsort(order)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,14 +164,14 @@ def _start_gathers(xs, world: int, group):
     return pending
 
 
-def _finish_gathers(pending, dim: int, order: torch.Tensor | None) -> list[torch.Tensor]:
+def _finish_gathers(pending, dim: int, order) -> list[torch.Tensor]:
     """Wait for each gather and lay it out in global order along ``dim`` (``order``: see _rank_order)."""
     outs = []
     for work, parts in pending:
         work.wait()
         full = torch.cat(parts, dim)  # rank order
         if order is not None:
-            full = full.index_select(dim, torch.argsort(order.to(full.device)))
+            full = full.index_select(dim, order[1].to(full.device))
         outs.append(full)
     return outs
 
@@ -186,7 +190,7 @@ class _GatherSeq(torch.autograd.Function):
         pending = []
         for g in grads:
             if ctx.order is not None:
-                g = g.index_select(ctx.dim, ctx.order.to(g.device))  # global -> rank order
+                g = g.index_select(ctx.dim, ctx.order[0].to(g.device))  # global -> rank order
             parts = [p.contiguous() for p in g.chunk(ctx.world, ctx.dim)]
             out = torch.empty_like(parts[0])
             pending.append((dist.reduce_scatter(out, parts, group=ctx.group, async_op=True), out))
