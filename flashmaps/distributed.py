@@ -31,8 +31,10 @@ Layouts (the ``layout`` argument; :func:`shard` and :func:`unshard` must use the
   (send to r+1, receive from r-1), the transfer of the next block overlapping the attention of this one;
   the partial results combine by the normalizer's merge rule (``Normalizer.merge``: softmax by log-sum-exp,
   taylor by sums). Memory per rank is O(Sl) instead of O(S). Forward only (inference, under
-  ``torch.no_grad()``): an exact backward needs the partial statistics to carry gradients, which they do not
-  yet; training raises a ValueError pointing to the all-gather layouts. Normalizers without a merge rule
+  ``torch.no_grad()``): an exact ring backward needs either gradients through the partial statistics or a
+  block backward that takes the global row statistics and ``delta = rowsum(dO * O)``; the backends' backward
+  computes delta from the keys of its own call (the torch path as ``rowsum(p * dp)``), so neither exists yet
+  and training raises a ValueError pointing to the all-gather layouts. Normalizers without a merge rule
   (the sparse ones, whose threshold is global) raise a ValueError.
 
 Communication per attention call and rank, with b the bytes per element (derivation in the README,
