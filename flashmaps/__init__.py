@@ -36,7 +36,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = ("nn", "integrations", "cli")
+_LAZY = ("nn", "integrations", "cli", "distributed")
 
 
 def __getattr__(name):  # flashmaps.nn etc. are imported on first use; normalizer classes by class name
