@@ -101,7 +101,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
     scratch has L_PAD >= every row index a program touches rows per (batch, head)."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
-    pid_bh = tl.program_id(1)
+    pid_bh = off_b * dims.Hq + off_h
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)
