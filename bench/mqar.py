@@ -17,7 +17,8 @@ normalizer is at its best learning rate (mean over seeds of the mean accuracy ov
 
 Each run records the test accuracy per (sequence length, pairs), a learning curve (training loss, and test
 accuracy on a subset at a few points), the global gradient norm before clipping at every step (mean,
-median, min, max, and the count of non-finite steps), its wall time, the fraction of exact zeros in the
+median, min, max, and the count of non-finite steps), its wall time and CPU time (the process's; with
+one thread per run the time an unloaded core would take), the fraction of exact zeros in the
 trained attention weights over the allowed (causal) keys (read from the attention path itself: with
 ``v = I`` the output is the weight matrix) and in the parameters.
 
@@ -227,7 +228,7 @@ def train_run(normalizer: str, lr: float, seed: int, preset: Preset, *, device: 
         return acc
 
     losses, norms, curve = [], [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         T, k = preset.settings[step % len(preset.settings)]  # the settings mixed step by step
         x, y = mqar_examples(preset.batch, T, k, preset.vocab, generator=stream, power_a=preset.power_a)
@@ -248,7 +249,7 @@ def train_run(normalizer: str, lr: float, seed: int, preset: Preset, *, device: 
                           "accuracy": statistics.fmean(acc.values())})
         if on_step is not None:
             on_step()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     accuracy = evaluate()
     finite = [g for g in norms if math.isfinite(g)]
@@ -256,7 +257,7 @@ def train_run(normalizer: str, lr: float, seed: int, preset: Preset, *, device: 
     probe = next(iter(test.values()))[0][:16].to(dev)
     return dict(
         normalizer=norm.spec, lr=lr, seed=seed, steps=steps, accuracy=accuracy, curve=curve,
-        final_loss=statistics.fmean(losses[-max(1, steps // 20):]), wall_s=wall,
+        final_loss=statistics.fmean(losses[-max(1, steps // 20):]), wall_s=wall, cpu_s=cpu,
         grad_norm_mean=statistics.fmean(finite) if finite else None,
         grad_norm_median=statistics.median(finite) if finite else None,
         grad_norm_min=min(finite) if finite else None, grad_norm_max=max(finite) if finite else None,
@@ -296,7 +297,8 @@ def _runs_in_pool(tasks: list, jobs: int, progress: bool) -> list[dict]:
             results.append(pending[i].result() if jobs > 1 else _run_star(t))
             bar.update(1)
             if not progress:
-                print(f"[mqar] {i + 1}/{len(tasks)} {t[0]} lr={t[1]:g} seed={t[2]}: {results[-1]['wall_s']:.1f} s",
+                print(f"[mqar] {i + 1}/{len(tasks)} {t[0]} lr={t[1]:g} seed={t[2]}: {results[-1]['wall_s']:.1f} s "
+                      f"({results[-1]['cpu_s']:.1f} s CPU)",
                       flush=True)
     bar.close()
     return results
@@ -347,6 +349,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             test_accuracy=statistics.fmean(acc), test_accuracy_std=statistics.pstdev(acc) if len(acc) > 1 else 0.0,
             grad_norm_median=mean("grad_norm_median"), grad_norm_max=mean("grad_norm_max"),
             grad_nonfinite_steps=sum(r["grad_nonfinite_steps"] for r in grp), wall_s=mean("wall_s"),
+            cpu_s=mean("cpu_s"),
             attn_zero_fraction=statistics.fmean(statistics.fmean(r["attn_zero_fraction"]) for r in grp),
         ))
     return out
@@ -359,14 +362,14 @@ def markdown(summary: list[dict]) -> str:
     norms = list(dict.fromkeys(r["normalizer"] for r in summary))
     by = {(r["normalizer"], r["seq_len"], r["num_pairs"]): r for r in summary}
     head = ["normalizer"] + [f"T={T} pairs={k}" for T, k in settings] + [
-        "best lr", "grad norm median / max", "zero attn weights", "s / run"]
+        "best lr", "grad norm median / max", "zero attn weights", "CPU s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in norms:
         r0 = by[(n, *settings[0])]
         cells = [f"`{n}`"] + [f"{by[(n, *s)]['test_accuracy']:.3f} ± {by[(n, *s)]['test_accuracy_std']:.3f}"
                               if (n, *s) in by else "-" for s in settings]
         gm = "-" if r0["grad_norm_median"] is None else f"{r0['grad_norm_median']:.2f} / {r0['grad_norm_max']:.1f}"
-        cells += [f"{r0['lr']:g}", gm, f"{100 * r0['attn_zero_fraction']:.1f} %", f"{r0['wall_s']:.0f}"]
+        cells += [f"{r0['lr']:g}", gm, f"{100 * r0['attn_zero_fraction']:.1f} %", f"{r0['cpu_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -389,7 +392,7 @@ def run_mqar(preset: Preset, normalizers: list[str], *, device: str = "cpu", thr
 
 #: the columns of mqar.csv, first (the JSON rows carry the same keys)
 FIELDS = ("normalizer", "seq_len", "num_pairs", "lr", "seed", "best_lr", "test_accuracy", "final_loss", "steps",
-          "wall_s", "grad_norm_mean", "grad_norm_median", "grad_norm_min", "grad_norm_max", "grad_nonfinite_steps",
+          "wall_s", "cpu_s", "grad_norm_mean", "grad_norm_median", "grad_norm_min", "grad_norm_max", "grad_nonfinite_steps",
           "grad_norm_first", "grad_norm_last", "attn_zero_fraction", "param_zero_fraction")
 
 
@@ -448,13 +451,15 @@ def run_command(args, ctx) -> int:
                                      threads=args.threads, jobs=1 if kind == "cuda" else jobs,
                                      progress=not args.no_progress)
     total = time.perf_counter() - t0
+    cpu = sum({(r["normalizer"], r["lr"], r["seed"]): r["cpu_s"] for r in rows}.values())
     print(markdown(summary))
     extra = {"preset": dataclasses.asdict(preset), "summary": summary, "curves": curves, "total_wall_s": total,
-             "jobs": jobs, "threads_per_run": args.threads or 1}
+             "total_cpu_s_of_runs": cpu, "jobs": jobs, "threads_per_run": args.threads or 1}
     paths = ctx.write(rows, "mqar", FIELDS, extra)
     if not args.no_plot:
         from .plot import plot_mqar
 
         paths += ctx.plots(plot_mqar, summary, curves)
-    print(f"\ntotal {total:.0f} s\n" + "\n".join(f"wrote {p}" for p in paths))
+    print(f"\ntotal {total:.0f} s wall; the runs took {cpu:.0f} s of CPU time ({cpu / jobs:.0f} s per process)\n"
+          + "\n".join(f"wrote {p}" for p in paths))
     return 0
