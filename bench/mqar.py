@@ -210,10 +210,10 @@ def train_run(normalizer: str, lr: float, seed: int, preset: Preset, *, device: 
 
     norm = parse(normalizer, argname="normalizer")
     steps = preset.steps if steps is None else steps
-    torch.set_num_threads(threads or 1)
-    torch.use_deterministic_algorithms(True)
-    torch.manual_seed(seed)
     dev = torch.device(device)
+    torch.set_num_threads(threads or 1)
+    torch.use_deterministic_algorithms(True, warn_only=dev.type != "cpu")  # CUDA: some ops have no such mode
+    torch.manual_seed(seed)
     max_len = max(T for T, _ in preset.settings)
     model = TinyLM(preset.vocab, max_len, preset.d_model, preset.heads, preset.layers, norm).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset.weight_decay)
