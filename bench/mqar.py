@@ -396,8 +396,8 @@ def run_mqar(preset: Preset, normalizers: list[str], *, device: str = "cpu", thr
 
 #: the columns of mqar.csv, first (the JSON rows carry the same keys)
 FIELDS = ("normalizer", "seq_len", "num_pairs", "lr", "seed", "best_lr", "test_accuracy", "final_loss", "steps",
-          "wall_s", "cpu_s", "grad_norm_mean", "grad_norm_median", "grad_norm_min", "grad_norm_max", "grad_nonfinite_steps",
-          "grad_norm_first", "grad_norm_last", "attn_zero_fraction", "param_zero_fraction")
+          "wall_s", "cpu_s", "grad_norm_mean", "grad_norm_median", "grad_norm_min", "grad_norm_max",
+          "grad_nonfinite_steps", "grad_norm_first", "grad_norm_last", "attn_zero_fraction", "param_zero_fraction")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -142,7 +142,7 @@ def plot_mqar(summary: list[dict], curves: list[dict], out_dir: Path, meta: dict
     settings = list(dict.fromkeys((r["seq_len"], r["num_pairs"]) for r in summary))
     by = {(r["normalizer"], r["seq_len"], r["num_pairs"]): r for r in summary}
     width = 0.8 / max(1, len(norms))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(settings) + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(settings) + 4), 4.8))
     for i, n in enumerate(norms):
         xs = [j + (i - (len(norms) - 1) / 2) * width for j, s in enumerate(settings) if (n, *s) in by]
         rs = [by[(n, *s)] for s in settings if (n, *s) in by]
@@ -153,7 +153,7 @@ def plot_mqar(summary: list[dict], curves: list[dict], out_dir: Path, meta: dict
     ax.set_ylabel("MQAR test accuracy (mean ± std over seeds)")
     ax.set_ylim(0, 1.05)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("MQAR: what each normalizer learns\n" + _caption(meta), fontsize=9)
     fig.tight_layout()
     paths = [Path(out_dir) / "mqar-accuracy.png"]

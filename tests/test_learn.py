@@ -224,8 +224,8 @@ def test_drift_metrics_on_made_up_embeddings():
     assert moved["cos_min"] < moved["cos_mean"] < 1.0
     assert moved["cos_mean"] == pytest.approx((other * ref).sum(-1).mean().item())
     # topics: rows 0-3 one topic, ...: make each row's nearest neighbour its topic twin
-    topics = torch.nn.functional.normalize(torch.eye(3).repeat_interleave(4, 0) + 0.01 * torch.randn(12, 3, generator=g),
-                                           dim=-1)
+    centres = torch.eye(3).repeat_interleave(4, 0)  # (12, 3): rows 0-3 on axis 0, ...
+    topics = torch.nn.functional.normalize(centres + 0.01 * torch.randn(12, 3, generator=g), dim=-1)
     assert drift.drift_metrics(topics, topics, topic_size=4)["topic_top1"] == 1.0
 
 
