@@ -5,7 +5,8 @@ tasks that compare normalizers by what they learn (``mqar``) and what they chang
 
 The task options live on the ``compare`` parser (:func:`add_arguments`); :func:`dispatch` runs a task
 and returns its exit status, or None for ``kernels``. Bad options end in ``parser.error`` (one line on
-stderr, exit status 2). Results go to ``--out DIR``, by default ``./flashmaps-results/<task>-<UTC time>/``.
+stderr, exit status 2). Results go to ``--out DIR``, by default ``./flashmaps-results/<task>-<UTC time>/``
+(``$FLASHMAPS_RESULTS`` instead of ``./flashmaps-results`` when set).
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ class Context:
             self.error(f"--device: {exc}")
 
     def out_dir(self) -> Path:
-        """--out, else ./flashmaps-results/<task>-<UTC time>/ (created)."""
+        """--out, else ./flashmaps-results/<task>-<UTC time>/ ($FLASHMAPS_RESULTS/<task>-<UTC time>/ if
+        set) (created)."""
         if self._out is None:
+            import os
+
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            out = self.args.out or Path.cwd() / "flashmaps-results" / f"{self.args.task}-{stamp}"
+            base = Path(os.environ.get("FLASHMAPS_RESULTS") or Path.cwd() / "flashmaps-results")
+            out = self.args.out or base / f"{self.args.task}-{stamp}"
             out.mkdir(parents=True, exist_ok=True)
             self._out = out
         return self._out
