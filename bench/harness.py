@@ -524,16 +524,18 @@ def _progress(total: int, desc: str, enabled: bool):
 # results
 
 
-def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra: dict | None = None
-                  ) -> tuple[Path, Path]:
+def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra: dict | None = None,
+                  fields: tuple[str, ...] = ROW_FIELDS) -> tuple[Path, Path]:
     """``<out>/<name>.json`` ({"meta", "rows", **extra}) and ``<out>/<name>.csv``, every row tagged with
-    ``meta`` (``extra``: more top-level entries of the JSON, not copied into the rows)."""
+    ``meta`` (``extra``: more top-level entries of the JSON, not copied into the rows). ``fields``: the
+    columns every row has, first (default: the benchmark rows' ``ROW_FIELDS``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tagged = [{**{k: r.get(k) for k in ROW_FIELDS}, **{k: v for k, v in r.items() if k not in ROW_FIELDS
+    first = tuple(fields)
+    tagged = [{**{k: r.get(k) for k in first}, **{k: v for k, v in r.items() if k not in first
               and k not in meta and k != "device"}, **meta} for r in rows]
     jpath, cpath = out_dir / f"{name}.json", out_dir / f"{name}.csv"
     jpath.write_text(json.dumps({"meta": meta, "rows": tagged, **(extra or {})}, indent=1, default=str) + "\n")
-    fields = list(ROW_FIELDS) + sorted({k for r in tagged for k in r} - set(ROW_FIELDS) - set(meta)) + list(meta)
+    fields = list(first) + sorted({k for r in tagged for k in r} - set(first) - set(meta)) + list(meta)
 
     def cell(v):
         if v is None:

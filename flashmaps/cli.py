@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwd+bwd (default fwd on CPU, fwd fwd+bwd on CUDA)")
     c.add_argument("--backend", choices=("torch", "triton"), default=None,
                    help="flashmaps backend (default: triton on CUDA, torch on CPU)")
+    from .bench.tasks import add_arguments as add_task_arguments  # --task mqar / drift and their options
+
+    add_task_arguments(c)
 
     b = sub.add_parser("bench", help="the sweep over sequence lengths, modes and providers",
                        description="Sweep providers x modes x shapes; record time (median, 20/80 percent quantiles), "
@@ -282,6 +285,11 @@ def _unavailable_row(prov, kind: str) -> dict:
 
 
 def cmd_compare(args) -> int:
+    from .bench.tasks import dispatch
+
+    status = dispatch(args)  # --task mqar / drift: run there; kernels: continue here
+    if status is not None:
+        return status
     from .bench import compare as cmp
     from .bench.harness import default_mem_limit, interruptible, parse_seq, tags, write_results
     from .bench.plot import plot_compare
