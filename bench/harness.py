@@ -51,6 +51,10 @@ __all__ = [
     "format_table",
     "parse_seq",
     "order_by_case",
+    "spread",
+    "fmt_spread",
+    "trust_warnings",
+    "end_load",
     "add_baseline",
     "prewarm",
 ]
@@ -548,6 +552,59 @@ def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra:
         for r in tagged:
             w.writerow({k: cell(r.get(k)) for k in fields})
     return jpath, cpath
+
+
+#: a row whose 20-80 % time spread exceeds this fraction of its median is flagged as noisy
+NOISY_SPREAD = 0.25
+#: a CPU whose 1-minute load average exceeds this fraction of its cores is flagged as loaded
+LOADED_FRACTION = 0.5
+
+
+def spread(row: dict) -> float | None:
+    """(q80 - q20) / median of a row's times, or None."""
+    t, lo, hi = row.get("time_ms"), row.get("time_q20_ms"), row.get("time_q80_ms")
+    if not t or lo is None or hi is None:
+        return None
+    return (hi - lo) / t
+
+
+def fmt_spread(row: dict) -> str | None:
+    x = spread(row)
+    return None if x is None else f"±{50 * x:.0f}%"
+
+
+def trust_warnings(rows: list[dict], meta: dict) -> list[str]:
+    """What says the timings of a run should not be trusted: rows whose spread is over `NOISY_SPREAD`, a
+    CPU loaded at the start or at the end (load average over `LOADED_FRACTION` of the cores), and
+    contradictions (fwd+bwd faster than fwd of the same case). One line each."""
+    out = []
+    cores = os.cpu_count() or 1
+    loads = [meta.get("load_avg_1min"), meta.get("load_avg_1min_end")]
+    worst = max((x for x in loads if x is not None), default=None)
+    if worst is not None and worst > LOADED_FRACTION * cores:
+        out.append(f"the machine was loaded (1-minute load average up to {worst:g} on {cores} cores): other "
+                   "processes took CPU time, so the times are high and noisy; rerun on a quiet machine")
+    noisy = [r for r in rows if r.get("status") == "ok" and (spread(r) or 0) > NOISY_SPREAD]
+    for r in noisy[:8]:
+        out.append(f"noisy: {r['provider']} {r['mode']} S={r['S']}: 20-80 % of the runs span "
+                   f"{r['time_q20_ms']:.3g}-{r['time_q80_ms']:.3g} ms around a median of {r['time_ms']:.3g} ms")
+    if len(noisy) > 8:
+        out.append(f"noisy: {len(noisy) - 8} more rows")
+    key = ("provider", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal", "dtype")
+    fwd = {tuple(r.get(k) for k in key): r for r in rows if r.get("mode") == "fwd" and r.get("status") == "ok"}
+    for r in rows:
+        f = fwd.get(tuple(r.get(k) for k in key))
+        if r.get("mode") == "fwd+bwd" and r.get("status") == "ok" and f and r["time_ms"] < f["time_ms"]:
+            out.append(f"contradiction: {r['provider']} S={r['S']}: fwd+bwd {r['time_ms']:.3g} ms < fwd "
+                       f"{f['time_ms']:.3g} ms (noise larger than the difference)")
+    return out
+
+
+def end_load(meta: dict) -> dict:
+    """meta with the 1-minute load average at the end of the run (CPU)."""
+    if meta.get("device_kind") == "cpu" and hasattr(os, "getloadavg"):
+        meta = dict(meta, load_avg_1min_end=round(os.getloadavg()[0], 2))
+    return meta
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:

@@ -325,11 +325,24 @@ def cmd_compare(args) -> int:
                                mem_limit=default_mem_limit() if kind == "cpu" else None,
                                progress=not args.no_progress)
     print(cmp.table(rows))
-    jpath, cpath = write_results(rows, out, "compare", meta)
+    meta, extra = _warn(rows, meta)
+    jpath, cpath = write_results(rows, out, "compare", meta, extra)
     (out / "compare.partial.jsonl").unlink(missing_ok=True)
     pngs = [] if args.no_plot else _plots(plot_compare, rows, out, meta)
     print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
     return _interrupted_status(stopped, len(jobs))
+
+
+def _warn(rows: list[dict], meta: dict) -> tuple[dict, dict]:
+    """Print what says the times should not be trusted; return (meta with the end load, the results file's
+    extra entries: {"warnings": [...]})."""
+    from .bench.harness import end_load, trust_warnings
+
+    meta = end_load(meta)
+    warnings = trust_warnings(rows, meta)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return meta, {"warnings": warnings}
 
 
 def _interrupted_status(stopped: list, n_jobs: int) -> int:
@@ -350,7 +363,8 @@ _BENCH_DEFAULTS = {
 def cmd_bench(args) -> int:
     from .bench.flops import MODES
     from .bench.harness import (
-        default_mem_limit, fmt_bytes, format_table, interruptible, parse_seq, run_jobs, sweep, tags, write_results,
+        default_mem_limit, fmt_bytes, fmt_spread, format_table, interruptible, order_by_case, parse_seq, run_jobs,
+        sweep, tags, write_results,
     )
     from .bench.plot import plot_bench
     from .bench.providers import default_normalizers, get_provider, providers_for
@@ -389,12 +403,12 @@ def cmd_bench(args) -> int:
             raise _UsageError(f"--providers {' '.join(pats)} matches none of: {names}")
     unavailable = [p for p in provs if p.unavailable(kind)]
     runnable = [p for p in provs if p not in unavailable]
-    extra = {}
+    timing = {}
     if args.min_run_time is not None:
-        extra["min_run_time"] = args.min_run_time
-    jobs = sweep(device=kind, providers=runnable, seqs=seqs, modes=modes, batches=batches, heads=heads,
-                 kv_heads=kv_heads, head_dims=head_dims, causals=causals, dtypes=dtypes,
-                 tokens=args.tokens or d["tokens"], **extra)
+        timing["min_run_time"] = args.min_run_time
+    jobs = order_by_case(sweep(device=kind, providers=runnable, seqs=seqs, modes=modes, batches=batches, heads=heads,
+                               kv_heads=kv_heads, head_dims=head_dims, causals=causals, dtypes=dtypes,
+                               tokens=args.tokens or d["tokens"], **timing))   # providers interleaved case by case
     out = _out_dir(args, kind)
     meta = tags(kind)
     print(f"flashmaps bench on {meta['device']}: {len(jobs)} cases, {len(runnable)} providers "
@@ -409,15 +423,17 @@ def cmd_bench(args) -> int:
                          progress=not args.no_progress)
     for r in rows:
         r["mem_s"] = fmt_bytes(r.get("peak_mem_bytes"))
+        r["spread_s"] = fmt_spread(r)
         r["status_s"] = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message') or ''}"[:60]
     cols = [("provider", "provider"), ("mode", "mode"), ("B", "B"), ("H", "Hq"), ("S", "S"), ("D", "Dqk"),
-            ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("TFLOP/s", "tflops"),
-            ("extra peak", "mem_s"), ("status", "status_s")]
+            ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("20-80%", "spread_s"),
+            ("TFLOP/s", "tflops"), ("extra peak", "mem_s"), ("status", "status_s")]
     print(format_table(rows, cols))
     for r in rows:
-        r.pop("mem_s", None)
-        r.pop("status_s", None)
-    jpath, cpath = write_results(rows, out, "bench", meta)
+        for col in ("mem_s", "spread_s", "status_s"):
+            r.pop(col, None)
+    meta, extra = _warn(rows, meta)
+    jpath, cpath = write_results(rows, out, "bench", meta, extra)
     (out / "bench.partial.jsonl").unlink(missing_ok=True)
     pngs = [] if args.no_plot else _plots(plot_bench, rows, out, meta)
     print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
