@@ -73,6 +73,11 @@ class Normalizer:
     merge_rule: ClassVar[str] = "none"
     #: position in listings (softmax first)
     order: ClassVar[int] = 100
+    #: the forms ``attention(..., form=)`` can run this normalizer in: "quadratic" (the tile loop) and, for a
+    #: polynomial map f, "linear" (``flashmaps.linear``: chunked linear attention with a fixed-size state)
+    forms: ClassVar[tuple[str, ...]] = ("quadratic",)
+    #: with "linear" in ``forms``: (c0, c1, c2) of ``f(s) = c0 + c1 s + c2 s^2`` with ``p_j = f(s_j) / sum f``
+    linear_coeffs: ClassVar[tuple[float, float, float] | None] = None
 
     # -------------------------------------------------------------------------------- spec and options
 
