@@ -13,13 +13,13 @@ Glossary (the whole module uses these names):
     L, S, D, Dv        query length, key length, q/k head dim, v head dim
     q' = scale * q     s_ij = q'_i . k_j
     P                  the D(D+1)/2 pairs (a, b) with a <= b (the symmetry of x x^T)
-    phi_q(x)           [c0, c1 x, c2 w_ab x_a x_b over P]  with w_ab = 1 if a == b else 2   (F features)
-    phi_k(x)           [1, x, x_a x_b over P]                                               (F features)
-                       phi_q(q') . phi_k(k) = c0 + c1 s + c2 (q'.k)^2 = f(s),  F = 1 + D + D(D+1)/2
+    phi(x)             [1, x, x_a x_b over P]: F = 1 + D + D(D+1)/2 features
+    w                  [c0, c1 (D times), c2 w_ab over P] with w_ab = 1 if a == b else 2, so that
+                       phi(q') . (w * phi(k)) = c0 + c1 s + c2 (q'.k)^2 = f(s)   (phi_q = w * phi, phi_k = phi)
     v1 = [v, 1]        (.., Dv+1): the last column carries the normalizer Z
-    U                  the running state sum_j phi_k(k_j) v1_j^T, [B, Hkv, Gm, F, Dv+1] in the acc dtype:
+    U                  the running state sum_j phi(k_j) v1_j^T, [B, Hkv, Gm, F, Dv+1] in the acc dtype:
                        orders 0, 1, 2 of the issue (Dv, D x Dv, D(D+1)/2 x Dv) plus the normalizer row
-    y_i = [N_i, Z_i]   phi_q(q'_i) U  +  sum_{j in the diagonal block} f(s_ij) v1_j;   o_i = N_i / Z_i
+    y_i = [N_i, Z_i]   phi(q'_i) (w * U)  +  sum_{j in the diagonal block} f(s_ij) v1_j;   o_i = N_i / Z_i
     chunk C            query rows [i0, i1) of one step; their diagonal block is the keys [a, b) that some
                        but maybe not all of them see (causal), masked there; keys [0, a) are in U
 
@@ -28,8 +28,9 @@ the keys [0, clamp(off)) enter U first; chunk [i0, i1) has the diagonal block [c
 clamp(i1 + off)), which enters U after the chunk's rows are done. Non-causal: every key enters U first.
 
 Backward (``_LinearFn``), with ``dy_i = [dO_i, -delta_i] / Z_i`` and ``delta_i = dO_i . o_i``: the
-gradient of plain linear attention ``y = phi_q U``: ``dphi_q = dy U^T`` (a forward pass recomputing U),
-``dphi_k_j = W v1_j`` and ``dv1_j = W^T phi_k_j`` with the reverse state ``W = sum_i phi_q_i dy_i^T`` over
+gradient of plain linear attention ``y = phi(q') (w * U)``: ``dphi(q') = dy (w * U)^T`` (a forward pass
+recomputing U), ``dphi(k_j) = (w * W) v1_j`` and ``dv1_j = (w * W)^T phi(k_j)`` with the reverse state
+``W = sum_i phi(q'_i) dy_i^T`` over
 the rows that see key j in full (a reverse pass); diagonal blocks through ``f'(s) = c1 + 2 c2 s``. No
 per-chunk state is stored: memory is O(F Dv + C (F + S_block)) beyond the inputs and outputs, whatever L.
 
@@ -47,7 +48,8 @@ import torch
 
 from .normalizers import Normalizer, parse
 
-__all__ = ["attention", "choose_form", "FormChoice", "TaylorState", "FORMS", "CHUNK", "features"]
+__all__ = ["attention", "choose_form", "costs", "FormChoice", "TaylorState", "FORMS", "CHUNK", "features",
+           "feature_weights", "n_features"]
 
 FORMS = ("auto", "quadratic", "linear")
 #: query rows per step of the torch path's chunk loop (tests shrink it to put chunk boundaries at awkward L)
@@ -58,37 +60,47 @@ CHUNK = 64
 # feature maps
 
 
-def _pairs(D: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ia, ib = torch.triu_indices(D, D, device=device)  # the pairs a <= b
-    return ia, ib
+def n_features(D: int) -> int:
+    """F = 1 + D + D(D+1)/2."""
+    return 1 + D + D * (D + 1) // 2
 
 
-def features(x: torch.Tensor, coeffs=(1.0, 1.0, 1.0), *, query: bool = False) -> torch.Tensor:
-    """phi_k(x) (or phi_q(x) with ``query=True``): [..., D] -> [..., F], F = 1 + D + D(D+1)/2 (glossary)."""
+def features(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = [1, x, x_a x_b over the pairs a <= b (row-major: (0, 0..D-1), (1, 1..D-1), ...)]:
+    [..., D] -> [..., F] (glossary). Written slice by slice (D products of contiguous runs, no gather)."""
     D = x.shape[-1]
-    ia, ib = _pairs(D, x.device)
-    quad = x[..., ia] * x[..., ib]  # [..., D(D+1)/2]
-    one = torch.ones((*x.shape[:-1], 1), dtype=x.dtype, device=x.device)
-    if not query:
-        return torch.cat([one, x, quad], -1)
+    out = x.new_empty((*x.shape[:-1], n_features(D)))
+    out[..., 0] = 1
+    out[..., 1:1 + D] = x
+    o = 1 + D
+    for a in range(D):  # the pairs (a, a..D-1)
+        torch.mul(x[..., a:a + 1], x[..., a:], out=out[..., o:o + D - a])
+        o += D - a
+    return out
+
+
+def feature_weights(D: int, coeffs, dtype, device) -> torch.Tensor:
+    """w (F,) with phi(q') . (w * phi(k)) = c0 + c1 s + c2 s^2: [c0, c1 (D times), c2 w_ab over the pairs]
+    with w_ab = 1 on the diagonal and 2 off it (x x^T is symmetric)."""
     c0, c1, c2 = coeffs
-    w = torch.where(ia == ib, c2, 2.0 * c2).to(x.dtype)
-    return torch.cat([one * c0, x * c1, quad * w], -1)
+    ia, ib = torch.triu_indices(D, D, device=device)  # the pairs a <= b, in the order of features()
+    w = torch.cat([torch.tensor([c0] + [c1] * D, dtype=torch.float64, device=device),
+                   torch.where(ia == ib, c2, 2.0 * c2).to(torch.float64)])
+    return w.to(dtype)
 
 
-def _features_grad(x: torch.Tensor, g: torch.Tensor, coeffs=(1.0, 1.0, 1.0), *, query: bool = False):
-    """d/dx of ``(features(x) * g).sum()``: [..., D] from g [..., F]. For a pair feature h = c x_a x_b with
-    gradient g: dx = (M + M^T) x with M[a, b] = c g (zero below the diagonal)."""
+def _features_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d/dx of ``(features(x) * g).sum()``: [..., D] from g [..., F]. The pair (a, b) adds g_ab x_b to
+    dx_a and g_ab x_a to dx_b (2 g_aa x_a on the diagonal)."""
     D = x.shape[-1]
-    ia, ib = _pairs(D, x.device)
-    c1 = coeffs[1] if query else 1.0
-    gq = g[..., 1 + D:]
-    if query:
-        gq = gq * torch.where(ia == ib, coeffs[2], 2.0 * coeffs[2]).to(g.dtype)
-    m = g.new_zeros((*g.shape[:-1], D * D))
-    m[..., ia * D + ib] = gq
-    m = m.view(*g.shape[:-1], D, D)  # [..., D, D]
-    return g[..., 1:1 + D] * c1 + ((m + m.transpose(-1, -2)) @ x.unsqueeze(-1)).squeeze(-1)
+    dx = g[..., 1:1 + D].clone()
+    o = 1 + D
+    for a in range(D):
+        ga = g[..., o:o + D - a]  # the pairs (a, a..D-1)
+        o += D - a
+        dx[..., a] += (ga * x[..., a:]).sum(-1)
+        dx[..., a:] += ga * x[..., a:a + 1]
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +117,7 @@ class _Problem(NamedTuple):
     coeffs: tuple[float, float, float]
     acc: torch.dtype
     chunk: int
+    w: torch.Tensor  # (F, 1) feature weights (feature_weights)
 
     @property
     def gm(self) -> int:
@@ -163,7 +176,7 @@ def _fprime(s, coeffs):
 
 
 def _add_state(U, pb: _Problem, j0: int, j1: int):
-    """U += sum over keys [j0, j1) of phi_k(k_j) v1_j^T (masked keys add nothing), in blocks of ``chunk``."""
+    """U += sum over keys [j0, j1) of phi(k_j) v1_j^T (masked keys add nothing), in blocks of ``chunk``."""
     for c0 in range(j0, j1, pb.chunk):
         kb, _, vm, _ = _keys(pb, c0, min(j1, c0 + pb.chunk))
         U += features(kb).transpose(-1, -2) @ vm  # [B, Hkv, Gm, F, Dv+1]
@@ -172,8 +185,7 @@ def _add_state(U, pb: _Problem, j0: int, j1: int):
 
 def _new_state(pb: _Problem):
     B, Hkv, _, _, D = pb.q5.shape
-    F = 1 + D + D * (D + 1) // 2
-    return torch.zeros(B, Hkv, pb.gm, F, pb.v.shape[3] + 1, dtype=pb.acc, device=pb.q5.device)
+    return torch.zeros(B, Hkv, pb.gm, n_features(D), pb.v.shape[3] + 1, dtype=pb.acc, device=pb.q5.device)
 
 
 def _forward(pb: _Problem):
@@ -186,7 +198,7 @@ def _forward(pb: _Problem):
     U = _add_state(_new_state(pb), pb, 0, a0)
     for i0, i1, a, b in steps:
         qc = _rows(pb, i0, i1)
-        y = features(qc, pb.coeffs, query=True) @ U  # [B, Hkv, G, C, Dv+1]
+        y = features(qc) @ (pb.w * U)  # [B, Hkv, G, C, Dv+1]
         if b > a:
             kb, v1, _, km = _keys(pb, a, b)
             s, allowed = _diag(pb, qc, kb, km, i0, i1, a, b)
@@ -215,11 +227,11 @@ def _backward(pb: _Problem, out5, z5, dout5):
     dv = torch.zeros(pb.v.shape, dtype=pb.acc, device=pb.v.device)
     a0, steps = _schedule(pb)
 
-    # pass 1 (rows in order): dq' = d(phi_q)/dq' (dy U^T) + the diagonal block's ds @ k
+    # pass 1 (rows in order): dq' = dphi/dq' applied to dy (w * U)^T, plus the diagonal block's ds @ k
     U = _add_state(_new_state(pb), pb, 0, a0)
     for i0, i1, a, b in steps:
         qc, dyc = _rows(pb, i0, i1), dy[:, :, :, i0:i1]
-        dqc = _features_grad(qc, dyc @ U.transpose(-1, -2), pb.coeffs, query=True)
+        dqc = _features_grad(qc, dyc @ (pb.w * U).transpose(-1, -2))
         if b > a:
             kb, v1, _, km = _keys(pb, a, b)
             s, allowed = _diag(pb, qc, kb, km, i0, i1, a, b)
@@ -228,13 +240,14 @@ def _backward(pb: _Problem, out5, z5, dout5):
             U = _add_state(U, pb, a, b)
         dq[:, :, :, i0:i1] = dqc * pb.scale
 
-    # pass 2 (rows in reverse): W = sum phi_q dy^T over the rows that see a block in full
+    # pass 2 (rows in reverse): W = sum phi(q') dy^T over the rows that see a block in full
     W = torch.zeros_like(U)
 
     def keys_from_state(j0, j1):
         kb, _, vm, km = _keys(pb, j0, j1)
-        dphi = (vm @ W.transpose(-1, -2)).sum(2)  # [B, Hkv, n, F]
-        dvm = features(kb) @ W  # [B, Hkv, Gm, n, Dv+1]
+        wW = pb.w * W
+        dphi = (vm @ wW.transpose(-1, -2)).sum(2)  # [B, Hkv, n, F]
+        dvm = features(kb) @ wW  # [B, Hkv, Gm, n, Dv+1]
         dv1 = (dvm if km is None else dvm * km.transpose(-1, -2)).sum(2)
         dk[:, :, j0:j1] += _features_grad(kb[:, :, 0], dphi)
         dv[:, :, j0:j1] += dv1[..., :Dv]
@@ -250,7 +263,7 @@ def _backward(pb: _Problem, out5, z5, dout5):
             ds = torch.where(allowed, _fprime(s, pb.coeffs) * (dyc @ v1.transpose(-1, -2)), 0.0)
             dk[:, :, a:b] += (ds.transpose(-1, -2) @ qc).sum(2)
             dv[:, :, a:b] += (p.transpose(-1, -2) @ dyc).sum(2)[..., :Dv]
-        W += _sum_to(features(qc, pb.coeffs, query=True).transpose(-1, -2) @ dyc, pb.gm)
+        W += _sum_to(features(qc).transpose(-1, -2) @ dyc, pb.gm)
     for j0 in range(0, a0, pb.chunk):
         keys_from_state(j0, min(a0, j0 + pb.chunk))
     return dq, dk, dv
@@ -285,7 +298,8 @@ def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     Hkv = k.shape[1]
     q5 = q.unflatten(1, (Hkv, q.shape[1] // Hkv))  # (B, Hkv, G, L, D) view
-    return _Problem(q5, k, v, km, off, scale, tuple(coeffs), acc, chunk)
+    w = feature_weights(q.shape[3], coeffs, acc, q.device)[:, None]
+    return _Problem(q5, k, v, km, off, scale, tuple(coeffs), acc, chunk, w)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,11 +343,11 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
 
         quadratic = L * S' * (D + Dv)                   S' = S, or about S/2 causal (tiles above the diagonal
                                                         are skipped)
-        linear    = (L + S) * F * (Dv + 1)              phi_q U for every row, phi_k v1^T into U for every key,
+        linear    = (L + S) * F * (Dv + 1)              phi(q') U for every row, phi(k) v1^T into U per key,
                     + L * C' * (D + Dv)                 plus the intra-chunk quadratic part (C' = chunk / 2
                                                         causal, 0 otherwise); F = 1 + D + D(D+1)/2 ~ D^2/2
     """
-    F = 1 + D + D * (D + 1) // 2
+    F = n_features(D)
     quad = L * (S / 2 if causal else S) * (D + Dv)
     lin = (L + S) * F * (Dv + 1) + L * (min(chunk, S) / 2 if causal else 0) * (D + Dv)
     return float(quad), float(lin)
@@ -413,11 +427,11 @@ def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_st
 
 
 class TaylorState:
-    """O(1)-memory decoding state of Taylor (polynomial) attention: ``U = sum_j phi_k(k_j) [v_j, 1]^T``
+    """O(1)-memory decoding state of Taylor (polynomial) attention: ``U = sum_j phi(k_j) [v_j, 1]^T``
     per (batch, kv head), [B, Hkv, F, Dv+1] in float32 (float64 for float64 inputs), F = 1 + D + D(D+1)/2.
 
     ``step(q_t, k_t, v_t)`` appends one token and returns its output
-    ``o_t = phi_q(scale q_t) U[..., :Dv] / phi_q(scale q_t) U[..., Dv]``, which equals row t of
+    ``y = phi(scale q_t) (w * U)``, ``o_t = y[:Dv] / y[Dv]`` (see the module glossary), which equals row t of
     ``flashmaps.attention(q, k, v, "taylor", causal=True)`` over the whole sequence. Memory does not depend
     on the number of tokens. GQA: query head h reads kv head h // (Hq // Hkv).
 
@@ -435,12 +449,13 @@ class TaylorState:
                              "TaylorState.empty(...) or TaylorState.from_prefix(k, v)")
         F = state.shape[2]
         D = int(round((math.sqrt(8 * F + 1) - 3) / 2))  # F = 1 + D + D(D+1)/2
-        if 1 + D + D * (D + 1) // 2 != F:
+        if n_features(D) != F:
             raise ValueError(f"TaylorState: state dim 2 is {F}, not 1 + D + D(D+1)/2 for any head dim D")
         self.U = state
         self.D, self.Dv = D, state.shape[3] - 1
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         self.coeffs = tuple(norm.linear_coeffs)
+        self.w = feature_weights(D, self.coeffs, state.dtype, state.device)[:, None]
         self.dtype = dtype or state.dtype  # the dtype of the outputs
 
     @classmethod
@@ -448,8 +463,7 @@ class TaylorState:
               device=None) -> "TaylorState":
         """A state with no token yet (outputs in ``dtype``)."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        F = 1 + D + D * (D + 1) // 2
-        return cls(torch.zeros(B, Hkv, F, Dv + 1, dtype=acc, device=device), scale=scale, normalizer=normalizer,
+        return cls(torch.zeros(B, Hkv, n_features(D), Dv + 1, dtype=acc, device=device), scale=scale, normalizer=normalizer,
                    dtype=dtype)
 
     @classmethod
@@ -465,7 +479,7 @@ class TaylorState:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> "TaylorState":
         """Append tokens k (B, Hkv, n, D), v (B, Hkv, n, Dv) (in place; returns self)."""
         with torch.no_grad():
-            pb = _Problem(k.unsqueeze(2), k, v, None, None, 1.0, self.coeffs, self.U.dtype, CHUNK)
+            pb = _Problem(k.unsqueeze(2), k, v, None, None, 1.0, self.coeffs, self.U.dtype, CHUNK, self.w)
             _add_state(self.U.unsqueeze(2), pb, 0, k.shape[2])  # in place on the view [B, Hkv, 1, F, Dv+1]
         return self
 
@@ -496,8 +510,8 @@ class TaylorState:
             raise ValueError(f"query: q must be (B={self.U.shape[0]}, Hq, [n,] D={self.D}) with Hq a multiple of "
                              f"{Hkv}, got {tuple(q.shape)}")
         with torch.no_grad():
-            qf = features(q4.unflatten(1, (Hkv, Hq // Hkv)).to(self.U.dtype) * self.scale, self.coeffs, query=True)
-            y = qf @ self.U[:, :, None]  # [B, Hkv, G, n, Dv+1]
+            qf = features(q4.unflatten(1, (Hkv, Hq // Hkv)).to(self.U.dtype) * self.scale)  # [B, Hkv, G, n, F]
+            y = qf @ (self.w * self.U)[:, :, None]  # [B, Hkv, G, n, Dv+1]
             z = y[..., self.Dv:]
             out = (y[..., :self.Dv] / torch.where(z > 0, z, 1.0)).flatten(1, 2).to(self.dtype)  # (B, Hq, n, Dv)
         return out if q.dim() == 4 else out.squeeze(2)
