@@ -53,7 +53,7 @@ __all__ = ["attention", "choose_form", "costs", "FormChoice", "TaylorState", "FO
 
 FORMS = ("auto", "quadratic", "linear")
 #: query rows per step of the torch path's chunk loop (tests shrink it to put chunk boundaries at awkward L)
-CHUNK = 64
+CHUNK = 128
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,10 +218,13 @@ def _sum_to(x: torch.Tensor, gm: int) -> torch.Tensor:
 def _backward(pb: _Problem, out5, z5, dout5):
     """(dq [B, Hkv, G, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]) in the acc dtype (module docstring)."""
     Dv = pb.v.shape[3]
-    delta = (dout5.to(pb.acc) * out5.to(pb.acc)).sum(-1, keepdim=True)  # [B, Hkv, G, L, 1]
-    zsafe = torch.where(z5 > 0, z5, 1.0)[..., None]
-    dy = torch.cat([dout5.to(pb.acc), -delta], -1) / zsafe * (z5 > 0)[..., None]  # [B, Hkv, G, L, Dv+1]
-    del delta
+
+    def rows(i0, i1):  # q' and dy = [dO, -delta] / Z (0 for an empty row) of rows [i0, i1): [B, Hkv, G, C, *]
+        do = dout5[:, :, :, i0:i1].to(pb.acc)
+        z = z5[:, :, :, i0:i1, None]
+        delta = (do * out5[:, :, :, i0:i1].to(pb.acc)).sum(-1, keepdim=True)
+        return _rows(pb, i0, i1), torch.cat([do, -delta], -1) / torch.where(z > 0, z, 1.0) * (z > 0)
+
     dq = torch.zeros(pb.q5.shape, dtype=pb.acc, device=pb.q5.device)
     dk = torch.zeros(pb.k.shape, dtype=pb.acc, device=pb.k.device)
     dv = torch.zeros(pb.v.shape, dtype=pb.acc, device=pb.v.device)
@@ -230,7 +233,7 @@ def _backward(pb: _Problem, out5, z5, dout5):
     # pass 1 (rows in order): dq' = dphi/dq' applied to dy (w * U)^T, plus the diagonal block's ds @ k
     U = _add_state(_new_state(pb), pb, 0, a0)
     for i0, i1, a, b in steps:
-        qc, dyc = _rows(pb, i0, i1), dy[:, :, :, i0:i1]
+        qc, dyc = rows(i0, i1)
         dqc = _features_grad(qc, dyc @ (pb.w * U).transpose(-1, -2))
         if b > a:
             kb, v1, _, km = _keys(pb, a, b)
@@ -254,7 +257,7 @@ def _backward(pb: _Problem, out5, z5, dout5):
         return kb, km
 
     for i0, i1, a, b in reversed(steps):
-        qc, dyc = _rows(pb, i0, i1), dy[:, :, :, i0:i1]
+        qc, dyc = rows(i0, i1)
         if b > a:
             kb, km = keys_from_state(a, b)
             _, v1, _, _ = _keys(pb, a, b)
