@@ -17,6 +17,11 @@ allocated (the method of ``bench/cpu_goal.py``: the peak counter is reset throug
 and that minus the bytes of what the call returns (out, z, and dq, dk, dv for forward+backward): the
 working memory, which must not grow with L.
 
+Decode (``--decode``, its own JSON and PNG): tokens/s of recurrent decoding at growing context P, B=1,
+H=8, D=Dv=16: ``TaylorState.step`` (the state built from the P-token prefix) vs the KV-cache call
+``flashmaps.attention(q_t, k[:, :, :P+t+1], v[:, :, :P+t+1], "taylor", form="quadratic")`` (one query row
+against the cache, a preallocated buffer sliced, no copies), each over the same ``--decode-steps`` tokens.
+
 Goal: linear >= 5x faster than quadratic at 16k; working memory at 64k about the same as at 16k. Writes a
 table to the terminal and JSON (device, versions, git sha, date, load average, raw timings) to
 bench/results/cpu/taylor_linear.json (--out).
@@ -102,9 +107,88 @@ def worker_time(args) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def decode(args) -> dict:
+    """Tokens/s of TaylorState.step and of the KV-cache call at each context in ``args.decode_ctx``."""
+    import torch
+
+    import flashmaps
+
+    B, H, D, n = args.B, args.H, args.D, args.decode_steps
+    rows = []
+    with torch.no_grad():
+        for P in args.decode_ctx:
+            q, k, v = _inputs(B, H, P + n, D)
+            st = flashmaps.TaylorState.from_prefix(k[:, :, :P], v[:, :, :P])
+            t0 = time.perf_counter()
+            outs_state = [st.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(P, P + n)]
+            t_state = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs_cache = [flashmaps.attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], "taylor",
+                                              form="quadratic", backend="torch") for t in range(P, P + n)]
+            t_cache = time.perf_counter() - t0
+            a, b = torch.stack(outs_state, 2).double(), torch.cat(outs_cache, 2).double()
+            rows.append({"context": P, "steps": n, "state_tokens_per_s": n / t_state,
+                         "kv_cache_tokens_per_s": n / t_cache, "state_bytes": st.memory_bytes(),
+                         "kv_cache_bytes": 2 * B * H * (P + n) * D * 4,
+                         "rel_err_state_vs_cache": float((a - b).norm() / b.norm())})
+            r = rows[-1]
+            print(f"  decode  context {P:6d}: state {r['state_tokens_per_s']:9.1f} tok/s "
+                  f"({r['state_bytes'] / 2**20:.2f} MiB), KV-cache call {r['kv_cache_tokens_per_s']:9.1f} tok/s "
+                  f"({r['kv_cache_bytes'] / 2**20:.1f} MiB), rel err {r['rel_err_state_vs_cache']:.1e}", flush=True)
+    return {"rows": rows, "threads": torch.get_num_threads()}
+
+
+def _plot_decode(rows, path: Path, caption: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [r["context"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ctx, [r["state_tokens_per_s"] for r in rows], "o-", label="TaylorState.step (O(1) state)")
+    ax.plot(ctx, [r["kv_cache_tokens_per_s"] for r in rows], "s-", label="KV-cache call (quadratic taylor)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s (B=1, H=8, D=16)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.text(0.01, 0.01, caption, fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _meta(args, threads, load_before) -> dict:
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": harness.git_sha(),
+        "device": {"cpu": harness._cpu_model(), "cores": os.cpu_count(), "threads": threads,
+                   "platform": platform.platform()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "flashmaps": _version("flashmaps")},
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+    }
+
+
+def _write(record, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def linear_chunk() -> int:
+    from flashmaps import linear
+
+    return linear.CHUNK
+
+
 def _run_worker(extra, args, L) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--B", str(args.B), "--H", str(args.H), "--D", str(args.D),
-           "--L", str(L), *extra]
+           "--L", str(L), *(["--threads", str(args.threads)] if args.threads else []), *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"worker {extra} failed:\n{res.stderr[-4000:]}")
@@ -120,9 +204,18 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-L", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs both forms)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "taylor_linear.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every measuring process (default: "
+                    "torch's); 1 avoids OpenMP waits when other processes load the cores")
+    ap.add_argument("--decode", action="store_true", help="measure decode throughput instead (JSON + PNG)")
+    ap.add_argument("--decode-ctx", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--worker-memory", choices=("fwd", "fwd+bwd"), dest="mode", help=argparse.SUPPRESS)
     ap.add_argument("--worker-time", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.mode:
         print(json.dumps(worker_memory(args)))
         return 0
@@ -130,9 +223,18 @@ def main(argv=None) -> int:
         print(json.dumps(worker_time(args)))
         return 0
 
-    import torch
-
     load_before = os.getloadavg()
+    if args.decode:
+        res = decode(args)
+        out = Path(args.out).with_name("taylor_decode.json") if args.out == ap.get_default("out") else Path(args.out)
+        record = {"benchmark": "taylor_decode", **_meta(args, res["threads"], load_before),
+                  "problem": {"B": args.B, "H": args.H, "D": args.D, "Dv": args.D, "dtype": "float32"},
+                  "rows": res["rows"]}
+        _write(record, out)
+        _plot_decode(res["rows"], out.with_suffix(".png"), f"{record['device']['cpu']} | torch "
+                     f"{record['versions']['torch']} | git {record['git_sha'][:12]} | {record['date']}")
+        print(f"plot:  {out.with_suffix('.png')}")
+        return 0
     memory = []
     for L in args.memory_L:
         for mode in ("fwd", "fwd+bwd"):
@@ -151,25 +253,15 @@ def main(argv=None) -> int:
           f"{'met' if speedup >= GOAL_SPEEDUP else 'MISSED'}); rel err linear vs quadratic "
           f"{timing['rel_err_linear_vs_quadratic']:.1e}")
     record = {
-        "benchmark": "taylor_linear",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": harness.git_sha(),
-        "device": {"cpu": harness._cpu_model(), "cores": os.cpu_count(), "threads": timing["threads"],
-                   "platform": platform.platform()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "flashmaps": _version("flashmaps")},
-        "load_average": {"before": load_before, "after": load_after},
+        "benchmark": "taylor_linear", **_meta(args, timing["threads"], load_before),
         "problem": {"B": args.B, "H": args.H, "L": args.L, "S": args.L, "D": args.D, "Dv": args.D,
-                    "causal": "upper_left", "dtype": "float32", "chunk": __import__("flashmaps.linear").linear.CHUNK},
+                    "causal": "upper_left", "dtype": "float32", "chunk": linear_chunk()},
         "memory": memory,
         "timing": timing,
         "summary": {"speedup": speedup, "speedup_is": "median over interleaved rounds of the per-round time ratio",
                     "goal_speedup": GOAL_SPEEDUP, "met": speedup >= GOAL_SPEEDUP},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    _write(record, Path(args.out))
     return 0
 
 

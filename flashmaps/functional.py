@@ -253,7 +253,7 @@ def attention(
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)
     choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
-                            dropout_p=dropout_f, backend=backend_name)
+                            dropout_p=dropout_f, backend=backend, resolved=backend_name)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
     if choice.form == "linear":

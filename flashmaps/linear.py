@@ -356,12 +356,20 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
     return float(quad), float(lin)
 
 
-def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropout_p, backend=None):
+def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropout_p, backend="auto",
+            resolved="torch"):
+    """The FormChoice of a checked call (``backend`` as the caller gave it, ``resolved`` the one it became).
+    The linear form runs with torch ops on any device: an explicit backend="triton" rules it out (no linear
+    Triton kernel yet); "auto" on CUDA keeps the tuned quadratic Triton kernel (the cost model counts
+    multiply-adds, not the launches of a torch-op chunk loop), and form="linear" runs the torch ops there."""
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     why = _why_not_linear(norm, mask, softcap, dropout_p)
     if why is None and backend == "triton":
         why = "the Triton backend has no linear-form kernel yet; use backend='torch' (or 'auto') for form='linear'"
+    if why is None and form == "auto" and resolved == "triton":
+        why = ("the Triton backend has no linear-form kernel yet and its quadratic kernel beats the torch-op linear "
+               "form's launches; pass form='linear' to run the linear form with torch ops")
     if form == "linear":
         if why is not None:
             raise ValueError(f"form='linear' is not possible here: {why}")
@@ -394,9 +402,10 @@ def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn
     B, Hq, L, D = q.shape
     S = k.shape[2]
     mask = fn._check_mask(attn_mask, (B, Hq, L, S), q.device)
-    backend_name = fn._choose_backend(backend, q.device, q.dtype)
+    resolved = fn._choose_backend(backend, q.device, q.dtype)
     return _choose(parse(normalizer), form, L, S, D, v.shape[3], mask=mask, causal=fn._check_causal(causal),
-                   softcap=fn._check_softcap(softcap), dropout_p=fn._check_dropout(dropout_p), backend=backend_name)
+                   softcap=fn._check_softcap(softcap), dropout_p=fn._check_dropout(dropout_p), backend=backend,
+                   resolved=resolved)
 
 
 # ----------------------------------------------------------------------------------------------------

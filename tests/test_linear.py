@@ -195,3 +195,25 @@ def test_state_errors():
         st.step(q, k, v)
     with pytest.raises(ValueError, match="no linear form"):
         flashmaps.TaylorState.empty(1, 1, 4, 4, normalizer="softmax")
+
+
+def test_bench_providers_sweep_the_forms():
+    from flashmaps.bench import providers
+
+    names = {p.name for p in providers.providers_for("cpu", ["taylor", "softmax"])}
+    assert {"flashmaps-taylor-torch-linear", "flashmaps-taylor-torch-quadratic"} <= names
+    assert not any(n.startswith("flashmaps-softmax-torch-") for n in names)
+    q, k, v = _qkv(L=40)
+    lin = providers.get_provider("flashmaps-taylor-torch-linear").make("cpu")(q, k, v, "upper_left")
+    quad = providers.get_provider("flashmaps-taylor-torch-quadratic").make("cpu")(q, k, v, "upper_left")
+    assert rel_err(lin, quad) < 1e-5
+    with pytest.raises(ValueError, match="no form 'linear'"):
+        providers.get_provider("flashmaps-softmax-torch-linear")
+
+
+def test_triton_backend_has_no_linear_form_yet():
+    q, k, v = _qkv(L=4096)
+    with pytest.raises(ValueError, match="Triton backend has no linear"):
+        flashmaps.attention(q, k, v, "taylor", form="linear", backend="triton")
+    choice = flashmaps.choose_form(q, k, v, "taylor", causal=True, backend="triton")
+    assert choice.form == "quadratic" and "Triton" in choice.reason
