@@ -217,3 +217,17 @@ def test_triton_backend_has_no_linear_form_yet():
         flashmaps.attention(q, k, v, "taylor", form="linear", backend="triton")
     choice = flashmaps.choose_form(q, k, v, "taylor", causal=True, backend="triton")
     assert choice.form == "quadratic" and "Triton" in choice.reason
+
+
+def test_register_checks_the_linear_contract():
+    import dataclasses
+    from typing import ClassVar
+
+    @dataclasses.dataclass(frozen=True)
+    class Poly(flashmaps.normalizers.get("taylor")):
+        name: ClassVar[str] = "poly_no_coeffs"
+        linear_coeffs: ClassVar = None
+
+    with pytest.raises(ValueError, match="linear_coeffs"):
+        flashmaps.register(Poly)
+    assert "poly_no_coeffs" not in flashmaps.names()

@@ -196,6 +196,9 @@ def register(cls: type[Normalizer] | None = None, *, replace: bool = False):
         raise ValueError(f"register({cls.__name__}): `stats` and `empty_stats` must have the same length")
     if len(cls.stats) > 2:
         raise ValueError(f"register({cls.__name__}): at most two row statistics, got {cls.stats}")
+    if "linear" in cls.forms and (cls.linear_coeffs is None or len(cls.linear_coeffs) != 3 or len(cls.stats) != 1):
+        raise ValueError(f"register({cls.__name__}): the 'linear' form needs linear_coeffs = (c0, c1, c2) of "
+                         "f(s) = c0 + c1 s + c2 s^2 and one row statistic (the normalizer Z)")
     old = _REGISTRY.get(cls.name)
     if old is not None and old is not cls and not replace and old.__qualname__ != cls.__qualname__:
         raise ValueError(f"register({cls.__name__}): the name {cls.name!r} is taken by {old.__module__}."
