@@ -95,6 +95,7 @@ class Provider:
     limits: Callable[[dict], "str | None"] = lambda case: None
     config: "dict | None" = None  # pinned kernel configs {"fwd"|"dkdv"|"dq": {"BM", "BN", ...}}
     knobs: dict = dataclasses.field(default_factory=dict)  # {"dotted.module.attr": value}, set in the worker
+    time_order: int = 2  # how the time grows with L = S (2; 1 for a linear-time form): the harness's extrapolation
 
     def unavailable(self, device: str) -> str | None:
         """None if this provider can run on ``device`` ("cpu"/"cuda"), else the reason it cannot."""
@@ -192,7 +193,7 @@ def flashmaps_provider(spec: str, backend: str, form: str | None = None) -> Prov
         return _import_or_reason(f"flashmaps.{backend}_path")
 
     name = f"flashmaps-{spec}-{backend}" + (f"-{form}" if form else "")
-    return Provider(name, "flashmaps", spec, make, probe, backend=backend)
+    return Provider(name, "flashmaps", spec, make, probe, backend=backend, time_order=1 if form == "linear" else 2)
 
 
 def _pinned_make(spec: str, config: dict):

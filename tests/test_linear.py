@@ -231,3 +231,16 @@ def test_register_checks_the_linear_contract():
     with pytest.raises(ValueError, match="linear_coeffs"):
         flashmaps.register(Poly)
     assert "poly_no_coeffs" not in flashmaps.names()
+
+
+def test_bench_extrapolates_the_linear_form_linearly():
+    from flashmaps.bench import harness, providers
+
+    provs = [providers.get_provider(f"flashmaps-taylor-torch-{f}") for f in ("linear", "quadratic")]
+    jobs = harness.sweep(device="cpu", providers=provs, seqs=[1024, 4096], modes=["fwd"], batches=["1"], heads=[8],
+                         kv_heads=[None], head_dims=[16], causals=["upper_left"], dtypes=["float32"], tokens=16384)
+    for name, est_s in (("flashmaps-taylor-torch-linear", 4.0), ("flashmaps-taylor-torch-quadratic", 16.0)):
+        small, big = [j for j in jobs if j["provider"] == name]
+        history = {harness._group_key(small): dict(small, status="ok", time_ms=1000.0)}
+        assert harness._skip_reason(big, history, max_call_s=est_s + 0.5) is None
+        assert harness._skip_reason(big, history, max_call_s=est_s - 0.5) is not None
