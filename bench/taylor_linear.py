@@ -103,7 +103,8 @@ def worker_time(args) -> dict:
                 times[f].append(time.perf_counter() - t0)
     a, b = outs["linear"].double(), outs["quadratic"].double()
     ratios = [tq / tl for tl, tq in zip(times["linear"], times["quadratic"])]
-    return {"times_s": times, "speedup_per_round": ratios, "rel_err_linear_vs_quadratic": float((a - b).norm() / b.norm()),
+    return {"times_s": times, "speedup_per_round": ratios,
+            "rel_err_linear_vs_quadratic": float((a - b).norm() / b.norm()),
             "threads": torch.get_num_threads()}
 
 

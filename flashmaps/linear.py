@@ -475,8 +475,8 @@ class TaylorState:
               device=None) -> "TaylorState":
         """A state with no token yet (outputs in ``dtype``)."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        return cls(torch.zeros(B, Hkv, n_features(D), Dv + 1, dtype=acc, device=device), scale=scale, normalizer=normalizer,
-                   dtype=dtype)
+        state = torch.zeros(B, Hkv, n_features(D), Dv + 1, dtype=acc, device=device)  # [B, Hkv, F, Dv+1]
+        return cls(state, scale=scale, normalizer=normalizer, dtype=dtype)
 
     @classmethod
     def from_prefix(cls, k: torch.Tensor, v: torch.Tensor, *, scale=None, normalizer="taylor") -> "TaylorState":
