@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .harness import baseline_of, fmt_bytes, format_table, run_jobs, sweep
+from .harness import baseline_of, fmt_bytes, fmt_spread, format_table, run_jobs, sweep
 from .providers import BASELINE, default_normalizers, flashmaps_provider, get_provider
 
 __all__ = ["DEFAULTS", "compare_jobs", "summarize", "table"]
@@ -55,6 +55,7 @@ def _display(r: dict) -> dict:
     d = dict(r)
     d["err_s"] = None if r.get("err") is None else f"{r['err']:.1e}"
     d["time_s"] = None if r.get("time_ms") is None else f"{r['time_ms']:.2f}"
+    d["spread_s"] = fmt_spread(r)
     d["tvs_s"] = None if r.get("time_vs_sdpa") is None else f"{r['time_vs_sdpa']:.2f}x"
     d["mem_s"] = fmt_bytes(r.get("peak_mem_bytes"))
     d["mvs_s"] = None if r.get("mem_vs_sdpa") is None else f"{r['mem_vs_sdpa']:.2f}x"
@@ -66,7 +67,7 @@ def _display(r: dict) -> dict:
 def table(rows: list[dict]) -> str:
     """The terminal table of a comparison (one block per mode)."""
     cols = [("provider", "provider"), ("normalizer", "normalizer"), ("rel err", "err_s"), ("ms", "time_s"),
-            ("time/SDPA", "tvs_s"), ("extra peak", "mem_s"), ("mem/SDPA", "mvs_s"), ("zeros", "sp_s"),
+            ("20-80%", "spread_s"), ("time/SDPA", "tvs_s"), ("extra peak", "mem_s"), ("mem/SDPA", "mvs_s"), ("zeros", "sp_s"),
             ("status", "status_s")]
     blocks = []
     for mode in dict.fromkeys(r["mode"] for r in rows):

@@ -44,12 +44,17 @@ __all__ = [
     "device_name",
     "tags",
     "default_out_dir",
+    "results_root",
     "sweep",
     "run_jobs",
     "write_results",
     "format_table",
     "parse_seq",
     "order_by_case",
+    "spread",
+    "fmt_spread",
+    "trust_warnings",
+    "end_load",
     "add_baseline",
     "prewarm",
 ]
@@ -136,13 +141,16 @@ def tags(kind: str) -> dict:
     return t
 
 
+def results_root() -> Path:
+    """Where a user's runs write when no --out is given: $FLASHMAPS_RESULTS, else ./flashmaps-results (never the
+    repository's committed bench/results/: a developer moves results there with --out)."""
+    env = os.environ.get("FLASHMAPS_RESULTS")
+    return Path(env) if env else Path.cwd() / "flashmaps-results"
+
+
 def default_out_dir(kind: str) -> Path:
-    """bench/results/<device> inside a source checkout, else ./flashmaps-results/<device>."""
-    root = _package_root()
-    base = root / "bench" / "results" if (root / "pyproject.toml").exists() and (root / "bench").is_dir() else (
-        Path.cwd() / "flashmaps-results"
-    )
-    return base / _slug(("cuda-" if kind == "cuda" else "cpu-") + device_name(kind))
+    """<results_root()>/<device>, e.g. ./flashmaps-results/cpu-amd-epyc-2-cores."""
+    return results_root() / _slug(("cuda-" if kind == "cuda" else "cpu-") + device_name(kind))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -522,16 +530,18 @@ def _progress(total: int, desc: str, enabled: bool):
 # results
 
 
-def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra: dict | None = None
-                  ) -> tuple[Path, Path]:
+def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra: dict | None = None,
+                  fields: tuple[str, ...] = ROW_FIELDS) -> tuple[Path, Path]:
     """``<out>/<name>.json`` ({"meta", "rows", **extra}) and ``<out>/<name>.csv``, every row tagged with
-    ``meta`` (``extra``: more top-level entries of the JSON, not copied into the rows)."""
+    ``meta`` (``extra``: more top-level entries of the JSON, not copied into the rows). ``fields``: the
+    columns every row has, first (default: the benchmark rows' ``ROW_FIELDS``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tagged = [{**{k: r.get(k) for k in ROW_FIELDS}, **{k: v for k, v in r.items() if k not in ROW_FIELDS
+    first = tuple(fields)
+    tagged = [{**{k: r.get(k) for k in first}, **{k: v for k, v in r.items() if k not in first
               and k not in meta and k != "device"}, **meta} for r in rows]
     jpath, cpath = out_dir / f"{name}.json", out_dir / f"{name}.csv"
     jpath.write_text(json.dumps({"meta": meta, "rows": tagged, **(extra or {})}, indent=1, default=str) + "\n")
-    fields = list(ROW_FIELDS) + sorted({k for r in tagged for k in r} - set(ROW_FIELDS) - set(meta)) + list(meta)
+    fields = list(first) + sorted({k for r in tagged for k in r} - set(first) - set(meta)) + list(meta)
 
     def cell(v):
         if v is None:
@@ -544,6 +554,59 @@ def write_results(rows: list[dict], out_dir: Path, name: str, meta: dict, extra:
         for r in tagged:
             w.writerow({k: cell(r.get(k)) for k in fields})
     return jpath, cpath
+
+
+#: a row whose 20-80 % time spread exceeds this fraction of its median is flagged as noisy
+NOISY_SPREAD = 0.25
+#: a CPU whose 1-minute load average exceeds this fraction of its cores is flagged as loaded
+LOADED_FRACTION = 0.5
+
+
+def spread(row: dict) -> float | None:
+    """(q80 - q20) / median of a row's times, or None."""
+    t, lo, hi = row.get("time_ms"), row.get("time_q20_ms"), row.get("time_q80_ms")
+    if not t or lo is None or hi is None:
+        return None
+    return (hi - lo) / t
+
+
+def fmt_spread(row: dict) -> str | None:
+    x = spread(row)
+    return None if x is None else f"±{50 * x:.0f}%"
+
+
+def trust_warnings(rows: list[dict], meta: dict) -> list[str]:
+    """What says the timings of a run should not be trusted: rows whose spread is over `NOISY_SPREAD`, a
+    CPU loaded at the start or at the end (load average over `LOADED_FRACTION` of the cores), and
+    contradictions (fwd+bwd faster than fwd of the same case). One line each."""
+    out = []
+    cores = os.cpu_count() or 1
+    loads = [meta.get("load_avg_1min"), meta.get("load_avg_1min_end")]
+    worst = max((x for x in loads if x is not None), default=None)
+    if worst is not None and worst > LOADED_FRACTION * cores:
+        out.append(f"the machine was loaded (1-minute load average up to {worst:g} on {cores} cores): other "
+                   "processes took CPU time, so the times are high and noisy; rerun on a quiet machine")
+    noisy = [r for r in rows if r.get("status") == "ok" and (spread(r) or 0) > NOISY_SPREAD]
+    for r in noisy[:8]:
+        out.append(f"noisy: {r['provider']} {r['mode']} S={r['S']}: 20-80 % of the runs span "
+                   f"{r['time_q20_ms']:.3g}-{r['time_q80_ms']:.3g} ms around a median of {r['time_ms']:.3g} ms")
+    if len(noisy) > 8:
+        out.append(f"noisy: {len(noisy) - 8} more rows")
+    key = ("provider", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal", "dtype")
+    fwd = {tuple(r.get(k) for k in key): r for r in rows if r.get("mode") == "fwd" and r.get("status") == "ok"}
+    for r in rows:
+        f = fwd.get(tuple(r.get(k) for k in key))
+        if r.get("mode") == "fwd+bwd" and r.get("status") == "ok" and f and r["time_ms"] < f["time_ms"]:
+            out.append(f"contradiction: {r['provider']} S={r['S']}: fwd+bwd {r['time_ms']:.3g} ms < fwd "
+                       f"{f['time_ms']:.3g} ms (noise larger than the difference)")
+    return out
+
+
+def end_load(meta: dict) -> dict:
+    """meta with the 1-minute load average at the end of the run (CPU)."""
+    if meta.get("device_kind") == "cpu" and hasattr(os, "getloadavg"):
+        meta = dict(meta, load_avg_1min_end=round(os.getloadavg()[0], 2))
+    return meta
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:

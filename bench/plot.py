@@ -4,6 +4,9 @@
              relative to SDPA (SDPA time / provider time) against the sequence length, one line per provider
     compare: one figure per mode: relative error, time / SDPA, extra peak memory / SDPA and the fraction of
              exact zero weights, one bar per provider
+    mqar:    test accuracy per normalizer and (sequence length, pairs), bars with the standard deviation over
+             seeds as error bars; learning curves (training loss, test accuracy) at each one's best lr
+    drift:   cosine similarity to softmax's embeddings and nearest-neighbour agreement per layer swapped
 
 Only rows with status "ok" are drawn; the JSON/CSV next to the PNG hold every row.
 """
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from .harness import baseline_of
 
-__all__ = ["plot_bench", "plot_compare"]
+__all__ = ["plot_bench", "plot_compare", "plot_mqar", "plot_drift"]
 
 
 def _plt():
@@ -127,3 +130,83 @@ def plot_compare(rows: list[dict], out_dir: Path, meta: dict | None = None) -> l
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_mqar(summary: list[dict], curves: list[dict], out_dir: Path, meta: dict | None = None) -> list[Path]:
+    """mqar-accuracy.png (bars: mean test accuracy over seeds at each normalizer's best lr, error bars one
+    standard deviation) and mqar-curves.png (training loss and test accuracy against the step, mean over
+    seeds at the best lr)."""
+    plt = _plt()
+    meta = meta or {}
+    norms = list(dict.fromkeys(r["normalizer"] for r in summary))
+    settings = list(dict.fromkeys((r["seq_len"], r["num_pairs"]) for r in summary))
+    by = {(r["normalizer"], r["seq_len"], r["num_pairs"]): r for r in summary}
+    width = 0.8 / max(1, len(norms))
+    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(settings) + 4), 4.8))
+    for i, n in enumerate(norms):
+        xs = [j + (i - (len(norms) - 1) / 2) * width for j, s in enumerate(settings) if (n, *s) in by]
+        rs = [by[(n, *s)] for s in settings if (n, *s) in by]
+        ax.bar(xs, [r["test_accuracy"] for r in rs], width, yerr=[r["test_accuracy_std"] for r in rs], capsize=2,
+               label=f"{n} (lr {rs[0]['lr']:g})")
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels([f"T={t}, pairs={k}" for t, k in settings])
+    ax.set_ylabel("MQAR test accuracy (mean ± std over seeds)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("MQAR: what each normalizer learns\n" + _caption(meta), fontsize=9)
+    fig.tight_layout()
+    paths = [Path(out_dir) / "mqar-accuracy.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    best = {r["normalizer"]: r["lr"] for r in summary}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for n in norms:
+        runs = [c["points"] for c in curves if c["normalizer"] == n and c["lr"] == best[n] and c["points"]]
+        if not runs:
+            continue
+        steps = [p["step"] for p in runs[0]]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot(steps, [sum(r[i][key] for r in runs) / len(runs) for i in range(len(steps))], marker="o", ms=3,
+                    label=n)
+    axes[0].set_ylabel("training loss (query positions)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("test accuracy (curve subset, mean over settings)")
+    axes[1].set_ylim(0, 1.05)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("MQAR learning curves (best lr, mean over seeds)\n" + _caption(meta), fontsize=9)
+    fig.tight_layout()
+    paths.append(Path(out_dir) / "mqar-curves.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def plot_drift(rows: list[dict], out_dir: Path, meta: dict | None = None) -> list[Path]:
+    """drift.png: per normalizer, the mean cosine similarity to softmax's embeddings and the top-1
+    neighbour agreement against the layer swapped (each alone, then all)."""
+    plt = _plt()
+    meta = meta or {}
+    cols = list(dict.fromkeys(r["layers"] for r in rows))
+    by = {(r["normalizer"], r["layers"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for n in dict.fromkeys(r["normalizer"] for r in rows):
+        for ax, key in zip(axes, ("cos_mean", "top1_agreement")):
+            ax.plot(range(len(cols)), [by[(n, c)][key] for c in cols], marker="o", ms=4, label=n)
+    for ax, label in zip(axes, ("cosine similarity to softmax's embedding (mean)",
+                                "nearest-neighbour agreement with softmax")):
+        ax.set_xticks(range(len(cols)))
+        ax.set_xticklabels([f"layer {c}" if c != "all" else "all" for c in cols])
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("drift: one normalizer swapped into all-MiniLM-L6-v2, zero-shot\n" + _caption(meta), fontsize=9)
+    fig.tight_layout()
+    path = Path(out_dir) / "drift.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -12,7 +12,7 @@ adds your own (README, "Write your own normalizer").
 from importlib import import_module as _import_module
 
 from . import normalizers, reference
-from .functional import attention, merge, sdpa
+from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
 
@@ -22,6 +22,8 @@ __all__ = [
     "attention",
     "sdpa",
     "merge",
+    "SdpaValueError",
+    "SdpaTypeError",
     "choose_form",
     "TaylorState",
     "Normalizer",
@@ -37,7 +39,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = ("nn", "integrations", "cli")
+_LAZY = ("nn", "integrations", "cli", "distributed")
 
 
 def __getattr__(name):  # flashmaps.nn etc. are imported on first use; normalizer classes by class name

@@ -11,7 +11,8 @@
                                     every code path on the CPU (python -m flashmaps.bench.gpucheck)
 
 Results (JSON + CSV, every row tagged with device, versions, git sha and date) and PNG plots go to --out,
-by default bench/results/<device>/ in a source checkout, else ./flashmaps-results/<device>/.
+by default ./flashmaps-results/<device>/ ($FLASHMAPS_RESULTS/<device>/ if set); the repository's committed
+bench/results/ change only when --out names them. Every argument error is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def _dtype(text: str) -> str:
     return _DTYPES[t]
 
 
+def _positive_float(text) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not (x > 0 and x < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return x
+
+
 def _positive_int(text) -> int:
     try:
         n = int(text)
@@ -79,13 +90,22 @@ class _UsageError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``flashmaps <command>: error: <what to do>`` and exit status 2 (the usage
+    is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _convert(values, fn, what):
     out = []
     for v in _split(values):
         try:
             out.append(fn(v))
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            raise _UsageError(f"{what}: {exc}") from None
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            msg = str(exc)
+            raise _UsageError(msg if msg.startswith(what) else f"{what}: {msg}") from None
     return out
 
 
@@ -108,17 +128,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if present")
     p.add_argument("--normalizers", nargs="+", default=None, help=_normalizers_help())
     p.add_argument("--dtype", nargs="+", default=None, help="fp32 bf16 fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--min-run-time", type=float, default=None,
+    p.add_argument("--min-run-time", type=_positive_float, default=None,
                    help="CPU: seconds of timed runs per case (torch.utils.benchmark blocked_autorange)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads in the measuring process "
                    "(default: torch's default, all cores)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds one case may take before it is abandoned")
+    p.add_argument("--timeout", type=_positive_float, default=600.0,
+                   help="seconds one case may take before it is abandoned")
     p.add_argument("--no-plot", action="store_true", help="write JSON/CSV only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashmaps", description="flashmaps: attention with pluggable normalizers. "
+    ap = _Parser(prog="flashmaps", description="flashmaps: attention with pluggable normalizers. "
                                  "Benchmarks and comparisons of the normalizers against torch SDPA and a float64 "
                                  "reference.")
     sub = ap.add_subparsers(dest="command", metavar="{compare,bench,plot,info,gpu-check}")
@@ -138,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwd+bwd (default fwd on CPU, fwd fwd+bwd on CUDA)")
     c.add_argument("--backend", choices=("torch", "triton"), default=None,
                    help="flashmaps backend (default: triton on CUDA, torch on CPU)")
+    from .bench.tasks import add_arguments as add_task_arguments  # --task mqar / drift and their options
+
+    add_task_arguments(c)
 
     b = sub.add_parser("bench", help="the sweep over sequence lengths, modes and providers",
                        description="Sweep providers x modes x shapes; record time (median, 20/80 percent quantiles), "
@@ -157,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--head-dim", nargs="+", default=None, help="head dims (default 64 on CPU, 128 on CUDA)")
     b.add_argument("--causal", nargs="+", default=None,
                    help="none upper_left lower_right (default: none on CPU, none upper_left on CUDA)")
-    b.add_argument("--max-call-s", type=float, default=None,
+    b.add_argument("--max-call-s", type=_positive_float, default=None,
                    help="skip a case whose time per call, extrapolated from the previous length, exceeds this "
                    "(default 20 on CPU, 5 on CUDA)")
 
@@ -198,7 +222,7 @@ def _add_gpucheck(sub) -> None:
     g.add_argument("--test-files", nargs="+", default=None, metavar="FILE",
                    help="test files (default tests/; --cpu-smoke: tests/test_api.py)")
     g.add_argument("--pytest-args", default=None, help="more pytest arguments, written --pytest-args='-n 4 -x' (default '-n 6'; --cpu-smoke: none)")
-    g.add_argument("--test-timeout", type=float, default=150.0, help="seconds for the tests (default 150)")
+    g.add_argument("--test-timeout", type=_positive_float, default=150.0, help="seconds for the tests (default 150)")
     g.add_argument("--normalizers", nargs="+", default=None, help=_normalizers_help())
     g.add_argument("--providers", nargs="+", default=None, metavar="NAME",
                    help="keep only these providers (names or globs, e.g. 'flashmaps-softmax-*' sdpa)")
@@ -213,9 +237,9 @@ def _add_gpucheck(sub) -> None:
     g.add_argument("--baseline-sha", default=None, help="the tree tag of --baseline-tree (default: its git HEAD)")
     g.add_argument("--prewarm", type=int, default=None, metavar="N",
                    help="compile the flashmaps kernels in N processes first (default 0; --cpu-smoke: 2)")
-    g.add_argument("--budget", type=float, default=450.0, metavar="SECONDS",
+    g.add_argument("--budget", type=_positive_float, default=450.0, metavar="SECONDS",
                    help="for the whole run; cases not started by then are recorded as skipped (default 450)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds one case may take (default 300)")
+    g.add_argument("--timeout", type=_positive_float, default=300.0, help="seconds one case may take (default 300)")
     g.add_argument("--cpu-smoke", action="store_true",
                    help="every code path on the CPU: Triton interpreted, tiny shapes, about a minute; no GPU needed")
     g.add_argument("--table", type=Path, default=None, metavar="JSON", help="print the Markdown tables of a results file")
@@ -240,7 +264,10 @@ def _out_dir(args, kind: str) -> Path:
     from .bench.harness import default_out_dir
 
     out = args.out if args.out is not None else default_out_dir(kind)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _UsageError(f"--out: cannot create the results folder {str(out)!r}: {exc.strerror}") from None
     return out
 
 
@@ -258,6 +285,11 @@ def _unavailable_row(prov, kind: str) -> dict:
 
 
 def cmd_compare(args) -> int:
+    from .bench.tasks import dispatch
+
+    status = dispatch(args)  # --task mqar / drift: run there; kernels: continue here
+    if status is not None:
+        return status
     from .bench import compare as cmp
     from .bench.harness import default_mem_limit, interruptible, parse_seq, tags, write_results
     from .bench.plot import plot_compare
@@ -270,7 +302,10 @@ def cmd_compare(args) -> int:
     for m in modes:
         if m not in ("fwd", "bwd", "fwd+bwd"):
             raise _UsageError(f"--modes: compare runs fwd, bwd, fwd+bwd; got {m!r}")
-    L = parse_seq(args.seq) if args.seq else d["L"]
+    seqs = _convert([args.seq], parse_seq, "--seq") if args.seq else [d["L"]]
+    if len(seqs) != 1:
+        raise _UsageError(f"--seq: compare runs one length, got {args.seq!r} (flashmaps bench sweeps lengths)")
+    L = seqs[0]
     H = args.heads or d["H"]
     if args.kv_heads and H % args.kv_heads:
         raise _UsageError(f"--heads {H} must be a multiple of --kv-heads {args.kv_heads}")
@@ -290,11 +325,24 @@ def cmd_compare(args) -> int:
                                mem_limit=default_mem_limit() if kind == "cpu" else None,
                                progress=not args.no_progress)
     print(cmp.table(rows))
-    jpath, cpath = write_results(rows, out, "compare", meta)
+    meta, extra = _warn(rows, meta)
+    jpath, cpath = write_results(rows, out, "compare", meta, extra)
     (out / "compare.partial.jsonl").unlink(missing_ok=True)
     pngs = [] if args.no_plot else _plots(plot_compare, rows, out, meta)
     print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
     return _interrupted_status(stopped, len(jobs))
+
+
+def _warn(rows: list[dict], meta: dict) -> tuple[dict, dict]:
+    """Print what says the times should not be trusted; return (meta with the end load, the results file's
+    extra entries: {"warnings": [...]})."""
+    from .bench.harness import end_load, trust_warnings
+
+    meta = end_load(meta)
+    warnings = trust_warnings(rows, meta)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return meta, {"warnings": warnings}
 
 
 def _interrupted_status(stopped: list, n_jobs: int) -> int:
@@ -315,7 +363,8 @@ _BENCH_DEFAULTS = {
 def cmd_bench(args) -> int:
     from .bench.flops import MODES
     from .bench.harness import (
-        default_mem_limit, fmt_bytes, format_table, interruptible, parse_seq, run_jobs, sweep, tags, write_results,
+        default_mem_limit, fmt_bytes, fmt_spread, format_table, interruptible, order_by_case, parse_seq, run_jobs,
+        sweep, tags, write_results,
     )
     from .bench.plot import plot_bench
     from .bench.providers import default_normalizers, get_provider, providers_for
@@ -354,12 +403,12 @@ def cmd_bench(args) -> int:
             raise _UsageError(f"--providers {' '.join(pats)} matches none of: {names}")
     unavailable = [p for p in provs if p.unavailable(kind)]
     runnable = [p for p in provs if p not in unavailable]
-    extra = {}
+    timing = {}
     if args.min_run_time is not None:
-        extra["min_run_time"] = args.min_run_time
-    jobs = sweep(device=kind, providers=runnable, seqs=seqs, modes=modes, batches=batches, heads=heads,
-                 kv_heads=kv_heads, head_dims=head_dims, causals=causals, dtypes=dtypes,
-                 tokens=args.tokens or d["tokens"], **extra)
+        timing["min_run_time"] = args.min_run_time
+    jobs = order_by_case(sweep(device=kind, providers=runnable, seqs=seqs, modes=modes, batches=batches, heads=heads,
+                               kv_heads=kv_heads, head_dims=head_dims, causals=causals, dtypes=dtypes,
+                               tokens=args.tokens or d["tokens"], **timing))   # providers interleaved case by case
     out = _out_dir(args, kind)
     meta = tags(kind)
     print(f"flashmaps bench on {meta['device']}: {len(jobs)} cases, {len(runnable)} providers "
@@ -374,15 +423,17 @@ def cmd_bench(args) -> int:
                          progress=not args.no_progress)
     for r in rows:
         r["mem_s"] = fmt_bytes(r.get("peak_mem_bytes"))
+        r["spread_s"] = fmt_spread(r)
         r["status_s"] = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message') or ''}"[:60]
     cols = [("provider", "provider"), ("mode", "mode"), ("B", "B"), ("H", "Hq"), ("S", "S"), ("D", "Dqk"),
-            ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("TFLOP/s", "tflops"),
-            ("extra peak", "mem_s"), ("status", "status_s")]
+            ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("20-80%", "spread_s"),
+            ("TFLOP/s", "tflops"), ("extra peak", "mem_s"), ("status", "status_s")]
     print(format_table(rows, cols))
     for r in rows:
-        r.pop("mem_s", None)
-        r.pop("status_s", None)
-    jpath, cpath = write_results(rows, out, "bench", meta)
+        for col in ("mem_s", "spread_s", "status_s"):
+            r.pop(col, None)
+    meta, extra = _warn(rows, meta)
+    jpath, cpath = write_results(rows, out, "bench", meta, extra)
     (out / "bench.partial.jsonl").unlink(missing_ok=True)
     pngs = [] if args.no_plot else _plots(plot_bench, rows, out, meta)
     print(f"\nresults: {jpath}  {cpath}" + "".join(f"\nplot:    {p}" for p in pngs))
@@ -464,11 +515,6 @@ def _gpucheck_options(args):
     from .bench.suites import SUITES, Plan
 
     smoke = args.cpu_smoke
-    if not smoke:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _UsageError("torch sees no CUDA device here; --cpu-smoke runs every code path on the CPU")
     suites = _split(args.suites) or (list(SUITES) if smoke else ["h100-goals"])
     if args.long and "long" not in suites:
         suites.append("long")
@@ -487,13 +533,19 @@ def _gpucheck_options(args):
                 dims=tuple(_convert(args.dims, _positive_int, "--dims")) or None,
                 lengths=tuple(_convert(args.lengths, parse_seq, "--lengths")) or None,
                 modes=tuple(modes) if modes else None, smoke=smoke)
-    outdir = args.outdir or (Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) if smoke else None)
-    if outdir is None:
+    if args.outdir is None and not smoke:
         raise _UsageError("OUTDIR is required (the results folder)")
+    knobs = _knob_args(args.knobs)
+    if not smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _UsageError("torch sees no CUDA device here; --cpu-smoke runs every code path on the CPU")
+    outdir = args.outdir or Path(tempfile.mkdtemp(prefix="gpu-check-smoke-"))
     root = Path(__file__).resolve().parent.parent
     return gpucheck.Options(
         outdir=outdir, suites=tuple(suites), plan=plan, providers=tuple(_split_names(args.providers)),
-        knobs=_knob_args(args.knobs), baseline_tree=base, baseline_sha=args.baseline_sha,
+        knobs=knobs, baseline_tree=base, baseline_sha=args.baseline_sha,
         prewarm=args.prewarm if args.prewarm is not None else (2 if smoke else 0), budget=args.budget,
         timeout=args.timeout, tests=not args.no_tests, bench=not args.tests_only, test_expr=args.tests,
         test_files=tuple(args.test_files or ([root / "tests" / "test_api.py"] if smoke else [])),
@@ -537,7 +589,10 @@ _COMMANDS = {"compare": cmd_compare, "bench": cmd_bench, "plot": cmd_plot, "info
 def main(argv=None) -> int:
     """Entry point of the ``flashmaps`` console script; returns the exit status."""
     ap = _parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         ap.print_help()
         return 2

@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 
 import torch
 
 from . import linear, ops
 from .normalizers import Normalizer, parse
 
-__all__ = ["attention", "sdpa", "merge"]
+__all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
 
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
@@ -296,11 +297,12 @@ def merge(normalizer: str | Normalizer, outs, stats):
 
 
 def _causal_from_bias(attn_mask, L: int, S: int):
-    """Map torch.nn.attention.bias.CausalBias to a causal mode, or return None if not one."""
-    try:
-        from torch.nn.attention.bias import CausalBias, CausalVariant
-    except ImportError:  # pragma: no cover - old torch
+    """Map torch.nn.attention.bias.CausalBias to a causal mode, or return None if not one. A CausalBias
+    exists only once its module is imported, which this does not do (that module imports torch._dynamo)."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    if bias is None or attn_mask is None:
         return None
+    CausalBias, CausalVariant = bias.CausalBias, bias.CausalVariant
     if not isinstance(attn_mask, CausalBias):
         return None
     if attn_mask.seq_len_q != L or attn_mask.seq_len_kv != S:
@@ -309,6 +311,49 @@ def _causal_from_bias(attn_mask, L: int, S: int):
             f"but the inputs have ({L}, {S})"
         )
     return "upper_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "lower_right"
+
+
+class SdpaValueError(RuntimeError, ValueError):
+    """A bad argument to :func:`sdpa`: caught by ``except ValueError`` and, as torch's own SDPA errors are,
+    by ``except RuntimeError``."""
+
+
+class SdpaTypeError(RuntimeError, TypeError):
+    """A wrong type or dtype given to :func:`sdpa`: caught by ``except TypeError`` and ``except RuntimeError``."""
+
+
+def _sdpa_layout(query, key, value, enable_gqa: bool):
+    """Broadcast sdpa's (..., L, E) inputs as torch does and return (q4, k4, v4, batch dims, heads out, rank
+    out): q4 (B, Hq, L, E), k4/v4 (B, Hkv, S, E/Ev) with Hkv == Hq, or Hq % Hkv == 0 under ``enable_gqa``."""
+    rank = max(query.dim(), key.dim(), value.dim())
+    r3 = max(rank, 3)
+    q, k, v = (x.reshape((1,) * (r3 - x.dim()) + tuple(x.shape)) for x in (query, key, value))
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        hkv = torch.broadcast_shapes(k.shape[-3:-2], v.shape[-3:-2])[0]
+    except RuntimeError:
+        raise ValueError(
+            f"query, key, value have batch/head dims that do not broadcast: {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        ) from None
+    hq = q.shape[-3]
+    if hq != hkv and not (enable_gqa and hkv and hq % hkv == 0):
+        if hkv == 1 or hq == 1:   # plain broadcasting of a single head, as torch's matmuls do
+            hq = hkv = max(hq, hkv)
+        elif enable_gqa:
+            raise ValueError(f"Number of heads in key and value must divide the number of heads in query "
+                             f"(query has {hq}, key/value {hkv})")
+        else:
+            raise ValueError(
+                f"query has {hq} heads but key/value have {hkv}; for grouped-query attention set enable_gqa=True"
+            )
+    n = math.prod(batch)
+
+    def to4(x, h):
+        x = x.expand(batch + (h,) + tuple(x.shape[-2:]))
+        return x.reshape((n, h) + tuple(x.shape[-2:]))
+
+    return to4(q, hq), to4(k, hkv), to4(v, hkv), batch, hq, rank
 
 
 def sdpa(
@@ -325,53 +370,57 @@ def sdpa(
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with a choice of normalizer.
 
-    query (N, ..., Hq, L, E), key (N, ..., Hkv, S, E), value (N, ..., Hkv, S, Ev) -> (N, ..., Hq, L, Ev):
-    any number of leading batch dims (3-D inputs have no head dim of their own: dim -3 is the batch).
-    ``attn_mask`` is a bool or float tensor broadcastable to (N, ..., Hq, L, S), or a
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev), as torch: any
+    rank >= 2, leading dims broadcast against each other (2-D inputs are one head of one batch; 3-D ones have
+    no head dim of their own). ``attn_mask`` is a bool or float tensor broadcastable to (..., Hq, L, S), or a
     ``torch.nn.attention.bias`` causal bias (``causal_upper_left`` / ``causal_lower_right``).
     ``dropout_p`` is applied whenever it is > 0 (as in torch: pass 0.0 in eval mode).
+
+    Errors are :class:`SdpaValueError` / :class:`SdpaTypeError`: code written for torch catches them with
+    ``except RuntimeError``, code written for flashmaps with ``except ValueError`` / ``except TypeError``.
     """
+    try:
+        return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, normalizer)
+    except (SdpaValueError, SdpaTypeError):
+        raise
+    except TypeError as e:
+        raise SdpaTypeError(str(e)) from None
+    except ValueError as e:
+        raise SdpaValueError(str(e)) from None
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, normalizer):
     names = ("query", "key", "value")
     for x, n in zip((query, key, value), names):
         _check_tensor(x, n)
-        if x.dim() < 3:
-            raise ValueError(f"{n} must have at least 3 dims (..., seq_len, head_dim), got shape {tuple(x.shape)}")
-    if not (query.dim() == key.dim() == value.dim()):
+    if min(query.dim(), key.dim(), value.dim()) < 2:
         raise ValueError(
-            f"query, key, value must have the same number of dims, got {query.dim()}, {key.dim()}, {value.dim()}"
+            "Expected query, key, and value to all be at least 2 dimensional, but got "
+            f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            "Expected query, key, and value to have the same dtype, but got "
+            f"query.dtype: {query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead."
         )
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    lead = query.shape[:-3]
-    if key.shape[:-3] != lead or value.shape[:-3] != lead:
-        raise ValueError(
-            f"query, key, value must share their leading batch dims, got {tuple(query.shape[:-3])}, "
-            f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}"
-        )
     L, S = query.shape[-2], key.shape[-2]
     causal = "upper_left" if is_causal else False
     bias_causal = _causal_from_bias(attn_mask, L, S)
+    if (bias_causal is not None or attn_mask is not None) and is_causal:
+        raise ValueError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if bias_causal is not None:
-        if is_causal:
-            raise ValueError("sdpa: explicit attn_mask should not be set when is_causal=True (as in torch)")
         causal, attn_mask = bias_causal, None
-    elif attn_mask is not None and is_causal:
-        raise ValueError("sdpa: explicit attn_mask should not be set when is_causal=True (as in torch)")
-
-    # (N, ..., H, L, E) -> (B, H, L, E) with B = prod(N, ...); 3-D inputs get B = 1
-    def to4(x):
-        return x.reshape((-1,) + tuple(x.shape[-3:])) if x.dim() != 3 else x.unsqueeze(0)
-
-    q4, k4, v4 = to4(query), to4(key), to4(value)
+    q4, k4, v4, batch, hq, rank = _sdpa_layout(query, key, value, enable_gqa)
     _check_qkv(q4, k4, v4, enable_gqa, names=names)
-    full = tuple(query.shape[:-1]) + (S,)  # (N, ..., Hq, L, S)
+    full = batch + (hq, L, S)
     if attn_mask is not None:
-        attn_mask = _check_mask(attn_mask, full, query.device)
-        attn_mask = attn_mask.reshape((-1,) + full[-3:]) if len(full) != 3 else attn_mask.unsqueeze(0)
+        attn_mask = _check_mask(attn_mask, full, query.device).reshape(q4.shape[:2] + (L, S))
     out = attention(
         q4, k4, v4, normalizer, causal=causal, attn_mask=attn_mask, scale=scale,
         enable_gqa=enable_gqa, dropout_p=dropout_p,
     )
-    return out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))  # (N, ..., Hq, L, Ev)
+    return out.reshape((batch + (hq, L, value.shape[-1]))[-rank:])  # (..., Hq, L, Ev) at the inputs' rank

@@ -54,6 +54,10 @@ def attention_fwd(
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none."""
+    return _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad)
+
+
+def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad):
     norm = parse(normalizer)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
@@ -79,11 +83,31 @@ def attention_bwd(
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v."""
+    return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
+                     dropout_p)
+
+
+def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
+    norm = parse(normalizer)
     dq, dk, dv = backend_module(backend).backward(
-        dout, q, k, v, out, list(stats.unbind(0)), extras, parse(normalizer),
+        dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
     )
+    if stats.numel():
+        dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
     return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+def _nonfinite_grads(dq, dk, dv, stats):
+    """The non-finite rule in the backward: a row whose forward met a NaN or +inf score has NaN statistics;
+    its dq row and its head's dk and dv become NaN, whatever the normalizer (a threshold's comparisons, or a
+    guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors."""
+    bad = stats.isnan().any(0)                                    # (B, Hq, L)
+    nan = torch.tensor(float("nan"), dtype=dq.dtype, device=dq.device)
+    dq = torch.where(bad[..., None], nan, dq)
+    B, Hq = bad.shape[:2]
+    head = bad.any(-1).view(B, dk.shape[1], Hq // dk.shape[1]).any(-1)[..., None, None]   # (B, Hkv, 1, 1)
+    return dq, torch.where(head, nan.to(dk.dtype), dk), torch.where(head, nan.to(dv.dtype), dv)
 
 
 def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -106,13 +130,41 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
 
 
-def _backward(ctx, dout, _dstats, _daux):
+def _backward(ctx, dout, _dstats, _daux, bwd=attention_bwd):
     q, k, v, out, stats, extras, mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, stats, extras, mask, seed, *ctx.args)
+    dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, stats, extras, mask, seed, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flashmaps::attention_fwd", _backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: calling a custom op imports
+    ``torch._dynamo`` (about 2 s and 140 MiB on the first call), which eager code does not need."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dstats, daux):
+        return _backward(ctx, dout, dstats, daux, bwd=_bwd_impl)
+
+
+def _plain(x) -> bool:
+    return type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+
+
+def _forward_op(*inputs):
+    """The custom op when compiling or tracing (fake or wrapped tensors), the eager Function otherwise."""
+    q, k, v = inputs[:3]
+    if torch.compiler.is_compiling() or not (_plain(q) and _plain(k) and _plain(v)):
+        return attention_fwd(*inputs)
+    return _Eager.apply(*inputs)
 
 
 def attention(
@@ -129,7 +181,7 @@ def attention(
         else:
             seed = torch.zeros((), dtype=torch.int64)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    out, stats, _ = attention_fwd(
+    out, stats, _ = _forward_op(
         q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad
     )
     if not return_stats:

@@ -194,6 +194,18 @@ def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     return s, masked, qc, capgrad
 
 
+def _nonfinite_rows(s: torch.Tensor):
+    """The non-finite rule: rows [bb, hc, G, bl, 1] with a NaN or +inf score give NaN (output, statistics,
+    gradients) whatever the normalizer; None when there are none (the usual case: one max per row). Their
+    scores are zeroed in place so that no normalizer's threshold code sees them."""
+    m = s.amax(-1, keepdim=True)
+    bad = torch.isnan(m) | (m == float("inf"))
+    if not bool(bad.any()):
+        return None
+    s.masked_fill_(bad, 0.0)
+    return bad
+
+
 def _prepare(q, k, v, mask, causal, scale, softcap):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, L, D = q.shape
@@ -216,6 +228,7 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
     for c in _chunks(B, Hkv, G, L, S, pb.causal):
         bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
         s, masked, _, _ = _scores(pb, c)
+        bad = _nonfinite_rows(s)
         st = norm.torch_stats(s, masked)
         vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', Dv]
         sparse = norm.torch_sparse(s, st)
@@ -225,6 +238,9 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
         else:
             p = norm.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
         del s
+        if bad is not None:
+            p = p.masked_fill(bad, float("nan"))
+            st = {n: val.masked_fill(bad, float("nan")) for n, val in st.items() if not n.startswith("_")}
         if dropout_p > 0:
             p = p * _chunk_keep(seed, dropout_p, c, G, S, dev, pb.acc)
         o = torch.matmul(p.view(bb, hc, G * bl, c.sk), vc)  # [bb, hc, G*bl, Dv]
@@ -245,8 +261,13 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
     for c in _chunks(B, Hkv, G, L, S, pb.causal):
         bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
         s, masked, qc, capgrad = _scores(pb, c, want_capgrad=True)
+        bad = _nonfinite_rows(s)
         st = {name: val[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None] for name, val in stats.items()}
+        if bad is not None:
+            st = {name: val.masked_fill(bad, 0.0) for name, val in st.items()}
         p = norm.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
+        if bad is not None:
+            p = p.masked_fill(bad, float("nan"))
         kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', D]
         vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', Dv]
         doc = d5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1].to(pb.acc).reshape(bb, hc, G * bl, Dv)
@@ -258,6 +279,8 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
             pd = p * keep
         dv[c.b0 : c.b1, c.h0 : c.h1, : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk).transpose(-1, -2), doc)
         ds = norm.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
+        if bad is not None:
+            ds = ds.masked_fill(bad, float("nan"))
         if capgrad is not None:
             ds = ds * capgrad
         ds = ds.view(bb, hc, G * bl, c.sk)

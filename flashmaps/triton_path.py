@@ -34,6 +34,7 @@ from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from .kernels.contract import (MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
                                Static, View, fold_score_unit)
 from .kernels.dropout import dropout_mask_kernel
+from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
 
@@ -157,7 +158,7 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     qk_scale, cap_mult = fold_score_unit(scale, softcap, hooks.unit)
     static = Static.make(D=D, Dv=Dv, causal=causal is not None, mask_kind=mask_kind, softcap=softcap is not None,
                          dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0, dtype=str(q.dtype))
-    dims = Dims(Hq, Hq // Hkv, L, S, (S - L) if causal == "lower_right" else 0)
+    dims = Dims(B, Hq, Hq // Hkv, L, S, (S - L) if causal == "lower_right" else 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min), mask_view, drop,
@@ -220,7 +221,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
             _bucket(L), _bucket(S), l_pad)
     meta = dict(ST=c.static, NORM=norm, SCRATCH_COLS=kc)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
-            lambda META: (triton.cdiv(L, META["BM"]), B * Hq), args, meta)
+            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf)
 
 
@@ -269,8 +270,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
-    attn_bwd_preprocess[(triton.cdiv(L, pre_bm), B * Hq)](
-        View.of(o_bwd), View.of(dout), rows, rb, Hq, L, BM=pre_bm, ST=c.static, NORM=norm)
+    attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
@@ -282,10 +283,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     per_kernel = config if config is not None and ("dkdv" in config or "dq" in config) else \
         {"dkdv": config, "dq": config}
     _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdv_tuned, per_kernel.get("dkdv"),
-            lambda META: (triton.cdiv(S, META["BN"]), B * c.Hkv),
+            lambda META: (triton.cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail), meta)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
-            lambda META: (triton.cdiv(L, META["BM"]), B * Hq), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
+            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
     return dq, dk, dv
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .contract import Keys
 from .dropout import dropout_keep
-from .tiles import (head_base, key_bounds, load_tile, mask_rows, mask_scores, mma, query_bounds, query_program,
+from .tiles import (head_base, head_program, key_bounds, load_tile, mask_rows, mask_scores, mma, query_bounds, query_program,
                     scale_scores)
 
 
@@ -117,19 +117,19 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
 
 
 @triton.jit
-def attn_bwd_preprocess(O, DO, rows, rb, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
     """delta = rowsum(dO * O_bwd) and (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb
     (`contract.BwdRows`), all (B, Hq, L) fp32 contiguous. O (= O_bwd), DO: `contract.View`; rows: the
     forward's `contract.RowOut`."""
-    pid_bh = tl.program_id(1)
+    pid_bh = head_program(B * Hq)
     off_b = pid_bh // Hq
     off_h = pid_bh % Hq
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)                                  # [BM]
+    rows64 = offs_m.to(tl.int64)[:, None]          # a strided dO: row * stride may pass 2^31
     offs_dv = tl.arange(0, ST.BDV)
     ok = (offs_m < L)[:, None] & (offs_dv < ST.HEAD_DV)[None, :]
-    o = tl.load(head_base(O, off_b, off_h) + offs_m[:, None] * O.sr + offs_dv[None, :] * O.sc, mask=ok, other=0.0)
-    do = tl.load(head_base(DO, off_b, off_h) + offs_m[:, None] * DO.sr + offs_dv[None, :] * DO.sc, mask=ok,
-                 other=0.0)
+    o = tl.load(head_base(O, off_b, off_h) + rows64 * O.sr + offs_dv[None, :] * O.sc, mask=ok, other=0.0)
+    do = tl.load(head_base(DO, off_b, off_h) + rows64 * DO.sr + offs_dv[None, :] * DO.sc, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                           # [BM]
     row = pid_bh.to(tl.int64) * L + offs_m
     row_ok = offs_m < L
@@ -180,8 +180,8 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     `contract.View`; rb: `contract.BwdRows`; sm_scale: the natural scale (dK = sm_scale dS^T Q).
     L_BUCKET, S_BUCKET: autotune keys."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     Hkv = dims.Hq // dims.group
+    pid_bh = head_program(dims.B * Hkv)
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     start_n = pid_n * BN

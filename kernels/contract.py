@@ -92,6 +92,7 @@ class View(NamedTuple):
 
 
 class Dims(NamedTuple):
+    B: Any
     Hq: Any
     group: Any
     L: Any

@@ -23,23 +23,29 @@ def taylor_f(s):
 
 @triton.jit
 def taylor_f_allowed(s, MASKED: tl.constexpr):
-    """f(s) on allowed keys, 0 where s = -inf (masked tiles only; f(-inf) would be inf - inf)."""
+    """f(s) on allowed keys, 0 where s = -inf (masked tiles only; f(-inf) would be inf - inf). A NaN score
+    stays NaN (the non-finite rule)."""
     if MASKED:
-        ok = s > float("-inf")
+        ok = s != float("-inf")
         return tl.where(ok, taylor_f(tl.where(ok, s, 0.0)), 0.0)
     else:
         return taylor_f(s)
 
 
+#: the forward's weights are f(s) * 2^-10 (exact): in fp16, f(s) up to 65504 * 2^10 (|s| <= 11585) reaches the
+#: tensor cores finite; out = acc / l is unchanged and the statistic z is l * 2^10
+F_SCALE: tl.constexpr = tl.constexpr(2.0**-10)
+
+
 @triton.jit
 def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
-    p = taylor_f_allowed(s, MASKED)                              # [BM, BN]
+    p = taylor_f_allowed(s, MASKED) * F_SCALE                    # [BM, BN]
     return p, l_i, m_i, l_i + tl.sum(p, 1)
 
 
 @triton.jit
 def finalize(m_i, l_i, thr):
-    return safe_inv(l_i), l_i, l_i
+    return safe_inv(l_i), l_i * (1.0 / F_SCALE), l_i
 
 
 @triton.jit

@@ -55,6 +55,12 @@ class _Values(NamedTuple):
 def _accumulate(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                 MASKED: tl.constexpr):
     """Fold one score tile s [BM, BN] and its value tile into the running state."""
+    if NORM.has_prepass:
+        # the non-finite rule, before any tile is skipped: a NaN or +inf score makes its row's l NaN
+        # (x * 0 is 0 for a finite x, NaN for NaN and +inf; excluded keys are -inf and add 0)
+        acc, m_i, l_i, acc_g, l_g = state
+        l_i = l_i + tl.sum(tl.where(s == float("-inf"), 0.0, s) * 0.0, 1)
+        state = (acc, m_i, l_i, acc_g, l_g)
     if NORM.skip_dead:
         if NORM.tile_live(s, vals.thr):
             state = _accumulate_live(state, s, start_n, vals, BN, ST, NORM, MASKED)
@@ -95,7 +101,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
     scratch has L_PAD >= every row index a program touches rows per (batch, head)."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
-    pid_bh = tl.program_id(1)
+    pid_bh = off_b * dims.Hq + off_h
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)
@@ -129,6 +135,12 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
                                           NORM)
 
     inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr)                                # [BM]
+    # the non-finite rule: a row with a NaN or +inf score has l = NaN (softmax: exp2(NaN); the threshold units
+    # through the sum in _accumulate) or +inf (taylor): NaN output and statistics
+    row_good = l_i < float("inf")
+    inv_l = tl.where(row_good, inv_l, float("nan"))
+    stat0 = tl.where(row_good, stat0, float("nan"))
+    stat1 = tl.where(row_good, stat1, float("nan"))
     row_ok = offs_m < dims.L
     o_ptrs = head_base(O, off_b, off_h) + offs_m[:, None] * O.sr + offs_dv[None, :] * O.sc
     if ST.DROPOUT:

@@ -112,10 +112,11 @@ def mask_scores(s, i, j, keys, ST: tl.constexpr):
     if ST.IS_CAUSAL:
         ok = ok & (j <= i + keys.causal_off)
     if ST.MASK_KIND == MASK_BOOL:
-        mv = tl.load(keys.mask_rows + j * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0)
+        mv = tl.load(keys.mask_rows + j.to(tl.int64) * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0)
         ok = ok & (mv != 0)
     elif ST.MASK_KIND == MASK_FLOAT:
-        bias = tl.load(keys.mask_rows + j * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0.0)
+        bias = tl.load(keys.mask_rows + j.to(tl.int64) * keys.mask_sn, mask=(i < keys.L) & (j < keys.S),
+                       other=0.0)
         bias = bias.to(tl.float32)
         ok = ok & (bias > keys.scale.mask_min)
         s = s + tl.where(ok, bias, 0.0) * keys.scale.bias_mult   # excluded entries: no finfo.min * u overflow
@@ -145,14 +146,32 @@ def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: t
 # which tiles a program visits
 
 
+#: programs per grid axis 1 or 2 (CUDA's limit): the (batch, head) index spans both (`head_grid`)
+GRID_YZ = 65535
+
+
+def head_grid(n_heads: int) -> tuple[int, int]:
+    """Grid axes 1 and 2 for ``n_heads`` (batch, head) programs: (n_heads, 1) up to 65535, else split so that
+    B * H past 65535 (decode at B = 2048, H = 32) still launches; see `head_program`."""
+    g2 = -(-n_heads // GRID_YZ)
+    return -(-n_heads // g2), g2
+
+
+@triton.jit
+def head_program(n_heads):
+    """The (batch, head) index of a program on a grid (blocks, *head_grid(n_heads)). The few programs past
+    n_heads - 1 (when axis 2 is used) redo the last one: they store the same values."""
+    return tl.minimum(tl.program_id(1) + tl.program_id(2) * tl.num_programs(1), n_heads - 1)
+
+
 @triton.jit
 def query_program(dims, IS_CAUSAL: tl.constexpr):
-    """(query block index, batch, query head, kv head) of a program of a grid (cdiv(L, BM), B * Hq); causal
-    grids run the heaviest blocks (the last rows) first."""
+    """(query block index, batch, query head, kv head) of a program of a grid (cdiv(L, BM),
+    *head_grid(B * Hq)); causal grids run the heaviest blocks (the last rows) first."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+    pid_bh = head_program(dims.B * dims.Hq)
     off_h = pid_bh % dims.Hq
     return pid_m, pid_bh // dims.Hq, off_h, off_h // dims.group      # GQA: query head h reads kv head h // group
 

@@ -134,22 +134,75 @@ def test_triton_backend_rejects_float64():
 
 def test_sdpa_bad_input():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="should not be set when is_causal=True"):
+    with pytest.raises(ValueError, match="Explicit attn_mask should not be set when is_causal=True"):
         flashmaps.sdpa(q, k, v, attn_mask=torch.ones(9, 11, dtype=torch.bool), is_causal=True)
-    with pytest.raises(ValueError, match="at least 3 dims"):
-        flashmaps.sdpa(q[0, 0], k[0, 0], v[0, 0])
-    with pytest.raises(ValueError, match="same number of dims"):
-        flashmaps.sdpa(q, k[0], v)
-    with pytest.raises(ValueError, match="leading batch dims"):
-        flashmaps.sdpa(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="at least 2 dimensional, but got query.dim: 1"):
+        flashmaps.sdpa(q[0, 0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        flashmaps.sdpa(q, k[:, :, None], v[:, :, None])
     with pytest.raises(ValueError, match="enable_gqa=True"):
         flashmaps.sdpa(q, k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="must divide the number of heads"):
+        flashmaps.sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         flashmaps.sdpa(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="is_causal must be a bool"):
         flashmaps.sdpa(q, k, v, is_causal="yes")
+    with pytest.raises(TypeError, match="to have the same dtype, but got query.dtype: torch.float32"):
+        flashmaps.sdpa(q, k.double(), v)
     with pytest.raises(ValueError, match="unknown normalizer"):
         flashmaps.sdpa(q, k, v, normalizer="relu")
+
+
+def _sdpa_error(fn):
+    """The exception fn raises (None if it returns)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the point is which classes it is
+        return e
+    return None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(attn_mask=torch.ones(9, 11, dtype=torch.bool), is_causal=True),
+        dict(dropout_p=1.5),
+        dict(attn_mask=torch.ones(9, 11, dtype=torch.int64)),
+        dict(attn_mask=torch.ones(8, 11)),
+        dict(dtype=torch.float64),
+        dict(rank1=True),
+        dict(heads=3),
+        dict(is_causal=1),
+        dict(normalizer="relu"),
+    ],
+    ids=["mask+causal", "dropout", "int-mask", "mask-shape", "dtypes", "rank1", "heads", "causal-type", "normalizer"],
+)
+def test_sdpa_errors_are_caught_like_torch(bad):
+    """Every sdpa error is caught by ``except RuntimeError`` (torch's class) and by ``except ValueError`` or
+    ``except TypeError`` (flashmaps'); where torch raises too, both raise."""
+    bad = dict(bad)
+    q, k, v = qkv()
+    if bad.pop("dtype", None) is not None:
+        k = k.double()
+    if bad.pop("rank1", False):
+        q = q[0, 0, 0]
+    heads = bad.pop("heads", None)
+    if heads is not None:
+        k, v = k[:, :heads], v[:, :heads]
+    norm = bad.pop("normalizer", "softmax")
+    ours = _sdpa_error(lambda: flashmaps.sdpa(q, k, v, normalizer=norm, **bad))
+    assert isinstance(ours, RuntimeError) and isinstance(ours, (ValueError, TypeError)), repr(ours)
+    if norm == "softmax" and bad.get("is_causal") is not True:  # torch's math path takes mask + is_causal
+        theirs = _sdpa_error(lambda: F.scaled_dot_product_attention(q, k, v, **bad))
+        assert theirs is not None, "torch accepts what flashmaps refuses"
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_empty_batch_like_torch(is_causal):
+    q, k, v = torch.randn(0, 2, 5, 8), torch.randn(0, 2, 6, 8), torch.randn(0, 2, 6, 4)
+    out = flashmaps.sdpa(q, k, v, is_causal=is_causal)
+    assert out.shape == F.scaled_dot_product_attention(q, k, v, is_causal=is_causal).shape == (0, 2, 5, 4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,8 +233,13 @@ def _torch_sdpa_ref(*args, **kw):
         ((3, 9, 8), (3, 11, 8)),  # 3-D: no head dim
         ((2, 3, 4, 9, 8), (2, 3, 4, 11, 8)),  # 5-D
         ((2, 4, 1, 8), (2, 4, 11, 8)),  # L = 1
+        ((9, 8), (11, 8)),  # 2-D
+        ((9, 8), (2, 4, 11, 8)),  # ranks differ
+        ((2, 4, 9, 8), (1, 4, 11, 8)),  # batch broadcast
+        ((2, 4, 9, 8), (2, 1, 11, 8)),  # one kv head broadcast
+        ((3, 9, 8), (1, 11, 8)),  # 3-D, broadcast
     ],
-    ids=["3d", "5d", "L1"],
+    ids=["3d", "5d", "L1", "2d", "ranks", "batch-bcast", "head-bcast", "3d-bcast"],
 )
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_sdpa_ranks_match_torch(shape_q, shape_k, is_causal):
@@ -369,3 +427,20 @@ def test_merge_rejects_bad_input():
         flashmaps.merge("softmax", [o, o], [st, {"z": st["lse"]}])
     with pytest.raises(ValueError, match="shape"):
         flashmaps.merge("softmax", [o, o[:, :, :3]], [st, st])
+
+
+def test_eager_call_does_not_import_dynamo():
+    """An eager call (forward and backward) leaves torch._dynamo unimported: it costs seconds and 140 MiB."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, flashmaps\n"
+        "q = torch.randn(1, 1, 8, 8, requires_grad=True)\n"
+        "flashmaps.attention(q, q, q, 'entmax15').sum().backward()\n"
+        "flashmaps.sdpa(q, q, q).sum().backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -670,3 +671,32 @@ def test_gpucheck_reads_results_of_the_former_script():
     assert meta["git_sha"] and rows and {r["suite"] for r in rows} == {"h100-goals", "long"}
     md = gpucheck.markdown(rows)
     assert "h100-goals fwd" in md and "long context" in md and "softmax vs best SDPA" in md
+
+
+def test_default_results_go_to_the_users_folder_not_the_checkout(tmp_path, monkeypatch):
+    """A user's run never writes into the repository's committed bench/results/ unless --out says so."""
+    monkeypatch.delenv("FLASHMAPS_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = harness.default_out_dir("cpu")
+    assert out.parent == tmp_path / "flashmaps-results"
+    monkeypatch.setenv("FLASHMAPS_RESULTS", str(tmp_path / "mine"))
+    assert harness.default_out_dir("cpu").parent == tmp_path / "mine"
+    assert harness._package_root() / "bench" / "results" not in out.parents
+
+
+def test_trust_warnings_flag_noise_load_and_contradictions():
+    """Benchmarks say how much to trust them: a wide 20-80 % spread, a loaded CPU and fwd+bwd faster than
+    fwd each give a warning; a quiet, consistent run gives none."""
+    case = dict(provider="p", B=1, Hq=8, Hkv=8, L=512, S=512, Dqk=64, Dv=64, causal=None, dtype="float32",
+                status="ok")
+    fwd = dict(case, mode="fwd", time_ms=10.0, time_q20_ms=9.8, time_q80_ms=10.3)
+    both = dict(case, mode="fwd+bwd", time_ms=30.0, time_q20_ms=29.0, time_q80_ms=31.0)
+    quiet = {"load_avg_1min": 0.0, "load_avg_1min_end": 0.1}
+    assert harness.trust_warnings([fwd, both], quiet) == []
+    assert harness.fmt_spread(fwd) == "±2%"
+    noisy = dict(fwd, time_q20_ms=5.0, time_q80_ms=20.0)
+    assert any(w.startswith("noisy: p fwd S=512") for w in harness.trust_warnings([noisy, both], quiet))
+    loaded = {"load_avg_1min": 0.0, "load_avg_1min_end": 4.0 * (os.cpu_count() or 1)}
+    assert any("loaded" in w for w in harness.trust_warnings([fwd, both], loaded))
+    fast_both = dict(both, time_ms=8.0, time_q20_ms=7.9, time_q80_ms=8.1)
+    assert any(w.startswith("contradiction: p S=512") for w in harness.trust_warnings([fwd, fast_both], quiet))

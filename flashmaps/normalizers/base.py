@@ -79,6 +79,11 @@ class Normalizer:
     #: with "linear" in ``forms``: (c0, c1, c2) of ``f(s) = c0 + c1 s + c2 s^2`` with ``p_j = f(s_j) / sum f``
     linear_coeffs: ClassVar[tuple[float, float, float] | None] = None
 
+    def score_limit(self, dtype: torch.dtype) -> float:
+        """The largest ``|score|`` for which the weights of inputs of ``dtype`` stay finite on every backend
+        (the non-finite rule: beyond it a row may be NaN; a NaN or +inf score always makes its row NaN)."""
+        return float("inf")
+
     # -------------------------------------------------------------------------------- spec and options
 
     @classmethod

@@ -47,7 +47,7 @@ class Entmax15(Normalizer):
 
     def torch_stats(self, s, masked):
         rows = s.reshape(-1, s.shape[-1])
-        tau, top = exact_threshold(rows, _tau_of_sorted)
+        tau, top = exact_threshold(rows, _tau_of_sorted, power=2, unit=0.5)
         return {"tau": tau.view(s.shape[:-1] + (1,)), "_top": top}
 
     def torch_weights(self, s, st, masked):

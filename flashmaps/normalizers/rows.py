@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 __all__ = ["NEG_INF", "rowsum", "safe_div", "finite_or_zero", "logsumexp", "lse_weights", "masked_softmax",
-           "zero_disallowed", "exact_threshold", "scatter_top"]
+           "zero_disallowed", "exact_threshold", "newton_threshold", "scatter_top"]
 
 NEG_INF = float("-inf")
 
@@ -58,35 +58,87 @@ def masked_softmax(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return zero_disallowed(safe_div(e, rowsum(e)), allowed)
 
 
-#: first number of top scores per row the exact threshold looks at (grown 8x for the rows that need more)
+#: number of top scores per row the exact threshold looks at first (a full sort for the rows that need more)
 FIRST_SELECTION = 64
 
 
-def exact_threshold(rows: torch.Tensor, tau_of_sorted: Callable, first: int | None = None):
+def exact_threshold(rows: torch.Tensor, tau_of_sorted: Callable, first: int | None = None, *, power: int | None = None,
+                    unit: float = 1.0):
     """Exact per-row threshold of a sparse normalizer from the top of each row.
 
     ``rows`` [n, S] scores (-inf = disallowed); ``tau_of_sorted(top) -> (tau [n, 1], complete [n])`` computes
     the threshold from each row's t largest values sorted in descending order, and says per row whether
-    those t values were enough (the support is smaller than t). Rows that need more get 8x more, up to a
-    full sort. Returns (tau [n, 1], (top values [n, t0], their indices [n, t0], all_complete)) with t0 the
-    first selection (default `FIRST_SELECTION`): when ``all_complete`` the weights are nonzero only on those
-    keys."""
+    those t values were enough (the support is smaller than t). Rows that need more (a flat row: a fresh
+    model's scores) get :func:`newton_threshold` when the normalizer is ``p_j = max(unit * s_j - tau, 0)^power``
+    with ``power`` 1 or 2 (a few passes over the row, no sort), else one full sort. Returns (tau [n, 1],
+    (top values [n, t0], their indices [n, t0], all_complete)) with t0 the first selection (default
+    `FIRST_SELECTION`): when ``all_complete`` the weights are nonzero only on those keys."""
     first = FIRST_SELECTION if first is None else first
     n_keys = rows.shape[1]
     t = min(first + 1, n_keys)
     vals, idx = torch.topk(rows, t, dim=1, sorted=True)
     tau, complete = tau_of_sorted(vals)
+    complete = complete | (vals[:, 0] == NEG_INF)              # an empty row's tau is final (+inf)
     all_complete = t == n_keys or bool(complete.all())
     if not all_complete:
         todo = torch.nonzero(~complete).squeeze(1)
         tau = tau.clone()
-        while todo.numel():
-            t = min(8 * t, n_keys)
-            tau_t, complete_t = tau_of_sorted(torch.topk(rows[todo], t, dim=1, sorted=True).values)
-            done = complete_t | (t == n_keys)
-            tau[todo[done]] = tau_t[done]
-            todo = todo[~done]
+        if power is None:
+            tau[todo] = tau_of_sorted(torch.sort(rows[todo], dim=1, descending=True).values)[0]
+        else:
+            top = vals[todo, :1] * unit                        # the rows' max (finite: the row has > t keys)
+            tau[todo] = newton_threshold(rows[todo] * unit - top, power) + top
     return tau, (vals, idx, all_complete)
+
+
+#: iterations of :func:`newton_threshold` before the rows left fall back to a sort (never reached in tests)
+NEWTON_MAX_ITERS = 64
+
+
+def newton_threshold(x: torch.Tensor, power: int) -> torch.Tensor:
+    """``tau`` [n, 1] with ``sum_j max(x_j - tau, 0)^power = 1``, power 1 (sparsemax) or 2 (1.5-entmax in z
+    units), for rows ``x`` [n, S] shifted so that each row's max is 0 (-inf = disallowed).
+
+    Newton from the lower bound ``tau = -1`` (there ``f(tau) = sum_j max(x_j - tau, 0)^power - 1 >= 0``): f is
+    convex and decreasing, so the iterates rise monotonically to the root and the support ``{x > tau}`` only
+    shrinks. Each iteration also solves the equation in closed form on the current support and stops a row
+    when that solution keeps every support key above it (then it is the exact threshold). A few passes over
+    the row whatever the scores; rows still open after `NEWTON_MAX_ITERS` get a full sort."""
+    tau = torch.full((x.shape[0], 1), -1.0, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(tau)
+    todo = torch.arange(x.shape[0], device=x.device)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    for _ in range(NEWTON_MAX_ITERS):
+        support = x > tau
+        r = support.sum(1, keepdim=True).to(x.dtype)
+        xs = torch.where(support, x, zero)
+        s1 = xs.sum(1, keepdim=True)
+        if power == 1:
+            polish = (s1 - 1) / r                              # Newton = the closed form (Michelot)
+            nxt = polish
+        else:
+            s2 = (xs * xs).sum(1, keepdim=True)
+            mean = s1 / r                                      # moments about the row max: no cancellation
+            polish = mean - torch.sqrt(torch.clamp(1 / r - (s2 / r - mean * mean), min=0))
+            lin = s1 - r * tau                                 # sum of (x - tau) over the support, > 0
+            nxt = tau + (s2 - 2 * tau * s1 + r * tau * tau - 1) / (2 * lin)
+        done = (x > polish).sum(1, keepdim=True).to(x.dtype) == r
+        out[todo] = torch.where(done, polish, nxt)
+        keep = ~done.squeeze(1)
+        if not bool(keep.any()):
+            return out
+        todo, x, tau = todo[keep], x[keep], nxt[keep]
+    srt = torch.sort(x, dim=1, descending=True).values          # pragma: no cover - a safety net
+    rho = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)
+    c1 = torch.clamp(srt, min=-2.0).cumsum(1)
+    if power == 1:
+        tau_r = (c1 - 1) / rho
+    else:
+        c2 = (torch.clamp(srt, min=-2.0) ** 2).cumsum(1)
+        mean = c1 / rho
+        tau_r = mean - torch.sqrt(torch.clamp(1 / rho - (c2 / rho - mean * mean), min=0))
+    out[todo] = tau_r.gather(1, (tau_r < srt).sum(1, keepdim=True).clamp(min=1) - 1)
+    return out
 
 
 def scatter_top(s: torch.Tensor, st: dict, weights_of_top: Callable, max_fraction: float = 0.25):

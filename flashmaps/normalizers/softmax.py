@@ -102,10 +102,17 @@ def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
     L, S = q.shape[2], k.shape[2]
     if causal == "lower_right" and L != S:
         return None
+    # the op hides a NaN score (it returns a finite row): the chunk loop applies the non-finite rule. Every
+    # score is finite when |q|max |k|max D is (one pass over q and k, none over the scores).
+    bound = q.abs().amax().double() * k.abs().amax().double() * q.shape[-1]
+    if not bool(bound < 1e37):
+        return None
     is_causal = causal is not None
     if mask is None:
         return None, is_causal
     cm = _compact(mask)
+    if cm.dtype != torch.bool and bool((torch.isnan(cm) | (cm == float("inf"))).any()):
+        return None
     if cm.dtype == torch.bool:
         allowed = cm
         fm = torch.zeros(cm.shape, dtype=q.dtype, device=q.device)

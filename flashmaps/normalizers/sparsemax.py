@@ -46,7 +46,7 @@ class Sparsemax(Normalizer):
         return {"tau": sparsemax_threshold(s, allowed)[..., 0]}
 
     def torch_stats(self, s, masked):
-        tau, top = exact_threshold(s.reshape(-1, s.shape[-1]), _tau_of_sorted)
+        tau, top = exact_threshold(s.reshape(-1, s.shape[-1]), _tau_of_sorted, power=1)
         return {"tau": tau.view(s.shape[:-1] + (1,)), "_top": top}
 
     def torch_weights(self, s, st, masked):

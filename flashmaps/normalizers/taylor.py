@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -40,6 +41,12 @@ class Taylor(Normalizer):
     forms: ClassVar[tuple[str, ...]] = ("quadratic", "linear")
     linear_coeffs: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 0.5)  # f(s) = 1 + s + s^2/2
 
+    def score_limit(self, dtype):
+        """f(s) ~ s^2/2 must fit float32 (the sums); in fp16 the Triton kernels feed f(s) 2^-10 to the
+        tensor cores in fp16 (max 65504), so |s| <= sqrt(2 * 65504 * 2^10) ~ 11585."""
+        top = 65504.0 * 2**10 if dtype == torch.float16 else torch.finfo(torch.float32).max
+        return math.sqrt(2 * top) - 2
+
     def reference_weights(self, s, allowed):
         f = torch.where(allowed, _f(s), torch.zeros_like(s))
         return zero_disallowed(safe_div(f, rowsum(f)), allowed)
@@ -49,7 +56,7 @@ class Taylor(Normalizer):
 
     def _f_allowed(self, s, masked):
         f = _f(s)
-        return torch.where(s > float("-inf"), f, torch.zeros((), dtype=s.dtype, device=s.device)) if masked else f
+        return torch.where(s != float("-inf"), f, torch.zeros((), dtype=s.dtype, device=s.device)) if masked else f
 
     def torch_stats(self, s, masked):
         return {"z": rowsum(self._f_allowed(s, masked))}          # 0 for an empty row
