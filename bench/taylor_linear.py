@@ -23,8 +23,8 @@ H=8, D=Dv=16: ``TaylorState.step`` (the state built from the P-token prefix) vs 
 against the cache, a preallocated buffer sliced, no copies), each over the same ``--decode-steps`` tokens.
 
 Goal: linear >= 5x faster than quadratic at 16k; working memory at 64k about the same as at 16k. Writes a
-table to the terminal and JSON (device, versions, git sha, date, load average, raw timings) to
-bench/results/cpu/taylor_linear.json (--out).
+table to the terminal and JSON (device, versions, git sha, date, load average, raw timings) to --out
+(default ./flashmaps-results/<device>/taylor_linear.json; the committed figures are in bench/results/cpu/).
 """
 
 from __future__ import annotations
@@ -207,7 +207,10 @@ def main(argv=None) -> int:
     ap.add_argument("--L", type=int, default=16384, help="L = S of the timing (and worker) problem")
     ap.add_argument("--memory-L", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs both forms)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "taylor_linear.json"))
+    ap.add_argument("--out", default=str(harness.default_out_dir("cpu") / "taylor_linear.json"),
+                    help="JSON path (default: the harness's results folder, e.g. ./flashmaps-results/<device>/; the "
+                    "committed bench/results/cpu/ only when named here); --decode writes taylor_decode.json/.png "
+                    "beside it")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every measuring process (default: "
                     "torch's); 1 avoids OpenMP waits when other processes load the cores")
     ap.add_argument("--decode", action="store_true", help="measure decode throughput instead (JSON + PNG)")
@@ -230,7 +233,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     if args.decode:
         res = decode(args)
-        out = Path(args.out).with_name("taylor_decode.json") if args.out == ap.get_default("out") else Path(args.out)
+        out = Path(args.out).with_name("taylor_decode.json")
         record = {"benchmark": "taylor_decode", **_meta(args, res["threads"], load_before),
                   "problem": {"B": args.B, "H": args.H, "D": args.D, "Dv": args.D, "dtype": "float32"},
                   "rows": res["rows"]}
