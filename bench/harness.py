@@ -204,6 +204,8 @@ def sweep(
                 provider=prov.name, mode=mode, B=B, Hq=h, Hkv=Hkv, L=s, S=s, Dqk=d, Dv=d, causal=causal,
                 dtype=dt, device=device, **extra,
             ))
+            if prov.time_order != 2:  # a linear-time form: --max-call-s extrapolates its time linearly
+                jobs[-1]["time_order"] = prov.time_order
     return jobs
 
 
@@ -341,7 +343,7 @@ def _skip_reason(job: dict, history: dict, max_call_s: float) -> str | None:
         return f"skipped: a smaller case (S={prev['S']}) ended with {prev['status']}"
     if prev["status"] == "ok" and prev.get("time_ms"):
         ratio = job["S"] / prev["S"]
-        scale = ratio if job["mode"] == "decode" else ratio * ratio
+        scale = ratio if job["mode"] == "decode" else ratio ** job.get("time_order", 2)
         scale *= job["B"] / prev["B"]
         est = prev["time_ms"] * 1e-3 * scale
         if est > max_call_s:

@@ -95,6 +95,7 @@ class Provider:
     limits: Callable[[dict], "str | None"] = lambda case: None
     config: "dict | None" = None  # pinned kernel configs {"fwd"|"dkdv"|"dq": {"BM", "BN", ...}}
     knobs: dict = dataclasses.field(default_factory=dict)  # {"dotted.module.attr": value}, set in the worker
+    time_order: int = 2  # how the time grows with L = S (2; 1 for a linear-time form): the harness's extrapolation
 
     def unavailable(self, device: str) -> str | None:
         """None if this provider can run on ``device`` ("cpu"/"cuda"), else the reason it cannot."""
@@ -163,9 +164,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FLASHMAPS_BENCH_INTERPRET") == "1"
 
 
-def flashmaps_provider(spec: str, backend: str) -> Provider:
-    """``flashmaps-<spec>-<backend>``: flashmaps.attention with one normalizer on one backend."""
-    spec = parse(spec).spec  # canonical ("TopK(64)" / "topk:64" -> "topk:64"); raises on a bad spec
+def flashmaps_provider(spec: str, backend: str, form: str | None = None) -> Provider:
+    """``flashmaps-<spec>-<backend>``: flashmaps.attention with one normalizer on one backend (form "auto");
+    ``flashmaps-<spec>-<backend>-<form>`` with ``form=`` "linear" or "quadratic" (normalizers with a linear
+    form: the two forms side by side)."""
+    norm = parse(spec)
+    spec = norm.spec  # canonical ("TopK(64)" / "topk:64" -> "topk:64"); raises on a bad spec
+    if form is not None and form not in norm.forms:
+        raise ValueError(f"normalizer {spec!r} has no form {form!r} (its forms: {', '.join(norm.forms)})")
 
     def make(device):
         import flashmaps
@@ -174,7 +180,7 @@ def flashmaps_provider(spec: str, backend: str) -> Provider:
 
         def fn(q, k, v, causal):
             return flashmaps.attention(
-                q, k, v, norm, causal=causal or False, enable_gqa=_gqa(q, k), backend=backend
+                q, k, v, norm, causal=causal or False, enable_gqa=_gqa(q, k), backend=backend, form=form or "auto"
             )
 
         return fn
@@ -186,7 +192,8 @@ def flashmaps_provider(spec: str, backend: str) -> Provider:
                 return reason
         return _import_or_reason(f"flashmaps.{backend}_path")
 
-    return Provider(f"flashmaps-{spec}-{backend}", "flashmaps", spec, make, probe, backend=backend)
+    name = f"flashmaps-{spec}-{backend}" + (f"-{form}" if form else "")
+    return Provider(name, "flashmaps", spec, make, probe, backend=backend, time_order=1 if form == "linear" else 2)
 
 
 def _pinned_make(spec: str, config: dict):
@@ -519,13 +526,16 @@ def providers_for(device: str, normalizers=None, *, baselines: bool = True) -> l
     """Every provider that belongs in a benchmark on ``device`` ("cpu" or "cuda"), available or not;
     ``normalizers`` defaults to :func:`default_normalizers`.
 
-    flashmaps: one provider per normalizer and backend (torch everywhere, triton on CUDA only);
+    flashmaps: one provider per normalizer and backend (torch everywhere, triton on CUDA only), and for a
+    normalizer with a linear form (taylor) one per form on the torch backend (``-linear``, ``-quadratic``);
     baselines: SDPA (default dispatch and each kernel of the device), FlexAttention (CUDA), the dense
     entmax package, flash-linear-attention's Based and AdaSplash (reported unavailable when missing).
     """
     backends = ("triton", "torch") if device == "cuda" else ("torch",)
     normalizers = default_normalizers() if normalizers is None else normalizers
     out = [flashmaps_provider(spec, b) for b in backends for spec in normalizers]
+    out += [flashmaps_provider(spec, "torch", form) for spec in normalizers if "linear" in parse(spec).forms
+            for form in parse(spec).forms]
     if not baselines:
         return out
     kernels = ("flash", "efficient", "cudnn", "math") if device == "cuda" else ("math",)
@@ -551,11 +561,14 @@ def _base_provider(name: str) -> Provider:
     if name in _FIXED:
         return _FIXED[name]()
     if name.startswith("flashmaps-"):
-        spec, sep, backend = name[len("flashmaps-"):].rpartition("-")
+        rest, form = name[len("flashmaps-"):], None
+        if rest.rpartition("-")[2] in ("linear", "quadratic"):
+            rest, _, form = rest.rpartition("-")
+        spec, sep, backend = rest.rpartition("-")
         if sep and backend in ("torch", "triton"):
-            return flashmaps_provider(spec, backend)
+            return flashmaps_provider(spec, backend, form)
     known = ", ".join(sorted(_FIXED))
-    raise ValueError(f"unknown provider {name!r}; known: flashmaps-<normalizer>-<torch|triton>, {known} "
+    raise ValueError(f"unknown provider {name!r}; known: flashmaps-<normalizer>-<torch|triton>[-<form>], {known} "
                      "(options in brackets: [fwd=BM,BN,warps,stages;bwd=...;module.attr=value])")
 
 

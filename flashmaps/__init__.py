@@ -13,6 +13,7 @@ from importlib import import_module as _import_module
 
 from . import normalizers, reference
 from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
+from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "merge",
     "SdpaValueError",
     "SdpaTypeError",
+    "choose_form",
+    "TaylorState",
     "Normalizer",
     "register",
     "unregister",

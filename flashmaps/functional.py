@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from . import ops
+from . import linear, ops
 from .normalizers import Normalizer, parse
 
 __all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
@@ -213,6 +213,7 @@ def attention(
     dropout_p: float = 0.0,
     return_stats: bool = False,
     backend: str = "auto",
+    form: str = "auto",
 ):
     """Blockwise attention with a pluggable normalizer.
 
@@ -232,6 +233,9 @@ def attention(
         return_stats: also return the normalizer's row statistics, a dict of (B, Hq, L) float tensors
             (softmax: natural-log "lse"; taylor: "z"; entmax15: "tau"; topk: "tau", "lse").
         backend: "auto" (Triton on CUDA, the torch path otherwise), "torch" or "triton".
+        form: "auto", "quadratic" (the tile loop) or "linear" (normalizers whose ``forms`` have it, as taylor:
+            chunked linear attention, O(L) time, a fixed-size state); "auto" follows
+            ``flashmaps.choose_form`` (the cost model of ``flashmaps.linear.costs``), which also says why.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -249,8 +253,12 @@ def attention(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)
+    choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
+                            dropout_p=dropout_f, backend=backend, resolved=backend_name)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
+    if choice.form == "linear":
+        return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats)
     return ops.attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats,

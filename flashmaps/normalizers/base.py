@@ -73,6 +73,11 @@ class Normalizer:
     merge_rule: ClassVar[str] = "none"
     #: position in listings (softmax first)
     order: ClassVar[int] = 100
+    #: the forms ``attention(..., form=)`` can run this normalizer in: "quadratic" (the tile loop) and, for a
+    #: polynomial map f, "linear" (``flashmaps.linear``: chunked linear attention with a fixed-size state)
+    forms: ClassVar[tuple[str, ...]] = ("quadratic",)
+    #: with "linear" in ``forms``: (c0, c1, c2) of ``f(s) = c0 + c1 s + c2 s^2`` with ``p_j = f(s_j) / sum f``
+    linear_coeffs: ClassVar[tuple[float, float, float] | None] = None
 
     def score_limit(self, dtype: torch.dtype) -> float:
         """The largest ``|score|`` for which the weights of inputs of ``dtype`` stay finite on every backend
@@ -196,6 +201,9 @@ def register(cls: type[Normalizer] | None = None, *, replace: bool = False):
         raise ValueError(f"register({cls.__name__}): `stats` and `empty_stats` must have the same length")
     if len(cls.stats) > 2:
         raise ValueError(f"register({cls.__name__}): at most two row statistics, got {cls.stats}")
+    if "linear" in cls.forms and (cls.linear_coeffs is None or len(cls.linear_coeffs) != 3 or len(cls.stats) != 1):
+        raise ValueError(f"register({cls.__name__}): the 'linear' form needs linear_coeffs = (c0, c1, c2) of "
+                         "f(s) = c0 + c1 s + c2 s^2 and one row statistic (the normalizer Z)")
     old = _REGISTRY.get(cls.name)
     if old is not None and old is not cls and not replace and old.__qualname__ != cls.__qualname__:
         raise ValueError(f"register({cls.__name__}): the name {cls.name!r} is taken by {old.__module__}."

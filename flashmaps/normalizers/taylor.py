@@ -27,6 +27,8 @@ class Taylor(Normalizer):
     No running max is needed (``f`` is bounded below by 1/2). Row statistics: ``z`` (the normalizer Z,
     0 for a row with no allowed key). Backward: ``dS = f'(S)/Z * (dP - delta)`` with ``f'(s) = 1 + s``.
     Merge over disjoint key sets: ``z = sum_i z_i``, ``out = sum_i z_i out_i / z``.
+    Forms: quadratic (the tile loop) and linear (``flashmaps.linear``: ``f(q'.k) = phi_q(q') . phi_k(k)``,
+    a fixed-size state per head; ``attention(..., form="linear")``, decoding with ``flashmaps.TaylorState``).
     """
 
     name: ClassVar[str] = "taylor"
@@ -36,6 +38,8 @@ class Taylor(Normalizer):
     order: ClassVar[int] = 10
     formula: ClassVar[str] = "`f(s_j) / Z`, `f(s) = 1 + s + s^2/2` (Based's 2nd-order Taylor map), `Z = sum_i f(s_i)`"
     merge_rule: ClassVar[str] = "sums of `z`"
+    forms: ClassVar[tuple[str, ...]] = ("quadratic", "linear")
+    linear_coeffs: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 0.5)  # f(s) = 1 + s + s^2/2
 
     def score_limit(self, dtype):
         """f(s) ~ s^2/2 must fit float32 (the sums); in fp16 the Triton kernels feed f(s) 2^-10 to the
