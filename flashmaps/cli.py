@@ -2,6 +2,9 @@
 
     flashmaps compare [--out DIR]   the normalizers side by side on this machine: error vs the float64
                                     reference, time and extra peak memory vs torch SDPA, sparsity
+    flashmaps compare --task mqar|drift
+                                    what they learn: MQAR recall of a tiny model trained per normalizer
+                                    (--preset quick|full), drift of a pretrained MiniLM's embeddings
     flashmaps bench [--normalizers ...] [--seq ...] [--modes ...] [--out DIR]
                                     the long-sequence sweep: TFLOP/s, time quantiles, memory per provider
     flashmaps plot RESULTS.json     redraw the PNGs of a bench/compare results file (e.g. from another machine)
