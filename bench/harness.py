@@ -577,15 +577,14 @@ def fmt_spread(row: dict) -> str | None:
 
 def trust_warnings(rows: list[dict], meta: dict) -> list[str]:
     """What says the timings of a run should not be trusted: rows whose spread is over `NOISY_SPREAD`, a
-    CPU loaded at the start or at the end (load average over `LOADED_FRACTION` of the cores), and
+    CPU already loaded when the run started (load average over `LOADED_FRACTION` of the cores), and
     contradictions (fwd+bwd faster than fwd of the same case). One line each."""
     out = []
     cores = os.cpu_count() or 1
-    loads = [meta.get("load_avg_1min"), meta.get("load_avg_1min_end")]
-    worst = max((x for x in loads if x is not None), default=None)
-    if worst is not None and worst > LOADED_FRACTION * cores:
-        out.append(f"the machine was loaded (1-minute load average up to {worst:g} on {cores} cores): other "
-                   "processes took CPU time, so the times are high and noisy; rerun on a quiet machine")
+    start = meta.get("load_avg_1min")         # the end load counts the run's own threads: recorded, not judged
+    if start is not None and start > LOADED_FRACTION * cores:
+        out.append(f"the machine was loaded when the run started (1-minute load average {start:g} on {cores} "
+                   "cores): other processes took CPU time, so the times are high and noisy; rerun on a quiet machine")
     noisy = [r for r in rows if r.get("status") == "ok" and (spread(r) or 0) > NOISY_SPREAD]
     for r in noisy[:8]:
         out.append(f"noisy: {r['provider']} {r['mode']} S={r['S']}: 20-80 % of the runs span "

@@ -691,12 +691,12 @@ def test_trust_warnings_flag_noise_load_and_contradictions():
                 status="ok")
     fwd = dict(case, mode="fwd", time_ms=10.0, time_q20_ms=9.8, time_q80_ms=10.3)
     both = dict(case, mode="fwd+bwd", time_ms=30.0, time_q20_ms=29.0, time_q80_ms=31.0)
-    quiet = {"load_avg_1min": 0.0, "load_avg_1min_end": 0.1}
+    quiet = {"load_avg_1min": 0.0, "load_avg_1min_end": 2.0 * (os.cpu_count() or 1)}   # the end counts the run
     assert harness.trust_warnings([fwd, both], quiet) == []
     assert harness.fmt_spread(fwd) == "±2%"
     noisy = dict(fwd, time_q20_ms=5.0, time_q80_ms=20.0)
     assert any(w.startswith("noisy: p fwd S=512") for w in harness.trust_warnings([noisy, both], quiet))
-    loaded = {"load_avg_1min": 0.0, "load_avg_1min_end": 4.0 * (os.cpu_count() or 1)}
+    loaded = {"load_avg_1min": 4.0 * (os.cpu_count() or 1), "load_avg_1min_end": 0.0}
     assert any("loaded" in w for w in harness.trust_warnings([fwd, both], loaded))
     fast_both = dict(both, time_ms=8.0, time_q20_ms=7.9, time_q80_ms=8.1)
     assert any(w.startswith("contradiction: p S=512") for w in harness.trust_warnings([fwd, fast_both], quiet))
