@@ -49,3 +49,19 @@ def test_taylor_fp16_past_65504():
     ref, ref_st = flashmaps.attention(q.float(), k.float(), v.float(), "taylor", backend="torch", return_stats=True)
     assert torch.isfinite(out).all() and torch.isfinite(st["z"]).all()
     assert rel_err(out.float(), ref) < 2e-2 and rel_err(st["z"], ref_st["z"]) < 2e-2
+
+
+def test_mask_key_offsets_past_int32():
+    """A bool mask whose key stride puts key j at byte j * 2^28: keys 8 and up lie past 2^31, where an int32
+    offset would wrap. The kernels compute the offset in int64 and see the same mask as a compact copy.
+    (4 GiB of address space, a few pages touched.)"""
+    L, S, sn = 4, 16, 2**28
+    storage = torch.empty((S - 1) * sn + L, dtype=torch.bool, device=KERNEL_DEVICE)
+    mask = storage.as_strided((1, 1, L, S), (0, 0, 1, sn))
+    pattern = torch.rand(L, S, generator=torch.Generator().manual_seed(5)) < 0.6
+    pattern[:, 0] = True
+    mask.copy_(pattern.view(1, 1, L, S).to(KERNEL_DEVICE))
+    q, k, v = make_qkv(1, 2, 2, L, S, 16, seed=6)
+    out = flashmaps.attention(q, k, v, "softmax", attn_mask=mask, backend="triton")
+    ref = flashmaps.attention(q, k, v, "softmax", attn_mask=mask.contiguous(), backend="triton")
+    assert torch.equal(out, ref)
