@@ -89,8 +89,8 @@ def _check_qkv(q, k, v, enable_gqa: bool, names=("q", "k", "v")) -> None:
             )
         if Hkv == 0 or Hq % Hkv:
             raise ValueError(
-                f"grouped-query attention needs the query heads ({Hq}) to be a multiple of the key/value "
-                f"heads ({Hkv})"
+                f"Number of heads in key and value must divide the number of heads in query: grouped-query "
+                f"attention needs the query heads ({Hq}) to be a multiple of the key/value heads ({Hkv})"
             )
     if Dqk == 0 or v.shape[3] == 0:
         raise ValueError(f"head dims must be >= 1, got {nq}/{nk}: {Dqk}, {nv}: {v.shape[3]}")
@@ -324,7 +324,7 @@ class SdpaTypeError(RuntimeError, TypeError):
 
 def _sdpa_layout(query, key, value, enable_gqa: bool):
     """Broadcast sdpa's (..., L, E) inputs as torch does and return (q4, k4, v4, batch dims, heads out, rank
-    out): q4 (B, Hq, L, E), k4/v4 (B, Hkv, S, E/Ev) with Hkv == Hq, or Hq % Hkv == 0 under ``enable_gqa``."""
+    out): q4 (B, Hq, L, E), k4/v4 (B, Hkv, S, E/Ev); the head counts are checked by ``_check_qkv``."""
     rank = max(query.dim(), key.dim(), value.dim())
     r3 = max(rank, 3)
     q, k, v = (x.reshape((1,) * (r3 - x.dim()) + tuple(x.shape)) for x in (query, key, value))
@@ -337,16 +337,8 @@ def _sdpa_layout(query, key, value, enable_gqa: bool):
             f"{tuple(key.shape)}, {tuple(value.shape)}"
         ) from None
     hq = q.shape[-3]
-    if hq != hkv and not (enable_gqa and hkv and hq % hkv == 0):
-        if hkv == 1 or hq == 1:   # plain broadcasting of a single head, as torch's matmuls do
-            hq = hkv = max(hq, hkv)
-        elif enable_gqa:
-            raise ValueError(f"Number of heads in key and value must divide the number of heads in query "
-                             f"(query has {hq}, key/value {hkv})")
-        else:
-            raise ValueError(
-                f"query has {hq} heads but key/value have {hkv}; for grouped-query attention set enable_gqa=True"
-            )
+    if hq != hkv and (hkv == 1 or hq == 1) and not (enable_gqa and hkv == 1):
+        hq = hkv = max(hq, hkv)   # plain broadcasting of a single head, as torch's matmuls do (else: _check_qkv)
     n = math.prod(batch)
 
     def to4(x, h):

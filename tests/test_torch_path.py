@@ -588,3 +588,22 @@ def test_every_registered_normalizer_has_torch_hooks():
     for name, cls in flashmaps.registry().items():
         for hook in ("reference_weights", "torch_stats", "torch_weights", "torch_dscores"):
             assert getattr(cls, hook) is not getattr(Normalizer, hook), (name, hook)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 64], ids=["sort-only", "newton-1-then-sort", "newton"])
+@pytest.mark.parametrize("spread", [0.0, 0.02, 1.0, 3.0], ids=["equal", "flat", "normal", "peaked"])
+def test_exact_threshold_of_wide_supports(iters, spread, monkeypatch):
+    """Rows whose support exceeds the first selection: the Newton iteration (with exact polish), the sort for
+    the rows it leaves open, or both, give entmax15's and sparsemax's float64 thresholds."""
+    from flashmaps.normalizers.entmax15 import _tau_of_sorted as entmax15_rows
+    from flashmaps.normalizers.sparsemax import _tau_of_sorted as sparsemax_rows, sparsemax_threshold
+
+    monkeypatch.setattr(RW, "NEWTON_MAX_ITERS", iters)
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(40, 300, generator=g, dtype=torch.float64) * spread
+    s[:5, 150:] = float("-inf")
+    allowed = s > float("-inf")
+    tau, _ = RW.exact_threshold(s, entmax15_rows, 8, power=2, unit=0.5)
+    assert torch.allclose(tau, entmax15_threshold(s, allowed), rtol=1e-9, atol=1e-12)
+    tau, _ = RW.exact_threshold(s, sparsemax_rows, 8, power=1)
+    assert torch.allclose(tau, sparsemax_threshold(s, allowed), rtol=1e-9, atol=1e-12)

@@ -83,27 +83,29 @@ def exact_threshold(rows: torch.Tensor, tau_of_sorted: Callable, first: int | No
     if not all_complete:
         todo = torch.nonzero(~complete).squeeze(1)
         tau = tau.clone()
-        if power is None:
-            tau[todo] = tau_of_sorted(torch.sort(rows[todo], dim=1, descending=True).values)[0]
-        else:
+        if power is not None:
             top = vals[todo, :1] * unit                        # the rows' max (finite: the row has > t keys)
-            tau[todo] = newton_threshold(rows[todo] * unit - top, power) + top
+            tau_n, open_rows = newton_threshold(rows[todo] * unit - top, power)
+            tau[todo] = tau_n + top
+            todo = todo[open_rows]
+        if todo.numel():                                       # no Newton rule, or Newton did not settle a row
+            tau[todo] = tau_of_sorted(torch.sort(rows[todo], dim=1, descending=True).values)[0]
     return tau, (vals, idx, all_complete)
 
 
-#: iterations of :func:`newton_threshold` before the rows left fall back to a sort (never reached in tests)
+#: iterations of :func:`newton_threshold` before the rows left open go to the sort of `exact_threshold`
 NEWTON_MAX_ITERS = 64
 
 
-def newton_threshold(x: torch.Tensor, power: int) -> torch.Tensor:
-    """``tau`` [n, 1] with ``sum_j max(x_j - tau, 0)^power = 1``, power 1 (sparsemax) or 2 (1.5-entmax in z
-    units), for rows ``x`` [n, S] shifted so that each row's max is 0 (-inf = disallowed).
+def newton_threshold(x: torch.Tensor, power: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``tau`` [n, 1] with ``sum_j max(x_j - tau, 0)^power = 1``, open [n] bool), power 1 (sparsemax) or 2
+    (1.5-entmax in z units), for rows ``x`` [n, S] shifted so that each row's max is 0 (-inf = disallowed).
 
     Newton from the lower bound ``tau = -1`` (there ``f(tau) = sum_j max(x_j - tau, 0)^power - 1 >= 0``): f is
     convex and decreasing, so the iterates rise monotonically to the root and the support ``{x > tau}`` only
     shrinks. Each iteration also solves the equation in closed form on the current support and stops a row
     when that solution keeps every support key above it (then it is the exact threshold). A few passes over
-    the row whatever the scores; rows still open after `NEWTON_MAX_ITERS` get a full sort."""
+    the row whatever the scores; ``open`` marks the rows not settled within `NEWTON_MAX_ITERS`."""
     tau = torch.full((x.shape[0], 1), -1.0, dtype=x.dtype, device=x.device)
     out = torch.empty_like(tau)
     todo = torch.arange(x.shape[0], device=x.device)
@@ -125,20 +127,12 @@ def newton_threshold(x: torch.Tensor, power: int) -> torch.Tensor:
         done = (x > polish).sum(1, keepdim=True).to(x.dtype) == r
         out[todo] = torch.where(done, polish, nxt)
         keep = ~done.squeeze(1)
-        if not bool(keep.any()):
-            return out
         todo, x, tau = todo[keep], x[keep], nxt[keep]
-    srt = torch.sort(x, dim=1, descending=True).values          # pragma: no cover - a safety net
-    rho = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)
-    c1 = torch.clamp(srt, min=-2.0).cumsum(1)
-    if power == 1:
-        tau_r = (c1 - 1) / rho
-    else:
-        c2 = (torch.clamp(srt, min=-2.0) ** 2).cumsum(1)
-        mean = c1 / rho
-        tau_r = mean - torch.sqrt(torch.clamp(1 / rho - (c2 / rho - mean * mean), min=0))
-    out[todo] = tau_r.gather(1, (tau_r < srt).sum(1, keepdim=True).clamp(min=1) - 1)
-    return out
+        if not todo.numel():
+            break
+    open_rows = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+    open_rows[todo] = True
+    return out, open_rows
 
 
 def scatter_top(s: torch.Tensor, st: dict, weights_of_top: Callable, max_fraction: float = 0.25):

@@ -104,7 +104,8 @@ def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
         return None
     # the op hides a NaN score (it returns a finite row): the chunk loop applies the non-finite rule. Every
     # score is finite when |q|max |k|max D is (one pass over q and k, none over the scores).
-    bound = q.abs().amax().double() * k.abs().amax().double() * q.shape[-1]
+    inf = float("inf")
+    bound = torch.linalg.vector_norm(q, inf).double() * torch.linalg.vector_norm(k, inf).double() * q.shape[-1]
     if not bool(bound < 1e37):
         return None
     is_causal = causal is not None
