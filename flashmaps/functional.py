@@ -258,7 +258,8 @@ def attention(
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
     if choice.form == "linear":
-        return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats)
+        return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats,
+                                backend=backend_name)
     return ops.attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats,

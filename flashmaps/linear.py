@@ -45,6 +45,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import triton
 
 from .normalizers import Normalizer, parse
 
@@ -273,28 +274,35 @@ def _backward(pb: _Problem, out5, z5, dout5):
 
 
 class _LinearFn(torch.autograd.Function):
-    """out, z = linear-form attention; backward recomputes the states (nothing per chunk is saved)."""
+    """out, z = linear-form attention with torch ops (``backend="torch"``) or the Triton kernels of
+    ``flashmaps.kernels.linear`` ("triton"); backward recomputes the states (nothing per chunk is saved)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, km, off, scale, coeffs, chunk):
-        pb = _prepare(q, k, v, km, off, scale, coeffs, chunk)
-        out5, z5 = _forward(pb)
+    def forward(ctx, q, k, v, km, off, scale, coeffs, chunk, backend="torch"):
         B, Hq, L = q.shape[:3]
-        out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
-        z = z5.view(B, Hq, L)
+        if backend == "triton":
+            out, z = _triton_forward(q, k, v, km, off, scale, coeffs, chunk)
+        else:
+            out5, z5 = _forward(_prepare(q, k, v, km, off, scale, coeffs, chunk))
+            out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
+            z = z5.view(B, Hq, L)
         ctx.save_for_backward(q, k, v, km, out, z)
         ctx.args = (off, scale, coeffs, chunk)
+        ctx.backend = backend
         ctx.mark_non_differentiable(z)
         return out, z
 
     @staticmethod
     def backward(ctx, dout, _dz):
         q, k, v, km, out, z = ctx.saved_tensors
+        if ctx.backend == "triton":
+            dq, dk, dv = _triton_backward(q, k, v, km, out, z, dout, *ctx.args)
+            return dq, dk, dv, None, None, None, None, None, None
         pb = _prepare(q, k, v, km, *ctx.args)
         B, Hkv, G, L, D = pb.q5.shape
         dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)),
                                dout.unflatten(1, (Hkv, G)))
-        return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+        return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
@@ -303,6 +311,104 @@ def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
     q5 = q.unflatten(1, (Hkv, q.shape[1] // Hkv))  # (B, Hkv, G, L, D) view
     w = feature_weights(q.shape[3], coeffs, acc, q.device)[:, None]
     return _Problem(q5, k, v, km, off, scale, tuple(coeffs), acc, chunk, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Triton form (kernels/linear.py): launchers
+
+#: the largest head dim D of the Triton linear kernel (its order-2 state is BD^2 x BV fp32 registers; see
+#: the kernel's docstring): larger D runs the torch linear form or the quadratic kernel
+TRITON_MAX_D = 32
+#: query rows per chunk of the Triton kernel (>= 16, tl.dot's smallest tile; Based's chunk)
+TRITON_CHUNK = 16
+
+
+def _triton_blocks(D: int, Dv: int):
+    """(BD, BV, num_warps): BD = D padded to a power of two >= 16, and the Dv block BV that keeps the
+    order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32)."""
+    BD = max(16, triton.next_power_of_2(D))
+    BV = max(16, min(triton.next_power_of_2(Dv), 8192 // (BD * BD)))
+    return BD, BV, 4 if BD <= 16 else 8
+
+
+def _triton_prec(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the kernel's fp32 operands: exact under the interpreter; on a GPU fp32
+    inputs follow the quadratic kernel's setting, fp16/bf16 inputs use TF32 (10 mantissa bits, at least
+    the inputs' 7-10)."""
+    from . import triton_path
+
+    if triton_path._INTERPRET:
+        return "ieee"
+    return triton_path._dot_precision(dtype) if dtype == torch.float32 else "tf32"
+
+
+def _triton_args(q, k, v, km, off):
+    """The launch arguments shared by both kernels: (key mask uint8 (B, Hq, S) view or a dummy, its strides,
+    the strides of q, k, v, (Hq, G, L, S, OFF, A0), the constexprs, the grid, num_warps)."""
+    B, Hq, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if km is None:
+        m, sm = q.new_empty(1, dtype=torch.uint8), (0, 0, 0)
+    else:  # (B, Hkv, Gm, S) -> (B, Hq, S)
+        m = km.expand(B, Hkv, Hq // Hkv, S).reshape(B, Hq, S).view(torch.uint8)
+        sm = m.stride()
+    A0 = S if off is None else min(S, max(0, off))
+    BD, BV, warps = _triton_blocks(D, Dv)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sm)
+    const = dict(D=D, DV=Dv, BD=BD, BV=BV, CAUSAL=off is not None, HAS_MASK=km is not None,
+                 PREC=_triton_prec(q.dtype), num_warps=warps)
+    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, triton.cdiv(Dv, BV))
+
+
+def _triton_check(q, k, v):
+    D = q.shape[3]
+    if D > TRITON_MAX_D:
+        raise ValueError(f"the Triton linear form takes head dims D <= {TRITON_MAX_D} (its order-2 state is "
+                         f"D^2 x Dv registers), got D={D}; use backend='torch' or form='quadratic'")
+    for x in (q, k, v):
+        if x.stride(-1) != 1:
+            raise ValueError("the Triton linear form needs q, k, v with a unit last-dim stride")
+
+
+def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
+    """out (B, Hq, L, Dv) in v's dtype and z (B, Hq, L) fp32 from ``kernels.linear.linear_fwd``."""
+    from .kernels.linear import linear_fwd
+
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    _triton_check(q, k, v)
+    B, Hq, L, _ = q.shape
+    out = torch.empty(B, Hq, L, v.shape[3], dtype=v.dtype, device=q.device)
+    z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
+    linear_fwd[grid](q, k, v, m, out, z, *strides, *out.stride()[:3], *dims, float(scale),
+                     *map(float, coeffs), C=chunk, **const)
+    return out, z
+
+
+def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
+    """(dq, dk, dv) in the dtypes of q, k, v from ``kernels.linear.linear_bwd``: the kernel writes fp32
+    partial sums (dq, dk per Dv block, dk and dv per query head), summed here; rinv = 1/Z and
+    gz = -delta/Z (0 for empty rows) come from torch ops on the saved out and z."""
+    from .kernels.linear import linear_bwd
+
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    B, Hq, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rinv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0).float().contiguous()  # (B, Hq, L)
+    gz = (-(dout.float() * out.float()).sum(-1) * rinv).contiguous()                       # -delta / Z
+    m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
+    nv = grid[1]
+    dq = torch.empty(nv, B * Hq, L, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(nv, B * Hq, S, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B * Hq, S, Dv, dtype=torch.float32, device=q.device)
+    linear_bwd[grid](q, k, v, m, dout, rinv, gz, dq, dk, dv, *strides, *dout.stride()[:3], *dims, B * Hq,
+                     float(scale), *map(float, coeffs), C=chunk, **const)
+    G = Hq // Hkv
+    dq = dq.sum(0).view(B, Hq, L, D)
+    dk = dk.sum(0).view(B, Hkv, G, S, D).sum(2)
+    dv = dv.view(B, Hkv, G, S, Dv).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +447,8 @@ def _why_not_linear(norm: Normalizer, mask, softcap, dropout_p) -> str | None:
     return None
 
 
-def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> tuple[float, float]:
+def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK,
+          backend: str = "torch") -> tuple[float, float]:
     """The cost model, in multiply-adds per (batch, query head):
 
         quadratic = L * S' * (D + Dv)                   S' = S, or about S/2 causal (tiles above the diagonal
@@ -349,8 +456,15 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
         linear    = (L + S) * F * (Dv + 1)              phi(q') U for every row, phi(k) v1^T into U per key,
                     + L * C' * (D + Dv)                 plus the intra-chunk quadratic part (C' = chunk / 2
                                                         causal, 0 otherwise); F = 1 + D + D(D+1)/2 ~ D^2/2
+
+    ``backend="triton"``: the Triton kernel's features, the full square over the padded head dim
+    (F = 1 + BD + BD^2, BD = D padded to a power of two >= 16; ``kernels/linear.py`` says why).
     """
-    F = n_features(D)
+    if backend == "triton":
+        BD = max(16, triton.next_power_of_2(D))
+        F = 1 + BD + BD * BD
+    else:
+        F = n_features(D)
     quad = L * (S / 2 if causal else S) * (D + Dv)
     lin = (L + S) * F * (Dv + 1) + L * (min(chunk, S) / 2 if causal else 0) * (D + Dv)
     return float(quad), float(lin)
@@ -359,33 +473,41 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
 def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropout_p, backend="auto",
             resolved="torch"):
     """The FormChoice of a checked call (``backend`` as the caller gave it, ``resolved`` the one it became).
-    The linear form runs with torch ops on any device: an explicit backend="triton" rules it out (no linear
-    Triton kernel yet); "auto" on CUDA keeps the tuned quadratic Triton kernel (the cost model counts
-    multiply-adds, not the launches of a torch-op chunk loop), and form="linear" runs the torch ops there."""
+    On the Triton backend the linear form is the Triton kernel of ``kernels/linear.py`` for D <=
+    TRITON_MAX_D and "auto" weighs it by the cost model with the kernel's features; for larger D an explicit
+    backend="triton" rules the linear form out, "auto" on CUDA keeps the quadratic Triton kernel (the cost
+    model counts multiply-adds, not the launches of a torch-op chunk loop), and form="linear" with
+    backend="auto" runs the torch ops there."""
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     why = _why_not_linear(norm, mask, softcap, dropout_p)
-    if why is None and backend == "triton":
-        why = "the Triton backend has no linear-form kernel yet; use backend='torch' (or 'auto') for form='linear'"
-    if why is None and form == "auto" and resolved == "triton":
-        why = ("the Triton backend has no linear-form kernel yet and its quadratic kernel beats the torch-op linear "
-               "form's launches; pass form='linear' to run the linear form with torch ops")
+    kernel = resolved == "triton" and D <= TRITON_MAX_D
+    too_wide = (f"the Triton linear kernel takes head dims D <= {TRITON_MAX_D} (its order-2 state is D^2 x Dv "
+                f"registers), got D={D}")
+    if why is None and backend == "triton" and not kernel:
+        why = f"{too_wide}; use backend='torch' (or 'auto') for form='linear'"
+    if why is None and form == "auto" and resolved == "triton" and not kernel:
+        why = (f"{too_wide}, and the quadratic Triton kernel beats the torch-op linear form's launches; pass "
+               "form='linear' to run the linear form with torch ops")
+    cost_args = (L, S, D, Dv, causal is not None) + ((TRITON_CHUNK, "triton") if kernel else ())
+    runs = "the Triton kernel" if kernel else "torch ops"
     if form == "linear":
         if why is not None:
             raise ValueError(f"form='linear' is not possible here: {why}")
-        q_cost, l_cost = costs(L, S, D, Dv, causal is not None)
-        return FormChoice("linear", "form='linear' was asked for", q_cost, l_cost)
+        q_cost, l_cost = costs(*cost_args)
+        return FormChoice("linear", f"form='linear' was asked for (runs as {runs})", q_cost, l_cost)
     if form == "quadratic":
-        q_cost, _ = costs(L, S, D, Dv, causal is not None)
+        q_cost, _ = costs(*cost_args)
         return FormChoice("quadratic", "form='quadratic' was asked for", q_cost, None)
-    q_cost, l_cost = costs(L, S, D, Dv, causal is not None)
+    q_cost, l_cost = costs(*cost_args)
     if why is not None:
         return FormChoice("quadratic", f"auto: quadratic, because {why}", q_cost, None)
     if l_cost < q_cost:
-        return FormChoice("linear", f"auto: linear, the cost model's {l_cost:.3g} multiply-adds per head < the "
-                                    f"quadratic {q_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
-    return FormChoice("quadratic", f"auto: quadratic, the cost model's {q_cost:.3g} multiply-adds per head <= the "
-                                   f"linear {l_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
+        return FormChoice("linear", f"auto: linear ({runs}), the cost model's {l_cost:.3g} multiply-adds per "
+                                    f"head < the quadratic {q_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost,
+                          l_cost)
+    return FormChoice("quadratic", f"auto: quadratic, the cost model's {q_cost:.3g} multiply-adds per head <= "
+                                   f"the linear form's ({runs}) {l_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
 
 
 def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn_mask=None, softcap=None,
@@ -423,14 +545,18 @@ def _key_mask(mask, Hkv: int) -> torch.Tensor | None:
     return km.unflatten(1, (Hkv, Hq // Hkv))  # (B, Hkv, G, S)
 
 
-def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_stats, chunk: int | None = None):
+def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_stats, chunk: int | None = None,
+              backend: str = "torch"):
     """The linear form (checked arguments, as :mod:`flashmaps.functional` passes them): q (B, Hq, L, D),
     k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or a bool key-padding view (B, Hq, L, S), causal None,
-    "upper_left" or "lower_right" -> out (B, Hq, L, Dv) in v's dtype, or (out, {"z": (B, Hq, L)})."""
+    "upper_left" or "lower_right" -> out (B, Hq, L, Dv) in v's dtype, or (out, {"z": (B, Hq, L)}).
+    ``backend`` is the resolved backend of the call: "triton" runs the Triton kernels where D <=
+    TRITON_MAX_D (larger D: the torch ops, as form="linear" with backend="auto" did before)."""
     L, S = q.shape[2], k.shape[2]
     off = None if causal is None else (0 if causal == "upper_left" else S - L)
+    triton_form = backend == "triton" and q.shape[3] <= TRITON_MAX_D
     out, z = _LinearFn.apply(q, k, v, _key_mask(mask, k.shape[1]), off, scale, normalizer.linear_coeffs,
-                             chunk or CHUNK)
+                             chunk or (TRITON_CHUNK if triton_form else CHUNK), "triton" if triton_form else "torch")
     return (out, {normalizer.stats[0]: z}) if return_stats else out
 
 
