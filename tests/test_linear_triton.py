@@ -172,3 +172,53 @@ def test_triton_auto_picks_the_kernel_by_the_cost_model(monkeypatch):
 def test_cuda_triton_linear_real_sizes(D, Dv, causal, dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # TF32 products over a 4k state
     _check((2, 8, 2, 4096 - 3, 4096, D, Dv), causal, dtype=dtype, tol=tol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the bench provider, its FLOP count and the GPU plan
+
+
+def _hand_count_linear(mode, L, S, D, Dv, causal, C):
+    """Multiply-adds x 2 of the Triton linear kernel, chunk by chunk (flops.linear_flops's docstring)."""
+    F = D + D * D  # orders 1 and 2, full square
+    off = None if causal is None else (0 if causal == "upper_left" else S - L)
+    entered = S if off is None else min(S, max(0, L + off))  # keys that enter the state
+    fwd = bwd = 0
+    for i0 in range(0, L, C):
+        rows = min(L, i0 + C) - i0
+        fwd += rows * F * (Dv + 1)                      # phi(q') U
+        bwd += 2 * rows * F * (Dv + 1)                  # dy U^T, the reverse state
+        if off is not None:
+            fwd += rows * C * (D + Dv)                  # s, A v over the diagonal tile
+            bwd += rows * C * (2 * D + Dv + 2 * D + 2 * Dv)
+    fwd += entered * F * (Dv + 1)                       # phi(k) [v, 1]^T
+    bwd += 3 * entered * F * (Dv + 1)                   # the state again, dv and dk from the reverse state
+    return 2 * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=CAUSAL_IDS)
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("L, S", [(37, 37), (20, 50), (50, 20)])
+def test_linear_flops_hand_count(L, S, mode, causal):
+    from flashmaps.bench import flops
+
+    assert flops.linear_flops(mode, 1, 1, L, S, 16, 8, causal) == _hand_count_linear(mode, L, S, 16, 8, causal, 16)
+    assert flops.linear_flops(mode, 2, 3, L, S, 16, 8, causal) == 6 * _hand_count_linear(mode, L, S, 16, 8, causal, 16)
+
+
+def test_triton_linear_provider_counts_its_own_flops(monkeypatch):
+    """flashmaps-taylor-triton-linear is in the CUDA list, runs (interpreted smoke) and its rows count
+    flops.linear_flops; the taylor-linear GPU suite has its rows (and none without taylor)."""
+    from flashmaps.bench import flops, providers, suites, worker
+
+    assert "flashmaps-taylor-triton-linear" in {p.name for p in providers.providers_for("cuda", ["taylor"])}
+    assert "flashmaps-taylor-triton-linear" not in {p.name for p in providers.providers_for("cpu", ["taylor"])}
+    jobs = suites.suite_jobs(["taylor-linear"], suites.Plan(device="cpu", smoke=True, normalizers=("taylor",)))
+    assert {j["provider"] for j in jobs} >= {"flashmaps-taylor-triton-linear", "flashmaps-taylor-triton-quadratic"}
+    assert not suites.suite_jobs(["taylor-linear"], suites.Plan(normalizers=("softmax",)))
+    monkeypatch.setenv("FLASHMAPS_BENCH_INTERPRET", "1")
+    job = next(j for j in jobs if j["provider"] == "flashmaps-taylor-triton-linear" and j["mode"] == "fwd")
+    row = worker.run_job(dict(job, check_rows=0))
+    assert row["status"] == "ok", row["message"]
+    args = (row["B"], row["Hq"], row["L"], row["S"], row["Dqk"], row["Dv"], row["causal"])
+    assert row["flops"] == flops.linear_flops("fwd", *args) != flops.attention_flops("fwd", *args)
