@@ -323,12 +323,19 @@ TRITON_MAX_D = 32
 TRITON_CHUNK = 16
 
 
+#: the largest D that form="auto" gives the Triton linear kernel: its registers fit at D <= 16 (sm_90
+#: build of ``scripts/sm90-compile --linear``: no spill in the forward, 136 bytes in the backward at Dv = 64);
+#: at D = 32 both kernels spill kilobytes, so D in (16, 32] runs it only when form="linear" asks
+TRITON_AUTO_MAX_D = 16
+
+
 def _triton_blocks(D: int, Dv: int):
     """(BD, BV, num_warps): BD = D padded to a power of two >= 16, and the Dv block BV that keeps the
-    order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32)."""
+    order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32). Warps: the sm_90
+    builds with the fewest spills (8 at D <= 16: none in the forward; 16 at D = 32)."""
     BD = max(16, triton.next_power_of_2(D))
     BV = max(16, min(triton.next_power_of_2(Dv), 8192 // (BD * BD)))
-    return BD, BV, 4 if BD <= 16 else 8
+    return BD, BV, 8 if BD <= 16 else 16
 
 
 def _triton_prec(dtype: torch.dtype) -> str:
@@ -489,6 +496,9 @@ def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropo
     if why is None and form == "auto" and resolved == "triton" and not kernel:
         why = (f"{too_wide}, and the quadratic Triton kernel beats the torch-op linear form's launches; pass "
                "form='linear' to run the linear form with torch ops")
+    if why is None and form == "auto" and kernel and D > TRITON_AUTO_MAX_D:
+        why = (f"the Triton linear kernel spills registers at D > {TRITON_AUTO_MAX_D} (D={D}); pass form='linear' "
+               "to run it anyway")
     cost_args = (L, S, D, Dv, causal is not None) + ((TRITON_CHUNK, "triton") if kernel else ())
     runs = "the Triton kernel" if kernel else "torch ops"
     if form == "linear":

@@ -145,6 +145,13 @@ def test_triton_auto_picks_the_kernel_by_the_cost_model(monkeypatch):
                                                                    "triton")
     short = flashmaps.choose_form(q[:, :, :64], k[:, :, :64], v[:, :, :64], "taylor", causal=True, backend="triton")
     assert short.form == "quadratic" and short.cost_quadratic <= short.cost_linear
+    # D in (TRITON_AUTO_MAX_D, TRITON_MAX_D]: the kernel runs when asked, "auto" keeps the quadratic one
+    q32, k32, v32 = qkv_for((1, 2, 2, 4096, 4096, 32, 16), torch.float32, device=KERNEL_DEVICE)
+    wide = flashmaps.choose_form(q32, k32, v32, "taylor", causal=True, backend="triton")
+    assert linear.TRITON_AUTO_MAX_D < 32 <= linear.TRITON_MAX_D
+    assert wide.form == "quadratic" and "spills registers" in wide.reason
+    asked = flashmaps.choose_form(q32, k32, v32, "taylor", causal=True, backend="triton", form="linear")
+    assert asked.form == "linear" and "Triton kernel" in asked.reason
     # the full-square features cost more than the torch form's pairs (D = 16: 273 vs 153)
     assert linear.costs(4096, 4096, 16, 16, True, 16, "triton")[1] > linear.costs(4096, 4096, 16, 16, True, 16)[1]
     called = []
