@@ -27,7 +27,7 @@ Causal schedule (``off`` = 0 for "upper_left", S - L for "lower_right"; row i se
 the keys [0, clamp(off)) enter U first; chunk [i0, i1) has the diagonal block [clamp(i0 + off),
 clamp(i1 + off)), which enters U after the chunk's rows are done. Non-causal: every key enters U first.
 
-Backward (``_LinearFn``), with ``dy_i = [dO_i, -delta_i] / Z_i`` and ``delta_i = dO_i . o_i``: the
+Backward (``_linear_bwd``), with ``dy_i = [dO_i, -delta_i] / Z_i`` and ``delta_i = dO_i . o_i``: the
 gradient of plain linear attention ``y = phi(q') (w * U)``: ``dphi(q') = dy (w * U)^T`` (a forward pass
 recomputing U), ``dphi(k_j) = (w * W) v1_j`` and ``dv1_j = (w * W)^T phi(k_j)`` with the reverse state
 ``W = sum_i phi(q'_i) dy_i^T`` over
@@ -42,7 +42,7 @@ state, softcap makes f non-polynomial and dropout acts per (i, j) weight: these 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -273,36 +273,62 @@ def _backward(pb: _Problem, out5, z5, dout5):
     return dq, dk, dv
 
 
-class _LinearFn(torch.autograd.Function):
-    """out, z = linear-form attention with torch ops (``backend="torch"``) or the Triton kernels of
-    ``flashmaps.kernels.linear`` ("triton"); backward recomputes the states (nothing per chunk is saved)."""
+@torch.library.custom_op("flashmaps::linear_fwd", mutates_args=())
+def _linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, km: Optional[torch.Tensor], off: Optional[int],
+                scale: float, c0: float, c1: float, c2: float, chunk: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (B, Hq, L, Dv) in v's dtype, z (B, Hq, L) float32 (float64 for float64 inputs)), with torch
+    ops (``backend="torch"``) or the Triton kernels of ``flashmaps.kernels.linear`` ("triton"). An opaque
+    op (with a fake below) so that torch.compile traces the linear form without graph breaks."""
+    if backend == "triton":
+        return _triton_forward(q, k, v, km, off, scale, (c0, c1, c2), chunk)
+    B, Hq, L = q.shape[:3]
+    out5, z5 = _forward(_prepare(q, k, v, km, off, scale, (c0, c1, c2), chunk))
+    return out5.reshape(B, Hq, L, v.shape[3]).to(v.dtype), z5.reshape(B, Hq, L)
 
-    @staticmethod
-    def forward(ctx, q, k, v, km, off, scale, coeffs, chunk, backend="torch"):
-        B, Hq, L = q.shape[:3]
-        if backend == "triton":
-            out, z = _triton_forward(q, k, v, km, off, scale, coeffs, chunk)
-        else:
-            out5, z5 = _forward(_prepare(q, k, v, km, off, scale, coeffs, chunk))
-            out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
-            z = z5.view(B, Hq, L)
-        ctx.save_for_backward(q, k, v, km, out, z)
-        ctx.args = (off, scale, coeffs, chunk)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(z)
-        return out, z
 
-    @staticmethod
-    def backward(ctx, dout, _dz):
-        q, k, v, km, out, z = ctx.saved_tensors
-        if ctx.backend == "triton":
-            dq, dk, dv = _triton_backward(q, k, v, km, out, z, dout, *ctx.args)
-            return dq, dk, dv, None, None, None, None, None, None
-        pb = _prepare(q, k, v, km, *ctx.args)
-        B, Hkv, G, L, D = pb.q5.shape
-        dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)),
-                               dout.unflatten(1, (Hkv, G)))
-        return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+@_linear_fwd.register_fake
+def _(q, k, v, km, off, scale, c0, c1, c2, chunk, backend):
+    z_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((*q.shape[:3], v.shape[3]), dtype=v.dtype), q.new_empty(q.shape[:3], dtype=z_dtype)
+
+
+@torch.library.custom_op("flashmaps::linear_bwd", mutates_args=())
+def _linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, km: Optional[torch.Tensor], out: torch.Tensor,
+                z: torch.Tensor, dout: torch.Tensor, off: Optional[int], scale: float, c0: float, c1: float,
+                c2: float, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) in the dtypes and shapes of q, k, v (contiguous): the backward of ``_linear_fwd``."""
+    if backend == "triton":
+        return _triton_backward(q, k, v, km, out, z, dout, off, scale, (c0, c1, c2), chunk)
+    pb = _prepare(q, k, v, km, off, scale, (c0, c1, c2), chunk)
+    B, Hkv, G, L, D = pb.q5.shape
+    dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)), dout.unflatten(1, (Hkv, G)))
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_linear_bwd.register_fake
+def _(q, k, v, km, out, z, dout, off, scale, c0, c1, c2, chunk, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _linear_setup(ctx, inputs, output):
+    q, k, v, km, off, scale, c0, c1, c2, chunk, backend = inputs
+    out, z = output
+    ctx.save_for_backward(q, k, v, km, out, z)
+    ctx.args = (off, scale, c0, c1, c2, chunk, backend)
+    ctx.mark_non_differentiable(z)
+
+
+def _linear_grad(ctx, dout, _dz):
+    """Backward recomputes the states from q, k, v, out and z (nothing per chunk is saved)."""
+    q, k, v, km, out, z = ctx.saved_tensors
+    dq, dk, dv = _linear_bwd(q, k, v, km, out, z, dout.contiguous(), *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_linear_fwd.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
@@ -565,8 +591,9 @@ def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_st
     L, S = q.shape[2], k.shape[2]
     off = None if causal is None else (0 if causal == "upper_left" else S - L)
     triton_form = backend == "triton" and q.shape[3] <= TRITON_MAX_D
-    out, z = _LinearFn.apply(q, k, v, _key_mask(mask, k.shape[1]), off, scale, normalizer.linear_coeffs,
-                             chunk or (TRITON_CHUNK if triton_form else CHUNK), "triton" if triton_form else "torch")
+    c0, c1, c2 = (float(c) for c in normalizer.linear_coeffs)
+    out, z = _linear_fwd(q, k, v, _key_mask(mask, k.shape[1]), off, float(scale), c0, c1, c2,
+                         chunk or (TRITON_CHUNK if triton_form else CHUNK), "triton" if triton_form else "torch")
     return (out, {normalizer.stats[0]: z}) if return_stats else out
 
 

@@ -229,3 +229,34 @@ def test_triton_linear_provider_counts_its_own_flops(monkeypatch):
     assert row["status"] == "ok", row["message"]
     args = (row["B"], row["Hq"], row["L"], row["S"], row["Dqk"], row["Dv"], row["causal"])
     assert row["flops"] == flops.linear_flops("fwd", *args) != flops.attention_flops("fwd", *args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the custom ops (compile safety), both backends of the linear form
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_ops_opcheck(backend):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = (x.requires_grad_() for x in qkv_for((1, 2, 1, 20, 23, 16, 8), dtype, device=KERNEL_DEVICE))
+    km = (torch.rand(1, 1, 1, 23, generator=torch.Generator().manual_seed(2)) < 0.7).to(KERNEL_DEVICE)
+    args = (q, k, v, km, 3, 0.3, 1.0, 1.0, 0.5, 16, backend)
+    torch.library.opcheck(torch.ops.flashmaps.linear_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_compile_fullgraph(backend):
+    """A model calling the linear form compiles without graph breaks and gives the eager loss and grads."""
+    torch._dynamo.reset()
+    q, k, v = qkv_for((1, 2, 1, 40, 40, 16, 8), torch.float32, device=KERNEL_DEVICE)
+
+    def model(q, k, v):
+        return flashmaps.attention(q * 2, k, v, "taylor", causal=True, form="linear", backend=backend,
+                                   enable_gqa=True).square().sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    qs = [q.clone().requires_grad_() for _ in range(2)]
+    loss_c, loss_e = compiled(qs[0], k, v), model(qs[1], k, v)
+    loss_c.backward()
+    loss_e.backward()
+    assert rel_err(loss_c, loss_e) < 1e-6 and rel_err(qs[0].grad, qs[1].grad) < 1e-5
