@@ -59,8 +59,11 @@ def attention_flops(mode: str, B: int, Hq: int, L: int, S: int, Dqk: int, Dv: in
     if mode == "decode":
         L = 1
     pairs = B * Hq * allowed_pairs(L, S, causal)
-    fwd = 2 * pairs * (Dqk + Dv)
-    bwd = 2 * pairs * (3 * Dqk + 2 * Dv)
+    return _by_mode(mode, 2 * pairs * (Dqk + Dv), 2 * pairs * (3 * Dqk + 2 * Dv))
+
+
+def _by_mode(mode: str, fwd: int, bwd: int) -> int:
+    """The count of ``mode`` from the forward's and the backward's."""
     if mode in ("fwd", "decode"):
         return fwd
     if mode == "bwd":
@@ -95,12 +98,5 @@ def linear_flops(mode: str, B: int, Hq: int, L: int, S: int, Dqk: int, Dv: int |
     else:
         raise ValueError(f"causal must be None/False, True, 'upper_left' or 'lower_right', got {causal!r}")
     feats = (Dqk + Dqk * Dqk) * (Dv + 1)
-    fwd = 2 * B * Hq * ((L + n) * feats + L * diag * (Dqk + Dv))
-    bwd = 2 * B * Hq * ((2 * L + 3 * n) * feats + L * diag * (4 * Dqk + 3 * Dv))
-    if mode in ("fwd", "decode"):
-        return fwd
-    if mode == "bwd":
-        return bwd
-    if mode == "fwd+bwd":
-        return fwd + bwd
-    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return _by_mode(mode, 2 * B * Hq * ((L + n) * feats + L * diag * (Dqk + Dv)),
+                    2 * B * Hq * ((2 * L + 3 * n) * feats + L * diag * (4 * Dqk + 3 * Dv)))

@@ -119,39 +119,67 @@ def diag_range(i0, L, S, OFF, C: tl.constexpr):
 
 
 @triton.jit
-def linear_fwd(q, k, v, km, o, zout,
-               sqb, sqh, sql, skb, skh, sks, svb, svh, svs, smb, smh, sms, sob, soh, sol,
-               Hq, G, L, S, OFF, A0, scale, c0, c1, c2,
-               D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+def program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV: tl.constexpr):
+    """(pid_bh, pid_v) of the program and its base pointers: q and the key mask at (batch, query head),
+    k and v at (batch, kv head) (v at the program's Dv block)."""
     pid_bh = tl.program_id(0)
     pid_v = tl.program_id(1)
-    b_ = pid_bh // Hq
-    h_ = pid_bh % Hq
+    b_ = (pid_bh // Hq).to(tl.int64)
+    h_ = (pid_bh % Hq).to(tl.int64)
     hk = h_ // G
-    p_q = q + b_.to(tl.int64) * sqb + h_.to(tl.int64) * sqh
-    p_k = k + b_.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    p_v = v + b_.to(tl.int64) * svb + hk.to(tl.int64) * svh + pid_v * BV
-    p_o = o + b_.to(tl.int64) * sob + h_.to(tl.int64) * soh + pid_v * BV
-    p_m = km + b_.to(tl.int64) * smb + h_.to(tl.int64) * smh
-    p_z = zout + pid_bh.to(tl.int64) * L
-    cd = tl.arange(0, BD)
-    cv = tl.arange(0, BV)
-    nv = DV - pid_v * BV
+    return (pid_bh, pid_v, q + b_ * sqb + h_ * sqh, k + b_ * skb + hk * skh, v + b_ * svb + hk * svh + pid_v * BV,
+            km + b_ * smb + h_ * smh)
 
+
+@triton.jit
+def load_keys(p_k, p_v, p_m, sks, svs, sms, j0, j_end, cd, cv, nv, D: tl.constexpr, C: tl.constexpr,
+              HAS_MASK: tl.constexpr):
+    """Keys [j0, j0 + C) below j_end: k [C, BD], their weights m [C] and the masked values m v [C, BV]."""
+    kb = load_rows(p_k, sks, j0, j_end, cd, D, C)
+    m = key_weight(p_m, sms, j0, j_end, C, HAS_MASK)
+    return kb, m, load_rows(p_v, svs, j0, j_end, cv, nv, C) * m[:, None]
+
+
+@triton.jit
+def add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    """The state (glossary) plus the keys kb with weights m and masked values vm."""
+    h0, h1, h2 = add_outer_state(h0, h1, h2, kb, vm, C, BD, PREC)
+    z1, z2 = add_outer_vec(z1, z2, kb, m, C, BD)
+    return h0, h1, h2, z0 + tl.sum(m, 0), z1, z2
+
+
+@triton.jit
+def prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D: tl.constexpr, BD: tl.constexpr,
+                 BV: tl.constexpr, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """The state after the keys [0, A0) that every row sees."""
     h0 = tl.zeros([BV], tl.float32)
     h1 = tl.zeros([BD, BV], tl.float32)
     h2 = tl.zeros([BD * BD, BV], tl.float32)
     z0 = tl.zeros([1], tl.float32)
     z1 = tl.zeros([BD], tl.float32)
     z2 = tl.zeros([BD * BD], tl.float32)
-    for j0 in range(0, A0, C):                                          # keys every row sees
-        kb = load_rows(p_k, sks, j0, A0, cd, D, C)                      # [C, BD]
-        m = key_weight(p_m, sms, j0, A0, C, HAS_MASK)                   # [C]
-        vm = load_rows(p_v, svs, j0, A0, cv, nv, C) * m[:, None]        # [C, BV]
-        h0, h1, h2 = add_outer_state(h0, h1, h2, kb, vm, C, BD, PREC)
-        z1, z2 = add_outer_vec(z1, z2, kb, m, C, BD)
-        z0 += tl.sum(m, 0)
+    for j0 in range(0, A0, C):
+        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, A0, cd, cv, nv, D, C, HAS_MASK)
+        h0, h1, h2, z0, z1, z2 = add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C, BD, PREC)
+    return h0, h1, h2, z0, z1, z2
+
+
+@triton.jit
+def linear_fwd(q, k, v, km, o, zout,
+               sqb, sqh, sql, skb, skh, sks, svb, svh, svs, smb, smh, sms, sob, soh, sol,
+               Hq, G, L, S, OFF, A0, scale, c0, c1, c2,
+               D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """o [B, Hq, L, DV] (v's dtype) and z [B*Hq, L] fp32 (the glossary's readout + diagonal)."""
+    pid_bh, pid_v, p_q, p_k, p_v, p_m = program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV)
+    p_o = o + (pid_bh // Hq).to(tl.int64) * sob + (pid_bh % Hq).to(tl.int64) * soh + pid_v * BV
+    p_z = zout + pid_bh.to(tl.int64) * L
+    cd = tl.arange(0, BD)
+    cv = tl.arange(0, BV)
+    nv = DV - pid_v * BV
+
+    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
+                                          PREC)
     for i0 in range(0, L, C):
         qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale               # q' [C, BD]
         q2 = outer(qs, C, BD)                                           # [C, BD*BD]
@@ -159,15 +187,11 @@ def linear_fwd(q, k, v, km, o, zout,
         zz = c0 * z0 + c1 * tl.sum(qs * z1[None, :], 1) + c2 * tl.sum(q2 * z2[None, :], 1)  # [C]
         if CAUSAL:
             a, b = diag_range(i0, L, S, OFF, C)
-            kb = load_rows(p_k, sks, a, b, cd, D, C)
-            m = key_weight(p_m, sms, a, b, C, HAS_MASK)
-            vm = load_rows(p_v, svs, a, b, cv, nv, C) * m[:, None]
+            kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, a, b, cd, cv, nv, D, C, HAS_MASK)
             _, _, fa = diag_block(qs, kb, i0, a, b, m, OFF, c0, c1, c2, C, PREC)
             y += dot(fa, vm, PREC)
             zz += tl.sum(fa, 1)
-            h0, h1, h2 = add_outer_state(h0, h1, h2, kb, vm, C, BD, PREC)
-            z1, z2 = add_outer_vec(z1, z2, kb, m, C, BD)
-            z0 += tl.sum(m, 0)
+            h0, h1, h2, z0, z1, z2 = add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C, BD, PREC)
         rows = i0 + tl.arange(0, C)
         inv = tl.where(zz > 0, 1.0 / tl.where(zz > 0, zz, 1.0), 0.0)
         ok = (rows < L)[:, None] & (cv < nv)[None, :]
@@ -185,16 +209,8 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """dq [NV, B*Hq, L, D], dk [NV, B*Hq, S, D] (partial over the Dv blocks) and dv [B*Hq, S, DV] (per query
     head), fp32 contiguous, zero-initialized (keys no row sees keep 0). rinv = 1/Z, gzr = -delta/Z [B*Hq, L]."""
-    pid_bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    b_ = pid_bh // Hq
-    h_ = pid_bh % Hq
-    hk = h_ // G
-    p_q = q + b_.to(tl.int64) * sqb + h_.to(tl.int64) * sqh
-    p_k = k + b_.to(tl.int64) * skb + hk.to(tl.int64) * skh
-    p_v = v + b_.to(tl.int64) * svb + hk.to(tl.int64) * svh + pid_v * BV
-    p_do = do + b_.to(tl.int64) * sdb + h_.to(tl.int64) * sdh + pid_v * BV
-    p_m = km + b_.to(tl.int64) * smb + h_.to(tl.int64) * smh
+    pid_bh, pid_v, p_q, p_k, p_v, p_m = program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV)
+    p_do = do + (pid_bh // Hq).to(tl.int64) * sdb + (pid_bh % Hq).to(tl.int64) * sdh + pid_v * BV
     p_r = rinv + pid_bh.to(tl.int64) * L
     p_gz = gzr + pid_bh.to(tl.int64) * L
     part = pid_v.to(tl.int64) * N_BH + pid_bh
@@ -207,17 +223,8 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
     first = (pid_v == 0).to(tl.float32)                                 # the gz terms: one Dv block adds them
 
     # ---- dq: the forward's state, rows in order
-    h0 = tl.zeros([BV], tl.float32)
-    h1 = tl.zeros([BD, BV], tl.float32)
-    h2 = tl.zeros([BD * BD, BV], tl.float32)
-    z1 = tl.zeros([BD], tl.float32)
-    z2 = tl.zeros([BD * BD], tl.float32)
-    for j0 in range(0, A0, C):
-        kb = load_rows(p_k, sks, j0, A0, cd, D, C)
-        m = key_weight(p_m, sms, j0, A0, C, HAS_MASK)
-        vm = load_rows(p_v, svs, j0, A0, cv, nv, C) * m[:, None]
-        h0, h1, h2 = add_outer_state(h0, h1, h2, kb, vm, C, BD, PREC)
-        z1, z2 = add_outer_vec(z1, z2, kb, m, C, BD)
+    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
+                                          PREC)
     for i0 in range(0, L, C):
         rows = i0 + tl.arange(0, C)
         qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale               # [C, BD]
@@ -229,14 +236,11 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
         dqs = c1 * t1 + (2.0 * c2) * contract_sq(t2, qs, C, BD)
         if CAUSAL:
             a, b = diag_range(i0, L, S, OFF, C)
-            kb = load_rows(p_k, sks, a, b, cd, D, C)
-            m = key_weight(p_m, sms, a, b, C, HAS_MASK)
-            vm = load_rows(p_v, svs, a, b, cv, nv, C) * m[:, None]
+            kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, a, b, cd, cv, nv, D, C, HAS_MASK)
             s, ok, _ = diag_block(qs, kb, i0, a, b, m, OFF, c0, c1, c2, C, PREC)
             ds = tl.where(ok, (c1 + 2.0 * c2 * s) * (dot(g, tl.trans(vm), PREC) + gz[:, None]), 0.0)
             dqs += dot(ds, kb, PREC)
-            h0, h1, h2 = add_outer_state(h0, h1, h2, kb, vm, C, BD, PREC)
-            z1, z2 = add_outer_vec(z1, z2, kb, m, C, BD)
+            h0, h1, h2, z0, z1, z2 = add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C, BD, PREC)
         ok = (rows < L)[:, None] & (cd < D)[None, :]
         tl.store(p_dq + rows.to(tl.int64)[:, None] * D + cd[None, :], dqs * scale, mask=ok)
 
@@ -256,9 +260,7 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
         g = load_rows(p_do, sdl, i0, L, cv, nv, C) * ri[:, None]
         if CAUSAL:
             a, b = diag_range(i0, L, S, OFF, C)
-            kb = load_rows(p_k, sks, a, b, cd, D, C)
-            m = key_weight(p_m, sms, a, b, C, HAS_MASK)
-            vm = load_rows(p_v, svs, a, b, cv, nv, C) * m[:, None]
+            kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, a, b, cd, cv, nv, D, C, HAS_MASK)
             dkb, dvb = keys_from_state(kb, vm, m, r0, r1, r2, rz1, rz2, c0, c1, c2, C, BD, PREC)
             s, ok, fa = diag_block(qs, kb, i0, a, b, m, OFF, c0, c1, c2, C, PREC)
             ds = tl.where(ok, (c1 + 2.0 * c2 * s) * (dot(g, tl.trans(vm), PREC) + gz[:, None]), 0.0)
@@ -268,9 +270,7 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
         r0, r1, r2 = add_outer_state(r0, r1, r2, qs, g, C, BD, PREC)
         rz1, rz2 = add_outer_vec(rz1, rz2, qs, gz, C, BD)
     for j0 in range(0, A0, C):                                          # keys every row sees
-        kb = load_rows(p_k, sks, j0, A0, cd, D, C)
-        m = key_weight(p_m, sms, j0, A0, C, HAS_MASK)
-        vm = load_rows(p_v, svs, j0, A0, cv, nv, C) * m[:, None]
+        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, A0, cd, cv, nv, D, C, HAS_MASK)
         dkb, dvb = keys_from_state(kb, vm, m, r0, r1, r2, rz1, rz2, c0, c1, c2, C, BD, PREC)
         store_keys(p_dk, p_dv, dkb, dvb, j0, A0, cd, cv, nv, D, DV, C)
 
