@@ -507,7 +507,8 @@ def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropo
             resolved="torch"):
     """The FormChoice of a checked call (``backend`` as the caller gave it, ``resolved`` the one it became).
     On the Triton backend the linear form is the Triton kernel of ``kernels/linear.py`` for D <=
-    TRITON_MAX_D and "auto" weighs it by the cost model with the kernel's features; for larger D an explicit
+    TRITON_MAX_D and "auto" weighs it by the cost model with the kernel's features (for D <=
+    TRITON_AUTO_MAX_D, where its registers do not spill); for larger D an explicit
     backend="triton" rules the linear form out, "auto" on CUDA keeps the quadratic Triton kernel (the cost
     model counts multiply-adds, not the launches of a torch-op chunk loop), and form="linear" with
     backend="auto" runs the torch ops there."""
@@ -553,7 +554,9 @@ def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn
     "auto" picks the linear form where the normalizer has one, the call's options allow it (no softcap,
     dropout, float or dense mask; causal and bool key-padding masks are fine) and the cost model of
     :func:`costs` says it does fewer multiply-adds: with D = Dv = 16 from about S = 450 causal, with D = 64
-    from about S = 4.5k. ``form="linear"`` where it is not possible raises ValueError saying why."""
+    from about S = 4.5k. On the Triton backend the linear form is the Triton kernel (D <= TRITON_MAX_D;
+    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D: D = Dv = 16 from about
+    S = 600 causal). ``form="linear"`` where it is not possible raises ValueError saying why."""
     from . import functional as fn
 
     fn._check_qkv(q, k, v, enable_gqa)
