@@ -403,18 +403,52 @@ def _triton_check(q, k, v):
             raise ValueError("the Triton linear form needs q, k, v with a unit last-dim stride")
 
 
+#: query rows per segment of the forward (a multiple of the chunk); None: ``_segments`` picks enough
+#: segments to give the GPU about two programs per SM, each at least MIN_SEG_ROWS rows. Tests set it small.
+TRITON_SEG_ROWS = None
+MIN_SEG_ROWS = 1024
+
+
+def _segments(L: int, programs: int, chunk: int, device: torch.device) -> tuple[int, int]:
+    """(NS, rows per segment) of the forward: the rows split into NS segments that run in parallel, each
+    starting from the state before it (the inclusive sum of the per-segment key pieces)."""
+    if TRITON_SEG_ROWS:
+        rows = TRITON_SEG_ROWS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        rows = max(MIN_SEG_ROWS, triton.cdiv(L, max(1, 2 * sms // programs)))
+    rows = triton.cdiv(rows, chunk) * chunk
+    return triton.cdiv(L, rows), rows
+
+
 def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
-    """out (B, Hq, L, Dv) in v's dtype and z (B, Hq, L) fp32 from ``kernels.linear.linear_fwd``."""
-    from .kernels.linear import linear_fwd
+    """out (B, Hq, L, Dv) in v's dtype and z (B, Hq, L) fp32 from ``kernels.linear.linear_fwd``; with
+    several segments, their starting states from ``linear_piece_state`` and a prefix sum (not causal: the
+    total) over the segments, O(NS (1 + BD + BD^2) Dv) fp32 per (batch, head), NS bounded by the GPU's size
+    and L / MIN_SEG_ROWS."""
+    from .kernels.linear import linear_fwd, linear_piece_state
 
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     _triton_check(q, k, v)
     B, Hq, L, _ = q.shape
-    out = torch.empty(B, Hq, L, v.shape[3], dtype=v.dtype, device=q.device)
+    Dv = v.shape[3]
+    out = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=q.device)
     z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
-    linear_fwd[grid](q, k, v, m, out, z, *strides, *out.stride()[:3], *dims, float(scale),
-                     *map(float, coeffs), C=chunk, **const)
+    NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
+    hpre = zpre = z  # placeholders (one segment: the kernel starts from the prefix keys)
+    if NS > 1:
+        FB = 1 + const["BD"] + const["BD"] ** 2
+        hbuf = torch.empty(B * Hq, NS, FB, Dv, dtype=torch.float32, device=q.device)
+        zbuf = torch.empty(B * Hq, NS, FB, dtype=torch.float32, device=q.device)
+        linear_piece_state[(*grid, NS)](k, v, m, hbuf, zbuf, *strides[3:], dims[0], dims[1], dims[3], dims[4], rows,
+                                        NS, C=chunk, **const)
+        if off is None:  # every segment starts from all keys
+            hpre, zpre = (x.sum(1, keepdim=True).expand_as(x).contiguous() for x in (hbuf, zbuf))
+        else:
+            hpre, zpre = hbuf.cumsum(1), zbuf.cumsum(1)
+    linear_fwd[(*grid, NS)](q, k, v, m, out, z, hpre, zpre, *strides, *out.stride()[:3], *dims, rows, NS,
+                            float(scale), *map(float, coeffs), C=chunk, SEGMENTED=NS > 1, **const)
     return out, z
 
 

@@ -149,38 +149,107 @@ def add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C: tl.constexpr, BD: tl.constexp
 
 
 @triton.jit
-def prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D: tl.constexpr, BD: tl.constexpr,
+def prefix_state(p_k, p_v, p_m, sks, svs, sms, j_start, j_end, cd, cv, nv, D: tl.constexpr, BD: tl.constexpr,
                  BV: tl.constexpr, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
-    """The state after the keys [0, A0) that every row sees."""
+    """The state of the keys [j_start, j_end) (from nothing): [0, A0) is the prefix that every row sees."""
     h0 = tl.zeros([BV], tl.float32)
     h1 = tl.zeros([BD, BV], tl.float32)
     h2 = tl.zeros([BD * BD, BV], tl.float32)
     z0 = tl.zeros([1], tl.float32)
     z1 = tl.zeros([BD], tl.float32)
     z2 = tl.zeros([BD * BD], tl.float32)
-    for j0 in range(0, A0, C):
-        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, A0, cd, cv, nv, D, C, HAS_MASK)
+    for j0 in range(j_start, j_end, C):
+        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, j_end, cd, cv, nv, D, C, HAS_MASK)
         h0, h1, h2, z0, z1, z2 = add_keys(h0, h1, h2, z0, z1, z2, kb, m, vm, C, BD, PREC)
     return h0, h1, h2, z0, z1, z2
 
 
 @triton.jit
-def linear_fwd(q, k, v, km, o, zout,
+def piece_keys(seg, S, OFF, SEG_ROWS, NS, CAUSAL: tl.constexpr):
+    """The keys [j0, j1) of segment seg's piece of the state: causal, the keys that enter between the
+    starts of segments seg - 1 and seg (piece 0: the prefix [0, A0) and nothing before), so that the
+    inclusive sum of pieces 0..s is the state before segment s; not causal, the S keys split in NS parts."""
+    if CAUSAL:
+        j1 = tl.minimum(tl.maximum(seg * SEG_ROWS + OFF, 0), S)
+        j0 = tl.where(seg == 0, 0, tl.minimum(tl.maximum((seg - 1) * SEG_ROWS + OFF, 0), S))
+    else:
+        per = tl.cdiv(S, NS)
+        j0 = tl.minimum(seg * per, S)
+        j1 = tl.minimum(j0 + per, S)
+    return j0, j1
+
+
+@triton.jit
+def state_offsets(cd, cv, BD: tl.constexpr, BV: tl.constexpr, DV: tl.constexpr):
+    """Offsets of h0 [BV], h1 [BD, BV], h2 [BD*BD, BV] in a (1 + BD + BD^2, DV) row-major state, and of
+    z1 [BD], z2 [BD*BD] in a (1 + BD + BD^2) one (h0 and z0 at row 0)."""
+    c2 = tl.arange(0, BD * BD)
+    return cv, (1 + cd)[:, None] * DV + cv[None, :], (1 + BD + c2)[:, None] * DV + cv[None, :], 1 + cd, 1 + BD + c2
+
+
+@triton.jit
+def linear_piece_state(k, v, km, hbuf, zbuf, skb, skh, sks, svb, svh, svs, smb, smh, sms,
+                       Hq, G, S, OFF, SEG_ROWS, NS,
+                       D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                       CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """hbuf [B*Hq, NS, 1 + BD + BD^2, DV] and zbuf [B*Hq, NS, 1 + BD + BD^2] fp32: the state of each
+    segment's piece of the keys (``piece_keys``), one program per (batch, query head, Dv block, segment)."""
+    pid_bh, pid_v, _, p_k, p_v, p_m = program_base(k, k, v, km, 0, 0, skb, skh, svb, svh, smb, smh, Hq, G, BV)
+    seg = tl.program_id(2)
+    cd = tl.arange(0, BD)
+    cv = tl.arange(0, BV)
+    nv = DV - pid_v * BV
+    j0, j1 = piece_keys(seg, S, OFF, SEG_ROWS, NS, CAUSAL)
+    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, j0, j1, cd, cv, nv, D, BD, BV, C, HAS_MASK,
+                                          PREC)
+    FB: tl.constexpr = 1 + BD + BD * BD
+    o0, o1, o2, oz1, oz2 = state_offsets(cd, cv, BD, BV, DV)
+    p_h = hbuf + (pid_bh.to(tl.int64) * NS + seg) * FB * DV + pid_v * BV
+    okv = cv < nv
+    tl.store(p_h + o0, h0, mask=okv)
+    tl.store(p_h + o1, h1, mask=okv[None, :])
+    tl.store(p_h + o2, h2, mask=okv[None, :])
+    if pid_v == 0:
+        p_zs = zbuf + (pid_bh.to(tl.int64) * NS + seg) * FB
+        tl.store(p_zs + tl.arange(0, 1), z0)
+        tl.store(p_zs + oz1, z1)
+        tl.store(p_zs + oz2, z2)
+
+
+@triton.jit
+def linear_fwd(q, k, v, km, o, zout, hpre, zpre,
                sqb, sqh, sql, skb, skh, sks, svb, svh, svs, smb, smh, sms, sob, soh, sol,
-               Hq, G, L, S, OFF, A0, scale, c0, c1, c2,
+               Hq, G, L, S, OFF, A0, SEG_ROWS, NS, scale, c0, c1, c2,
                D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
-    """o [B, Hq, L, DV] (v's dtype) and z [B*Hq, L] fp32 (the glossary's readout + diagonal)."""
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr):
+    """o [B, Hq, L, DV] (v's dtype) and z [B*Hq, L] fp32 (the glossary's readout + diagonal) of the rows
+    [seg SEG_ROWS, (seg + 1) SEG_ROWS) of segment seg = program_id(2). SEGMENTED: the state before the
+    segment comes from hpre, zpre (the inclusive sums of ``linear_piece_state``'s pieces), else (one segment)
+    from the prefix keys [0, A0)."""
     pid_bh, pid_v, p_q, p_k, p_v, p_m = program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV)
+    seg = tl.program_id(2)
     p_o = o + (pid_bh // Hq).to(tl.int64) * sob + (pid_bh % Hq).to(tl.int64) * soh + pid_v * BV
     p_z = zout + pid_bh.to(tl.int64) * L
     cd = tl.arange(0, BD)
     cv = tl.arange(0, BV)
     nv = DV - pid_v * BV
 
-    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
-                                          PREC)
-    for i0 in range(0, L, C):
+    if SEGMENTED:
+        FB: tl.constexpr = 1 + BD + BD * BD
+        o0, o1, o2, oz1, oz2 = state_offsets(cd, cv, BD, BV, DV)
+        p_h = hpre + (pid_bh.to(tl.int64) * NS + seg) * FB * DV + pid_v * BV
+        p_zs = zpre + (pid_bh.to(tl.int64) * NS + seg) * FB
+        okv = cv < nv
+        h0 = tl.load(p_h + o0, mask=okv, other=0.0)
+        h1 = tl.load(p_h + o1, mask=okv[None, :], other=0.0)
+        h2 = tl.load(p_h + o2, mask=okv[None, :], other=0.0)
+        z0 = tl.load(p_zs + tl.arange(0, 1))
+        z1 = tl.load(p_zs + oz1)
+        z2 = tl.load(p_zs + oz2)
+    else:
+        h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, 0, A0, cd, cv, nv, D, BD, BV, C,
+                                              HAS_MASK, PREC)
+    for i0 in range(seg * SEG_ROWS, tl.minimum(L, (seg + 1) * SEG_ROWS), C):
         qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale               # q' [C, BD]
         q2 = outer(qs, C, BD)                                           # [C, BD*BD]
         y = c0 * h0[None, :] + c1 * dot(qs, h1, PREC) + c2 * dot(q2, h2, PREC)            # [C, BV]
@@ -223,7 +292,7 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
     first = (pid_v == 0).to(tl.float32)                                 # the gz terms: one Dv block adds them
 
     # ---- dq: the forward's state, rows in order
-    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
+    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, 0, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
                                           PREC)
     for i0 in range(0, L, C):
         rows = i0 + tl.arange(0, C)

@@ -75,6 +75,22 @@ def test_triton_linear_shapes(shape, causal):
     _check(shape, causal, quadratic=False)
 
 
+@pytest.mark.parametrize("shape", [
+    pytest.param((1, 2, 1, 70, 77, 16, 8), id="B1-Hq2-Hkv1-L70-S77-D16-Dv8"),      # S > L: a key prefix
+    pytest.param((1, 1, 1, 70, 45, 8, 40), id="B1-Hq1-Hkv1-L70-S45-D8-Dv40"),      # empty rows, 2 Dv blocks
+])
+@pytest.mark.parametrize("causal", CAUSAL, ids=CAUSAL_IDS)
+def test_triton_linear_forward_segments(monkeypatch, shape, causal):
+    """The forward in segments of 32 rows (3 here, the last partial), each from the prefix sum of the
+    per-segment key pieces (the GPU's split); key padding on the first shape."""
+    monkeypatch.setattr(linear, "TRITON_SEG_ROWS", 32)
+    assert linear._segments(shape[3], 1, 16, torch.device("cpu")) == (3, 32)
+    mask = None
+    if shape[5] == 16:
+        mask = torch.rand(1, 1, 1, shape[4], generator=torch.Generator().manual_seed(4)) < 0.7
+    _check(shape, causal, mask=mask, quadratic=False)
+
+
 @pytest.mark.parametrize("per_head", [False, True], ids=["mask-B11S", "mask-BHq1S"])
 @pytest.mark.parametrize("causal", [None, "upper_left"], ids=["noncausal", "upper_left"])
 def test_triton_linear_key_padding(per_head, causal):
