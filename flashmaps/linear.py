@@ -350,7 +350,7 @@ TRITON_CHUNK = 16
 
 
 #: the largest D that form="auto" gives the Triton linear kernel: its registers fit at D <= 16 (sm_90
-#: build of ``scripts/sm90-compile --linear``: no spill in the forward, 136 bytes in the backward at Dv = 64);
+#: build of ``scripts/sm90-compile --linear``: no spill in the forward, 72 bytes in the causal backward);
 #: at D = 32 both kernels spill kilobytes, so D in (16, 32] runs it only when form="linear" asks
 TRITON_AUTO_MAX_D = 16
 
@@ -426,7 +426,7 @@ def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
     several segments, their starting states from ``linear_piece_state`` and a prefix sum (not causal: the
     total) over the segments, O(NS (1 + BD + BD^2) Dv) fp32 per (batch, head), NS bounded by the GPU's size
     and L / MIN_SEG_ROWS."""
-    from .kernels.linear import linear_fwd, linear_piece_state
+    from .kernels.linear import linear_fwd
 
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     _triton_check(q, k, v)
@@ -436,20 +436,48 @@ def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
     z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
     NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
-    hpre = zpre = z  # placeholders (one segment: the kernel starts from the prefix keys)
-    if NS > 1:
-        FB = 1 + const["BD"] + const["BD"] ** 2
-        hbuf = torch.empty(B * Hq, NS, FB, Dv, dtype=torch.float32, device=q.device)
-        zbuf = torch.empty(B * Hq, NS, FB, dtype=torch.float32, device=q.device)
-        linear_piece_state[(*grid, NS)](k, v, m, hbuf, zbuf, *strides[3:], dims[0], dims[1], dims[3], dims[4], rows,
-                                        NS, C=chunk, **const)
-        if off is None:  # every segment starts from all keys
-            hpre, zpre = (x.sum(1, keepdim=True).expand_as(x).contiguous() for x in (hbuf, zbuf))
-        else:
-            hpre, zpre = hbuf.cumsum(1), zbuf.cumsum(1)
+    hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
     linear_fwd[(*grid, NS)](q, k, v, m, out, z, hpre, zpre, *strides, *out.stride()[:3], *dims, rows, NS,
                             float(scale), *map(float, coeffs), C=chunk, SEGMENTED=NS > 1, **const)
     return out, z
+
+
+def _state_bufs(B_H: int, NS: int, const: dict, Dv: int, device):
+    FB = 1 + const["BD"] + const["BD"] ** 2
+    return (torch.empty(B_H, NS, FB, Dv, dtype=torch.float32, device=device),
+            torch.empty(B_H, NS, FB, dtype=torch.float32, device=device))
+
+
+def _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk):
+    """(hpre, zpre): the state before each of the NS segments (the inclusive prefix sums of the pieces of
+    ``linear_piece_state``; not causal: the total), or placeholders for one segment."""
+    from .kernels.linear import linear_piece_state
+
+    if NS == 1:
+        return k, k
+    hbuf, zbuf = _state_bufs(grid[0], NS, const, v.shape[3], k.device)
+    linear_piece_state[(*grid, NS)](k, v, m, hbuf, zbuf, *strides[3:], dims[0], dims[1], dims[3], dims[4], rows, NS,
+                                    C=chunk, **const)
+    if off is None:  # every segment starts from all keys
+        return tuple(x.sum(1, keepdim=True).expand_as(x).contiguous() for x in (hbuf, zbuf))
+    return hbuf.cumsum(1), zbuf.cumsum(1)
+
+
+def _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows, chunk):
+    """(rpre, rzpre): the reverse state each segment starts its dk, dv pass from: the pieces of
+    ``linear_row_piece`` summed over the segments after it (not causal: over all), or placeholders."""
+    from .kernels.linear import linear_row_piece
+
+    if NS == 1:
+        return q, q
+    rbuf, rzbuf = _state_bufs(grid[0], NS, const, dout.shape[3], q.device)
+    keep = {n: const[n] for n in ("D", "DV", "BD", "BV", "PREC", "num_warps")}
+    linear_row_piece[(*grid, NS)](q, dout, rinv, gz, rbuf, rzbuf, *q.stride()[:3], *dout.stride()[:3], q.shape[1],
+                                  q.shape[2], rows, NS, float(scale), C=chunk, **keep)
+    total = [x.sum(1, keepdim=True) for x in (rbuf, rzbuf)]
+    if off is None:
+        return tuple(t.expand_as(x).contiguous() for t, x in zip(total, (rbuf, rzbuf)))
+    return tuple((t - x.cumsum(1)).contiguous() for t, x in zip(total, (rbuf, rzbuf)))
 
 
 def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
@@ -465,11 +493,15 @@ def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
     gz = (-(dout.float() * out.float()).sum(-1) * rinv).contiguous()                       # -delta / Z
     m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
     nv = grid[1]
+    NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
+    hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
+    rpre, rzpre = _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows, chunk)
     dq = torch.empty(nv, B * Hq, L, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(nv, B * Hq, S, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros(B * Hq, S, Dv, dtype=torch.float32, device=q.device)
-    linear_bwd[grid](q, k, v, m, dout, rinv, gz, dq, dk, dv, *strides, *dout.stride()[:3], *dims, B * Hq,
-                     float(scale), *map(float, coeffs), C=chunk, **const)
+    linear_bwd[(*grid, NS)](q, k, v, m, dout, rinv, gz, dq, dk, dv, hpre, zpre, rpre, rzpre, *strides,
+                            *dout.stride()[:3], *dims, rows, NS, B * Hq, float(scale), *map(float, coeffs), C=chunk,
+                            SEGMENTED=NS > 1, **const)
     G = Hq // Hkv
     dq = dq.sum(0).view(B, Hq, L, D)
     dk = dk.sum(0).view(B, Hkv, G, S, D).sum(2)

@@ -35,6 +35,12 @@ added by the first Dv block only), both 0 for an empty row: dA_ij = g_i . v_j + 
 No per-chunk state is stored (O(1) extra memory in L besides the gradient buffers). dq and dk are summed
 over the Dv blocks, dk and dv over the query heads of a GQA group, by the launcher (partial buffers in fp32).
 
+Segments (program_id(2)): the rows split into NS segments of SEG_ROWS (a multiple of C) run in parallel.
+``linear_piece_state`` sums each segment's piece of the keys (``piece_keys``) and ``linear_row_piece`` each
+segment's piece of the reverse state; the launcher's prefix sums (torch) give each segment the state
+before it (hpre, zpre) and the reverse state of the rows after it (rpre, rzpre); not causal: the totals,
+and the dk, dv pass takes the segment's piece of the keys. NS = 1: one kernel, the states built inside.
+
 Limits: BD <= 32 (D <= 32). The order-2 state is BD^2 x BV fp32 registers: 256 x 32 at D <= 16 (the
 Based / flash-linear-attention case), 1024 x 16 at D <= 32; D = 64 would be 4096 x BV, which needs the
 feature dim tiled over programs (not done): the launcher refuses it and "auto" keeps the quadratic kernel.
@@ -180,11 +186,40 @@ def piece_keys(seg, S, OFF, SEG_ROWS, NS, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def state_offsets(cd, cv, BD: tl.constexpr, BV: tl.constexpr, DV: tl.constexpr):
-    """Offsets of h0 [BV], h1 [BD, BV], h2 [BD*BD, BV] in a (1 + BD + BD^2, DV) row-major state, and of
-    z1 [BD], z2 [BD*BD] in a (1 + BD + BD^2) one (h0 and z0 at row 0)."""
+def state_at(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, BD: tl.constexpr, BV: tl.constexpr, DV: tl.constexpr):
+    """Pointers and offsets of segment seg's state in hbuf [B*Hq, NS, 1 + BD + BD^2, DV] (h0 at row 0, h1 at
+    rows 1.., h2 after; this program's Dv block) and zbuf [B*Hq, NS, 1 + BD + BD^2] (z0, z1, z2)."""
+    FB: tl.constexpr = 1 + BD + BD * BD
     c2 = tl.arange(0, BD * BD)
-    return cv, (1 + cd)[:, None] * DV + cv[None, :], (1 + BD + c2)[:, None] * DV + cv[None, :], 1 + cd, 1 + BD + c2
+    row = pid_bh.to(tl.int64) * NS + seg
+    p_h = hbuf + row * FB * DV + pid_v * BV
+    p_zs = zbuf + row * FB
+    return (p_h + cv, p_h + (1 + cd)[:, None] * DV + cv[None, :], p_h + (1 + BD + c2)[:, None] * DV + cv[None, :],
+            p_zs + tl.arange(0, 1), p_zs + 1 + cd, p_zs + 1 + BD + c2)
+
+
+@triton.jit
+def store_state(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, nv, h0, h1, h2, z0, z1, z2, BD: tl.constexpr,
+                BV: tl.constexpr, DV: tl.constexpr):
+    """Store a state (the z part from the first Dv block only)."""
+    p0, p1, p2, pz0, pz1, pz2 = state_at(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, BD, BV, DV)
+    okv = cv < nv
+    tl.store(p0, h0, mask=okv)
+    tl.store(p1, h1, mask=okv[None, :])
+    tl.store(p2, h2, mask=okv[None, :])
+    if pid_v == 0:
+        tl.store(pz0, z0)
+        tl.store(pz1, z1)
+        tl.store(pz2, z2)
+
+
+@triton.jit
+def load_state(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, nv, BD: tl.constexpr, BV: tl.constexpr,
+               DV: tl.constexpr):
+    p0, p1, p2, pz0, pz1, pz2 = state_at(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, BD, BV, DV)
+    okv = cv < nv
+    return (tl.load(p0, mask=okv, other=0.0), tl.load(p1, mask=okv[None, :], other=0.0),
+            tl.load(p2, mask=okv[None, :], other=0.0), tl.load(pz0), tl.load(pz1), tl.load(pz2))
 
 
 @triton.jit
@@ -202,18 +237,52 @@ def linear_piece_state(k, v, km, hbuf, zbuf, skb, skh, sks, svb, svh, svs, smb, 
     j0, j1 = piece_keys(seg, S, OFF, SEG_ROWS, NS, CAUSAL)
     h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, j0, j1, cd, cv, nv, D, BD, BV, C, HAS_MASK,
                                           PREC)
-    FB: tl.constexpr = 1 + BD + BD * BD
-    o0, o1, o2, oz1, oz2 = state_offsets(cd, cv, BD, BV, DV)
-    p_h = hbuf + (pid_bh.to(tl.int64) * NS + seg) * FB * DV + pid_v * BV
-    okv = cv < nv
-    tl.store(p_h + o0, h0, mask=okv)
-    tl.store(p_h + o1, h1, mask=okv[None, :])
-    tl.store(p_h + o2, h2, mask=okv[None, :])
-    if pid_v == 0:
-        p_zs = zbuf + (pid_bh.to(tl.int64) * NS + seg) * FB
-        tl.store(p_zs + tl.arange(0, 1), z0)
-        tl.store(p_zs + oz1, z1)
-        tl.store(p_zs + oz2, z2)
+    store_state(hbuf, zbuf, pid_bh, pid_v, seg, NS, cd, cv, nv, h0, h1, h2, z0, z1, z2, BD, BV, DV)
+
+
+@triton.jit
+def rows_dy(p_q, p_do, p_r, p_gz, sql, sdl, i0, L, cd, cv, nv, first, scale, D: tl.constexpr, C: tl.constexpr):
+    """Rows [i0, i0 + C): q' [C, BD], g = dO / Z [C, BV] and gz = -delta / Z [C] (first Dv block only)."""
+    rows = i0 + tl.arange(0, C)
+    qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale
+    ri = tl.load(p_r + rows, mask=rows < L, other=0.0)
+    gz = tl.load(p_gz + rows, mask=rows < L, other=0.0) * first
+    return qs, load_rows(p_do, sdl, i0, L, cv, nv, C) * ri[:, None], gz
+
+
+@triton.jit
+def bwd_base(q, k, v, km, do, rinv, gzr, sqb, sqh, skb, skh, svb, svh, smb, smh, sdb, sdh, Hq, G, L,
+             BV: tl.constexpr):
+    """program_base plus the pointers of dO (this Dv block), 1/Z and -delta/Z of the program's rows."""
+    pid_bh, pid_v, p_q, p_k, p_v, p_m = program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV)
+    p_do = do + (pid_bh // Hq).to(tl.int64) * sdb + (pid_bh % Hq).to(tl.int64) * sdh + pid_v * BV
+    return (pid_bh, pid_v, p_q, p_k, p_v, p_m, p_do, rinv + pid_bh.to(tl.int64) * L, gzr + pid_bh.to(tl.int64) * L)
+
+
+@triton.jit
+def linear_row_piece(q, do, rinv, gzr, rbuf, rzbuf, sqb, sqh, sql, sdb, sdh, sdl, Hq, L, SEG_ROWS, NS, scale,
+                     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                     PREC: tl.constexpr):
+    """rbuf, rzbuf (as hbuf, zbuf): each segment's piece of the reverse state, the sums over its rows of
+    q' g^T, q2 g^T (and g) and of gz q', gz q2 (glossary), one program per (batch, head, Dv block, segment)."""
+    pid_bh, pid_v, p_q, _, _, _, p_do, p_r, p_gz = bwd_base(q, q, q, q, do, rinv, gzr, sqb, sqh, 0, 0, 0, 0, 0, 0,
+                                                           sdb, sdh, Hq, 1, L, BV)
+    seg = tl.program_id(2)
+    cd = tl.arange(0, BD)
+    cv = tl.arange(0, BV)
+    nv = DV - pid_v * BV
+    first = (pid_v == 0).to(tl.float32)
+    r0 = tl.zeros([BV], tl.float32)
+    r1 = tl.zeros([BD, BV], tl.float32)
+    r2 = tl.zeros([BD * BD, BV], tl.float32)
+    rz1 = tl.zeros([BD], tl.float32)
+    rz2 = tl.zeros([BD * BD], tl.float32)
+    for i0 in range(seg * SEG_ROWS, tl.minimum(L, (seg + 1) * SEG_ROWS), C):
+        qs, g, gz = rows_dy(p_q, p_do, p_r, p_gz, sql, sdl, i0, L, cd, cv, nv, first, scale, D, C)
+        r0, r1, r2 = add_outer_state(r0, r1, r2, qs, g, C, BD, PREC)
+        rz1, rz2 = add_outer_vec(rz1, rz2, qs, gz, C, BD)
+    store_state(rbuf, rzbuf, pid_bh, pid_v, seg, NS, cd, cv, nv, r0, r1, r2, tl.zeros([1], tl.float32), rz1, rz2,
+                BD, BV, DV)
 
 
 @triton.jit
@@ -235,17 +304,7 @@ def linear_fwd(q, k, v, km, o, zout, hpre, zpre,
     nv = DV - pid_v * BV
 
     if SEGMENTED:
-        FB: tl.constexpr = 1 + BD + BD * BD
-        o0, o1, o2, oz1, oz2 = state_offsets(cd, cv, BD, BV, DV)
-        p_h = hpre + (pid_bh.to(tl.int64) * NS + seg) * FB * DV + pid_v * BV
-        p_zs = zpre + (pid_bh.to(tl.int64) * NS + seg) * FB
-        okv = cv < nv
-        h0 = tl.load(p_h + o0, mask=okv, other=0.0)
-        h1 = tl.load(p_h + o1, mask=okv[None, :], other=0.0)
-        h2 = tl.load(p_h + o2, mask=okv[None, :], other=0.0)
-        z0 = tl.load(p_zs + tl.arange(0, 1))
-        z1 = tl.load(p_zs + oz1)
-        z2 = tl.load(p_zs + oz2)
+        h0, h1, h2, z0, z1, z2 = load_state(hpre, zpre, pid_bh, pid_v, seg, NS, cd, cv, nv, BD, BV, DV)
     else:
         h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, 0, A0, cd, cv, nv, D, BD, BV, C,
                                               HAS_MASK, PREC)
@@ -271,17 +330,20 @@ def linear_fwd(q, k, v, km, o, zout, hpre, zpre,
 
 
 @triton.jit
-def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
+def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv, hpre, zpre, rpre, rzpre,
                sqb, sqh, sql, skb, skh, sks, svb, svh, svs, smb, smh, sms, sdb, sdh, sdl,
-               Hq, G, L, S, OFF, A0, N_BH, scale, c0, c1, c2,
+               Hq, G, L, S, OFF, A0, SEG_ROWS, NS, N_BH, scale, c0, c1, c2,
                D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, SEGMENTED: tl.constexpr):
     """dq [NV, B*Hq, L, D], dk [NV, B*Hq, S, D] (partial over the Dv blocks) and dv [B*Hq, S, DV] (per query
-    head), fp32 contiguous, zero-initialized (keys no row sees keep 0). rinv = 1/Z, gzr = -delta/Z [B*Hq, L]."""
-    pid_bh, pid_v, p_q, p_k, p_v, p_m = program_base(q, k, v, km, sqb, sqh, skb, skh, svb, svh, smb, smh, Hq, G, BV)
-    p_do = do + (pid_bh // Hq).to(tl.int64) * sdb + (pid_bh % Hq).to(tl.int64) * sdh + pid_v * BV
-    p_r = rinv + pid_bh.to(tl.int64) * L
-    p_gz = gzr + pid_bh.to(tl.int64) * L
+    head), fp32 contiguous, zero-initialized (keys no row sees keep 0). rinv = 1/Z, gzr = -delta/Z [B*Hq, L].
+    Segment seg = program_id(2) takes the rows [seg SEG_ROWS, (seg + 1) SEG_ROWS) and the keys whose
+    gradient they complete: causal, their diagonal blocks (and segment 0 the prefix [0, A0)); not causal,
+    the segment's piece of the keys. SEGMENTED: the starting states come from hpre, zpre (the forward's, as
+    in linear_fwd) and rpre, rzpre (the reverse state of the rows after the segment; not causal: all rows)."""
+    pid_bh, pid_v, p_q, p_k, p_v, p_m, p_do, p_r, p_gz = bwd_base(q, k, v, km, do, rinv, gzr, sqb, sqh, skb, skh,
+                                                                  svb, svh, smb, smh, sdb, sdh, Hq, G, L, BV)
+    seg = tl.program_id(2)
     part = pid_v.to(tl.int64) * N_BH + pid_bh
     p_dq = dq + part * L * D
     p_dk = dk + part * S * D
@@ -290,16 +352,18 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
     cv = tl.arange(0, BV)
     nv = DV - pid_v * BV
     first = (pid_v == 0).to(tl.float32)                                 # the gz terms: one Dv block adds them
+    i_lo = seg * SEG_ROWS
+    i_hi = tl.minimum(L, i_lo + SEG_ROWS)
 
     # ---- dq: the forward's state, rows in order
-    h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, 0, A0, cd, cv, nv, D, BD, BV, C, HAS_MASK,
-                                          PREC)
-    for i0 in range(0, L, C):
+    if SEGMENTED:
+        h0, h1, h2, z0, z1, z2 = load_state(hpre, zpre, pid_bh, pid_v, seg, NS, cd, cv, nv, BD, BV, DV)
+    else:
+        h0, h1, h2, z0, z1, z2 = prefix_state(p_k, p_v, p_m, sks, svs, sms, 0, A0, cd, cv, nv, D, BD, BV, C,
+                                              HAS_MASK, PREC)
+    for i0 in range(i_lo, i_hi, C):
         rows = i0 + tl.arange(0, C)
-        qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale               # [C, BD]
-        ri = tl.load(p_r + rows, mask=rows < L, other=0.0)
-        gz = tl.load(p_gz + rows, mask=rows < L, other=0.0) * first     # [C]
-        g = load_rows(p_do, sdl, i0, L, cv, nv, C) * ri[:, None]        # [C, BV]
+        qs, g, gz = rows_dy(p_q, p_do, p_r, p_gz, sql, sdl, i0, L, cd, cv, nv, first, scale, D, C)
         t1 = dot(g, tl.trans(h1), PREC) + gz[:, None] * z1[None, :]     # [C, BD]
         t2 = dot(g, tl.trans(h2), PREC) + gz[:, None] * z2[None, :]     # [C, BD*BD]
         dqs = c1 * t1 + (2.0 * c2) * contract_sq(t2, qs, C, BD)
@@ -314,34 +378,41 @@ def linear_bwd(q, k, v, km, do, rinv, gzr, dq, dk, dv,
         tl.store(p_dq + rows.to(tl.int64)[:, None] * D + cd[None, :], dqs * scale, mask=ok)
 
     # ---- dk, dv: the reverse state over the rows that see a key in full, rows in reverse
-    r0 = tl.zeros([BV], tl.float32)
-    r1 = tl.zeros([BD, BV], tl.float32)
-    r2 = tl.zeros([BD * BD, BV], tl.float32)
-    rz1 = tl.zeros([BD], tl.float32)
-    rz2 = tl.zeros([BD * BD], tl.float32)
-    n_chunks = tl.cdiv(L, C)
-    for t in range(0, n_chunks):
-        i0 = (n_chunks - 1 - t) * C
-        rows = i0 + tl.arange(0, C)
-        qs = load_rows(p_q, sql, i0, L, cd, D, C) * scale
-        ri = tl.load(p_r + rows, mask=rows < L, other=0.0)
-        gz = tl.load(p_gz + rows, mask=rows < L, other=0.0) * first
-        g = load_rows(p_do, sdl, i0, L, cv, nv, C) * ri[:, None]
-        if CAUSAL:
-            a, b = diag_range(i0, L, S, OFF, C)
-            kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, a, b, cd, cv, nv, D, C, HAS_MASK)
-            dkb, dvb = keys_from_state(kb, vm, m, r0, r1, r2, rz1, rz2, c0, c1, c2, C, BD, PREC)
-            s, ok, fa = diag_block(qs, kb, i0, a, b, m, OFF, c0, c1, c2, C, PREC)
-            ds = tl.where(ok, (c1 + 2.0 * c2 * s) * (dot(g, tl.trans(vm), PREC) + gz[:, None]), 0.0)
-            dkb += dot(tl.trans(ds), qs, PREC)
-            dvb += dot(tl.trans(fa), g, PREC)
-            store_keys(p_dk, p_dv, dkb, dvb, a, b, cd, cv, nv, D, DV, C)
-        r0, r1, r2 = add_outer_state(r0, r1, r2, qs, g, C, BD, PREC)
-        rz1, rz2 = add_outer_vec(rz1, rz2, qs, gz, C, BD)
-    for j0 in range(0, A0, C):                                          # keys every row sees
-        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, A0, cd, cv, nv, D, C, HAS_MASK)
+    if SEGMENTED:
+        r0, r1, r2, _, rz1, rz2 = load_state(rpre, rzpre, pid_bh, pid_v, seg, NS, cd, cv, nv, BD, BV, DV)
+        rz1 = rz1 * first
+        rz2 = rz2 * first
+    else:
+        r0 = tl.zeros([BV], tl.float32)
+        r1 = tl.zeros([BD, BV], tl.float32)
+        r2 = tl.zeros([BD * BD, BV], tl.float32)
+        rz1 = tl.zeros([BD], tl.float32)
+        rz2 = tl.zeros([BD * BD], tl.float32)
+    if CAUSAL or not SEGMENTED:
+        n_chunks = tl.cdiv(i_hi - i_lo, C)
+        for t in range(0, n_chunks):
+            i0 = i_lo + (n_chunks - 1 - t) * C
+            qs, g, gz = rows_dy(p_q, p_do, p_r, p_gz, sql, sdl, i0, L, cd, cv, nv, first, scale, D, C)
+            if CAUSAL:
+                a, b = diag_range(i0, L, S, OFF, C)
+                kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, a, b, cd, cv, nv, D, C, HAS_MASK)
+                dkb, dvb = keys_from_state(kb, vm, m, r0, r1, r2, rz1, rz2, c0, c1, c2, C, BD, PREC)
+                s, ok, fa = diag_block(qs, kb, i0, a, b, m, OFF, c0, c1, c2, C, PREC)
+                ds = tl.where(ok, (c1 + 2.0 * c2 * s) * (dot(g, tl.trans(vm), PREC) + gz[:, None]), 0.0)
+                dkb += dot(tl.trans(ds), qs, PREC)
+                dvb += dot(tl.trans(fa), g, PREC)
+                store_keys(p_dk, p_dv, dkb, dvb, a, b, cd, cv, nv, D, DV, C)
+            r0, r1, r2 = add_outer_state(r0, r1, r2, qs, g, C, BD, PREC)
+            rz1, rz2 = add_outer_vec(rz1, rz2, qs, gz, C, BD)
+    if CAUSAL:
+        j_lo = 0
+        j_hi = tl.where(seg == 0, A0, 0)                                # the prefix: segment 0, after all rows
+    else:
+        j_lo, j_hi = piece_keys(seg, S, OFF, SEG_ROWS, NS, CAUSAL)      # (one segment: all S keys)
+    for j0 in range(j_lo, j_hi, C):                                     # keys every row sees
+        kb, m, vm = load_keys(p_k, p_v, p_m, sks, svs, sms, j0, j_hi, cd, cv, nv, D, C, HAS_MASK)
         dkb, dvb = keys_from_state(kb, vm, m, r0, r1, r2, rz1, rz2, c0, c1, c2, C, BD, PREC)
-        store_keys(p_dk, p_dv, dkb, dvb, j0, A0, cd, cv, nv, D, DV, C)
+        store_keys(p_dk, p_dv, dkb, dvb, j0, j_hi, cd, cv, nv, D, DV, C)
 
 
 @triton.jit

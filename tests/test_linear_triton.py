@@ -80,9 +80,10 @@ def test_triton_linear_shapes(shape, causal):
     pytest.param((1, 1, 1, 70, 45, 8, 40), id="B1-Hq1-Hkv1-L70-S45-D8-Dv40"),      # empty rows, 2 Dv blocks
 ])
 @pytest.mark.parametrize("causal", CAUSAL, ids=CAUSAL_IDS)
-def test_triton_linear_forward_segments(monkeypatch, shape, causal):
-    """The forward in segments of 32 rows (3 here, the last partial), each from the prefix sum of the
-    per-segment key pieces (the GPU's split); key padding on the first shape."""
+def test_triton_linear_segments(monkeypatch, shape, causal):
+    """Forward and backward in segments of 32 rows (3 here, the last partial; the GPU's split): each starts
+    from the prefix sum of the per-segment key pieces and, for dk, dv, the suffix sum of the row pieces;
+    key padding on the first shape."""
     monkeypatch.setattr(linear, "TRITON_SEG_ROWS", 32)
     assert linear._segments(shape[3], 1, 16, torch.device("cpu")) == (3, 32)
     mask = None
