@@ -45,7 +45,6 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
 from .normalizers import Normalizer, parse
 
@@ -349,6 +348,14 @@ TRITON_MAX_D = 32
 TRITON_CHUNK = 16
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 #: the largest D that form="auto" gives the Triton linear kernel: its registers fit at D <= 16 (sm_90
 #: build of ``scripts/sm90-compile --linear``: no spill in the forward, 72 bytes in the causal backward);
 #: at D = 32 both kernels spill kilobytes, so D in (16, 32] runs it only when form="linear" asks
@@ -359,8 +366,8 @@ def _triton_blocks(D: int, Dv: int):
     """(BD, BV, num_warps): BD = D padded to a power of two >= 16, and the Dv block BV that keeps the
     order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32). Warps: the sm_90
     builds with the fewest spills (8 at D <= 16: none in the forward; 16 at D = 32)."""
-    BD = max(16, triton.next_power_of_2(D))
-    BV = max(16, min(triton.next_power_of_2(Dv), 8192 // (BD * BD)))
+    BD = max(16, _pow2(D))
+    BV = max(16, min(_pow2(Dv), 8192 // (BD * BD)))
     return BD, BV, 8 if BD <= 16 else 16
 
 
@@ -390,7 +397,7 @@ def _triton_args(q, k, v, km, off):
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sm)
     const = dict(D=D, DV=Dv, BD=BD, BV=BV, CAUSAL=off is not None, HAS_MASK=km is not None,
                  PREC=_triton_prec(q.dtype), num_warps=warps)
-    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, triton.cdiv(Dv, BV))
+    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, _cdiv(Dv, BV))
 
 
 def _triton_check(q, k, v):
@@ -416,9 +423,9 @@ def _segments(L: int, programs: int, chunk: int, device: torch.device) -> tuple[
         rows = TRITON_SEG_ROWS
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        rows = max(MIN_SEG_ROWS, triton.cdiv(L, max(1, 2 * sms // programs)))
-    rows = triton.cdiv(rows, chunk) * chunk
-    return triton.cdiv(L, rows), rows
+        rows = max(MIN_SEG_ROWS, _cdiv(L, max(1, 2 * sms // programs)))
+    rows = _cdiv(rows, chunk) * chunk
+    return _cdiv(L, rows), rows
 
 
 def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
@@ -560,7 +567,7 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK,
     (F = 1 + BD + BD^2, BD = D padded to a power of two >= 16; ``kernels/linear.py`` says why).
     """
     if backend == "triton":
-        BD = max(16, triton.next_power_of_2(D))
+        BD = max(16, _pow2(D))
         F = 1 + BD + BD * BD
     else:
         F = n_features(D)
