@@ -37,6 +37,7 @@ from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
+from .window import bounds
 
 __all__ = ["attention", "forward", "backward", "extras_shape", "unpack_extras", "launch_forward",
            "launch_backward", "dropout_keep_mask", "Forward", "SUPPORTS_BACKWARD", "SUPPORTS_DROPOUT"]
@@ -156,9 +157,11 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     else:  # entries <= finfo.min (and -inf) exclude the key
         mask_kind, mask_view, mask_min = MASK_FLOAT, View.of(mask), float(torch.finfo(mask.dtype).min)
     qk_scale, cap_mult = fold_score_unit(scale, softcap, hooks.unit)
-    static = Static.make(D=D, Dv=Dv, causal=causal is not None, mask_kind=mask_kind, softcap=softcap is not None,
-                         dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0, dtype=str(q.dtype))
-    dims = Dims(B, Hq, Hq // Hkv, L, S, (S - L) if causal == "lower_right" else 0)
+    band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
+    static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
+                         softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
+                         dtype=str(q.dtype), left=band.left_off is not None)
+    dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min), mask_view, drop,

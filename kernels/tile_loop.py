@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .contract import Block, Keys
 from .dropout import dropout_keep
-from .tiles import fold_keys, head_base, key_bounds, load_tile, mask_rows, mma, query_program
+from .tiles import fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program
 
 
 class _Values(NamedTuple):
@@ -109,9 +109,10 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
                   ST.HEAD_D, Q.sr, Q.sc, True, ST.PAD_D)                              # [BM, BD]
     full_end, hi = key_bounds(start_m, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                               ST.MASK_KIND != 0)
-    blk = Block(q, offs_m, offs_m[:, None], full_end, hi)
+    lo, full_lo, full_end = left_bounds(start_m, dims.L, dims.left_off, full_end, hi, BM, BN, ST.LEFT)
+    blk = Block(q, offs_m, offs_m[:, None], full_end, hi, lo, full_lo)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale)
+                dims.S, dims.causal_off, scale, dims.left_off)
     row_base = pid_bh.to(tl.int64) * dims.L           # (B, Hq, L) contiguous row outputs
 
     if NORM.has_prepass:
