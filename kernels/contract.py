@@ -101,6 +101,7 @@ class Dims(NamedTuple):
     S: Any
     causal_off: Any
     left_off: Any     # window: key j is allowed for row i only if j >= i + left_off (read when ST.LEFT)
+    split_keys: Any   # split-KV (ST.SPLIT): keys per split, a multiple of every BN; 0 otherwise
 
 
 class ScoreScale(NamedTuple):
@@ -162,13 +163,15 @@ class Static(NamedTuple):
     PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
     PAD_DV: bool
     LEFT: bool        # a sliding window's left bound (Dims.left_off); IS_CAUSAL is the right bound
+    SPLIT: bool       # split-KV forward: program (query block, split) folds the keys of its split only and
+                      # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str, left: bool = False) -> "Static":
+             dtype: str, left: bool = False, split: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv, bool(left))
+                   BD != D, BDV != Dv, bool(left), bool(split))
 
 
 class RowOut(NamedTuple):

@@ -279,7 +279,7 @@ def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: t
     [start_n, start_n + BN): first the whole unmasked tiles [0, full_end), then the masked ones
     [full_end, hi). The forward's output pass and every threshold pass are this sweep. With a window's left
     bound (ST.LEFT) the sweep starts at blk.lo: masked [lo, full_lo), unmasked [full_lo, full_end), ..."""
-    if ST.LEFT:
+    if ST.LEFT or ST.SPLIT:
         state = _fold_range(state, FOLD, ctx, blk, keys, blk.lo, blk.full_lo, BN, ST, NORM, True)
     state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_lo, blk.full_end, BN, ST, NORM, False)
     state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True)

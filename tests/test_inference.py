@@ -280,3 +280,73 @@ def test_kvcache_errors():
     with pytest.raises(ValueError):
         flashmaps.attention_with_kvcache(q, kc, vc, kn[:, :1], vn, cache_seqlens=0)
     torch.testing.assert_close(kc, kc0)                  # a refused call writes nothing
+
+
+# ----------------------------------------------------------------------------------------------------
+# split-KV decoding
+
+
+def test_split_plan():
+    from flashmaps.triton_path import SPLIT_KEY_BLOCK, split_plan
+
+    assert split_plan(1, 32, 1, 65536, 132) == 9           # 32 programs -> about 2 per SM
+    assert split_plan(2, 32, 1, 65536, 132) == 5
+    assert split_plan(8, 32, 1, 65536, 132) == 1           # 256 programs: about 2 per SM already
+    assert split_plan(1, 4, 1, 1100, 132) == 1100 // SPLIT_KEY_BLOCK   # at least SPLIT_KEY_BLOCK keys a split
+    assert split_plan(1, 32, 64, 65536, 132) == 1          # prefill: enough query blocks
+    assert split_plan(1, 32, 1, 300, 132) == 1             # short cache
+    assert split_plan(16, 32, 1, 65536, 132) == 1          # 512 programs already fill the SMs
+    assert split_plan(1, 1, 1, 10**7, 132) == 64           # capped
+
+
+def _decode_case(norm, L, S, causal, window, splits, grad):
+    from flashmaps import triton_path
+
+    q, k, v = qkv_for((1, 4, 2, L, S, 16, 16), torch.float32, seed=S + L, device=KERNEL_DEVICE)
+    norm = flashmaps.parse(norm)
+    res = triton_path.launch_forward(q, k, v, norm, causal=flashmaps.window.encode(causal, window), splits=splits)
+    m = band_mask(L, S, *(window or (-1, -1)), causal)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    ref = reference.attention(q64, k64, v64, norm, attn_mask=m, enable_gqa=True)
+    assert rel_err(res.out, ref) < 2e-5
+    want = reference.scores_and_allowed(q64, k64, attn_mask=m, enable_gqa=True)
+    for name, st in res.stats.items():
+        ref_st = norm.reference_stats(*want)[name]
+        fin = torch.isfinite(ref_st)
+        assert torch.equal(fin, torch.isfinite(st.cpu()))
+        assert rel_err(st.cpu()[fin], ref_st[fin]) < 2e-5
+    if grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        out = flashmaps.attention(q, k, v, norm, causal=causal, window=window, enable_gqa=True, backend="triton")
+        dout = torch.randn(out.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, (q, k, v), dout.float().to(out.device))
+        for g, w in zip(got, torch.autograd.grad(ref, (q64, k64, v64), dout)):
+            assert grad_err(g, w) < 2e-4
+
+
+@pytest.mark.parametrize("norm", norm_params(TRITON_NORMS))
+def test_split_kv_decode_triton(norm, monkeypatch):
+    """Decode shapes through the automatic plan: normalizers with a merge rule run split (checked), the others
+    (a global threshold) unsplit; both against the float64 reference."""
+    from flashmaps import triton_path
+
+    n = flashmaps.parse(norm)
+    can = triton_path._can_split(n, n.triton(1100)[0])
+    assert (triton_path.split_plan(1, 4, 3, 1100, triton_path.DEFAULT_SM_COUNT) > 1)
+    calls = []
+    real = triton_path._launch_split
+    monkeypatch.setattr(triton_path, "_launch_split", lambda *a, **kw: calls.append(a[5]) or real(*a, **kw))
+    _decode_case(norm, 3, 1100, "lower_right", None, None, False)
+    assert bool(calls) == can and all(c > 1 for c in calls)
+
+
+@pytest.mark.parametrize("norm", ["softmax", "taylor"])
+def test_split_kv_decode_sweep(norm):
+    for L, S, causal, window, splits in [(1, 2100, None, None, 7), (16, 1000, "lower_right", (300, 0), 3),
+                                         (5, 700, "lower_right", None, 2)]:
+        _decode_case(norm, L, S, causal, window, splits, grad=(L == 5))
+    with pytest.raises(ValueError, match="splits"):
+        from flashmaps import triton_path
+
+        q, k, v = qkv_for((1, 1, 1, 1, 600, 16, 16), torch.float32, device=KERNEL_DEVICE)
+        triton_path.launch_forward(q, k, v, flashmaps.parse("entmax15"), splits=2)
