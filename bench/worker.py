@@ -373,7 +373,7 @@ def run_job(job: dict) -> dict:
     row["L"] = job["L"] = L
     row["flops"] = attention_flops(job["mode"], job["B"], job["Hq"], L, job["S"], job["Dqk"], job["Dv"], job["causal"])
     row.update(status="ok", message="", time_ms=None, time_q20_ms=None, time_q80_ms=None, n_runs=None,
-               tflops=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
+               tflops=None, gbps=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
     try:
         prov = get_provider(job["provider"])
         if prov.flops is not None:  # a provider with its own FLOP count (the Triton linear form)
@@ -461,6 +461,9 @@ def _measure(row: dict, job: dict, fn, prov) -> None:
         t = time_cpu(call, job.get("min_run_time", 0.5), job.get("min_runs", 3))
     row.update(t)
     row["tflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e12 if row["time_ms"] else None
+    if mode == "decode" and row["time_ms"]:   # memory bound: the K/V bytes read per second (a copy also writes)
+        nbytes = (k.numel() + v.numel()) * k.element_size() * (2 if prov.family == "copy" else 1)
+        row["gbps"] = nbytes / (row["time_ms"] * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------
