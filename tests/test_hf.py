@@ -373,6 +373,26 @@ def test_greedy_generate_identical_tokens(hf, arch):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("impl", OTHER_IMPLS)
+def test_generate_every_name_matches_dense_reference(hf, impl, monkeypatch):
+    """Greedy generation (left-padded batch, KV cache: decode steps of one query) with every fmaps_* name gives
+    the tokens of the same model with the float64 dense reference underneath."""
+    model, _ = tiny(hf, "llama-gqa")
+    ids, mask = left_padded(length=10, pads=(0, 3, 6), seed=1)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.config.fmaps_topk_k = 3
+    try:
+        with torch.no_grad():
+            set_impl(model, impl)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            monkeypatch.setattr(fm_hf, "attention", dense_reference)
+            ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    finally:
+        del model.config.fmaps_topk_k
+    assert out.shape == (3, 16) and torch.equal(out, ref)
+
+
+@pytest.mark.hf
 def test_static_cache_generate_identical_tokens(hf):
     """No padding and a static cache: the prefill mask is skipped (L < S, empty slots after L)."""
     model, ref_impl = tiny(hf, "llama-gqa")
