@@ -15,6 +15,7 @@ from . import normalizers, reference
 from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
+from .normalizers.gumbel import gumbel_noise
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "parse",
     "normalizers",
     "reference",
+    "gumbel_noise",
     "__version__",
 ]
 

@@ -105,6 +105,8 @@ class ScoreScale(NamedTuple):
     cap_mult: Any
     bias_mult: Any
     mask_min: Any
+    dist_scale: Any   # distance form (Static.DISTANCE): the scale inside the log (1.0 otherwise)
+    dist_mult: Any    # distance form: -(n/2), s_pre = dist_mult * ln(max(dist_scale * ||q - k||^2, tiny))
 
 
 class Dropout(NamedTuple):
@@ -127,6 +129,8 @@ class Keys(NamedTuple):
     S: Any
     causal_off: Any
     scale: Any        # ScoreScale
+    seed: Any         # the call's seed (score noise, Hooks.has_noise)
+    row_base: Any     # (b * Hq + h) * L, int64: the noise counter base of the head (as dropout's)
 
 
 class Block(NamedTuple):
@@ -155,13 +159,15 @@ class Static(NamedTuple):
     DTYPE: str        # the input dtype (an autotune key: the bundles hide the tensors' dtypes from it)
     PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
     PAD_DV: bool
+    DISTANCE: bool = False   # the distance form of the score (Normalizer.score == "distance"): the raw score
+                             # is -(n/2) ln(max(scale ||q - k||^2, tiny)) instead of scale * q.k (tiles.score_tile)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str) -> "Static":
+             dtype: str, distance: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv)
+                   BD != D, BDV != Dv, bool(distance))
 
 
 class RowOut(NamedTuple):
@@ -269,6 +275,17 @@ class Hooks(NamedTuple):
     that instances differing only there share one backward compile). ``rule`` is a sparse normalizer's
     `threshold.ThresholdRule` (read by the threshold engine as ``NORM.rule``), or None.
 
+    Score noise (``has_noise``; stochastic normalizers such as gumbel)::
+
+        noise(seed, offset) -> g            noise in natural score units at the int64 counter offsets
+                                            ((b * Hq + h) * L + i) * S + j, a function of (seed, offset) only;
+                                            ``tiles.fold_keys`` and the backward add g * u to every score tile
+                                            after the mask bias (-inf stays -inf), so forward, threshold passes
+                                            and backward see the same noise
+
+    ``grad_mult`` multiplies dS (the backward's dQ, dK) for normalizers whose weights depend on the score
+    through a constant factor the hooks do not see (gumbel: p = softmax((s + g) / tau), grad_mult = 1/tau).
+
     Read the fields inside kernels as ``NORM.field`` (or ``NORM.rule.field``); never pass a nested tuple
     such as ``NORM.rule`` itself as an argument (Triton does not compile that).
     """
@@ -293,6 +310,9 @@ class Hooks(NamedTuple):
     bwd_rows: Any
     bwd_weights: Any
     bwd_dscores: Any
+    has_noise: bool = False
+    noise: Any = None
+    grad_mult: float = 1.0
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -302,7 +322,8 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                rescale: bool = False, prepass: Optional[Callable] = None, tile_live: Optional[Callable] = None,
                g_weights: Optional[Callable] = None, g_finalize: Optional[Callable] = None,
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
-               bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None) -> Hooks:
+               bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
+               noise: Optional[Callable] = None, grad_mult: float = 1.0) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -318,11 +339,13 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     for field, fn in fns.items():
         if not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    rule_fns = [f for f in (rule or ()) if _is_jit(f)]
+    if noise is not None and not _is_jit(noise):
+        raise TypeError(f"make_hooks({name!r}): noise must be a @triton.jit function, got {noise!r}")
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + ([noise] if noise is not None else [])
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
-                 rule=rule, **fns)
+                 rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult))
 
 
 def _is_jit(fn) -> bool:

@@ -110,9 +110,9 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     full_end, hi = key_bounds(start_m, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                               ST.MASK_KIND != 0)
     blk = Block(q, offs_m, offs_m[:, None], full_end, hi)
-    keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale)
     row_base = pid_bh.to(tl.int64) * dims.L           # (B, Hq, L) contiguous row outputs
+    keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
+                dims.S, dims.causal_off, scale, seed, row_base)
 
     if NORM.has_prepass:
         scr = rows.scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS        # [BM, 1]

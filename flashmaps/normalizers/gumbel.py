@@ -1,0 +1,127 @@
+"""gumbel: perturb-max attention, ``p = softmax((s + g) / tau)`` with i.i.d. standard Gumbel noise ``g``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from .base import Normalizer, register
+from .harmonic import check_positive, float_spec, positive_option
+from .rows import NEG_INF, logsumexp, lse_weights, masked_softmax, rowsum
+
+__all__ = ["Gumbel", "gumbel_noise", "philox_uniform"]
+
+# Philox-4x32-10 (Salmon et al. 2011) exactly as Triton's ``tl.randint4x``: counter (offset_lo, offset_hi, 0, 0),
+# key (seed_lo, seed_hi); uint32 values held in int64 tensors
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+#: Triton's uint_to_uniform_float scale for 32-bit values ((2^23 - 1) / 2^23 * 2^-31, rounded to float32)
+_U32_SCALE = 4.6566127342e-10
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of uint32 ``a`` (int64 tensor) and the constant ``b``,
+    through 16-bit halves of b so that no int64 product overflows."""
+    p_lo = a * (b & 0xFFFF)                          # < 2^48
+    p_hi = a * (b >> 16)                             # < 2^48
+    return (p_hi + (p_lo >> 16)) >> 16, (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor, lane: int = 1) -> torch.Tensor:
+    """float32 uniforms in [0, 1) equal to lane ``lane`` of Triton's ``tl.rand4x(seed, offsets)`` (int64
+    ``offsets``; lane 0 is ``tl.rand``, the dropout stream)."""
+    seed = int(seed) & (2**64 - 1)
+    c = [offsets & _M32, (offsets >> 32) & _M32, torch.zeros_like(offsets), torch.zeros_like(offsets)]
+    k0, k1 = seed & _M32, seed >> 32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(c[2], _ROUND_B)
+        hi_a, lo_a = _mulhilo(c[0], _ROUND_A)
+        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    x = c[lane]
+    x = torch.where(x >= 2**31, 2**32 - 1 - x, x)    # int32 bitcast x < 0 -> -x - 1
+    return x.to(torch.float32) * torch.tensor(_U32_SCALE, dtype=torch.float32)
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel ``-ln(-ln(u))`` in float32, u floored at float32 tiny (u = 0 would give -inf)."""
+    return -torch.log(-torch.log(u.clamp_min(_TINY)))
+
+
+def gumbel_noise(seed: int, shape, device=None) -> torch.Tensor:
+    """The noise g (B, Hq, L, S) float32 that a ``gumbel`` call with seed ``seed`` adds to its scores (both
+    backends, forward and backward): g_bhij = -ln(-ln(U)), U the Philox uniform at counter
+    ((b * Hq + h) * L + i) * S + j. The seed of ``flashmaps.attention`` is drawn from torch's default
+    generator as for dropout: ``torch.manual_seed(n); flashmaps.torch_path.draw_seed()`` gives the seed of
+    the next call. For tests and analysis (materializes B * Hq * L * S values)."""
+    B, Hq, L, S = shape
+    offsets = torch.arange(B * Hq * L * S, dtype=torch.int64, device=device).view(B, Hq, L, S)
+    return gumbel_from_uniform(philox_uniform(seed, offsets))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Gumbel(Normalizer):
+    """Perturb-max (Gumbel-softmax) attention: ``p = softmax((s + g) / tau)``, ``tau > 0``, with ``g_ij``
+    i.i.d. standard Gumbel per (b, h, i, j): ``g = -ln(-ln U)``, U the Philox-4x32 uniform (lane 1 of
+    ``tl.rand4x``; dropout uses lane 0) at counter ``((b * Hq + h) * L + i) * S + j`` keyed by the call's
+    seed (drawn from torch's default generator like dropout's, so ``torch.manual_seed`` reproduces a call).
+    The noise is drawn in the kernels (forward and backward draw the same numbers); the torch path computes
+    the same Philox numbers (:func:`gumbel_noise` materializes them). ``s`` is the usual score (softcap, mask
+    bias); the noise is added after the bias.
+
+    Gumbel-max identity: ``P[argmax_j (s_j + g_j) = j] = softmax(s)_j``, so as tau -> 0 the weights become a
+    one-hot sample of softmax(s). Row statistic: ``lse = logsumexp((s + g) / tau)``. Backward:
+    ``dS = P * (dP - delta) / tau`` (the noise is a constant). Merge: none: the noise counter depends on the
+    key length S and the key index of the call, so partial calls over disjoint key sets draw different
+    noise than the whole call (an LSE merge would be exact only with the same noise).
+    """
+
+    tau: float = 1.0
+
+    name: ClassVar[str] = "gumbel"
+    stats: ClassVar[tuple[str, ...]] = ("lse",)
+    empty_stats: ClassVar[tuple[float, ...]] = (NEG_INF,)
+    kernels: ClassVar[str] = "flashmaps.kernels.gumbel"
+    order: ClassVar[int] = 70
+    spec_help: ClassVar[str] = "gumbel:<tau>"
+    formula: ClassVar[str] = "`softmax((s + g) / tau)_j`, `g` i.i.d. standard Gumbel per (b, h, i, j), seeded per call"
+    merge_rule: ClassVar[str] = "none (the noise depends on the call's key set)"
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_positive(self, "tau")
+
+    @classmethod
+    def from_spec(cls, arg, *, argname="normalizer"):
+        return cls(positive_option(cls, "tau", arg, cls.tau, argname))
+
+    @property
+    def spec(self) -> str:
+        return float_spec(self.name, self.tau)
+
+    @classmethod
+    def examples(cls):
+        return [cls(0.5)]
+
+    def score_noise(self, seed, offsets):
+        return gumbel_from_uniform(philox_uniform(seed, offsets))
+
+    def reference_weights(self, s, allowed):
+        return masked_softmax(s / self.tau, allowed)
+
+    def reference_stats(self, s, allowed):
+        return {"lse": torch.logsumexp(torch.where(allowed, s / self.tau, torch.full_like(s, NEG_INF)), -1)}
+
+    def torch_stats(self, s, masked):
+        return {"lse": logsumexp(s / self.tau, masked)}
+
+    def torch_weights(self, s, st, masked):
+        return lse_weights(s / self.tau, st["lse"], masked)
+
+    def torch_dscores(self, s, p, dp, st):
+        return p * (dp - rowsum(p * dp)) / self.tau
