@@ -141,10 +141,10 @@ def log_distance(q, k, qk, scale):
     qf = q.to(tl.float32)
     kf = k.to(tl.float32)
     d2 = tl.sum(qf * qf, 1)[:, None] + tl.sum(kf * kf, 1)[None, :] - 2.0 * qk               # [BM, BN]
-    d2 = tl.maximum(d2, 0.0)
+    d2 = tl.where(d2 < 0.0, 0.0, d2)                 # (not tl.maximum: a NaN distance stays NaN, the non-finite rule)
     x = d2 * scale.dist_scale
     ok = x > 1.1754943508222875e-38
-    s_pre = scale.dist_mult * tl.log(tl.where(ok, x, 1.1754943508222875e-38))
+    s_pre = scale.dist_mult * tl.log(tl.where(x < 1.1754943508222875e-38, 1.1754943508222875e-38, x))
     chain = tl.where(ok, 2.0 * scale.dist_mult / tl.where(ok, d2, 1.0), 0.0)
     return s_pre, chain
 

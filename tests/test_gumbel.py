@@ -41,9 +41,24 @@ def test_bad_options(bad):
         Gumbel(None)
 
 
-def test_no_merge():
-    with pytest.raises(NotImplementedError, match="no merge rule"):
-        flashmaps.merge("gumbel", [torch.zeros(1, 1, 1, 1)] * 2, [{"lse": torch.zeros(1, 1, 1)}] * 2)
+def test_merge_with_other_noise_is_a_gumbel_sample_of_the_union():
+    """Parts over sliced keys (their own S and seeds) merge by LSE into softmax((s + g') / tau) over the union,
+    g' the parts' own noise: checked against the reference with the parts' noise put together."""
+    q, k, v = make_qkv(1, 2, 2, 5, 12, 8, device="cpu", seed=11)
+    norm = Gumbel(0.5)
+    outs, stats, noise = [], [], []
+    for sl in (slice(0, 5), slice(5, 12)):
+        torch.manual_seed(40 + sl.start)
+        seed = torch_path.draw_seed()
+        torch.manual_seed(40 + sl.start)
+        o, st = flashmaps.attention(q, k[:, :, sl], v[:, :, sl], norm, return_stats=True, backend="torch")
+        outs.append(o)
+        stats.append(st)
+        noise.append(flashmaps.gumbel_noise(seed, (1, 2, 5, sl.stop - sl.start)))
+    out, _ = flashmaps.merge(norm, outs, stats)
+    s, allowed = reference.scores_and_allowed(q, k)
+    p = norm.reference_weights(s + torch.cat(noise, -1).double(), allowed)
+    assert rel_err(out, p @ v.double()) < 1e-5
 
 
 @triton.jit

@@ -10,6 +10,7 @@ import torch
 from .base import Normalizer, register
 from .harmonic import check_positive, float_spec, positive_option
 from .rows import NEG_INF, logsumexp, lse_weights, masked_softmax, rowsum
+from .softmax import Softmax
 
 __all__ = ["Gumbel", "gumbel_noise", "philox_uniform"]
 
@@ -76,9 +77,13 @@ class Gumbel(Normalizer):
 
     Gumbel-max identity: ``P[argmax_j (s_j + g_j) = j] = softmax(s)_j``, so as tau -> 0 the weights become a
     one-hot sample of softmax(s). Row statistic: ``lse = logsumexp((s + g) / tau)``. Backward:
-    ``dS = P * (dP - delta) / tau`` (the noise is a constant). Merge: none: the noise counter depends on the
-    key length S and the key index of the call, so partial calls over disjoint key sets draw different
-    noise than the whole call (an LSE merge would be exact only with the same noise).
+    ``dS = P * (dP - delta) / tau`` (the noise is a constant). Merge over disjoint key sets: softmax's
+    log-sum-exp merge of ``lse``. It equals the whole call exactly when the parts drew the whole call's noise:
+    the same seed and the same key indexing (parts selected by masks over the same S keys, e.g. after one
+    ``torch.manual_seed`` per call). Parts over sliced keys (another S, other key indices), or with their
+    own seeds, carry other noise: the merge is then still softmax((s + g') / tau) with g' i.i.d. standard
+    Gumbel per key when the parts' seeds differ (a different sample, not the whole call's), and correlated
+    noise if two parts reuse one seed.
     """
 
     tau: float = 1.0
@@ -90,7 +95,7 @@ class Gumbel(Normalizer):
     order: ClassVar[int] = 70
     spec_help: ClassVar[str] = "gumbel:<tau>"
     formula: ClassVar[str] = "`softmax((s + g) / tau)_j`, `g` i.i.d. standard Gumbel per (b, h, i, j), seeded per call"
-    merge_rule: ClassVar[str] = "none (the noise depends on the call's key set)"
+    merge_rule: ClassVar[str] = "log-sum-exp of `lse` (exact with the whole call's noise: same seed, same key indices)"
     stochastic: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -125,3 +130,5 @@ class Gumbel(Normalizer):
 
     def torch_dscores(self, s, p, dp, st):
         return p * (dp - rowsum(p * dp)) / self.tau
+
+    merge = Softmax.merge
