@@ -76,8 +76,8 @@ def scores_and_allowed(
             allowed = allowed & ~excluded
             s = s + torch.where(excluded, torch.zeros((), dtype=dtype), attn_mask.to(dtype))
     if norm is not None and norm.stochastic:
-        offsets = torch.arange(B * Hq * L * S, dtype=torch.int64, device=q.device).view(B, Hq, L, S)
-        s = s + norm.score_noise(int(noise_seed), offsets).to(dtype)
+        ar = lambda n: torch.arange(n, dtype=torch.int64, device=q.device)  # noqa: E731
+        s = s + norm.score_noise(int(noise_seed), ar(B * Hq).view(B, Hq, 1, 1), ar(L)[:, None], ar(S)).to(dtype)
     return s, allowed.expand(B, Hq, L, S)
 
 

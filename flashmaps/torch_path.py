@@ -207,12 +207,12 @@ def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     masked = disallowed is not None
     if masked:
         s.masked_fill_(disallowed, _NEG_INF)
-    if pb.norm is not None and pb.norm.stochastic:  # the score noise at ((b * Hq + h) * L + i) * S + j
-        L, S = pb.q5.shape[3], pb.k.shape[2]
+    if pb.norm is not None and pb.norm.stochastic:  # the score noise of (b * Hq + h, i, j)
         ar = functools.partial(torch.arange, dtype=torch.int64, device=s.device)
         h = ar(c.h0, c.h1)[:, None] * G + ar(G)                                       # [hc, G] query heads
-        row = (ar(c.b0, c.b1)[:, None, None] * (pb.q5.shape[1] * G) + h)[..., None] * L + ar(c.i0, c.i1)
-        s.add_(pb.norm.score_noise(pb.seed, row[..., None] * S + ar(c.sk)).to(s.dtype))  # -inf stays -inf
+        bh = ar(c.b0, c.b1)[:, None, None] * (pb.q5.shape[1] * G) + h                 # [bb, hc, G]
+        g = pb.norm.score_noise(pb.seed, bh[..., None, None], ar(c.i0, c.i1)[:, None], ar(c.sk))
+        s.add_(g.to(s.dtype))                                                         # -inf stays -inf
     return s, masked, qc, capgrad
 
 

@@ -8,6 +8,9 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
                   s_nat = scale * qk                      (no softcap)
                   s_nat = c * tanh(scale * qk / c)        (softcap c)
                   s_nat = s_nat + bias_ij                 (float mask, after the cap)
+                  s_nat = s_nat + g_ij                    (Hooks.has_noise: the normalizer's noise, after the bias)
+                with scale * qk replaced by -(n/2) ln(max(scale ||q_i - k_j||^2, tiny)) in the distance form
+                (Static.DISTANCE, `tiles.log_distance`; n, scale in ScoreScale.dist_mult / dist_scale)
                 and u is the normalizer's score unit (`Hooks.unit`): LOG2E for the exp2-based
                 normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
                 The launcher folds u into the scalars (`fold_score_unit`); kernels never multiply by
@@ -130,7 +133,7 @@ class Keys(NamedTuple):
     causal_off: Any
     scale: Any        # ScoreScale
     seed: Any         # the call's seed (score noise, Hooks.has_noise)
-    row_base: Any     # (b * Hq + h) * L, int64: the noise counter base of the head (as dropout's)
+    row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
 
 
 class Block(NamedTuple):
@@ -277,8 +280,9 @@ class Hooks(NamedTuple):
 
     Score noise (``has_noise``; stochastic normalizers such as gumbel)::
 
-        noise(seed, offset) -> g            noise in natural score units at the int64 counter offsets
-                                            ((b * Hq + h) * L + i) * S + j, a function of (seed, offset) only;
+        noise(seed, bh, i, j) -> g          noise [BM, BN] in natural score units of head bh = b * Hq + h (int32
+                                            scalar), query rows i [BM, 1], keys j [1, BN] (int32), a function of
+                                            (seed, bh, i, j) only (not of the call's L or S);
                                             ``tiles.fold_keys`` and the backward add g * u to every score tile
                                             after the mask bias (-inf stays -inf), so forward, threshold passes
                                             and backward see the same noise

@@ -4,9 +4,10 @@ The score unit is LOG2E / tau (the launcher folds it into the scale), so the ker
 (s_nat + g) * LOG2E / tau and softmax's update, finalize (lse of (s + g) / tau) and backward weights apply
 unchanged. The noise hook (``Hooks.noise``, added by ``tiles.add_noise`` times the unit, after the mask bias)::
 
-    g = -ln(-ln(max(U, tiny))),  U = lane 1 of tl.rand4x(seed, ((b * Hq + h) * L + i) * S + j)
+    g = -ln(-ln(max(U, tiny))),  U = uniform(lane 0 of Philox-4x32-10(key seed, counter (j, i, b * Hq + h, STREAM)))
 
-(lane 0 is dropout's ``tl.rand``: an independent stream of the same counter). Backward: softmax's
+(dropout's ``tl.rand`` counters are (offset_lo, offset_hi, 0, 0): a disjoint stream). The noise of key j of
+query row i of head (b, h) does not depend on the call's L or S. Backward: softmax's
 dS = p * (dP - delta) times ``Hooks.grad_mult = 1/tau`` (d((s + g)/tau)/ds).
 """
 
@@ -20,14 +21,17 @@ from . import softmax
 from .contract import LOG2E, NoArgs, make_hooks
 
 TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
+#: the fourth Philox counter word of the Gumbel stream (dropout's counters have 0 there: disjoint streams)
+STREAM: tl.constexpr = tl.constexpr(0x2545F491)
 
 
 @triton.jit
-def gumbel_noise(seed, offset):
-    """Standard Gumbel noise at the int64 counter offsets (the same numbers as
+def gumbel_noise(seed, bh, i, j):
+    """Standard Gumbel noise [BM, BN] of head bh, query rows i [BM, 1], keys j [1, BN] (the same numbers as
     ``flashmaps.normalizers.gumbel.gumbel_noise``)."""
-    _, r1, _, _ = tl.randint4x(seed, offset)
-    u = tl.maximum(uint_to_uniform_float(r1), TINY)
+    zero = i * 0 + j * 0                                                               # [BM, BN] int32
+    r, _, _, _ = tl.philox(seed, j + zero, i + zero, bh + zero, zero + STREAM)
+    u = tl.maximum(uint_to_uniform_float(r), TINY)
     return -tl.log(-tl.log(u))
 
 

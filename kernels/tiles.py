@@ -168,9 +168,10 @@ def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: t
 
 @triton.jit
 def add_noise(s, i, j, keys, NORM: tl.constexpr):
-    """s + u * NORM.noise(seed, ((b * Hq + h) * L + i) * S + j) for a score tile of query rows i [BM, 1] and
-    keys j [1, BN] (``Hooks.has_noise``); -inf (excluded keys) stays -inf."""
-    return s + NORM.noise(keys.seed, (keys.row_base + i) * keys.S + j) * keys.scale.bias_mult
+    """s + u * NORM.noise(seed, b * Hq + h, i, j) for a score tile of query rows i [BM, 1] and keys j [1, BN]
+    (``Hooks.has_noise``); -inf (excluded keys) stays -inf."""
+    bh = (keys.row_base // keys.L).to(tl.int32)
+    return s + NORM.noise(keys.seed, bh, i, j) * keys.scale.bias_mult
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -145,15 +145,15 @@ def mask_for(kind, shape, dtype, seed=1):
 GRID_TORCH_SEED = 1234
 
 
-def pin_seed(norm) -> int:
+def pin_seed(norm, torch_seed: int = GRID_TORCH_SEED) -> int:
     """Call before a public-API call (which draws its seed from torch's default generator): for a stochastic
-    normalizer (``Normalizer.stochastic``: gumbel), ``torch.manual_seed(GRID_TORCH_SEED)`` and return the noise
+    normalizer (``Normalizer.stochastic``: gumbel), ``torch.manual_seed(torch_seed)`` and return the noise
     seed the call will draw, for the reference's ``noise_seed``; for the others 0 and nothing is touched."""
     if not flashmaps.parse(norm).stochastic:
         return 0
-    torch.manual_seed(GRID_TORCH_SEED)
+    torch.manual_seed(torch_seed)
     seed = torch_path.draw_seed()
-    torch.manual_seed(GRID_TORCH_SEED)
+    torch.manual_seed(torch_seed)
     return seed
 
 

@@ -62,19 +62,22 @@ def test_merge_with_other_noise_is_a_gumbel_sample_of_the_union():
 
 
 @triton.jit
-def _noise_kernel(Out, seed, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Out + offs, kernel_noise(seed, offs.to(tl.int64)), mask=offs < N)
+def _noise_kernel(Out, seed, L, S, BM: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0)
+    i = tl.arange(0, BM)[:, None]
+    j = tl.arange(0, BN)[None, :]
+    tl.store(Out + (bh * L + i) * S + j, kernel_noise(seed, bh, i, j), mask=(i < L) & (j < S))
 
 
 @pytest.mark.parametrize("seed", [0, 77, 2**62 - 3])
 def test_kernel_noise_is_gumbel_noise(seed):
     """The kernels' noise hook draws exactly the numbers of flashmaps.gumbel_noise (float32 logs aside)."""
-    n = 3 * 5 * 7 * 11
-    out = torch.empty(n, device=helpers_device())
-    _noise_kernel[(triton.cdiv(n, 128),)](out, seed, n, BLOCK=128)
-    want = flashmaps.gumbel_noise(seed, (3, 5, 7, 11))
-    assert torch.allclose(out.cpu().view(3, 5, 7, 11), want, rtol=1e-5, atol=1e-5)
+    B, Hq, L, S = 3, 5, 7, 11
+    out = torch.empty(B, Hq, L, S, device=helpers_device())
+    _noise_kernel[(B * Hq,)](out, seed, L, S, BM=8, BN=16)
+    want = flashmaps.gumbel_noise(seed, (B, Hq, L, S))
+    assert torch.allclose(out.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(want[:, :, :4, :6], flashmaps.gumbel_noise(seed, (B, Hq, 4, 6)))   # not a function of L, S
 
 
 def helpers_device():

@@ -92,10 +92,10 @@ class Normalizer:
         """The exponent n of the distance form (``score = "distance"``): weights proportional to d^-n."""
         return 1.0
 
-    def score_noise(self, seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    def score_noise(self, seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Stochastic normalizers: the noise (natural score units, float32) added to the scores after the mask
-        bias at the int64 counter ``offsets`` = ((b * Hq + h) * L + i) * S + j for seed ``seed``; the same
-        numbers as the Triton hook ``Hooks.noise``."""
+        bias, for seed ``seed``, heads ``bh = b * Hq + h``, query rows ``i`` and keys ``j`` (int64 tensors,
+        broadcast together); the same numbers as the Triton hook ``Hooks.noise``."""
         raise NotImplementedError(f"{type(self).__name__} is not stochastic (no score_noise)")
 
     def score_limit(self, dtype: torch.dtype) -> float:
