@@ -167,7 +167,9 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     """Scores of a chunk: (s [bb, hc, G, bl, S'] with -inf on disallowed keys, masked?, q chunk
-    [bb, hc, G*bl, D] times scale, the softcap derivative [bb, hc, G, bl, S'] or None)."""
+    [bb, hc, G*bl, D] times scale (unscaled in the distance form), the chain factor ds_final/ds
+    [bb, hc, G, bl, S'] of the softcap and the distance form, or None). A stochastic normalizer's noise is
+    added after the mask."""
     bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
     G, D = pb.q5.shape[2], pb.q5.shape[4]
     distance = pb.norm is not None and pb.norm.score == "distance"   # q unscaled: the scale is inside the log

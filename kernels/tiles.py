@@ -153,7 +153,8 @@ def log_distance(q, k, qk, scale):
 def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
     """Kernel-unit score tile s [BM, BN] of the query block ``blk`` against keys [start_n, start_n + BN).
     ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked tiles are whole tiles inside
-    [0, S) that every row of the block attends."""
+    [0, S) that every row of the block attends. ``ST.DISTANCE``: the raw score is `log_distance`'s instead of
+    the dot product (a constexpr branch: the dot-product path is unchanged)."""
     if ST.DISTANCE:
         k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn,
                       keys.sd, MASKED, ST.PAD_D)                                       # [BN, BD]
