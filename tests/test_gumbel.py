@@ -20,7 +20,7 @@ from flashmaps import ops, reference, torch_path, triton_path
 from flashmaps.kernels.gumbel import gumbel_noise as kernel_noise
 from flashmaps.normalizers.gumbel import Gumbel
 
-from helpers import grad_err, make_mask, make_qkv, reference_grads, rel_err
+from helpers import KERNEL_DEVICE, grad_err, make_mask, make_qkv, rel_err
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -73,15 +73,11 @@ def _noise_kernel(Out, seed, L, S, BM: tl.constexpr, BN: tl.constexpr):
 def test_kernel_noise_is_gumbel_noise(seed):
     """The kernels' noise hook draws exactly the numbers of flashmaps.gumbel_noise (float32 logs aside)."""
     B, Hq, L, S = 3, 5, 7, 11
-    out = torch.empty(B, Hq, L, S, device=helpers_device())
+    out = torch.empty(B, Hq, L, S, device=KERNEL_DEVICE)
     _noise_kernel[(B * Hq,)](out, seed, L, S, BM=8, BN=16)
     want = flashmaps.gumbel_noise(seed, (B, Hq, L, S))
     assert torch.allclose(out.cpu(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(want[:, :, :4, :6], flashmaps.gumbel_noise(seed, (B, Hq, 4, 6)))   # not a function of L, S
-
-
-def helpers_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_noise_moments():

@@ -12,7 +12,10 @@ in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernel
 * its torch-path hooks (``torch_stats``, ``torch_weights``, ``torch_dscores``, optionally ``torch_sparse``)
   used by the CPU path's row-chunk loop;
 * its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
-* its rule for combining results over disjoint key sets (``merge``), or why there is none.
+* its rule for combining results over disjoint key sets (``merge``), or why there is none;
+* optionally its score form (``score = "distance"``: ``-(n/2) ln(max(scale ||q - k||^2, tiny))`` instead of
+  ``scale q.k``, honoured by every backend and the reference) and per-score noise (``stochastic`` and
+  ``score_noise``: the call draws a seed like dropout's; the reference takes it as ``noise_seed``).
 
 Everything else (the backends, tests, benchmarks, CLI, transformers names, docs) enumerates the registry:
 :func:`register` a class and it is in. Users do the same from their own files (README, "Write your own
