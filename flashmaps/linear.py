@@ -363,9 +363,11 @@ TRITON_AUTO_MAX_D = 16
 #: the largest D whose whole order-2 state is one program's (the fast path, one feature block); above it the
 #: order-2 features split over BD^2 / TRITON_FEATURES programs of TRITON_FEATURES features each
 TRITON_ONE_BLOCK_MAX_D = 32
-#: order-2 features per program of the split path (256: the state 256 x 32 fp32, as at D = 16). Tests raise it
-#: to interpret fewer programs (the same code).
-TRITON_FEATURES = 256
+#: order-2 features per program of the split path: 128 (TA = 2 rows of x x^T at D = 64, 32 blocks) with the
+#: state 128 x 64 fp32, the register size of D = 16's 256 x 32; the sm_90 build (D = 64, Dv = 64, causal) has
+#: no spill in the forward kernels and 128 bytes in the backward (256 features x 32: 240 and 304 bytes).
+#: Tests raise it to interpret fewer programs (the same code).
+TRITON_FEATURES = 128
 
 
 def _auto_spills(D: int) -> bool:
@@ -377,10 +379,10 @@ def _auto_spills(D: int) -> bool:
 
 def _triton_blocks(D: int, Dv: int):
     """(BD, BV, TA, num_warps): BD = D padded to a power of two >= 16; TA the rows a of ``x x^T`` per feature
-    block (BD up to 32: TA = BD, one block, the whole order-2 state in one program; BD >= 64: TA = 256 // BD,
-    blocks of 256 features, NF = BD // TA = BD^2 / 256 of them: 16 at D = 64); the Dv block BV that keeps the
-    program's order-2 state TA BD x BV at <= 8192 fp32 (256 x 32 at D <= 16 and D >= 64, 1024 x 16 at D <= 32).
-    Warps: the sm_90 builds with the fewest spills (8 for 256 x 32; 16 at D = 32)."""
+    block (BD up to TRITON_ONE_BLOCK_MAX_D: TA = BD, one block, the whole order-2 state in one program; above:
+    TA = TRITON_FEATURES // BD, NF = BD // TA blocks: 32 at D = 64); the Dv block BV that keeps the program's
+    order-2 state TA BD x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32, 128 x 64 at D = 64).
+    Warps: the sm_90 builds with the fewest spills (8; 16 at D = 32)."""
     BD = max(16, _pow2(D))
     TA = BD if BD <= TRITON_ONE_BLOCK_MAX_D else max(1, TRITON_FEATURES // BD)
     BV = max(16, min(_pow2(Dv), 8192 // (TA * BD)))
@@ -420,7 +422,7 @@ def _triton_check(q, k, v):
     D = q.shape[3]
     if D > TRITON_MAX_D:
         raise ValueError(f"the Triton linear form takes head dims D <= {TRITON_MAX_D} (its order-2 state is "
-                         f"D^2 x Dv fp32 over D^2/256 programs), got D={D}; use backend='torch' or "
+                         f"D^2 x Dv fp32 over D^2 / {TRITON_FEATURES} programs), got D={D}; use backend='torch' or "
                          "form='quadratic'")
     for x in (q, k, v):
         if x.stride(-1) != 1:
@@ -613,13 +615,16 @@ def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropo
     TRITON_AUTO_MAX_D, where its registers do not spill); for larger D an explicit
     backend="triton" rules the linear form out, "auto" on CUDA keeps the quadratic Triton kernel (the cost
     model counts multiply-adds, not the launches of a torch-op chunk loop), and form="linear" with
-    backend="auto" runs the torch ops there."""
+    backend="auto" runs the torch ops there. The rule of "auto" on the Triton backend: the linear kernel where
+    the cost model (its features) says fewer multiply-adds, except for D in (TRITON_AUTO_MAX_D,
+    TRITON_ONE_BLOCK_MAX_D] (the one-block state spills; ``_auto_spills``); D in (32, TRITON_MAX_D] is the
+    split kernel (D = Dv = 64 causal: linear from about S = 12.5k)."""
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     why = _why_not_linear(norm, mask, softcap, dropout_p)
     kernel = resolved == "triton" and D <= TRITON_MAX_D
     too_wide = (f"the Triton linear kernel takes head dims D <= {TRITON_MAX_D} (its order-2 state is D^2 x Dv "
-                f"registers), got D={D}")
+                f"fp32 registers over D^2 / {TRITON_FEATURES} programs), got D={D}")
     if why is None and backend == "triton" and not kernel:
         why = f"{too_wide}; use backend='torch' (or 'auto') for form='linear'"
     if why is None and form == "auto" and resolved == "triton" and not kernel:
@@ -657,8 +662,9 @@ def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn
     dropout, float or dense mask; causal and bool key-padding masks are fine) and the cost model of
     :func:`costs` says it does fewer multiply-adds: with D = Dv = 16 from about S = 450 causal, with D = 64
     from about S = 4.5k. On the Triton backend the linear form is the Triton kernel (D <= TRITON_MAX_D;
-    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D: D = Dv = 16 from about
-    S = 600 causal). ``form="linear"`` where it is not possible raises ValueError saying why."""
+    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D and D > 32 (the split
+    kernel): D = Dv = 16 from about S = 600 causal, D = Dv = 64 from about S = 12.5k). ``form="linear"``
+    where it is not possible raises ValueError saying why."""
     from . import functional as fn
 
     fn._check_qkv(q, k, v, enable_gqa)

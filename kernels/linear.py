@@ -69,9 +69,9 @@ def rows_a(x, pid_f, C: tl.constexpr, BD: tl.constexpr, TA: tl.constexpr):
     if TA == BD:
         return x
     else:
-        cd = tl.arange(0, BD)
-        ca = pid_f * TA + tl.arange(0, TA)
-        return tl.sum(tl.where(cd[None, None, :] == ca[None, :, None], x[:, None, :], 0.0), 2)
+        NF: tl.constexpr = BD // TA
+        pick = (tl.arange(0, NF) == pid_f)[None, :, None]
+        return tl.sum(tl.where(pick, tl.reshape(x, (C, NF, TA)), 0.0), 1)
 
 
 @triton.jit
@@ -80,9 +80,9 @@ def spread_a(y, pid_f, C: tl.constexpr, BD: tl.constexpr, TA: tl.constexpr):
     if TA == BD:
         return y
     else:
-        cd = tl.arange(0, BD)
-        ca = pid_f * TA + tl.arange(0, TA)
-        return tl.sum(tl.where(cd[None, None, :] == ca[None, :, None], y[:, :, None], 0.0), 1)
+        NF: tl.constexpr = BD // TA
+        pick = (tl.arange(0, NF) == pid_f)[None, :, None]
+        return tl.reshape(tl.where(pick, y[:, None, :], 0.0), (C, BD))
 
 
 @triton.jit

@@ -98,10 +98,10 @@ def test_triton_linear_segments(monkeypatch, shape, causal):
 
 @pytest.fixture
 def four_blocks(monkeypatch):
-    """Feature blocks of 1024 order-2 features: 4 blocks at D = 64 (the default 256 gives 16; the same code,
-    a quarter of the interpreted programs)."""
+    """Feature blocks of 1024 order-2 features: 4 blocks at D = 64 (the default 128 gives 32; the same code,
+    an eighth of the interpreted programs), and Dv blocks of 16 (Dv = 24: 2 Dv blocks x 4 feature blocks)."""
     monkeypatch.setattr(linear, "TRITON_FEATURES", 1024)
-    assert linear._triton_blocks(64, 24)[2:] == (16, 16)  # TA = 16 rows of x x^T per block, BD // TA = 4 blocks
+    assert linear._triton_blocks(64, 24) == (64, 16, 16, 16)  # TA = 16 rows of x x^T per block, BD // TA = 4
 
 
 @pytest.mark.parametrize("causal", CAUSAL, ids=CAUSAL_IDS)
@@ -113,13 +113,12 @@ def test_triton_linear_wide_heads(four_blocks, L, S, causal):
 
 @pytest.mark.parametrize("causal", ["lower_right", None], ids=["lower_right", "noncausal"])
 def test_triton_linear_wide_heads_default_blocks(causal):
-    """The default split at D = 64: 16 blocks of 256 features (the fast path's state size), 2 Dv blocks on
-    the non-causal case, key padding on the causal one."""
-    assert linear._triton_blocks(64, 40) == (64, 32, 4, 8)
+    """The default split at D = 64: 32 blocks of 128 features (state 128 x 64), key padding on the causal one."""
+    assert linear._triton_blocks(64, 40) == (64, 64, 2, 8)
     mask = None
     if causal:
         mask = torch.rand(1, 1, 1, 19, generator=torch.Generator().manual_seed(6)) < 0.7
-    _check((1, 1, 1, 17, 19, 64, 8 if causal else 40), causal, mask=mask, quadratic=False)
+    _check((1, 1, 1, 17, 19, 64, 8), causal, mask=mask, quadratic=False)
 
 
 @pytest.mark.parametrize("causal", ["upper_left", "lower_right", None], ids=["upper_left", "lower_right", "noncausal"])
@@ -209,13 +208,13 @@ def test_triton_auto_picks_the_kernel_by_the_cost_model(monkeypatch):
     assert wide.form == "quadratic" and "spills registers" in wide.reason
     asked = flashmaps.choose_form(q32, k32, v32, "taylor", causal=True, backend="triton", form="linear")
     assert asked.form == "linear" and "Triton kernel" in asked.reason
-    # D = 64: the split kernel, weighed with its features (BD^2 + NF (1 + BD) = 4096 + 16 * 65): linear from
-    # about S = 10.5k causal at Dv = 64
+    # D = 64: the split kernel, weighed with its features (BD^2 + NF (1 + BD) = 4096 + 32 * 65): linear from
+    # about S = 12.5k causal at Dv = 64
     q64, k64, v64 = (torch.empty(1, 2, n, 64, device=KERNEL_DEVICE) for n in (16384, 16384, 16384))
     far = flashmaps.choose_form(q64, k64, v64, "taylor", causal=True, backend="triton")
     assert far.form == "linear" and "Triton kernel" in far.reason
     assert far.cost_linear == linear.costs(16384, 16384, 64, 64, True, 16, "triton")[1]
-    assert far.cost_linear == pytest.approx(2 * 16384 * (4096 + 16 * 65) * 65 + 16384 * 8 * 128)
+    assert far.cost_linear == pytest.approx(2 * 16384 * (4096 + 32 * 65) * 65 + 16384 * 8 * 128)
     near = flashmaps.choose_form(q64[:, :, :8192], k64[:, :, :8192], v64[:, :, :8192], "taylor", causal=True,
                                  backend="triton")
     assert near.form == "quadratic" and near.cost_quadratic <= near.cost_linear
