@@ -2,12 +2,13 @@
 
 Same function as the quadratic tile loop with ``f(s) = c0 + c1 s + c2 s^2`` (``Normalizer.linear_coeffs``;
 taylor: (1, 1, 1/2)); only the order of the sums differs (``flashmaps.linear`` has the math and the torch
-form). One program per (batch, query head, Dv block) streams chunks of C query rows and keeps the running
-state in fp32 registers.
+form). One program per (batch, query head, Dv block, feature block) streams chunks of C query rows and keeps
+its part of the running state in fp32 registers.
 
 Glossary (names of this file):
 
     C, BD, BV      chunk rows (>= 16: tl.dot), the head dim padded to a power of two >= 16, the Dv block
+    TA, NF         rows a of x x^T per feature block, NF = BD // TA blocks (feature blocks, below)
     q' = scale q   [C, BD] fp32;  x2 = vec(x x^T) [C, BD*BD] (``outer``): the FULL square, not the D(D+1)/2
                    pairs of the torch form: a gather of the pairs has no Triton primitive, while the full
                    square is one reshape and plain tl.dot tiles (BD = 16: 256 features for 136, 1.9x the
@@ -41,9 +42,21 @@ segment's piece of the reverse state; the launcher's prefix sums (torch) give ea
 before it (hpre, zpre) and the reverse state of the rows after it (rpre, rzpre); not causal: the totals,
 and the dk, dv pass takes the segment's piece of the keys. NS = 1: one kernel, the states built inside.
 
-Limits: BD <= 32 (D <= 32). The order-2 state is BD^2 x BV fp32 registers: 256 x 32 at D <= 16 (the
-Based / flash-linear-attention case), 1024 x 16 at D <= 32; D = 64 would be 4096 x BV, which needs the
-feature dim tiled over programs (not done): the launcher refuses it and "auto" keeps the quadratic kernel.
+Feature blocks (program_id(1) = Dv block * NF + feature block f; the launcher's ``_triton_blocks``). TA = BD
+(NF = 1, D <= 32): the whole order-2 state in one program, 256 x 32 fp32 registers at D <= 16 (the Based /
+flash-linear-attention case), 1024 x 16 at D <= 32. D > 32: the order-2 features split over NF programs, each
+keeping the rows a in [f TA, (f + 1) TA) of x x^T (TA BD features: 128 by default, so the state is 128 x 64
+fp32 at D = 64, NF = 32); x2 is then [C, TA*BD] (``outer``: x's block columns picked by ``rows_a``, a select
+over a [C, NF, TA] view) and M q' / the dk contraction land on the block's columns (``spread_a``). Every block
+computes orders 0 and 1 and the diagonal blocks too but adds them only in block 0 (``first_only``): redundant
+work NF (1 + BD) Dv + the diagonal per row, about 50% on top of the order-2 BD^2 Dv at D = 64 (the cost model
+counts it). The blocks' partial sums meet in fp32 buffers reduced by the launcher (torch sums): the forward
+writes per block the undivided numerator y and z (NF x (L Dv + L) fp32 per (batch, head): 32x the fp32 output
+at D = 64, written once and read once), the backward dq, dk per (Dv block, feature block) and dv per feature
+block (NV NF x (L + S) D + NF S Dv fp32); the segment states keep their full size (O(NS (1 + BD + BD^2) Dv),
+each block storing its rows). So the split path trades O(NF L Dv) extra memory and traffic (O(L), as the
+gradients) for registers that fit; the state itself is never spilled to or streamed from global memory.
+Limits: D <= 128 (the launcher's TRITON_MAX_D; TA = 1 at BD = 256 would be possible but is not tested).
 """
 
 import triton
