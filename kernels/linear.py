@@ -77,25 +77,25 @@ def feature_block(NF: tl.constexpr):
 
 
 @triton.jit
+def block_of(pid_f, BD: tl.constexpr, TA: tl.constexpr):
+    """[1, NF, 1]: True at feature block pid_f, for a [C, NF, TA] view of [C, BD] columns."""
+    return (tl.arange(0, BD // TA) == pid_f)[None, :, None]
+
+
+@triton.jit
 def rows_a(x, pid_f, C: tl.constexpr, BD: tl.constexpr, TA: tl.constexpr):
     """x[:, a] for the TA rows a of feature block pid_f: [C, TA] (x itself when TA == BD)."""
-    if TA == BD:
-        return x
-    else:
-        NF: tl.constexpr = BD // TA
-        pick = (tl.arange(0, NF) == pid_f)[None, :, None]
-        return tl.sum(tl.where(pick, tl.reshape(x, (C, NF, TA)), 0.0), 1)
+    if TA < BD:
+        x = tl.sum(tl.where(block_of(pid_f, BD, TA), tl.reshape(x, (C, BD // TA, TA)), 0.0), 1)
+    return x
 
 
 @triton.jit
 def spread_a(y, pid_f, C: tl.constexpr, BD: tl.constexpr, TA: tl.constexpr):
     """The inverse of rows_a: y [C, TA] at the columns a of feature block pid_f of a [C, BD] (0 elsewhere)."""
-    if TA == BD:
-        return y
-    else:
-        NF: tl.constexpr = BD // TA
-        pick = (tl.arange(0, NF) == pid_f)[None, :, None]
-        return tl.reshape(tl.where(pick, y[:, None, :], 0.0), (C, BD))
+    if TA < BD:
+        y = tl.reshape(tl.where(block_of(pid_f, BD, TA), y[:, None, :], 0.0), (C, BD))
+    return y
 
 
 @triton.jit
