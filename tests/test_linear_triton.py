@@ -130,6 +130,13 @@ def test_triton_linear_wide_heads_segments(monkeypatch, four_blocks, causal):
     _check((1, 2, 1, 40, 45, 48, 16), causal, mask=mask, quadratic=False)
 
 
+def test_triton_linear_widest_heads(four_blocks):
+    """D = 100, padded to BD = 128 (TRITON_MAX_D): 16 feature blocks of 8 rows of x x^T here (the default, 128
+    blocks of one row, is the same code at 8x the interpreted programs)."""
+    assert linear._triton_blocks(100, 4)[2] == 8
+    _check((1, 2, 1, 20, 23, 100, 4), "lower_right", quadratic=False)
+
+
 @pytest.mark.parametrize("per_head", [False, True], ids=["mask-B11S", "mask-BHq1S"])
 @pytest.mark.parametrize("causal", [None, "upper_left"], ids=["noncausal", "upper_left"])
 def test_triton_linear_key_padding(per_head, causal):
