@@ -574,7 +574,7 @@ def test_packed_sequences_equal_separate_runs(hf, impl, monkeypatch):
         return real_varlen(*a, **k)
 
     monkeypatch.setattr(flashmaps.inference, "attention_varlen", spy)
-    stochastic = flashmaps.parse(impl.removeprefix("fmaps_")).stochastic
+    stochastic = flashmaps.normalizers.get(impl.removeprefix("fmaps_")).stochastic
     try:
         set_impl(model, impl)
         with torch.no_grad():
