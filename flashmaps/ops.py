@@ -51,7 +51,7 @@ def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p):
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor,
     backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
-    need_grad: bool, head_params: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+    need_grad: bool, head_params: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none. ``head_params``:
     the normalizer's per-head parameters (``Normalizer.head_params``) or None; ``sinks``: (Hq,) attention sink
@@ -73,7 +73,8 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad, head_params, sinks):
+def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad, head_params=None,
+      sinks=None):
     norm = parse(normalizer, head_params=head_params)
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
@@ -87,7 +88,7 @@ def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
-    head_params: Optional[torch.Tensor],
+    head_params: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v."""
     return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
@@ -128,12 +129,13 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-      head_params):
+      head_params=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _, head_params, sinks = inputs
+    q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs[:12]
+    head_params, sinks = (*inputs[12:], None, None)[:2]           # (optional: defaults None)
     out, stats, extras = output
     ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
@@ -146,7 +148,7 @@ def _backward(ctx, dout, _dstats, _daux, bwd=attention_bwd):
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
         dsinks = _sink_grad(parse(ctx.args[1], head_params=head_params), dout, out, stats, sinks)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks)[:len(ctx.needs_input_grad)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ class _Call(NamedTuple):
     sm_scale: float
     B: int
     Hkv: int
+    hp: Any               # the (Hq,) fp32 head parameters (contract.Hooks.head_param) or the placeholder
 
 
 def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder) -> _Call:
@@ -162,7 +163,14 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min), mask_view, drop,
-                 int(seed), float(scale), B, Hkv)
+                 int(seed), float(scale), B, Hkv, _head_params(normalizer, hooks, Hq, placeholder))
+
+
+def _head_params(normalizer, hooks, Hq, placeholder):
+    """The kernels' HP argument: ``normalizer.kernel_head_params`` (Hq,) fp32 contiguous, or the placeholder."""
+    if not hooks.head_param:
+        return placeholder
+    return normalizer.kernel_head_params(Hq).to(device=placeholder.device, dtype=torch.float32).contiguous()
 
 
 def _split_config(config: dict) -> tuple[dict, dict]:
@@ -219,7 +227,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
     args = (View.of(q), View.of(k), View.of(v), View.of(out), c.mask, rows, c.dims, c.scale, c.args, c.drop, c.seed,
             _bucket(L), _bucket(S), l_pad)
-    meta = dict(ST=c.static, NORM=norm, SCRATCH_COLS=kc)
+    meta = dict(ST=c.static, NORM=norm, SCRATCH_COLS=kc, HP=c.hp)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf)
@@ -271,7 +279,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
-        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm)
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)

@@ -196,6 +196,11 @@ class Normalizer:
         """The instance for the spec argument ``arg`` and the per-head parameters ``params`` (Hq,)."""
         raise ValueError(f"the normalizer {cls.name!r} takes no per-head parameters")
 
+    def kernel_head_params(self, Hq: int) -> "torch.Tensor":
+        """The (Hq,) float tensor the Triton kernels load per query head when the hooks set ``head_param``
+        (``kernels.contract.Hooks``); only called then."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no kernel head parameters")
+
     def for_heads(self, h0: int, h1: int) -> "Normalizer":
         """The instance restricted to query heads [h0, h1) of the call (the torch path's chunks); the torch
         hooks then see scores whose dims between the first and the last two are those heads."""

@@ -56,6 +56,7 @@ class Entmax(Normalizer):
     stats: ClassVar[tuple[str, ...]] = ("tau",)
     empty_stats: ClassVar[tuple[float, ...]] = (float("inf"),)
     sparse: ClassVar[bool] = True
+    kernels: ClassVar[str] = "flashmaps.kernels.entmax"
     order: ClassVar[int] = 22
     spec_help: ClassVar[str] = "entmax:<alpha>"
     formula: ClassVar[str] = ("`max((alpha-1) s_j - tau, 0)^(1/(alpha-1))`, `tau` such that `sum_j p_j = 1`, "
@@ -136,10 +137,24 @@ class Entmax(Normalizer):
     def from_head_params(cls, arg, params):
         if arg != PER_HEAD:
             raise ValueError(f"normalizer: per-head parameters go with 'entmax:{PER_HEAD}', got 'entmax:{arg}'")
-        return cls(params)
+        return cls._bare(params)
+
+    @classmethod
+    def _bare(cls, alpha):
+        """An instance without the option checks (a per-head alpha already checked when the user built it, or
+        a fake tensor under torch.compile, whose values cannot be read)."""
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "alpha", alpha)
+        return obj
+
+    def kernel_head_params(self, Hq):
+        """alpha - 1 per query head (the Triton hooks' ``a``; ``contract.Hooks.head_param``)."""
+        if self.per_head:
+            return self.alpha.detach().float() - 1.0
+        return torch.full((Hq,), self.alpha - 1.0)
 
     def for_heads(self, h0, h1):
-        return type(self)(self.alpha[h0:h1]) if self.per_head else self
+        return self._bare(self.alpha[h0:h1]) if self.per_head else self
 
     def _a(self, s: torch.Tensor):
         """alpha - 1, a float or a tensor broadcastable against scores s [..., heads..., rows, keys] whose dims
