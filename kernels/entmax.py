@@ -85,9 +85,10 @@ def _fold(acc, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.con
         sel = cols[None, :] == pt                                                        # [1, NP]
         d = x - pick_row(t, sel)[:, None]                                                # [BM, BN]
         pos = d > 0
+        lg = tl.log2(tl.where(pos, d, 1.0))                                              # one log2 for both
         cnt = point_columns(cnt, tl.sum(pos.to(tl.float32), 1), sel)
-        s1 = point_columns(s1, tl.sum(_pow(d, e), 1), sel)
-        s2 = point_columns(s2, tl.sum(_pow_support(d, e), 1), sel)
+        s1 = point_columns(s1, tl.sum(tl.where(pos, tl.exp2(e * lg), 0.0), 1), sel)     # (x - t)_+^e
+        s2 = point_columns(s2, tl.sum(tl.where(pos, tl.exp2((e - 1.0) * lg), 0.0), 1), sel)   # ^(e - 1)
         xmin = tl.minimum(xmin, tl.where(sel, tl.min(tl.where(pos, x, float("inf")), 1)[:, None], float("inf")))
     return cnt, s1, s2, xmin
 

@@ -77,13 +77,18 @@ def test_torch_path_gradcheck(alpha, mask_kind, causal):
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
-def test_per_head_alpha_is_each_heads_own_call():
-    """A per-head alpha gives head h exactly the call with the float alpha_h (fp32, chunked or not), and
-    agrees with entmax_bisect row by row."""
+def test_per_head_alpha_is_each_heads_own_call(monkeypatch):
+    """A per-head alpha gives head h exactly the call with the float alpha_h (fp32, chunked by head or not),
+    and agrees with entmax_bisect row by row."""
+    from flashmaps import torch_path
+
     shape = (2, 4, 2, 7, 13, 8, 8)
     q, k, v = qkv_for(shape, torch.float32)
     alphas = [1.05, 1.3, 1.6, 1.9]
     out = flashmaps.attention(q, k, v, Entmax(torch.tensor(alphas)), enable_gqa=True, backend="torch")
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMS", 50)            # one kv head and one row per chunk
+    chunked = flashmaps.attention(q, k, v, Entmax(torch.tensor(alphas)), enable_gqa=True, backend="torch")
+    assert rel_err(chunked, out) < 1e-6
     for h, a in enumerate(alphas):
         one = flashmaps.attention(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], v[:, h // 2:h // 2 + 1], Entmax(a),
                                   backend="torch")
