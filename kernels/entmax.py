@@ -162,20 +162,23 @@ def bwd_rows(stat0, stat1, thr, g_sum):
 
 
 @triton.jit
-def _inv(a):
-    """1 / a ([BM]); 1 where a = 0 (rows past L load a = 0 in the backward: their weights are 0 anyway)."""
-    return 1.0 / tl.where(a > 0, a, 1.0)
+def _row_a(w1):
+    """a per row ([BM]); 1 where a = 0 (rows past L load w1 = 0 in the backward: s * 0 would be NaN for a
+    masked -inf score; with 1 their weights are 0 as they must be)."""
+    return tl.where(w1 > 0, w1, 1.0)
 
 
 @triton.jit
 def bwd_weights(s, w0, w1, MASKED: tl.constexpr):
-    return _pow(s * w1[:, None] - w0[:, None], _inv(w1)[:, None])
+    a = _row_a(w1)
+    return _pow(s * a[:, None] - w0[:, None], (1.0 / a)[:, None])
 
 
 @triton.jit
 def bwd_dscores(p, s, dp, delta, w0, w1):
     """dS = u (dP - delta), u = (x - tau)_+^(e - 1), delta = rowsum(dO * O2)."""
-    return _pow_support(s * w1[:, None] - w0[:, None], _inv(w1)[:, None]) * (dp - delta[:, None])
+    a = _row_a(w1)
+    return _pow_support(s * a[:, None] - w0[:, None], (1.0 / a)[:, None]) * (dp - delta[:, None])
 
 
 HOOKS = make_hooks(name="entmax", unit=1.0, n_stats=1, update=update, finalize=finalize, prepass=root_prepass,
