@@ -13,8 +13,10 @@ from importlib import import_module as _import_module
 
 from . import normalizers, reference
 from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
+from .inference import attention_varlen, attention_with_kvcache
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
+from .normalizers.gumbel import gumbel_noise
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "attention",
     "sdpa",
     "merge",
+    "attention_varlen",
+    "attention_with_kvcache",
     "SdpaValueError",
     "SdpaTypeError",
     "choose_form",
@@ -36,6 +40,7 @@ __all__ = [
     "parse",
     "normalizers",
     "reference",
+    "gumbel_noise",
     "__version__",
 ]
 

@@ -40,10 +40,10 @@ def _stats_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p):
+def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p, stochastic=False):
     return dict(
         mask=mask, causal=causal or None, scale=scale, softcap=softcap, dropout_p=dropout_p,
-        seed=int(seed.item()) if dropout_p > 0 else 0,
+        seed=int(seed.item()) if dropout_p > 0 or stochastic else 0,
     )
 
 
@@ -64,7 +64,7 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
               head_params=None, sinks=None):
     norm = parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
-        q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
+        q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
     )
     if sinks is not None:
         out, stats = _apply_sinks(norm, out, list(stats), sinks)
@@ -100,7 +100,7 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
     norm = parse(normalizer, head_params=head_params)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
-        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
+        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic),
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
@@ -212,12 +212,13 @@ def attention(
 ):
     """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
 
-    ``seed``: an int64 scalar tensor fixing the dropout mask (drawn from torch's default generator if None).
+    ``seed``: an int64 scalar tensor fixing the dropout mask and a stochastic normalizer's score noise (drawn
+    from torch's default generator if None).
     ``sinks``: None or (Hq,) attention-sink logits (``Normalizer.sink_stats``); the normalizer's per-head
     parameters (``Normalizer.head_params``) travel beside its spec string.
     """
     if seed is None:
-        if dropout_p > 0:
+        if dropout_p > 0 or normalizer.stochastic:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
             seed = torch.zeros((), dtype=torch.int64)

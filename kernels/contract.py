@@ -8,11 +8,14 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
                   s_nat = scale * qk                      (no softcap)
                   s_nat = c * tanh(scale * qk / c)        (softcap c)
                   s_nat = s_nat + bias_ij                 (float mask, after the cap)
+                  s_nat = s_nat + g_ij                    (Hooks.has_noise: the normalizer's noise, after the bias)
+                with scale * qk replaced by -(n/2) ln(max(scale ||q_i - k_j||^2, tiny)) in the distance form
+                (Static.DISTANCE, `tiles.log_distance`; n, scale in ScoreScale.dist_mult / dist_scale)
                 and u is the normalizer's score unit (`Hooks.unit`): LOG2E for the exp2-based
                 normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
                 The launcher folds u into the scalars (`fold_score_unit`); kernels never multiply by
                 LOG2E themselves. LOG2E / LN2 below are the ONE place the log base is named.
-    allowed     j < S, and (causal) j <= i + causal_off, and (bool mask) m_ij, and (float mask)
+    allowed     j < S, and (causal) j <= i + causal_off, and (window, ST.LEFT) j >= i + left_off, and (bool mask) m_ij, and (float mask)
                 bias_ij > finfo(mask dtype).min (-inf and finfo.min EXCLUDE the key)
     masked tile a tile that needs the `allowed` test (diagonal causal tiles, the ragged last tile, every
                 tile when a user mask is given). CONVENTION: in a masked tile s = -inf exactly where
@@ -21,12 +24,14 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
 Runtime argument bundles (named tuples: Triton passes their fields as kernel arguments)::
 
     View        a 4-D tensor (batch, head, row, col): pointer and its four strides
-    Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right)
+    Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right; a window's right
+                bound: off + right), left_off (a window's left bound: off - left; `flashmaps.window`)
     ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
     Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
                 pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
     Block       one program's query block: q tile [BM, BD], row indices, and the key bounds
-                (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read)
+                (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read; with
+                a window's left bound, ST.LEFT: [lo, full_lo) masked, [full_lo, full_end) unmasked, < lo never read)
 
 Compile-time bundles (passed as ONE ``tl.constexpr`` each; a constexpr field inside a runtime tuple does
 not compile, a whole tuple as a constexpr does)::
@@ -98,6 +103,8 @@ class Dims(NamedTuple):
     L: Any
     S: Any
     causal_off: Any
+    left_off: Any     # window: key j is allowed for row i only if j >= i + left_off (read when ST.LEFT)
+    split_keys: Any   # split-KV (ST.SPLIT): keys per split, a multiple of every BN; 0 otherwise
 
 
 class ScoreScale(NamedTuple):
@@ -105,6 +112,8 @@ class ScoreScale(NamedTuple):
     cap_mult: Any
     bias_mult: Any
     mask_min: Any
+    dist_scale: Any   # distance form (Static.DISTANCE): the scale inside the log (1.0 otherwise)
+    dist_mult: Any    # distance form: -(n/2), s_pre = dist_mult * ln(max(dist_scale * ||q - k||^2, tiny))
 
 
 class Dropout(NamedTuple):
@@ -127,6 +136,9 @@ class Keys(NamedTuple):
     S: Any
     causal_off: Any
     scale: Any        # ScoreScale
+    left_off: Any     # Dims.left_off
+    seed: Any         # the call's seed (score noise, Hooks.has_noise)
+    row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
 
 
 class Block(NamedTuple):
@@ -137,6 +149,8 @@ class Block(NamedTuple):
     i: Any            # [BM, 1] row indices
     full_end: Any     # keys [0, full_end): whole tiles every row attends (no mask arithmetic)
     hi: Any           # keys [full_end, hi): masked tiles; keys >= hi are never read
+    lo: Any           # ST.LEFT: keys < lo are never read, [lo, full_lo) are masked tiles (else both 0)
+    full_lo: Any
 
 
 class Static(NamedTuple):
@@ -155,13 +169,18 @@ class Static(NamedTuple):
     DTYPE: str        # the input dtype (an autotune key: the bundles hide the tensors' dtypes from it)
     PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
     PAD_DV: bool
+    LEFT: bool = False       # a sliding window's left bound (Dims.left_off); IS_CAUSAL is the right bound
+    SPLIT: bool = False      # split-KV forward: program (query block, split) folds the keys of its split only and
+                             # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
+    DISTANCE: bool = False   # the distance form of the score (Normalizer.score == "distance"): the raw score
+                             # is -(n/2) ln(max(scale ||q - k||^2, tiny)) instead of scale * q.k (tiles.score_tile)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str) -> "Static":
+             dtype: str, left: bool = False, split: bool = False, distance: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv)
+                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance))
 
 
 class RowOut(NamedTuple):
@@ -269,6 +288,18 @@ class Hooks(NamedTuple):
     that instances differing only there share one backward compile). ``rule`` is a sparse normalizer's
     `threshold.ThresholdRule` (read by the threshold engine as ``NORM.rule``), or None.
 
+    Score noise (``has_noise``; stochastic normalizers such as gumbel)::
+
+        noise(seed, bh, i, j) -> g          noise [BM, BN] in natural score units of head bh = b * Hq + h (int32
+                                            scalar), query rows i [BM, 1], keys j [1, BN] (int32), a function of
+                                            (seed, bh, i, j) only (not of the call's L or S);
+                                            ``tiles.fold_keys`` and the backward add g * u to every score tile
+                                            after the mask bias (-inf stays -inf), so forward, threshold passes
+                                            and backward see the same noise
+
+    ``grad_mult`` multiplies dS (the backward's dQ, dK) for normalizers whose weights depend on the score
+    through a constant factor the hooks do not see (gumbel: p = softmax((s + g) / tau), grad_mult = 1/tau).
+
     Read the fields inside kernels as ``NORM.field`` (or ``NORM.rule.field``); never pass a nested tuple
     such as ``NORM.rule`` itself as an argument (Triton does not compile that).
 
@@ -300,6 +331,9 @@ class Hooks(NamedTuple):
     bwd_rows: Any
     bwd_weights: Any
     bwd_dscores: Any
+    has_noise: bool = False
+    noise: Any = None
+    grad_mult: float = 1.0
     head_param: bool = False
 
     def with_consts(self, consts) -> "Hooks":
@@ -311,6 +345,7 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                g_weights: Optional[Callable] = None, g_finalize: Optional[Callable] = None,
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
+               noise: Optional[Callable] = None, grad_mult: float = 1.0,
                head_param: bool = False) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
@@ -327,11 +362,14 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     for field, fn in fns.items():
         if not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    rule_fns = [f for f in (rule or ()) if _is_jit(f)]
+    if noise is not None and not _is_jit(noise):
+        raise TypeError(f"make_hooks({name!r}): noise must be a @triton.jit function, got {noise!r}")
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + ([noise] if noise is not None else [])
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
-                 rule=rule, **fns, head_param=bool(head_param))
+                 rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult),
+                 head_param=bool(head_param))
 
 
 def _is_jit(fn) -> bool:

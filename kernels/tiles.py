@@ -111,6 +111,8 @@ def mask_scores(s, i, j, keys, ST: tl.constexpr):
     ok = j < keys.S
     if ST.IS_CAUSAL:
         ok = ok & (j <= i + keys.causal_off)
+    if ST.LEFT:
+        ok = ok & (j >= i + keys.left_off)
     if ST.MASK_KIND == MASK_BOOL:
         mv = tl.load(keys.mask_rows + j.to(tl.int64) * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0)
         ok = ok & (mv != 0)
@@ -132,14 +134,47 @@ def qk_tile(q, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.con
 
 
 @triton.jit
+def log_distance(q, k, qk, scale):
+    """The distance form of the raw score (Static.DISTANCE) of q [BM, BD] against k [BN, BD], qk = q k^T:
+    d2 = max(|q|^2 + |k|^2 - 2 q.k, 0), x = scale.dist_scale * d2, and
+    (s_pre = dist_mult * ln(max(x, tiny)) [BM, BN], chain = d s_pre / d d2 * 2 = 2 dist_mult / d2, 0 where
+    x <= tiny): dL/dq_i = sum_j c_ij (q_i - k_j), dL/dk_j = sum_i c_ij (k_j - q_i) with c = dL/ds_pre * chain.
+    tiny = float32's smallest normal: a zero distance is a finite, dominant score."""
+    qf = q.to(tl.float32)
+    kf = k.to(tl.float32)
+    d2 = tl.sum(qf * qf, 1)[:, None] + tl.sum(kf * kf, 1)[None, :] - 2.0 * qk               # [BM, BN]
+    d2 = tl.where(d2 < 0.0, 0.0, d2)                 # (not tl.maximum: a NaN distance stays NaN, the non-finite rule)
+    x = d2 * scale.dist_scale
+    ok = x > 1.1754943508222875e-38
+    s_pre = scale.dist_mult * tl.log(tl.where(x < 1.1754943508222875e-38, 1.1754943508222875e-38, x))
+    chain = tl.where(ok, 2.0 * scale.dist_mult / tl.where(ok, d2, 1.0), 0.0)
+    return s_pre, chain
+
+
+@triton.jit
 def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
     """Kernel-unit score tile s [BM, BN] of the query block ``blk`` against keys [start_n, start_n + BN).
     ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked tiles are whole tiles inside
-    [0, S) that every row of the block attends."""
-    s = scale_scores(qk_tile(blk.q, keys, start_n, BN, ST, MASKED), keys.scale, ST.SOFTCAP)
+    [0, S) that every row of the block attends. ``ST.DISTANCE``: the raw score is `log_distance`'s instead of
+    the dot product (a constexpr branch: the dot-product path is unchanged)."""
+    if ST.DISTANCE:
+        k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn,
+                      keys.sd, MASKED, ST.PAD_D)                                       # [BN, BD]
+        raw, _ = log_distance(blk.q, k, mma(blk.q, tl.trans(k), None, ST), keys.scale)
+    else:
+        raw = qk_tile(blk.q, keys, start_n, BN, ST, MASKED)
+    s = scale_scores(raw, keys.scale, ST.SOFTCAP)
     if MASKED:
         s = mask_scores(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, ST)
     return s
+
+
+@triton.jit
+def add_noise(s, i, j, keys, NORM: tl.constexpr):
+    """s + u * NORM.noise(seed, b * Hq + h, i, j) for a score tile of query rows i [BM, 1] and keys j [1, BN]
+    (``Hooks.has_noise``); -inf (excluded keys) stays -inf."""
+    bh = (keys.row_base // keys.L).to(tl.int32)
+    return s + NORM.noise(keys.seed, bh, i, j) * keys.scale.bias_mult
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,6 +236,47 @@ def key_bounds(start_m, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
+def left_bounds(start_m, L, left_off, full_end, hi, BM: tl.constexpr, BN: tl.constexpr, LEFT: tl.constexpr):
+    """A window's left bound (j >= i + left_off) for the query rows [start_m, start_m + BM), after
+    `key_bounds`: returns (lo, full_lo, full_end). Keys < lo (a multiple of BN) are excluded for every row of
+    the block and never read; [lo, full_lo) are masked tiles, [full_lo, full_end) whole unmasked tiles,
+    [full_end, hi) masked tiles. A band narrower than a tile has no unmasked part (full_lo = full_end = lo).
+    Without LEFT: (0, 0, full_end)."""
+    if LEFT:
+        last_row = tl.minimum(start_m + BM, L) - 1
+        lo = (tl.minimum(tl.maximum(start_m + left_off, 0), hi) // BN) * BN
+        full_lo = ((tl.maximum(last_row + left_off, 0) + BN - 1) // BN) * BN   # every row sees keys >= it
+        narrow = full_lo >= full_end
+        full_lo = tl.where(narrow, lo, full_lo)
+        full_end = tl.where(narrow, lo, full_end)
+    else:
+        lo = 0 * start_m
+        full_lo = 0 * start_m
+    return lo, full_lo, full_end
+
+
+@triton.jit
+def left_query_bounds(start_n, L, S, left_off, lo, full_start, BM: tl.constexpr, BN: tl.constexpr,
+                      LEFT: tl.constexpr):
+    """A window's left bound for the keys [start_n, start_n + BN) (the dK/dV kernel), after `query_bounds`:
+    returns (full_start, full_stop, stop). Rows >= stop see no key of the tile (never visited); query tiles in
+    [full_start, full_stop) see every key of the tile, [lo, full_start) and [full_stop, stop) are masked.
+    Without LEFT: (full_start, L, L)."""
+    if LEFT:
+        last_key = tl.minimum(start_n + BN, S) - 1
+        stop = tl.minimum(tl.maximum(last_key - left_off + 1, 0), L)           # rows i <= j - left_off
+        full_stop = (tl.maximum(start_n - left_off + 1, 0) // BM) * BM          # rows seeing the first key
+        full_stop = tl.minimum(full_stop, stop)
+        narrow = full_stop <= full_start
+        full_start = tl.where(narrow, lo, full_start)
+        full_stop = tl.where(narrow, lo, full_stop)
+    else:
+        full_stop = L + 0 * start_n
+        stop = L + 0 * start_n
+    return full_start, full_stop, stop
+
+
+@triton.jit
 def query_bounds(start_n, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
     """Query tiles visiting the keys [start_n, start_n + BN) (the dK/dV kernel's mirror of key_bounds).
@@ -234,8 +310,11 @@ def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: t
     """Fold every key tile the block visits into ``state`` (any tuple):
     ``state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)`` for the score tile s [BM, BN] of keys
     [start_n, start_n + BN): first the whole unmasked tiles [0, full_end), then the masked ones
-    [full_end, hi). The forward's output pass and every threshold pass are this sweep."""
-    state = _fold_range(state, FOLD, ctx, blk, keys, 0, blk.full_end, BN, ST, NORM, False)
+    [full_end, hi). The forward's output pass and every threshold pass are this sweep. With a window's left
+    bound (ST.LEFT) the sweep starts at blk.lo: masked [lo, full_lo), unmasked [full_lo, full_end), ..."""
+    if ST.LEFT or ST.SPLIT:
+        state = _fold_range(state, FOLD, ctx, blk, keys, blk.lo, blk.full_lo, BN, ST, NORM, True)
+    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_lo, blk.full_end, BN, ST, NORM, False)
     state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True)
     return state
 
@@ -248,10 +327,13 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
     if start < end:
         for start_n in range(start, end, BN):
             s = score_tile(blk, keys, start_n, BN, ST, MASKED)                          # [BM, BN]
+            if NORM.has_noise:
+                s = add_noise(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, NORM)
             state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
     return state
 
 
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
-           "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds", "query_bounds", "query_program",
+           "scale_scores", "mask_scores", "qk_tile", "score_tile", "log_distance", "add_noise", "key_bounds", "query_bounds", "query_program",
+           "left_bounds", "left_query_bounds",
            "fold_keys"]
