@@ -217,6 +217,7 @@ def attention(
     backend: str = "auto",
     form: str = "auto",
     window: tuple[int, int] | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Blockwise attention with a pluggable normalizer.
 
@@ -244,6 +245,9 @@ def attention(
             alignment), or the alignment of ``causal`` when that is given (which also bounds the right side by
             0). Keys outside are excluded; whole tiles outside the band are never computed
             (``flashmaps.window``). The quadratic form only.
+        sinks: None or a float tensor (Hq,): attention sinks (gpt-oss), one logit per query head added to
+            every row's denominator with a zero value (softmax: ``out * sigmoid(lse - sink_h)``); softmax and
+            topk only (``flashmaps.sinks``). Differentiable; the returned stats are those with the sink.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -270,6 +274,14 @@ def attention(
         form = "quadratic" if form == "auto" else form
     choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
                             dropout_p=dropout_f, backend=backend, resolved=backend_name)
+    _check_head_tensor(norm.head_params(), Hq, q.device, f"{norm.name}'s per-head parameters")
+    if sinks is not None:
+        _check_head_tensor(sinks, Hq, q.device, "sinks")
+        if type(norm).sink_stats is Normalizer.sink_stats:
+            raise ValueError(f"sinks: attention sinks need a log-sum-exp denominator (softmax, topk); the normalizer "
+                             f"{norm.spec!r} has none (see flashmaps.sinks)")
+        if choice.form == "linear":
+            raise ValueError("sinks: not supported by form='linear'; use form='quadratic'")
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
     causal_mode = band
@@ -278,8 +290,20 @@ def attention(
                                 backend=backend_name)
     return ops.attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
-        dropout_p=dropout_f, return_stats=return_stats,
+        dropout_p=dropout_f, return_stats=return_stats, **({} if sinks is None else {"sinks": sinks}),
     )
+
+
+def _check_head_tensor(x, Hq: int, device, argname: str) -> None:
+    """A per-query-head tensor: None, or float (Hq,) on the inputs' device."""
+    if x is None:
+        return
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or tuple(x.shape) != (Hq,):
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{argname} must be a float tensor of shape (Hq,) = ({Hq},), one value per query head; "
+                         f"got {got}")
+    if x.device != device:
+        raise ValueError(f"{argname} is on {x.device}, the inputs on {device}; move it with .to(q.device)")
 
 
 def merge(normalizer: str | Normalizer, outs, stats):

@@ -51,24 +51,31 @@ def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p, stochastic=False
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor,
     backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
-    need_grad: bool,
+    need_grad: bool, head_params: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none."""
-    return _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad)
+    """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none. ``head_params``:
+    the normalizer's per-head parameters (``Normalizer.head_params``) or None; ``sinks``: (Hq,) attention sink
+    logits or None (then out and stats are those of the call with the sinks, ``Normalizer.sink_stats``)."""
+    return _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
+                     head_params, sinks)
 
 
-def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad):
-    norm = parse(normalizer)
+def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
+              head_params=None, sinks=None):
+    norm = parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
     )
+    if sinks is not None:
+        out, stats = _apply_sinks(norm, out, list(stats), sinks)
     # outputs must have the strides the fake implementation promises (contiguous)
     return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad):
-    norm = parse(normalizer)
+def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad, head_params=None,
+      sinks=None):
+    norm = parse(normalizer, head_params=head_params)
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
     stats = q.new_empty((len(norm.stats), B, Hq, L), dtype=_stats_dtype(q))
@@ -81,14 +88,16 @@ def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
+    head_params: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v."""
     return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
-                     dropout_p)
+                     dropout_p, head_params)
 
 
-def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
-    norm = parse(normalizer)
+def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
+              head_params=None):
+    norm = parse(normalizer, head_params=head_params)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic),
@@ -119,21 +128,51 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p):
+def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
+      head_params=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs
+    q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs[:12]
+    head_params, sinks = (*inputs[12:], None, None)[:2]           # (optional: defaults None)
     out, stats, extras = output
-    ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed)
+    ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
 
 
 def _backward(ctx, dout, _dstats, _daux, bwd=attention_bwd):
-    q, k, v, out, stats, extras, mask, seed = ctx.saved_tensors
-    dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, stats, extras, mask, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, out, stats, extras, mask, seed, head_params, sinks = ctx.saved_tensors
+    dout = dout.contiguous()
+    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[13]:
+        dsinks = _sink_grad(parse(ctx.args[1], head_params=head_params), dout, out, stats, sinks)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks)[:len(ctx.needs_input_grad)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention sinks (gpt-oss): one logit per query head in the denominator, with a zero value vector
+
+
+def _apply_sinks(norm, out, stats, sinks):
+    """(out_sink, stats_sink) from the plain call's result: ``out_sink = w * out`` with the normalizer's
+    ``sink_stats``. The saved (out_sink, stats_sink) make the backends' ordinary backward exact for the call
+    with the sink (the sink is one more key with a zero value: recomputed weights from stats_sink, row term
+    rowsum(dO * out_sink))."""
+    res = norm.sink_stats(stats, sinks)
+    if res is None:
+        raise ValueError(f"sinks: attention sinks are not defined for the normalizer {norm.spec!r}")
+    new_stats, w = res
+    return (out * w[..., None].to(out.dtype)), new_stats
+
+
+def _sink_grad(norm, dout, out, stats, sinks):
+    """dL/dsink_h = -sum_{b,i} c_bhi * rowsum(dO * out_sink)_bhi (``Normalizer.sink_coef``, from the saved
+    statistics of the call with the sink)."""
+    c = norm.sink_coef(list(stats.unbind(0)), sinks)
+    delta = (dout.to(c.dtype) * out.to(c.dtype)).sum(-1)                            # (B, Hq, L)
+    return (-(c * delta).sum((0, 2))).to(sinks.dtype)
 
 
 torch.library.register_autograd("flashmaps::attention_fwd", _backward, setup_context=_setup_context)
@@ -169,21 +208,25 @@ def _forward_op(*inputs):
 
 def attention(
     backend: str, q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,
-    seed: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
 ):
     """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
 
     ``seed``: an int64 scalar tensor fixing the dropout mask and a stochastic normalizer's score noise (drawn
     from torch's default generator if None).
+    ``sinks``: None or (Hq,) attention-sink logits (``Normalizer.sink_stats``); the normalizer's per-head
+    parameters (``Normalizer.head_params``) travel beside its spec string.
     """
     if seed is None:
         if dropout_p > 0 or normalizer.stochastic:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
             seed = torch.zeros((), dtype=torch.int64)
-    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
+                                             (sinks is not None and sinks.requires_grad))
     out, stats, _ = _forward_op(
-        q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad
+        q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
+        normalizer.head_params(), sinks,
     )
     if not return_stats:
         return out

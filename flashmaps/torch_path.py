@@ -263,16 +263,17 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
     }
     for c in _chunks(B, Hkv, G, L, S, pb.causal):
         bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
+        hn = norm.for_heads(c.h0 * G, c.h1 * G)  # the chunk's query heads (per-head parameters)
         s, masked, _, _ = _scores(pb, c)
         bad = _nonfinite_rows(s)
-        st = norm.torch_stats(s, masked)
+        st = hn.torch_stats(s, masked)
         vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', Dv]
-        sparse = norm.torch_sparse(s, st)
+        sparse = hn.torch_sparse(s, st)
         if sparse is not None:  # only r keys per row can be nonzero: scatter their weights, 2 passes
             idx, w = sparse  # [bb, hc, G, bl, r]
             p = s.zero_().scatter_(-1, idx, w)  # [bb, hc, G, bl, S'] (reuses the score buffer)
         else:
-            p = norm.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
+            p = hn.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
         del s
         if bad is not None:
             p = p.masked_fill(bad, float("nan"))
@@ -296,12 +297,13 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
     dv = torch.zeros(B, Hkv, S, Dv, dtype=pb.acc, device=dev)
     for c in _chunks(B, Hkv, G, L, S, pb.causal):
         bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
+        hn = norm.for_heads(c.h0 * G, c.h1 * G)  # the chunk's query heads (per-head parameters)
         s, masked, qc, capgrad = _scores(pb, c, want_capgrad=True)
         bad = _nonfinite_rows(s)
         st = {name: val[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None] for name, val in stats.items()}
         if bad is not None:
             st = {name: val.masked_fill(bad, 0.0) for name, val in st.items()}
-        p = norm.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
+        p = hn.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
         if bad is not None:
             p = p.masked_fill(bad, float("nan"))
         kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
@@ -315,7 +317,7 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
             pd = p * keep
         dv[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk - c.k0).transpose(-1, -2),
                                                                   doc)
-        ds = norm.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
+        ds = hn.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
         if bad is not None:
             ds = ds.masked_fill(bad, float("nan"))
         if capgrad is not None:

@@ -148,6 +148,7 @@ class _Call(NamedTuple):
     sm_scale: float
     B: int
     Hkv: int
+    hp: Any               # the (Hq,) fp32 head parameters (contract.Hooks.head_param) or the placeholder
 
 
 def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder) -> _Call:
@@ -173,7 +174,15 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min, float(scale),
                             -0.5 * normalizer.score_power if distance else 0.0), mask_view, drop,
-                 int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv)
+                 int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv,
+                 _head_params(normalizer, hooks, Hq, placeholder))
+
+
+def _head_params(normalizer, hooks, Hq, placeholder):
+    """The kernels' HP argument: ``normalizer.kernel_head_params`` (Hq,) fp32 contiguous, or the placeholder."""
+    if not hooks.head_param:
+        return placeholder
+    return normalizer.kernel_head_params(Hq).to(device=placeholder.device, dtype=torch.float32).contiguous()
 
 
 def _split_config(config: dict) -> tuple[dict, dict]:
@@ -286,7 +295,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     def args_of(o, st, dims, static):
         rw = rows._replace(stat0=st[0], stat1=st[-1]) if st else rows
         return ((View.of(q), View.of(k), View.of(v), View.of(o), c.mask, rw, dims, c.scale, c.args, c.drop, c.seed,
-                 _bucket(L), _bucket(S), l_pad), dict(ST=static, NORM=norm, SCRATCH_COLS=kc))
+                 _bucket(L), _bucket(S), l_pad), dict(ST=static, NORM=norm, SCRATCH_COLS=kc, HP=c.hp))
 
     if splits > 1:
         out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config)
@@ -343,7 +352,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
-        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm)
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)

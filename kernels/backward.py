@@ -128,10 +128,10 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
 
 
 @triton.jit
-def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, HP):
     """delta = rowsum(dO * O_bwd) and (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb
     (`contract.BwdRows`), all (B, Hq, L) fp32 contiguous. O (= O_bwd), DO: `contract.View`; rows: the
-    forward's `contract.RowOut`."""
+    forward's `contract.RowOut`; HP: the head parameters with NORM.head_param (bwd_rows gets (thr, hp))."""
     pid_bh = head_program(B * Hq)
     off_b = pid_bh // Hq
     off_h = pid_bh % Hq
@@ -148,6 +148,8 @@ def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.cons
     stat1 = tl.load(rows.stat1 + row, mask=row_ok, other=0.0)
     thr = tl.load(rows.thr + row, mask=row_ok, other=0.0)
     extras = tl.load(rows.g_sum + row, mask=row_ok, other=0.0)
+    if NORM.head_param:
+        thr = (thr, tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32))
     w0, w1 = NORM.bwd_rows(stat0, stat1, thr, extras)
     tl.store(rb.delta + row, delta, mask=row_ok)
     tl.store(rb.w0 + row, w0, mask=row_ok)

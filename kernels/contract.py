@@ -302,6 +302,13 @@ class Hooks(NamedTuple):
 
     Read the fields inside kernels as ``NORM.field`` (or ``NORM.rule.field``); never pass a nested tuple
     such as ``NORM.rule`` itself as an argument (Triton does not compile that).
+
+    ``head_param`` (default False): the normalizer has one fp32 parameter per query head (alpha-entmax's
+    alpha - 1), the (Hq,) tensor ``Normalizer.kernel_head_params`` that the launcher passes as the kernel
+    argument ``HP``. The forward kernel then loads ``hp = HP[h]`` (broadcast [BM]) and hands the hooks
+    ``thr`` as the pair ``(thr, hp)`` (update, finalize, tile_live, g_weights; the prepass gets ``args`` as
+    ``(args, hp)``), the backward preprocess hands ``bwd_rows`` ``thr`` as ``(thr, hp)``: the rest of the
+    backward sees the parameter through ``(w0, w1)``. Normalizers without it are unchanged.
     """
 
     name: str
@@ -327,6 +334,7 @@ class Hooks(NamedTuple):
     has_noise: bool = False
     noise: Any = None
     grad_mult: float = 1.0
+    head_param: bool = False
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -337,7 +345,8 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                g_weights: Optional[Callable] = None, g_finalize: Optional[Callable] = None,
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
-               noise: Optional[Callable] = None, grad_mult: float = 1.0) -> Hooks:
+               noise: Optional[Callable] = None, grad_mult: float = 1.0,
+               head_param: bool = False) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -359,7 +368,8 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
-                 rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult))
+                 rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult),
+                 head_param=bool(head_param))
 
 
 def _is_jit(fn) -> bool:

@@ -59,6 +59,7 @@ class ThresholdRule(NamedTuple):
     bound: Optional[Any] = None
     sorted: Optional[Any] = None
     squares: bool = False
+    fold_args: bool = False     # `fold` gets the context (t, args) instead of t (a rule with runtime arguments)
 
 
 class RootConsts(NamedTuple):
@@ -103,7 +104,10 @@ def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr
     passes = tl.full([], 0, tl.int32)
     while (tl.max(tl.where(br.done, 0, 1)) > 0) & (passes < NORM.rule.max_passes):
         t = br.t0[:, None] + (br.t1 - br.t0)[:, None] * frac[None, :]                    # [BM, NP]
-        acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, t, blk, keys, BN, ST, NORM)
+        if NORM.rule.fold_args:
+            acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, (t, args), blk, keys, BN, ST, NORM)
+        else:
+            acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, t, blk, keys, BN, ST, NORM)
         br = NORM.rule.step(br, t, acc, args)
         passes += 1
     return br.tau, n

@@ -95,11 +95,12 @@ def _accumulate_live(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr
 @triton.jit(do_not_specialize=["seed"])
 def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUCKET, L_PAD,
              BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
-             SCRATCH_COLS: tl.constexpr):
+             SCRATCH_COLS: tl.constexpr, HP):
     """Grid (cdiv(L, BM), B * Hq). Q, K, V, O, M: `contract.View` (M a placeholder without a mask); rows:
     `contract.RowOut`; dims: `contract.Dims`; scale: `contract.ScoreScale`; args: the normalizer's runtime
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
-    scratch has L_PAD >= every row index a program touches rows per (batch, head)."""
+    scratch has L_PAD >= every row index a program touches rows per (batch, head). HP: the (Hq,) fp32 head
+    parameters with NORM.head_param (`contract.Hooks`), else a placeholder."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     pid_bh = off_b * dims.Hq + off_h
     if ST.SPLIT:                                       # axis 0 is (query block, split)
@@ -133,12 +134,19 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
                 dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows)
     row_base = (off_b_out * dims.Hq + off_h).to(tl.int64) * dims.L   # (B, Hq, L) contiguous row outputs
 
+    if NORM.head_param:                                # one parameter per query head: hooks get (thr, hp)
+        hp = tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32)                    # [BM]
+        args = (args, hp)
     if NORM.has_prepass:
         scr = rows.scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS        # [BM, 1]
         thr = NORM.prepass(blk, keys, args, scr, BM, BN, ST, NORM)                     # [BM]
     else:
         thr = tl.zeros([BM], dtype=tl.float32)
 
+    if NORM.head_param:
+        thr_h = (thr, hp)
+    else:
+        thr_h = thr
     BDV: tl.constexpr = ST.BDV                         # (shapes take constexprs, not bundle fields)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -149,11 +157,11 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p)
+    vals = _Values(thr_h, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 
-    inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr)                                # [BM]
+    inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr_h)                                # [BM]
     # the non-finite rule: a row with a NaN or +inf score has l = NaN (softmax: exp2(NaN); the threshold units
     # through the sum in _accumulate) or +inf (taylor): NaN output and statistics
     row_good = l_i < float("inf")

@@ -170,10 +170,6 @@ def test_topk_k_from_config():
 
 def test_unsupported_features_are_refused_or_warned():
     q, k, v = qkv()
-    layer = FakeLayer()
-    layer.sinks = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(NotImplementedError, match="sinks"):
-        fm_hf.attention_forward(layer, q, k, v, None)
     with pytest.raises(NotImplementedError, match="head_mask"):
         fm_hf.attention_forward(FakeLayer(), q, k, v, None, head_mask=torch.ones(4))
     with pytest.warns(UserWarning, match="output_attentions"):

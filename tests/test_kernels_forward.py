@@ -323,8 +323,10 @@ def test_topk_collect_long_rows_and_overflow(causal, monkeypatch):
     assert torch.isfinite(res.out).all()
 
 
-#: the normalizers whose pre-pass is the threshold engine's root_prepass (an F-root threshold)
-ROOT_NORMS = [n for n in SPARSE_NORMS if isinstance(flashmaps.parse(n).triton(300)[0].consts, RootConsts)]
+#: the normalizers whose pre-pass is the threshold engine's root_prepass (an F-root threshold) with a collect
+#: method (a rule with ``sorted``; alpha-entmax has the bracket method only)
+ROOT_NORMS = [n for n in SPARSE_NORMS if isinstance(flashmaps.parse(n).triton(300)[0].consts, RootConsts)
+              and flashmaps.parse(n).triton(300)[0].rule.sorted is not None]
 
 
 @pytest.mark.parametrize("norm", ROOT_NORMS)

@@ -39,6 +39,8 @@ The attention function follows transformers' calling convention and the rules of
 * ``softcap`` (Gemma 2): ``s = softcap * tanh(scaling * q.k / softcap)`` before the mask.
 * ``position_bias`` (T5 family): added to the scores, combined with the mask as SDPA's path does.
 * ``dropout`` applies only while ``module.training`` is True.
+* attention sinks (gpt-oss): the ``s_aux`` kwarg (or ``module.sinks``), one logit per query head in the
+  denominator (``flashmaps.sinks``; softmax and topk, other normalizers refuse them).
 """
 
 from __future__ import annotations
@@ -135,14 +137,16 @@ def attention_forward(
         sliding_window: applied here only when there is no mask (see the module docstring).
         is_causal: overrides ``module.is_causal``; used only when there is no mask and L > 1.
         normalizer: the normalizer (a Normalizer, a spec string, or a callable ``module -> Normalizer``).
-        kwargs: ``position_bias`` (float, broadcastable to (B, Hq, L, S)) is supported; other model
+        kwargs: ``position_bias`` (float, broadcastable to (B, Hq, L, S)) and ``s_aux`` (gpt-oss's attention
+            sinks, (Hq,); or ``module.sinks``: ``flashmaps.sinks``, softmax and topk) are supported; other model
             kwargs are ignored, as in transformers' SDPA path.
 
     Returns:
         (out (B, L, Hq, Dv) contiguous, None).
     """
-    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("flashmaps does not support attention sinks (s_aux); use attn_implementation='eager'")
+    sinks = kwargs.get("s_aux")                  # gpt-oss: the layer's learned per-head sink logits
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        sinks = module.sinks
     if kwargs.get("head_mask") is not None:
         raise NotImplementedError("flashmaps does not support head_mask; use attn_implementation='eager'")
     if kwargs.get("cache") is not None:
@@ -202,6 +206,7 @@ def attention_forward(
         enable_gqa=query.shape[1] != key.shape[1],
         dropout_p=float(dropout) if training else 0.0,
         window=window,
+        **({} if sinks is None else {"sinks": sinks}),
     )  # (B, Hq, L, Dv)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
 

@@ -200,6 +200,47 @@ class Normalizer:
         (out in outs[0]'s dtype, stats), with torch ops (autograd flows through the given tensors)."""
         raise NotImplementedError(f"the normalizer {self.spec!r} has no merge rule")
 
+    # -------------------------------------------------------------------------------- per-head tensors
+
+    # A call may carry per-query-head tensors beside the spec string (the custom ops take the normalizer as
+    # a string): the normalizer's own parameters (``head_params``: Entmax's per-head alpha) and attention
+    # sinks (``sinks``: one logit per head in the denominator). Defaults: neither.
+
+    def head_params(self) -> "torch.Tensor | None":
+        """This instance's per-head parameters, (Hq,) float (e.g. a per-head alpha), or None. When not None,
+        ``spec`` names the class only ("entmax:per_head") and the tensor travels beside it to the backends,
+        which rebuild the instance with :meth:`from_head_params` and take each chunk's heads with
+        :meth:`for_heads`."""
+        return None
+
+    @classmethod
+    def from_head_params(cls, arg: str | None, params: torch.Tensor) -> "Normalizer":
+        """The instance for the spec argument ``arg`` and the per-head parameters ``params`` (Hq,)."""
+        raise ValueError(f"the normalizer {cls.name!r} takes no per-head parameters")
+
+    def kernel_head_params(self, Hq: int) -> "torch.Tensor":
+        """The (Hq,) float tensor the Triton kernels load per query head when the hooks set ``head_param``
+        (``kernels.contract.Hooks``); only called then."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no kernel head parameters")
+
+    def for_heads(self, h0: int, h1: int) -> "Normalizer":
+        """The instance restricted to query heads [h0, h1) of the call (the torch path's chunks); the torch
+        hooks then see scores whose dims between the first and the last two are those heads."""
+        return self
+
+    def sink_stats(self, stats: list, sinks: torch.Tensor):
+        """Attention sinks: one extra logit ``sink_h`` per query head in the denominator, with a zero value
+        vector. From the row statistics of the plain call (list of (B, Hq, L)) and ``sinks`` (Hq,) ->
+        (the statistics of the call with the sink, ``w`` (B, Hq, L) with ``out_sink = w * out``). The
+        backends' ordinary backward, given those statistics and ``out_sink``, is exact for the call with the
+        sink. None (the default): sinks are not defined for this normalizer."""
+        return None
+
+    def sink_coef(self, stats: list, sinks: torch.Tensor) -> torch.Tensor:
+        """``c`` (B, Hq, L) from the statistics of the call with the sink: ``dL/dsink_h = -sum_{b,i} c *
+        rowsum(dO * out_sink)`` (softmax: the sink's own weight ``exp(sink_h - lse)``)."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no attention sinks")
+
 
 # ----------------------------------------------------------------------------------------------------
 # the registry
@@ -286,7 +327,7 @@ def _known() -> str:
     return ", ".join(f"'{cls.spec_help or cls.name}'" for cls in registry().values())
 
 
-def parse(normalizer: "str | Normalizer", *, argname: str = "normalizer") -> Normalizer:
+def parse(normalizer: "str | Normalizer", *, argname: str = "normalizer", head_params=None) -> Normalizer:
     """Turn a spec string (``"softmax"``, ``"topk:64"``; the part after ``:`` is the class's to parse) or a
     Normalizer instance into an instance. Raises ValueError/TypeError naming ``argname`` otherwise."""
     if isinstance(normalizer, Normalizer):
@@ -307,4 +348,6 @@ def parse(normalizer: "str | Normalizer", *, argname: str = "normalizer") -> Nor
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ValueError(f"{argname}: unknown normalizer {normalizer!r}; known: {_known()}")
+    if head_params is not None:                                   # (Normalizer.head_params)
+        return cls.from_head_params(arg.strip() if sep else None, head_params)
     return cls.from_spec(arg.strip() if sep else None, argname=argname)

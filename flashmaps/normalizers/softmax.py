@@ -49,6 +49,15 @@ class Softmax(Normalizer):
     def merge(self, outs, stats):
         return merge_lse(outs, [st["lse"] for st in stats])
 
+    def sink_stats(self, stats, sinks):          # attention sinks: flashmaps.sinks
+        from ..sinks import lse_sink_stats
+        lse, w = lse_sink_stats(stats[0], sinks)
+        return [lse], w
+
+    def sink_coef(self, stats, sinks):
+        from ..sinks import lse_sink_coef
+        return lse_sink_coef(stats[0], sinks)
+
     def torch_native_forward(self, q, k, v, *, mask, causal, scale, softcap, dropout_p):
         route = _sdpa_route(q, k, v, mask, causal, softcap, dropout_p)
         if route is None:

@@ -111,6 +111,15 @@ class TopK(Normalizer):
     def torch_dscores(self, s, p, dp, st):
         return p * (dp - rowsum(p * dp))          # the softmax rule; p = 0 off the kept set
 
+    def sink_stats(self, stats, sinks):          # attention sinks (flashmaps.sinks): one more kept logit
+        from ..sinks import lse_sink_stats
+        lse, w = lse_sink_stats(stats[1], sinks)
+        return [stats[0], lse], w
+
+    def sink_coef(self, stats, sinks):
+        from ..sinks import lse_sink_coef
+        return lse_sink_coef(stats[1], sinks)
+
 
 def topk_threshold(s: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest allowed score per row, shape ``s.shape[:-1] + (1,)``; ``-inf`` where the row

@@ -1,0 +1,278 @@
+"""entmax: alpha-entmax for ``1 < alpha <= 2``, ``p_j = max((alpha - 1) s_j - tau, 0)^(1/(alpha - 1))`` with
+``sum_j p_j = 1`` (Peters, Niculae & Martins 2019), with one alpha per call or one per query head."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import ClassVar
+
+import torch
+
+from .base import Normalizer, register
+from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top, zero_disallowed
+
+__all__ = ["Entmax", "entmax_threshold", "PER_HEAD"]
+
+#: the spec argument of an Entmax whose alpha is a per-head tensor ("entmax:per_head"): the tensor itself
+#: travels beside the spec string (``head_params`` of the custom op; see ``Normalizer.head_params``)
+PER_HEAD = "per_head"
+#: iterations of the safeguarded Newton solver (each at least halves the bracket: 64 reach float64's eps)
+MAX_ITERS = 80
+
+
+@register
+@dataclasses.dataclass(frozen=True, eq=False)
+class Entmax(Normalizer):
+    """alpha-entmax, ``1 < alpha <= 2``: with ``x = (alpha - 1) s`` and ``e = 1/(alpha - 1)``,
+    ``p_j = max(x_j - tau, 0)^e`` and ``tau`` such that ``sum_j p_j = 1`` (Peters, Niculae & Martins 2019).
+
+    ``tau`` lies in ``[max x - 1, max x - n^(1 - alpha)]`` for ``n`` allowed keys (``F(tau) = sum_j
+    max(x_j - tau, 0)^e - 1`` is convex and decreasing, >= 0 at the lower end and <= 0 at the upper one).
+    There is no closed form for a general alpha: tau comes from Newton steps from the lower bound (which never
+    overshoot: F is convex) safeguarded by bisection (each step at least halves the bracket), then one last
+    Newton step at the accumulation precision; the weights are divided by their sum (an exact simplex).
+    ``alpha = 1.5`` is ``entmax15`` and ``alpha = 2`` is ``sparsemax``: ``parse("entmax:1.5")`` and
+    ``parse("entmax:2")`` return those instances (same kernels, same results); ``Entmax(alpha=1.5)`` built
+    directly runs this general code (equal up to rounding).
+
+    ``alpha`` is a float, or a float tensor of shape ``(Hq,)``: one alpha per query head (spec
+    ``"entmax:per_head"``; the tensor travels to the backends as the call's head parameters). Gradients with
+    respect to a tensor alpha are not provided: one that requires grad raises.
+
+    Row statistics: ``tau`` (units of x; ``+inf`` for a row with no allowed key).
+    Backward: with ``u = max(x - tau, 0)^(e - 1) = p^(2 - alpha)`` (unnormalized), the derivative with
+    respect to s itself is ``dS = u * (dP - sum_j u_j dP_j / sum_j u_j)`` (implicit differentiation of
+    ``F(tau, x) = 0``; the factor ``e`` of ``dp/dx`` and ``alpha - 1`` of ``dx/ds`` cancel). alpha = 1.5
+    gives entmax15's ``g = sqrt(p)``, alpha = 2 sparsemax's support indicator.
+
+    Merging partial results: none by independent partials (tau is global); the two-phase protocol of the
+    threshold normalizers applies (partial threshold statistics, one global tau, summed partial outputs).
+    """
+
+    alpha: float | torch.Tensor = 1.25
+
+    name: ClassVar[str] = "entmax"
+    stats: ClassVar[tuple[str, ...]] = ("tau",)
+    empty_stats: ClassVar[tuple[float, ...]] = (float("inf"),)
+    sparse: ClassVar[bool] = True
+    kernels: ClassVar[str] = "flashmaps.kernels.entmax"
+    order: ClassVar[int] = 22
+    spec_help: ClassVar[str] = "entmax:<alpha>"
+    formula: ClassVar[str] = ("`max((alpha-1) s_j - tau, 0)^(1/(alpha-1))`, `tau` such that `sum_j p_j = 1`, "
+                              "1 < alpha <= 2 (Peters et al. 2019)")
+    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
+
+    def __post_init__(self):
+        a = self.alpha
+        if isinstance(a, torch.Tensor):
+            if a.dim() != 1 or not a.is_floating_point() or a.numel() == 0:
+                raise ValueError(f"Entmax: alpha as a tensor must be a 1-D float tensor of shape (Hq,), one alpha "
+                                 f"per query head; got dtype {a.dtype}, shape {tuple(a.shape)}")
+            if a.requires_grad:
+                raise ValueError("Entmax: gradients with respect to alpha are not provided; pass "
+                                 "alpha.detach() (a tensor alpha that requires grad is refused)")
+            ad = a.detach()
+            if not bool(((ad > 1) & (ad <= 2)).all()):
+                raise ValueError(f"Entmax: every alpha must lie in (1, 2], got {ad.tolist()}")
+            return
+        if isinstance(a, bool) or not isinstance(a, numbers.Real):
+            raise TypeError(f"Entmax: alpha must be a float in (1, 2] or a (Hq,) tensor, got {type(a).__name__}")
+        if not (1 < float(a) <= 2):
+            raise ValueError(f"Entmax: alpha must lie in (1, 2] (1 would be softmax: use 'softmax'), got {a}")
+        object.__setattr__(self, "alpha", float(a))
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        if self.per_head or other.per_head:
+            return self.alpha is other.alpha
+        return self.alpha == other.alpha
+
+    def __hash__(self):
+        return hash((self.name, id(self.alpha) if self.per_head else self.alpha))
+
+    @property
+    def per_head(self) -> bool:
+        return isinstance(self.alpha, torch.Tensor)
+
+    # ---------------------------------------------------------------------------- spec
+
+    @classmethod
+    def from_spec(cls, arg, *, argname="normalizer"):
+        if arg is None:
+            raise ValueError(f"{argname}: 'entmax' needs alpha in (1, 2]: 'entmax:<alpha>' (e.g. 'entmax:1.25')")
+        if arg == PER_HEAD:
+            raise ValueError(f"{argname}: 'entmax:{PER_HEAD}' names an Entmax with a per-head alpha tensor; pass "
+                             "flashmaps.Entmax(alpha=tensor of shape (Hq,)) instead of the string")
+        try:
+            alpha = float(arg)
+        except ValueError:
+            raise ValueError(f"{argname}: alpha of 'entmax:<alpha>' must be a number in (1, 2], got {arg!r}") from None
+        if not (1 < alpha <= 2):
+            raise ValueError(f"{argname}: alpha of 'entmax:<alpha>' must lie in (1, 2], got {arg!r}")
+        if alpha == 1.5:      # the twins: the same results as the dedicated units (their kernels)
+            from .entmax15 import Entmax15
+            return Entmax15()
+        if alpha == 2.0:
+            from .sparsemax import Sparsemax
+            return Sparsemax()
+        return cls(alpha)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{PER_HEAD}" if self.per_head else f"{self.name}:{self.alpha:g}"
+
+    @classmethod
+    def examples(cls):
+        return [cls(1.25)]
+
+    # ---------------------------------------------------------------------------- per-head parameters
+
+    def head_params(self):
+        """The per-head alpha (Hq,), or None for a float alpha (``Normalizer.head_params``)."""
+        return self.alpha.detach() if self.per_head else None
+
+    @classmethod
+    def from_head_params(cls, arg, params):
+        if arg != PER_HEAD:
+            raise ValueError(f"normalizer: per-head parameters go with 'entmax:{PER_HEAD}', got 'entmax:{arg}'")
+        return cls._bare(params)
+
+    @classmethod
+    def _bare(cls, alpha):
+        """An instance without the option checks (a per-head alpha already checked when the user built it, or
+        a fake tensor under torch.compile, whose values cannot be read)."""
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "alpha", alpha)
+        return obj
+
+    def kernel_head_params(self, Hq):
+        """alpha - 1 per query head (the Triton hooks' ``a``; ``contract.Hooks.head_param``)."""
+        if self.per_head:
+            return self.alpha.detach().float() - 1.0
+        return torch.full((Hq,), self.alpha - 1.0)
+
+    def for_heads(self, h0, h1):
+        return self._bare(self.alpha[h0:h1]) if self.per_head else self
+
+    def _a(self, s: torch.Tensor):
+        """alpha - 1, a float or a tensor broadcastable against scores s [..., heads..., rows, keys] whose dims
+        between the first and the last two are the query heads (reference (B, Hq, L, S): Hq; torch-path chunk
+        [bb, hc, G, bl, S']: hc x G)."""
+        if not self.per_head:
+            return self.alpha - 1.0
+        heads = s.shape[1:-2]
+        return (self.alpha.to(device=s.device, dtype=s.dtype) - 1.0).view(*heads, 1, 1)
+
+    # ---------------------------------------------------------------------------- reference
+
+    def reference_weights(self, s, allowed):
+        a = self._a(s)
+        x = torch.where(allowed, s * a, torch.full_like(s, NEG_INF))
+        tau = entmax_threshold(s, allowed, self.alpha if not self.per_head else a + 1.0)
+        p = torch.clamp(x - tau, min=0) ** (1.0 / a)
+        return zero_disallowed(p, allowed)
+
+    def reference_stats(self, s, allowed):
+        a = self._a(s)
+        return {"tau": entmax_threshold(s, allowed, a + 1.0 if self.per_head else self.alpha)[..., 0]}
+
+    # ---------------------------------------------------------------------------- torch path
+
+    def torch_stats(self, s, masked):
+        a = self._a(s)
+        if self.per_head:                       # one exponent per row: the solver on the full rows
+            rows = (s * a).reshape(-1, s.shape[-1])
+            e = (1.0 / a).expand(s.shape[:-1] + (1,)).reshape(-1, 1)
+            return {"tau": _solve(rows, e)[0].view(s.shape[:-1] + (1,))}
+        e = 1.0 / a
+        tau, top = exact_threshold(s.reshape(-1, s.shape[-1]), lambda vals: _solve(vals * a, e))
+        return {"tau": tau.view(s.shape[:-1] + (1,)), "_top": top}
+
+    def torch_weights(self, s, st, masked):
+        a = self._a(s)
+        p = torch.clamp_(s * a - st["tau"], min=0).pow_(1.0 / a)     # +inf tau (empty row) gives 0
+        return safe_div(p, rowsum(p))                                 # exact simplex
+
+    def torch_sparse(self, s, st):
+        if "_top" not in st:
+            return None
+        a = self._a(s)
+        return scatter_top(s, st, lambda vals, st: torch.clamp_(vals * a - st["tau"], min=0).pow_(1.0 / a))
+
+    def torch_dscores(self, s, p, dp, st):
+        a = self._a(s)
+        d = s * a - st["tau"]
+        pos = d > 0
+        u = torch.where(pos, torch.clamp(d, min=0) ** (1.0 / a - 1.0), torch.zeros_like(d))   # p^(2 - alpha)
+        return u * (dp - safe_div(rowsum(u * dp), rowsum(u)))
+
+
+def _solve(x: torch.Tensor, e):
+    """(tau [n, 1], complete [n]) with ``sum_j max(x_j - tau, 0)^e = 1`` for rows x [n, m] (-inf = disallowed;
+    an empty row gets +inf), e a float >= 1 or an [n, 1] tensor. Safeguarded Newton: F is convex and
+    decreasing on [max x - 1, max x - n^(-1/e)]; each step goes to the larger of the Newton step from the
+    bracket's lower end (a lower bound of tau) and the bracket's midpoint, so the bracket at least halves and
+    Newton's quadratic convergence takes over near the root; one last Newton step from the lower end polishes
+    to the working precision. ``complete``: the row's smallest value is not in the support (when x holds a
+    row's largest values in descending order, as ``rows.exact_threshold`` passes them, tau is then the
+    whole row's)."""
+    top = x.amax(1, keepdim=True)
+    nonempty = top > NEG_INF
+    y = x - finite_or_zero(top)                                               # max 0
+    n = (y > NEG_INF).sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+    lo = torch.full_like(top, -1.0)
+    hi = -n ** (-1.0 / e)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    eps = torch.finfo(x.dtype).eps
+
+    def f_df(t):
+        d = y - t
+        pos = d > 0
+        dc = torch.where(pos, d, zero)
+        f = rowsum(dc ** e) - 1
+        df = rowsum(torch.where(pos, dc ** (e - 1), zero)) * e              # -F'(t) > 0 below the max
+        return f, df
+
+    f_lo, df_lo = f_df(lo)
+    for _ in range(MAX_ITERS):
+        newton = lo + f_lo / df_lo
+        t = torch.minimum(torch.maximum(newton, (lo + hi) * 0.5), hi)
+        f, df = f_df(t)
+        up = f >= 0
+        lo, f_lo, df_lo = torch.where(up, t, lo), torch.where(up, f, f_lo), torch.where(up, df, df_lo)
+        hi = torch.where(up, hi, t)
+        if bool(((hi - lo <= 4 * eps) | (f_lo <= 4 * eps)).all()):
+            break
+    tau = torch.minimum(lo + f_lo / df_lo, hi) + finite_or_zero(top)
+    tau = torch.where(nonempty, tau, torch.full_like(tau, float("inf")))
+    return tau, tau[:, 0] >= x[:, -1]
+
+
+def entmax_threshold(s: torch.Tensor, allowed: torch.Tensor, alpha) -> torch.Tensor:
+    """The alpha-entmax threshold ``tau`` (units of x = (alpha - 1) s), shape ``s.shape[:-1] + (1,)``, ``+inf``
+    for rows with no allowed key: the dense float64 reference, written independently of the fast paths (plain
+    bisection to the precision of s's dtype, then one Newton step taken WITH autograd from the detached
+    bisection result: its value is the root, its gradient the implicit-function one, ``dtau/dx_k = u_k /
+    sum u`` with ``u = (x - tau)_+^(e - 1)``). ``alpha``: a float or a tensor broadcastable to s[..., :1]."""
+    a = alpha - 1.0
+    e = 1.0 / a
+    x = torch.where(allowed, s * a, torch.full_like(s, NEG_INF))
+    any_allowed = allowed.any(-1, keepdim=True)
+    top = finite_or_zero(x.amax(-1, keepdim=True))
+    lo, hi = (top - 1.0).detach(), top.detach()
+    xd = x.detach()
+    ed = e.detach() if isinstance(e, torch.Tensor) else e
+    for _ in range(200 if s.dtype == torch.float64 else 80):                   # F(lo) >= 0 > F(hi)
+        mid = (lo + hi) * 0.5
+        f = rowsum(torch.clamp(xd - mid, min=0) ** ed) - 1
+        lo, hi = torch.where(f >= 0, mid, lo), torch.where(f >= 0, hi, mid)
+    d = x - lo
+    pos = d > 0
+    dc = torch.where(pos, d, torch.zeros_like(d))
+    f = rowsum(dc ** e) - 1
+    df = e * rowsum(torch.where(pos, dc ** (e - 1), torch.zeros_like(d)))
+    tau = lo + f / torch.where(df > 0, df, torch.ones_like(df))
+    return torch.where(any_allowed, tau, torch.full_like(tau, float("inf")))
+
