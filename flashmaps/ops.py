@@ -63,6 +63,8 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
     )
     # outputs must have the strides the fake implementation promises (contiguous)
+    if not stats:  # a normalizer without row statistics (sigmoid): torch.stack needs one tensor
+        return out.contiguous(), q.new_empty((0,) + tuple(q.shape[:3]), dtype=_stats_dtype(q)), extras.contiguous()
     return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
 
 
