@@ -97,6 +97,8 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
+    elif len(stats) == 0 and out.numel():  # no row statistic (sigmoid): the forward's NaN output rows mark them
+        dq, dk, dv = _nonfinite_grads(dq, dk, dv, out.sum(-1)[None])
     return _like(dq, q), _like(dk, k), _like(dv, v)
 
 
