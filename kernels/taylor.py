@@ -8,10 +8,11 @@ stat z = Z (0 and out = 0 for empty rows). Disallowed keys (s = -inf in masked t
 Backward (``kernels.backward``): w0 = 1/Z (0 for an empty row), p = f_k(s) / Z,
 dS = f_k'(s) / Z * (dP - delta) with f_k' = f_{k-1} and delta = rowsum(dO * O).
 
-The order k is a compile-time constant of the hooks themselves: `hooks_for_order(k)` builds (once per k)
-hooks whose functions close over ``K`` (Triton reads a jit function's closure like its globals, and puts
-constexpr closure values into its cache key), so the forward and the backward kernels both see it without
-any runtime argument, and two orders never share a compiled kernel. f_k and f_k' are evaluated by Horner:
+The order k is a compile-time constant of the hooks themselves: the module-level hooks read the global
+constexpr ``K`` (2), and `hooks_for_order(k)` copies the ones that read it with ``K = k`` in their own globals
+(Triton puts a jit function's global constexpr values into its cache key, and the interpreter runs the copy
+with its globals), so the forward and the backward kernels both see the order without a runtime argument or
+``Hooks.consts``, and two orders never share a compiled kernel. f_k and f_k' by Horner:
 f_k(s) = 1 + s (1 + s/2 (1 + s/3 (... (1 + s/k)))).
 """
 
