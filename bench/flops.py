@@ -18,7 +18,7 @@ TFLOP/s = nominal FLOPs / time is a speed comparable across providers, not a har
 
 from __future__ import annotations
 
-__all__ = ["MODES", "allowed_pairs", "attention_flops"]
+__all__ = ["MODES", "allowed_pairs", "attention_flops", "linear_flops"]
 
 #: the benchmark modes; "decode" is a forward pass with one query row (L = 1) against S keys
 MODES = ("fwd", "bwd", "fwd+bwd", "decode")
@@ -59,8 +59,11 @@ def attention_flops(mode: str, B: int, Hq: int, L: int, S: int, Dqk: int, Dv: in
     if mode == "decode":
         L = 1
     pairs = B * Hq * allowed_pairs(L, S, causal)
-    fwd = 2 * pairs * (Dqk + Dv)
-    bwd = 2 * pairs * (3 * Dqk + 2 * Dv)
+    return _by_mode(mode, 2 * pairs * (Dqk + Dv), 2 * pairs * (3 * Dqk + 2 * Dv))
+
+
+def _by_mode(mode: str, fwd: int, bwd: int) -> int:
+    """The count of ``mode`` from the forward's and the backward's."""
     if mode in ("fwd", "decode"):
         return fwd
     if mode == "bwd":
@@ -68,3 +71,32 @@ def attention_flops(mode: str, B: int, Hq: int, L: int, S: int, Dqk: int, Dv: in
     if mode == "fwd+bwd":
         return fwd + bwd
     raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def linear_flops(mode: str, B: int, Hq: int, L: int, S: int, Dqk: int, Dv: int | None = None, causal=None,
+                 chunk: int = 16) -> int:
+    """FLOPs of the chunked linear form of order-2 Taylor attention as the Triton kernel
+    (``kernels/linear.py``) computes it, the count of the ``flashmaps-taylor-triton-linear`` provider (its
+    rows are NOT the nominal ``attention_flops``: the linear form does other work). Per (batch, query head),
+    with F' = D + D^2 (orders 1 and 2 over the full square of the head dim; order 0 is an add),
+    n = the keys that enter the state (S; causal upper_left min(L, S), the keys some row sees) and
+    C = chunk (the full C x C diagonal tile is computed, causal only):
+
+        fwd  = 2 * (L + n) * F' * (Dv + 1)        phi(q') U readout per row, phi(k) [v, 1]^T per key
+             + 2 * L * C * (D + Dv)               causal: the diagonal tile s = q' k^T and A v
+        bwd  = 2 * (2 L + 3 n) * F' * (Dv + 1)    dq pass: the state again + dy U^T per row; dk/dv pass: the
+                                                  reverse state per row, dv and dk from it per key
+             + 2 * L * C * (4 D + 3 Dv)           causal: s twice, dA twice, ds k, ds^T q', A^T g
+    """
+    Dv = Dqk if Dv is None else Dv
+    if mode == "decode":
+        L = 1
+    if causal in (None, False):
+        n, diag = S, 0
+    elif causal in (True, "upper_left", "lower_right"):
+        n, diag = min(S, max(0, L if causal != "lower_right" else S)), chunk
+    else:
+        raise ValueError(f"causal must be None/False, True, 'upper_left' or 'lower_right', got {causal!r}")
+    feats = (Dqk + Dqk * Dqk) * (Dv + 1)
+    return _by_mode(mode, 2 * B * Hq * ((L + n) * feats + L * diag * (Dqk + Dv)),
+                    2 * B * Hq * ((2 * L + 3 * n) * feats + L * diag * (4 * Dqk + 3 * Dv)))

@@ -9,7 +9,7 @@ Phases, each timed and printed:
 2. prewarm (``--prewarm N``): every flashmaps Triton kernel of the plan compiled once at a small length in
    N worker processes at once (``harness.prewarm``), so that the timed cases find them in Triton's cache
    (at most half of the budget left);
-3. bench: the suites (``suites.SUITES``: h100-goals, long, tune) run by ``harness.run_jobs``, case by case;
+3. bench: the suites (``suites.SUITES``: h100-goals, long, tune, taylor-linear) run by ``harness.run_jobs``, case by case;
    with ``--baseline-tree DIR`` each flashmaps case also runs from the checkout DIR, right next to it
    ("<provider>@base", ``harness.add_baseline``). ``--budget`` seconds bound the whole run: cases not
    started by then are recorded as skipped.
@@ -250,7 +250,7 @@ def goal_tables(rows: list[dict], md: bool = False) -> str:
     """Per mode: time (ms) of every plain provider per case, our softmax against the fastest SDPA backend
     and FlexAttention (their time / softmax's: > 1 = softmax faster), each other normalizer's time /
     softmax's. Rows of the sweep suites (not long, not the pinned configs of tune)."""
-    ok = [r for r in _ok(rows) if _plain(r) and r.get("suite") != "long"]
+    ok = [r for r in _ok(rows) if _plain(r) and r.get("suite") not in ("long", "taylor-linear")]
     out = []
     for suite, mode in dict.fromkeys((r.get("suite"), r["mode"]) for r in ok):
         sub = [r for r in ok if r["mode"] == mode and r.get("suite") == suite]
@@ -361,10 +361,34 @@ def long_table(rows: list[dict], md: bool = False) -> str:
     return "long context\n\n" + _render(list(cells.values()), cols, md)
 
 
+def linear_table(rows: list[dict], md: bool = False) -> str:
+    """The taylor-linear suite: per mode and L the time of the Triton linear kernel, the quadratic kernel
+    and SDPA flash, quadratic / linear (> 1 = linear faster), the linear kernel's TFLOP/s (its own count,
+    flops.linear_flops) and its sampled-row error."""
+    cells: dict = {}
+    for r in (r for r in rows if r.get("suite") == "taylor-linear"):
+        c = cells.setdefault((r["mode"], r["L"]), {"mode": r["mode"], "L": _len(r["L"])})
+        key = {"linear": "lin", "quadratic": "quad"}.get(r["provider"].rpartition("-")[2], "sdpa")
+        c[key] = r["time_ms"] if r["status"] == "ok" else r["status"]
+        if key == "lin" and r["status"] == "ok":
+            c["tflops"] = None if r.get("tflops") is None else round(r["tflops"], 2)
+            c["err"] = None if r.get("err") is None else f"{r['err']:.1e}"
+    for c in cells.values():
+        if isinstance(c.get("lin"), float) and isinstance(c.get("quad"), float):
+            c["speedup"] = _x(c["quad"] / c["lin"])
+    if not cells:
+        return ""
+    cols = [("mode", "mode"), ("L = S", "L"), ("linear ms", "lin"), ("quadratic ms", "quad"),
+            ("sdpa-flash ms", "sdpa"), ("quadratic / linear", "speedup"), ("linear TFLOP/s", "tflops"),
+            ("rel. err, sampled rows", "err")]
+    return "taylor linear form (Triton, D = 16, causal, bf16)\n\n" + _render(list(cells.values()), cols, md)
+
+
 def summary(rows: list[dict], md: bool = False) -> str:
     """Every table that has rows: the sweep suites' ratios, the long context, the pinned configs and
     the before/after comparison (last: the answer a baseline run is for)."""
-    parts = [goal_tables(rows, md), long_table(rows, md), tune_table(rows, md), baseline_table(rows, md)]
+    parts = [goal_tables(rows, md), long_table(rows, md), linear_table(rows, md), tune_table(rows, md),
+             baseline_table(rows, md)]
     bad = {}
     for r in rows:
         if r["status"] not in ("ok", "unavailable"):

@@ -6,6 +6,9 @@ k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) with ``causal`` in {None, "upper_left", "l
 
     flashmaps-<spec>-<backend>  flashmaps.attention(normalizer=<spec>, backend=<backend>): "torch" on every
                                 device, "triton" on CUDA only (the CPU interpreter is far too slow to time)
+    flashmaps-<spec>-<backend>-<form>  the same with form= "linear" or "quadratic" (taylor);
+                                flashmaps-taylor-triton-linear is the Triton linear kernel, its FLOPs
+                                counted by flops.linear_flops (the others: flops.attention_flops)
     sdpa, sdpa-<kernel>         torch's scaled_dot_product_attention, default dispatch or one kernel forced
                                 with torch.nn.attention.sdpa_kernel (math on CPU; flash, efficient, cudnn,
                                 math on CUDA)
@@ -47,6 +50,8 @@ from typing import Callable
 import torch
 
 from flashmaps.normalizers import parse
+
+from .flops import linear_flops
 
 __all__ = [
     "Provider",
@@ -96,6 +101,7 @@ class Provider:
     config: "dict | None" = None  # pinned kernel configs {"fwd"|"dkdv"|"dq": {"BM", "BN", ...}}
     knobs: dict = dataclasses.field(default_factory=dict)  # {"dotted.module.attr": value}, set in the worker
     time_order: int = 2  # how the time grows with L = S (2; 1 for a linear-time form): the harness's extrapolation
+    flops: "Callable | None" = None  # its own FLOP count (flops.linear_flops); None: the nominal attention_flops
 
     def unavailable(self, device: str) -> str | None:
         """None if this provider can run on ``device`` ("cpu"/"cuda"), else the reason it cannot."""
@@ -193,7 +199,10 @@ def flashmaps_provider(spec: str, backend: str, form: str | None = None) -> Prov
         return _import_or_reason(f"flashmaps.{backend}_path")
 
     name = f"flashmaps-{spec}-{backend}" + (f"-{form}" if form else "")
-    return Provider(name, "flashmaps", spec, make, probe, backend=backend, time_order=1 if form == "linear" else 2)
+    # the Triton linear kernel's rows count its own work (flops.linear_flops), every other the nominal one
+    count = linear_flops if (form, backend) == ("linear", "triton") else None
+    return Provider(name, "flashmaps", spec, make, probe, backend=backend, time_order=1 if form == "linear" else 2,
+                    flops=count)
 
 
 def _pinned_make(spec: str, config: dict):
@@ -527,7 +536,8 @@ def providers_for(device: str, normalizers=None, *, baselines: bool = True) -> l
     ``normalizers`` defaults to :func:`default_normalizers`.
 
     flashmaps: one provider per normalizer and backend (torch everywhere, triton on CUDA only), and for a
-    normalizer with a linear form (taylor) one per form on the torch backend (``-linear``, ``-quadratic``);
+    normalizer with a linear form (taylor) one per form on the torch backend (``-linear``, ``-quadratic``)
+    and, on CUDA, the Triton linear kernel (``flashmaps-taylor-triton-linear``, FLOPs by flops.linear_flops);
     baselines: SDPA (default dispatch and each kernel of the device), FlexAttention (CUDA), the dense
     entmax package, flash-linear-attention's Based and AdaSplash (reported unavailable when missing).
     """
@@ -536,6 +546,8 @@ def providers_for(device: str, normalizers=None, *, baselines: bool = True) -> l
     out = [flashmaps_provider(spec, b) for b in backends for spec in normalizers]
     out += [flashmaps_provider(spec, "torch", form) for spec in normalizers if "linear" in parse(spec).forms
             for form in parse(spec).forms]
+    if device == "cuda":  # the Triton linear kernel (the quadratic one is flashmaps-<spec>-triton above)
+        out += [flashmaps_provider(spec, "triton", "linear") for spec in normalizers if "linear" in parse(spec).forms]
     if not baselines:
         return out
     kernels = ("flash", "efficient", "cudnn", "math") if device == "cuda" else ("math",)

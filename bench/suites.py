@@ -14,6 +14,8 @@ is a list of harness jobs (``harness.sweep`` rows), ordered case by case.
                 then dQ candidates with dK/dV pinned), the COLLECT pre-pass on and off for the sparse
                 normalizers (knob ``flashmaps.kernels.<name>.COLLECT``, D = 128), and autotuned flashmaps
                 fwd+bwd with SDPA (default, flash) at the same shapes.
+    taylor-linear  the Triton linear form of taylor vs its quadratic kernel and SDPA flash: B = 1, H = 8,
+                D = Dv = 16, bf16, causal, L = S 16k-128k, fwd and fwd+bwd (no jobs without taylor).
 
 ``Plan`` carries the choices every suite shares (normalizers, overrides of the grid, smoke). ``smoke``
 shrinks the suites to tiny float32 shapes with 16 x 16 blocks, the sweep suites to their causal cases (the
@@ -141,8 +143,24 @@ def tune(plan: Plan) -> list[dict]:
     return jobs
 
 
+def taylor_linear(plan: Plan) -> list[dict]:
+    """Issue 14 on the GPU: each normalizer with a linear form (taylor), its Triton linear kernel against its
+    quadratic kernel and SDPA (flash) at B = 1, H = 8, D = Dv = 16, bf16, causal, L = S 16k to 128k, fwd
+    and fwd+bwd; 32 sampled forward rows checked. The linear rows' TFLOP/s count flops.linear_flops."""
+    specs = [n for n in plan.normalizers if "linear" in parse(n).forms]
+    provs = [flashmaps_provider(n, "triton", form) for n in specs for form in ("linear", "quadratic")]
+    if not provs:
+        return []
+    jobs = _grid(plan, provs + [get_provider("sdpa-flash")], dims=[16], seqs=[16384, 32768, 65536, 131072],
+                 modes=["fwd", "fwd+bwd"], causals=("upper_left",), batches=[1], heads=8)
+    for j in jobs:
+        if j["mode"] == "fwd":
+            j["check_rows"] = 32
+    return jobs
+
+
 #: suite name -> jobs of a Plan
-SUITES = {"h100-goals": goals, "long": long, "tune": tune}
+SUITES = {"h100-goals": goals, "long": long, "tune": tune, "taylor-linear": taylor_linear}
 
 
 def _shrunk(job: dict) -> dict:

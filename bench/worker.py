@@ -376,6 +376,9 @@ def run_job(job: dict) -> dict:
                tflops=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
     try:
         prov = get_provider(job["provider"])
+        if prov.flops is not None:  # a provider with its own FLOP count (the Triton linear form)
+            row["flops"] = prov.flops(job["mode"], job["B"], job["Hq"], L, job["S"], job["Dqk"], job["Dv"],
+                                      job["causal"])
         row["family"], row["normalizer"], row["backend"] = prov.family, prov.normalizer, prov.backend
         row["config"], row["knobs"] = prov.config, prov.knobs or None
         reason = prov.unavailable(job["device"])

@@ -13,6 +13,7 @@ from importlib import import_module as _import_module
 
 from . import normalizers, reference
 from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
+from .inference import attention_varlen, attention_with_kvcache
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
 
@@ -22,6 +23,8 @@ __all__ = [
     "attention",
     "sdpa",
     "merge",
+    "attention_varlen",
+    "attention_with_kvcache",
     "SdpaValueError",
     "SdpaTypeError",
     "choose_form",

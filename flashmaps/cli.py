@@ -210,7 +210,9 @@ def _add_gpucheck(sub) -> None:
         "ratio table is printed last, with the seconds of each phase.\n\nsuites:\n  h100-goals  bf16, D 128 "
         "and 64, L = S 1k 4k 16k, causal and not, fwd and fwd+bwd: flashmaps, SDPA (default, flash, cudnn), "
         "flex\n  long        L = S = 128k, every normalizer, fwd and fwd+bwd, sampled-row error\n  tune        "
-        "block configs of the forward and backward kernels and the pre-pass variants at L = S = 8k\n\n"
+        "block configs of the forward and backward kernels and the pre-pass variants at L = S = 8k\n  "
+        "taylor-linear  taylor's Triton linear kernel vs its quadratic one and SDPA flash, D 16, causal, L = S "
+        "16k-128k\n\n"
         "examples:\n  flashmaps gpu-check out --prewarm 8 --long\n  flashmaps gpu-check out --no-tests "
         "--providers 'flashmaps-softmax-*' --baseline-tree ../old   # before/after, case by case\n  "
         "flashmaps gpu-check out --suites tune --no-tests --prewarm 12\n  flashmaps gpu-check --cpu-smoke")

@@ -28,6 +28,8 @@ import torch
 
 from . import linear, ops
 from .normalizers import Normalizer, parse
+from .window import check_window
+from .window import encode as encode_window
 
 __all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
 
@@ -214,6 +216,7 @@ def attention(
     return_stats: bool = False,
     backend: str = "auto",
     form: str = "auto",
+    window: tuple[int, int] | None = None,
 ):
     """Blockwise attention with a pluggable normalizer.
 
@@ -236,6 +239,11 @@ def attention(
         form: "auto", "quadratic" (the tile loop) or "linear" (normalizers whose ``forms`` have it, as taylor:
             chunked linear attention, O(L) time, a fixed-size state); "auto" follows
             ``flashmaps.choose_form`` (the cost model of ``flashmaps.linear.costs``), which also says why.
+        window: None or (left, right), flash_attn's ``window_size``: key j is allowed for query i when
+            ``i + off - left <= j <= i + off + right`` (-1: no bound on that side), ``off = S - L`` (lower-right
+            alignment), or the alignment of ``causal`` when that is given (which also bounds the right side by
+            0). Keys outside are excluded; whole tiles outside the band are never computed
+            (``flashmaps.window``). The quadratic form only.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -246,6 +254,7 @@ def attention(
     B, Hq, L, Dqk = q.shape
     S = k.shape[2]
     causal_mode = _check_causal(causal)
+    win = check_window(window)
     mask = _check_mask(attn_mask, (B, Hq, L, S), q.device)
     scale_f = _check_scale(scale, Dqk)
     softcap_f = _check_softcap(softcap)
@@ -253,12 +262,20 @@ def attention(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)
+    band = encode_window(causal_mode, win)
+    if win is not None and band != causal_mode:
+        if form == "linear":
+            raise ValueError("form='linear' takes no window (its state sums every earlier key); use "
+                             "form='quadratic' or 'auto'")
+        form = "quadratic" if form == "auto" else form
     choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
                             dropout_p=dropout_f, backend=backend, resolved=backend_name)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
+    causal_mode = band
     if choice.form == "linear":
-        return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats)
+        return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats,
+                                backend=backend_name)
     return ops.attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats,

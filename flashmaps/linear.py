@@ -27,7 +27,7 @@ Causal schedule (``off`` = 0 for "upper_left", S - L for "lower_right"; row i se
 the keys [0, clamp(off)) enter U first; chunk [i0, i1) has the diagonal block [clamp(i0 + off),
 clamp(i1 + off)), which enters U after the chunk's rows are done. Non-causal: every key enters U first.
 
-Backward (``_LinearFn``), with ``dy_i = [dO_i, -delta_i] / Z_i`` and ``delta_i = dO_i . o_i``: the
+Backward (``_linear_bwd``), with ``dy_i = [dO_i, -delta_i] / Z_i`` and ``delta_i = dO_i . o_i``: the
 gradient of plain linear attention ``y = phi(q') (w * U)``: ``dphi(q') = dy (w * U)^T`` (a forward pass
 recomputing U), ``dphi(k_j) = (w * W) v1_j`` and ``dv1_j = (w * W)^T phi(k_j)`` with the reverse state
 ``W = sum_i phi(q'_i) dy_i^T`` over
@@ -42,7 +42,7 @@ state, softcap makes f non-polynomial and dropout acts per (i, j) weight: these 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -272,29 +272,62 @@ def _backward(pb: _Problem, out5, z5, dout5):
     return dq, dk, dv
 
 
-class _LinearFn(torch.autograd.Function):
-    """out, z = linear-form attention; backward recomputes the states (nothing per chunk is saved)."""
+@torch.library.custom_op("flashmaps::linear_fwd", mutates_args=())
+def _linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, km: Optional[torch.Tensor], off: Optional[int],
+                scale: float, c0: float, c1: float, c2: float, chunk: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (B, Hq, L, Dv) in v's dtype, z (B, Hq, L) float32 (float64 for float64 inputs)), with torch
+    ops (``backend="torch"``) or the Triton kernels of ``flashmaps.kernels.linear`` ("triton"). An opaque
+    op (with a fake below) so that torch.compile traces the linear form without graph breaks."""
+    if backend == "triton":
+        return _triton_forward(q, k, v, km, off, scale, (c0, c1, c2), chunk)
+    B, Hq, L = q.shape[:3]
+    out5, z5 = _forward(_prepare(q, k, v, km, off, scale, (c0, c1, c2), chunk))
+    return out5.reshape(B, Hq, L, v.shape[3]).to(v.dtype), z5.reshape(B, Hq, L)
 
-    @staticmethod
-    def forward(ctx, q, k, v, km, off, scale, coeffs, chunk):
-        pb = _prepare(q, k, v, km, off, scale, coeffs, chunk)
-        out5, z5 = _forward(pb)
-        B, Hq, L = q.shape[:3]
-        out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
-        z = z5.view(B, Hq, L)
-        ctx.save_for_backward(q, k, v, km, out, z)
-        ctx.args = (off, scale, coeffs, chunk)
-        ctx.mark_non_differentiable(z)
-        return out, z
 
-    @staticmethod
-    def backward(ctx, dout, _dz):
-        q, k, v, km, out, z = ctx.saved_tensors
-        pb = _prepare(q, k, v, km, *ctx.args)
-        B, Hkv, G, L, D = pb.q5.shape
-        dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)),
-                               dout.unflatten(1, (Hkv, G)))
-        return dq.view(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+@_linear_fwd.register_fake
+def _(q, k, v, km, off, scale, c0, c1, c2, chunk, backend):
+    z_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((*q.shape[:3], v.shape[3]), dtype=v.dtype), q.new_empty(q.shape[:3], dtype=z_dtype)
+
+
+@torch.library.custom_op("flashmaps::linear_bwd", mutates_args=())
+def _linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, km: Optional[torch.Tensor], out: torch.Tensor,
+                z: torch.Tensor, dout: torch.Tensor, off: Optional[int], scale: float, c0: float, c1: float,
+                c2: float, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) in the dtypes and shapes of q, k, v (contiguous): the backward of ``_linear_fwd``."""
+    if backend == "triton":
+        return _triton_backward(q, k, v, km, out, z, dout, off, scale, (c0, c1, c2), chunk)
+    pb = _prepare(q, k, v, km, off, scale, (c0, c1, c2), chunk)
+    B, Hkv, G, L, D = pb.q5.shape
+    dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)), dout.unflatten(1, (Hkv, G)))
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_linear_bwd.register_fake
+def _(q, k, v, km, out, z, dout, off, scale, c0, c1, c2, chunk, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _linear_setup(ctx, inputs, output):
+    q, k, v, km, off, scale, c0, c1, c2, chunk, backend = inputs
+    out, z = output
+    ctx.save_for_backward(q, k, v, km, out, z)
+    ctx.args = (off, scale, c0, c1, c2, chunk, backend)
+    ctx.mark_non_differentiable(z)
+
+
+def _linear_grad(ctx, dout, _dz):
+    """Backward recomputes the states from q, k, v, out and z (nothing per chunk is saved)."""
+    q, k, v, km, out, z = ctx.saved_tensors
+    dq, dk, dv = _linear_bwd(q, k, v, km, out, z, dout.contiguous(), *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_linear_fwd.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
@@ -303,6 +336,185 @@ def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
     q5 = q.unflatten(1, (Hkv, q.shape[1] // Hkv))  # (B, Hkv, G, L, D) view
     w = feature_weights(q.shape[3], coeffs, acc, q.device)[:, None]
     return _Problem(q5, k, v, km, off, scale, tuple(coeffs), acc, chunk, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Triton form (kernels/linear.py): launchers
+
+#: the largest head dim D of the Triton linear kernel (its order-2 state is BD^2 x BV fp32 registers; see
+#: the kernel's docstring): larger D runs the torch linear form or the quadratic kernel
+TRITON_MAX_D = 32
+#: query rows per chunk of the Triton kernel (>= 16, tl.dot's smallest tile; Based's chunk)
+TRITON_CHUNK = 16
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+#: the largest D that form="auto" gives the Triton linear kernel: its registers fit at D <= 16 (sm_90
+#: build of ``scripts/sm90-compile --linear``: no spill in the forward, 72 bytes in the causal backward);
+#: at D = 32 both kernels spill kilobytes, so D in (16, 32] runs it only when form="linear" asks
+TRITON_AUTO_MAX_D = 16
+
+
+def _triton_blocks(D: int, Dv: int):
+    """(BD, BV, num_warps): BD = D padded to a power of two >= 16, and the Dv block BV that keeps the
+    order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32). Warps: the sm_90
+    builds with the fewest spills (8 at D <= 16: none in the forward; 16 at D = 32)."""
+    BD = max(16, _pow2(D))
+    BV = max(16, min(_pow2(Dv), 8192 // (BD * BD)))
+    return BD, BV, 8 if BD <= 16 else 16
+
+
+def _triton_prec(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the kernel's fp32 operands: exact under the interpreter; on a GPU fp32
+    inputs follow the quadratic kernel's setting, fp16/bf16 inputs use TF32 (10 mantissa bits, at least
+    the inputs' 7-10)."""
+    from . import triton_path
+
+    if triton_path._INTERPRET:
+        return "ieee"
+    return triton_path._dot_precision(dtype) if dtype == torch.float32 else "tf32"
+
+
+def _triton_args(q, k, v, km, off):
+    """The launch arguments shared by both kernels: (key mask uint8 (B, Hq, S) view or a dummy, its strides,
+    the strides of q, k, v, (Hq, G, L, S, OFF, A0), the constexprs, the grid, num_warps)."""
+    B, Hq, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if km is None:
+        m, sm = q.new_empty(1, dtype=torch.uint8), (0, 0, 0)
+    else:  # (B, Hkv, Gm, S) -> (B, Hq, S)
+        m = km.expand(B, Hkv, Hq // Hkv, S).reshape(B, Hq, S).view(torch.uint8)
+        sm = m.stride()
+    A0 = S if off is None else min(S, max(0, off))
+    BD, BV, warps = _triton_blocks(D, Dv)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sm)
+    const = dict(D=D, DV=Dv, BD=BD, BV=BV, CAUSAL=off is not None, HAS_MASK=km is not None,
+                 PREC=_triton_prec(q.dtype), num_warps=warps)
+    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, _cdiv(Dv, BV))
+
+
+def _triton_check(q, k, v):
+    D = q.shape[3]
+    if D > TRITON_MAX_D:
+        raise ValueError(f"the Triton linear form takes head dims D <= {TRITON_MAX_D} (its order-2 state is "
+                         f"D^2 x Dv registers), got D={D}; use backend='torch' or form='quadratic'")
+    for x in (q, k, v):
+        if x.stride(-1) != 1:
+            raise ValueError("the Triton linear form needs q, k, v with a unit last-dim stride")
+
+
+#: query rows per segment of the forward (a multiple of the chunk); None: ``_segments`` picks enough
+#: segments to give the GPU about two programs per SM, each at least MIN_SEG_ROWS rows. Tests set it small.
+TRITON_SEG_ROWS = None
+MIN_SEG_ROWS = 1024
+
+
+def _segments(L: int, programs: int, chunk: int, device: torch.device) -> tuple[int, int]:
+    """(NS, rows per segment) of the forward: the rows split into NS segments that run in parallel, each
+    starting from the state before it (the inclusive sum of the per-segment key pieces)."""
+    if TRITON_SEG_ROWS:
+        rows = TRITON_SEG_ROWS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        rows = max(MIN_SEG_ROWS, _cdiv(L, max(1, 2 * sms // programs)))
+    rows = _cdiv(rows, chunk) * chunk
+    return _cdiv(L, rows), rows
+
+
+def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
+    """out (B, Hq, L, Dv) in v's dtype and z (B, Hq, L) fp32 from ``kernels.linear.linear_fwd``; with
+    several segments, their starting states from ``linear_piece_state`` and a prefix sum (not causal: the
+    total) over the segments, O(NS (1 + BD + BD^2) Dv) fp32 per (batch, head), NS bounded by the GPU's size
+    and L / MIN_SEG_ROWS."""
+    from .kernels.linear import linear_fwd
+
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    _triton_check(q, k, v)
+    B, Hq, L, _ = q.shape
+    Dv = v.shape[3]
+    out = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=q.device)
+    z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
+    NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
+    hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
+    linear_fwd[(*grid, NS)](q, k, v, m, out, z, hpre, zpre, *strides, *out.stride()[:3], *dims, rows, NS,
+                            float(scale), *map(float, coeffs), C=chunk, SEGMENTED=NS > 1, **const)
+    return out, z
+
+
+def _state_bufs(B_H: int, NS: int, const: dict, Dv: int, device):
+    FB = 1 + const["BD"] + const["BD"] ** 2
+    return (torch.empty(B_H, NS, FB, Dv, dtype=torch.float32, device=device),
+            torch.empty(B_H, NS, FB, dtype=torch.float32, device=device))
+
+
+def _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk):
+    """(hpre, zpre): the state before each of the NS segments (the inclusive prefix sums of the pieces of
+    ``linear_piece_state``; not causal: the total), or placeholders for one segment."""
+    from .kernels.linear import linear_piece_state
+
+    if NS == 1:
+        return k, k
+    hbuf, zbuf = _state_bufs(grid[0], NS, const, v.shape[3], k.device)
+    linear_piece_state[(*grid, NS)](k, v, m, hbuf, zbuf, *strides[3:], dims[0], dims[1], dims[3], dims[4], rows, NS,
+                                    C=chunk, **const)
+    if off is None:  # every segment starts from all keys
+        return tuple(x.sum(1, keepdim=True).expand_as(x).contiguous() for x in (hbuf, zbuf))
+    return hbuf.cumsum(1), zbuf.cumsum(1)
+
+
+def _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows, chunk):
+    """(rpre, rzpre): the reverse state each segment starts its dk, dv pass from: the pieces of
+    ``linear_row_piece`` summed over the segments after it (not causal: over all), or placeholders."""
+    from .kernels.linear import linear_row_piece
+
+    if NS == 1:
+        return q, q
+    rbuf, rzbuf = _state_bufs(grid[0], NS, const, dout.shape[3], q.device)
+    keep = {n: const[n] for n in ("D", "DV", "BD", "BV", "PREC", "num_warps")}
+    linear_row_piece[(*grid, NS)](q, dout, rinv, gz, rbuf, rzbuf, *q.stride()[:3], *dout.stride()[:3], q.shape[1],
+                                  q.shape[2], rows, NS, float(scale), C=chunk, **keep)
+    total = [x.sum(1, keepdim=True) for x in (rbuf, rzbuf)]
+    if off is None:
+        return tuple(t.expand_as(x).contiguous() for t, x in zip(total, (rbuf, rzbuf)))
+    return tuple((t - x.cumsum(1)).contiguous() for t, x in zip(total, (rbuf, rzbuf)))
+
+
+def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
+    """(dq, dk, dv) in the dtypes of q, k, v from ``kernels.linear.linear_bwd``: the kernel writes fp32
+    partial sums (dq, dk per Dv block, dk and dv per query head), summed here; rinv = 1/Z and
+    gz = -delta/Z (0 for empty rows) come from torch ops on the saved out and z."""
+    from .kernels.linear import linear_bwd
+
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    B, Hq, L, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rinv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0).float().contiguous()  # (B, Hq, L)
+    gz = (-(dout.float() * out.float()).sum(-1) * rinv).contiguous()                       # -delta / Z
+    m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
+    nv = grid[1]
+    NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
+    hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
+    rpre, rzpre = _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows, chunk)
+    dq = torch.empty(nv, B * Hq, L, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(nv, B * Hq, S, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B * Hq, S, Dv, dtype=torch.float32, device=q.device)
+    linear_bwd[(*grid, NS)](q, k, v, m, dout, rinv, gz, dq, dk, dv, hpre, zpre, rpre, rzpre, *strides,
+                            *dout.stride()[:3], *dims, rows, NS, B * Hq, float(scale), *map(float, coeffs), C=chunk,
+                            SEGMENTED=NS > 1, **const)
+    G = Hq // Hkv
+    dq = dq.sum(0).view(B, Hq, L, D)
+    dk = dk.sum(0).view(B, Hkv, G, S, D).sum(2)
+    dv = dv.view(B, Hkv, G, S, Dv).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +553,8 @@ def _why_not_linear(norm: Normalizer, mask, softcap, dropout_p) -> str | None:
     return None
 
 
-def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> tuple[float, float]:
+def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK,
+          backend: str = "torch") -> tuple[float, float]:
     """The cost model, in multiply-adds per (batch, query head):
 
         quadratic = L * S' * (D + Dv)                   S' = S, or about S/2 causal (tiles above the diagonal
@@ -349,8 +562,15 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
         linear    = (L + S) * F * (Dv + 1)              phi(q') U for every row, phi(k) v1^T into U per key,
                     + L * C' * (D + Dv)                 plus the intra-chunk quadratic part (C' = chunk / 2
                                                         causal, 0 otherwise); F = 1 + D + D(D+1)/2 ~ D^2/2
+
+    ``backend="triton"``: the Triton kernel's features, the full square over the padded head dim
+    (F = 1 + BD + BD^2, BD = D padded to a power of two >= 16; ``kernels/linear.py`` says why).
     """
-    F = n_features(D)
+    if backend == "triton":
+        BD = max(16, _pow2(D))
+        F = 1 + BD + BD * BD
+    else:
+        F = n_features(D)
     quad = L * (S / 2 if causal else S) * (D + Dv)
     lin = (L + S) * F * (Dv + 1) + L * (min(chunk, S) / 2 if causal else 0) * (D + Dv)
     return float(quad), float(lin)
@@ -359,33 +579,45 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK) -> 
 def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropout_p, backend="auto",
             resolved="torch"):
     """The FormChoice of a checked call (``backend`` as the caller gave it, ``resolved`` the one it became).
-    The linear form runs with torch ops on any device: an explicit backend="triton" rules it out (no linear
-    Triton kernel yet); "auto" on CUDA keeps the tuned quadratic Triton kernel (the cost model counts
-    multiply-adds, not the launches of a torch-op chunk loop), and form="linear" runs the torch ops there."""
+    On the Triton backend the linear form is the Triton kernel of ``kernels/linear.py`` for D <=
+    TRITON_MAX_D and "auto" weighs it by the cost model with the kernel's features (for D <=
+    TRITON_AUTO_MAX_D, where its registers do not spill); for larger D an explicit
+    backend="triton" rules the linear form out, "auto" on CUDA keeps the quadratic Triton kernel (the cost
+    model counts multiply-adds, not the launches of a torch-op chunk loop), and form="linear" with
+    backend="auto" runs the torch ops there."""
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     why = _why_not_linear(norm, mask, softcap, dropout_p)
-    if why is None and backend == "triton":
-        why = "the Triton backend has no linear-form kernel yet; use backend='torch' (or 'auto') for form='linear'"
-    if why is None and form == "auto" and resolved == "triton":
-        why = ("the Triton backend has no linear-form kernel yet and its quadratic kernel beats the torch-op linear "
-               "form's launches; pass form='linear' to run the linear form with torch ops")
+    kernel = resolved == "triton" and D <= TRITON_MAX_D
+    too_wide = (f"the Triton linear kernel takes head dims D <= {TRITON_MAX_D} (its order-2 state is D^2 x Dv "
+                f"registers), got D={D}")
+    if why is None and backend == "triton" and not kernel:
+        why = f"{too_wide}; use backend='torch' (or 'auto') for form='linear'"
+    if why is None and form == "auto" and resolved == "triton" and not kernel:
+        why = (f"{too_wide}, and the quadratic Triton kernel beats the torch-op linear form's launches; pass "
+               "form='linear' to run the linear form with torch ops")
+    if why is None and form == "auto" and kernel and D > TRITON_AUTO_MAX_D:
+        why = (f"the Triton linear kernel spills registers at D > {TRITON_AUTO_MAX_D} (D={D}); pass form='linear' "
+               "to run it anyway")
+    cost_args = (L, S, D, Dv, causal is not None) + ((TRITON_CHUNK, "triton") if kernel else ())
+    runs = "the Triton kernel" if kernel else "torch ops"
     if form == "linear":
         if why is not None:
             raise ValueError(f"form='linear' is not possible here: {why}")
-        q_cost, l_cost = costs(L, S, D, Dv, causal is not None)
-        return FormChoice("linear", "form='linear' was asked for", q_cost, l_cost)
+        q_cost, l_cost = costs(*cost_args)
+        return FormChoice("linear", f"form='linear' was asked for (runs as {runs})", q_cost, l_cost)
     if form == "quadratic":
-        q_cost, _ = costs(L, S, D, Dv, causal is not None)
+        q_cost, _ = costs(*cost_args)
         return FormChoice("quadratic", "form='quadratic' was asked for", q_cost, None)
-    q_cost, l_cost = costs(L, S, D, Dv, causal is not None)
+    q_cost, l_cost = costs(*cost_args)
     if why is not None:
         return FormChoice("quadratic", f"auto: quadratic, because {why}", q_cost, None)
     if l_cost < q_cost:
-        return FormChoice("linear", f"auto: linear, the cost model's {l_cost:.3g} multiply-adds per head < the "
-                                    f"quadratic {q_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
-    return FormChoice("quadratic", f"auto: quadratic, the cost model's {q_cost:.3g} multiply-adds per head <= the "
-                                   f"linear {l_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
+        return FormChoice("linear", f"auto: linear ({runs}), the cost model's {l_cost:.3g} multiply-adds per "
+                                    f"head < the quadratic {q_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost,
+                          l_cost)
+    return FormChoice("quadratic", f"auto: quadratic, the cost model's {q_cost:.3g} multiply-adds per head <= "
+                                   f"the linear form's ({runs}) {l_cost:.3g} (L={L}, S={S}, D={D}, Dv={Dv})", q_cost, l_cost)
 
 
 def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn_mask=None, softcap=None,
@@ -395,7 +627,9 @@ def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn
     "auto" picks the linear form where the normalizer has one, the call's options allow it (no softcap,
     dropout, float or dense mask; causal and bool key-padding masks are fine) and the cost model of
     :func:`costs` says it does fewer multiply-adds: with D = Dv = 16 from about S = 450 causal, with D = 64
-    from about S = 4.5k. ``form="linear"`` where it is not possible raises ValueError saying why."""
+    from about S = 4.5k. On the Triton backend the linear form is the Triton kernel (D <= TRITON_MAX_D;
+    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D: D = Dv = 16 from about
+    S = 600 causal). ``form="linear"`` where it is not possible raises ValueError saying why."""
     from . import functional as fn
 
     fn._check_qkv(q, k, v, enable_gqa)
@@ -423,14 +657,19 @@ def _key_mask(mask, Hkv: int) -> torch.Tensor | None:
     return km.unflatten(1, (Hkv, Hq // Hkv))  # (B, Hkv, G, S)
 
 
-def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_stats, chunk: int | None = None):
+def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, return_stats, chunk: int | None = None,
+              backend: str = "torch"):
     """The linear form (checked arguments, as :mod:`flashmaps.functional` passes them): q (B, Hq, L, D),
     k (B, Hkv, S, D), v (B, Hkv, S, Dv), mask None or a bool key-padding view (B, Hq, L, S), causal None,
-    "upper_left" or "lower_right" -> out (B, Hq, L, Dv) in v's dtype, or (out, {"z": (B, Hq, L)})."""
+    "upper_left" or "lower_right" -> out (B, Hq, L, Dv) in v's dtype, or (out, {"z": (B, Hq, L)}).
+    ``backend`` is the resolved backend of the call: "triton" runs the Triton kernels where D <=
+    TRITON_MAX_D (larger D: the torch ops, as form="linear" with backend="auto" did before)."""
     L, S = q.shape[2], k.shape[2]
     off = None if causal is None else (0 if causal == "upper_left" else S - L)
-    out, z = _LinearFn.apply(q, k, v, _key_mask(mask, k.shape[1]), off, scale, normalizer.linear_coeffs,
-                             chunk or CHUNK)
+    triton_form = backend == "triton" and q.shape[3] <= TRITON_MAX_D
+    c0, c1, c2 = (float(c) for c in normalizer.linear_coeffs)
+    out, z = _linear_fwd(q, k, v, _key_mask(mask, k.shape[1]), off, float(scale), c0, c1, c2,
+                         chunk or (TRITON_CHUNK if triton_form else CHUNK), "triton" if triton_form else "torch")
     return (out, {normalizer.stats[0]: z}) if return_stats else out
 
 

@@ -55,6 +55,7 @@ from typing import NamedTuple
 import torch
 
 from .normalizers import Normalizer
+from .window import bounds
 
 __all__ = ["attention", "draw_seed", "dropout_keep_mask", "CHUNK_ELEMS"]
 
@@ -106,12 +107,12 @@ def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.
 def _chunk_keep(seed, p_drop, c, G, S, device, dtype):
     """Dropout scale keep / (1 - p) of a chunk: [bb, hc, G, bl, S']."""
     rows = [
-        _keep_rows(seed, b, h * G + g, c.i0, c.i1, S, p_drop)[:, : c.sk]
+        _keep_rows(seed, b, h * G + g, c.i0, c.i1, S, p_drop)[:, c.k0 : c.sk]
         for b in range(c.b0, c.b1)
         for h in range(c.h0, c.h1)
         for g in range(G)
     ]
-    keep = torch.stack(rows).view(c.b1 - c.b0, c.h1 - c.h0, G, c.i1 - c.i0, c.sk)
+    keep = torch.stack(rows).view(c.b1 - c.b0, c.h1 - c.h0, G, c.i1 - c.i0, c.sk - c.k0)
     return keep.to(device=device, dtype=dtype) * (1.0 / (1.0 - p_drop))
 
 
@@ -126,25 +127,32 @@ class _Chunk(NamedTuple):
     h1: int
     i0: int  # query rows
     i1: int
-    sk: int  # keys [0, sk) (causal: keys right of the last row's diagonal are skipped)
+    sk: int  # keys [k0, sk): causal / windows skip the keys outside every row's band (flashmaps.window)
+    k0: int = 0
 
 
 def _chunks(B, Hkv, G, L, S, causal):
     """Yield the chunks that have at least one key (chunks whose rows are all empty are skipped)."""
-    per_row = G * S
+    band = bounds(causal, L, S)
+    width = S
+    if band.left_off is not None and band.right_off is not None:
+        width = max(1, min(S, band.right_off - band.left_off + 1))
+    per_row = G * width
     budget = max(CHUNK_ELEMS, 1)
     bl = max(1, min(L, budget // per_row))
+    if width < S:
+        bl = min(bl, max(width, 64))  # a chunk reads about bl + width keys: keep it near the band
     hc = max(1, min(Hkv, budget // (per_row * L))) if bl == L else 1
     bb = max(1, min(B, budget // (per_row * L * Hkv))) if hc == Hkv else 1
-    off = 0 if causal in (None, "upper_left") else S - L
     for i0 in range(0, L, bl):
         i1 = min(L, i0 + bl)
-        sk = S if causal is None else min(S, i1 + off)
-        if sk <= 0:
+        sk = S if band.right_off is None else min(S, i1 + band.right_off)
+        k0 = 0 if band.left_off is None else min(S, max(0, i0 + band.left_off))
+        if sk <= k0:
             continue
         for b0 in range(0, B, bb):
             for h0 in range(0, Hkv, hc):
-                yield _Chunk(b0, min(B, b0 + bb), h0, min(Hkv, h0 + hc), i0, i1, sk)
+                yield _Chunk(b0, min(B, b0 + bb), h0, min(Hkv, h0 + hc), i0, i1, sk, k0)
 
 
 class _Problem(NamedTuple):
@@ -165,8 +173,8 @@ def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     G, D = pb.q5.shape[2], pb.q5.shape[4]
     qc = pb.q5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1].to(pb.acc) * pb.scale  # [bb, hc, G, bl, D]
     qc = qc.reshape(bb, hc, G * bl, D)
-    kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', D]
-    s = torch.matmul(qc, kc.transpose(-1, -2)).view(bb, hc, G, bl, c.sk)  # [bb, hc, G, bl, S']
+    kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
+    s = torch.matmul(qc, kc.transpose(-1, -2)).view(bb, hc, G, bl, c.sk - c.k0)  # [bb, hc, G, bl, S']
     capgrad = None
     if pb.softcap is not None:
         cap = pb.softcap
@@ -176,12 +184,16 @@ def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
         s.mul_(cap)
     disallowed = None
     if pb.causal is not None:
-        off = 0 if pb.causal == "upper_left" else pb.k.shape[2] - pb.q5.shape[3]
+        band = bounds(pb.causal, pb.q5.shape[3], pb.k.shape[2])
         i = torch.arange(c.i0, c.i1, device=s.device)[:, None]
-        j = torch.arange(c.sk, device=s.device)[None, :]
-        disallowed = j > i + off  # [bl, S']
+        j = torch.arange(c.k0, c.sk, device=s.device)[None, :]
+        if band.right_off is not None:
+            disallowed = j > i + band.right_off  # [bl, S']
+        if band.left_off is not None:
+            left = j < i + band.left_off
+            disallowed = left if disallowed is None else disallowed | left
     if pb.mask5 is not None:
-        mc = pb.mask5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, : c.sk]  # [bb, hc, G, bl, S'] view
+        mc = pb.mask5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, c.k0 : c.sk]  # [bb, hc, G, bl, S'] view
         if mc.dtype == torch.bool:
             excl = ~mc
         else:
@@ -230,7 +242,7 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
         s, masked, _, _ = _scores(pb, c)
         bad = _nonfinite_rows(s)
         st = norm.torch_stats(s, masked)
-        vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', Dv]
+        vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', Dv]
         sparse = norm.torch_sparse(s, st)
         if sparse is not None:  # only r keys per row can be nonzero: scatter their weights, 2 passes
             idx, w = sparse  # [bb, hc, G, bl, r]
@@ -243,7 +255,7 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
             st = {n: val.masked_fill(bad, float("nan")) for n, val in st.items() if not n.startswith("_")}
         if dropout_p > 0:
             p = p * _chunk_keep(seed, dropout_p, c, G, S, dev, pb.acc)
-        o = torch.matmul(p.view(bb, hc, G * bl, c.sk), vc)  # [bb, hc, G*bl, Dv]
+        o = torch.matmul(p.view(bb, hc, G * bl, c.sk - c.k0), vc)  # [bb, hc, G*bl, Dv]
         out5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = o.view(bb, hc, G, bl, Dv)
         for name in stats:
             stats[name][c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = st[name].squeeze(-1)
@@ -268,24 +280,25 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
         p = norm.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
         if bad is not None:
             p = p.masked_fill(bad, float("nan"))
-        kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', D]
-        vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, : c.sk]  # [bb, hc, S', Dv]
+        kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
+        vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', Dv]
         doc = d5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1].to(pb.acc).reshape(bb, hc, G * bl, Dv)
-        dp = torch.matmul(doc, vc.transpose(-1, -2)).view(bb, hc, G, bl, c.sk)  # [bb, hc, G, bl, S']
+        dp = torch.matmul(doc, vc.transpose(-1, -2)).view(bb, hc, G, bl, c.sk - c.k0)  # [bb, hc, G, bl, S']
         pd = p
         if dropout_p > 0:
             keep = _chunk_keep(seed, dropout_p, c, G, S, dev, pb.acc)
             dp = dp * keep
             pd = p * keep
-        dv[c.b0 : c.b1, c.h0 : c.h1, : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk).transpose(-1, -2), doc)
+        dv[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk - c.k0).transpose(-1, -2),
+                                                                  doc)
         ds = norm.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
         if bad is not None:
             ds = ds.masked_fill(bad, float("nan"))
         if capgrad is not None:
             ds = ds * capgrad
-        ds = ds.view(bb, hc, G * bl, c.sk)
+        ds = ds.view(bb, hc, G * bl, c.sk - c.k0)
         dq5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = (torch.matmul(ds, kc) * pb.scale).view(bb, hc, G, bl, D)
-        dk[c.b0 : c.b1, c.h0 : c.h1, : c.sk] += torch.matmul(ds.transpose(-1, -2), qc)
+        dk[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(ds.transpose(-1, -2), qc)
     return dq5.view(B, Hkv * G, L, D), dk, dv
 
 

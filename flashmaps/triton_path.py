@@ -37,6 +37,7 @@ from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
+from .window import bounds
 
 __all__ = ["attention", "forward", "backward", "extras_shape", "unpack_extras", "launch_forward",
            "launch_backward", "dropout_keep_mask", "Forward", "SUPPORTS_BACKWARD", "SUPPORTS_DROPOUT"]
@@ -53,6 +54,12 @@ INTERPRET_CONFIG = {"BM": 16, "BN": 16}
 SCRATCH_ROW_BLOCK = 128
 #: rows per program of the preprocess kernel (delta and the row statistics: memory bound)
 _PRE_BM = 64
+#: split-KV decoding: the keys of a split are a multiple of this (every BN of the configs divides it)
+SPLIT_KEY_BLOCK = 256
+#: the SM count :func:`split_plan` assumes without a CUDA device (the interpreter): an H100 / H200's 132
+DEFAULT_SM_COUNT = 132
+#: at most this many query rows for a split-KV forward (decoding, speculative decoding, short chunks)
+SPLIT_MAX_L = 16
 
 
 class Forward(NamedTuple):
@@ -156,9 +163,11 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     else:  # entries <= finfo.min (and -inf) exclude the key
         mask_kind, mask_view, mask_min = MASK_FLOAT, View.of(mask), float(torch.finfo(mask.dtype).min)
     qk_scale, cap_mult = fold_score_unit(scale, softcap, hooks.unit)
-    static = Static.make(D=D, Dv=Dv, causal=causal is not None, mask_kind=mask_kind, softcap=softcap is not None,
-                         dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0, dtype=str(q.dtype))
-    dims = Dims(B, Hq, Hq // Hkv, L, S, (S - L) if causal == "lower_right" else 0)
+    band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
+    static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
+                         softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
+                         dtype=str(q.dtype), left=band.left_off is not None)
+    dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0, 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min), mask_view, drop,
@@ -183,18 +192,67 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
         tuned[grid_of](*args, **meta)
 
 
+def split_plan(B: int, Hq: int, L: int, S: int, sm_count: int) -> int:
+    """How many key splits a forward of (B, Hq, L, S) runs on ``sm_count`` SMs (1: no split).
+
+    Split-KV (Flash-Decoding): with few query rows (L <= SPLIT_MAX_L) the grid has only B * Hq programs, each
+    streaming all S keys, which leaves most SMs idle. Splitting the keys n ways gives B * Hq * n programs;
+    n is chosen to reach about 2 programs per SM, with at least SPLIT_KEY_BLOCK keys per split and at most
+    64 splits. The partial results are merged by the normalizer's merge rule."""
+    if L > SPLIT_MAX_L or S < 2 * SPLIT_KEY_BLOCK:
+        return 1
+    programs = B * Hq * triton.cdiv(L, 64)
+    if programs >= sm_count:
+        return 1
+    return max(1, min(triton.cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
+
+
+def _sm_count(dev) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def _can_split(normalizer: Normalizer, hooks) -> bool:
+    """Split-KV needs a merge rule for independent parts: no threshold pre-pass (a sparse normalizer's threshold
+    is global: it would need the two-phase protocol) and no second weighted sum."""
+    return not hooks.has_prepass and not hooks.has_g and type(normalizer).merge is not Normalizer.merge
+
+
+def _launch_split(q, k, v, normalizer, c, n_split, args_of, config) -> tuple[torch.Tensor, dict]:
+    """The forward as n_split key splits in one launch (grid axis 0: query block x split), merged."""
+    B, Hq, L, _ = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    split_keys = triton.cdiv(triton.cdiv(S, n_split), SPLIT_KEY_BLOCK) * SPLIT_KEY_BLOCK
+    n_split = triton.cdiv(S, split_keys)
+    dev = q.device
+    out_p = torch.empty((n_split * B, Hq, L, DV), dtype=torch.float32, device=dev)
+    stats_p = [torch.empty((n_split * B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
+    dims = c.dims._replace(split_keys=split_keys)
+    static = c.static._replace(SPLIT=True)
+    args, meta = args_of(out_p, stats_p, dims, static)
+    _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
+            lambda META: (triton.cdiv(L, META["BM"]) * n_split, *head_grid(B * Hq)), args, meta)
+    outs = list(out_p.view(n_split, B, Hq, L, DV))
+    parts = [{name: st.view(n_split, B, Hq, L)[i] for name, st in zip(normalizer.stats, stats_p)}
+             for i in range(n_split)]
+    out, stats = normalizer.merge(outs, parts)
+    return out.to(v.dtype), {name: stats[name].float().contiguous() for name in normalizer.stats}
+
+
 def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: Normalizer, *,
                    mask: Optional[torch.Tensor] = None, causal: Optional[str] = None,
                    scale: Optional[float] = None, softcap: Optional[float] = None,
                    save_extras: bool = False, dropout_p: float = 0.0, seed: int = 0,
-                   config: Optional[dict] = None) -> Forward:
+                   config: Optional[dict] = None, splits: Optional[int] = None) -> Forward:
     """Run the forward kernel. q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), any strides;
     mask None or a (B, Hq, L, S) bool/float view; causal None | "upper_left" | "lower_right".
     ``dropout_p`` > 0 drops weights with the keep mask of ``seed`` (:func:`dropout_keep_mask`).
 
     ``save_extras`` also computes the normalizer's backward extras (entmax15: sum_g and O2).
     ``config`` pins the blocks, e.g. {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
-    instead of autotuning (CUDA) or the interpreter's small blocks."""
+    instead of autotuning (CUDA) or the interpreter's small blocks. ``splits``: the number of key splits
+    (split-KV; default :func:`split_plan` for normalizers that can merge independent parts, else 1)."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     dev = q.device
@@ -205,6 +263,11 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
             "bwd_dscores in its kernels module); use backend='torch' for gradients"
         )
+    if splits is None:
+        splits = split_plan(B, Hq, L, S, _sm_count(dev)) if _can_split(normalizer, c.hooks) else 1
+    elif splits > 1 and not _can_split(normalizer, c.hooks):
+        raise ValueError(f"splits: {normalizer.spec!r} cannot merge independent key splits (a global threshold "
+                         "or a second weighted sum); use splits=1")
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_t = [torch.empty((B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
@@ -217,9 +280,16 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
                   saved.get("thr", placeholder), saved.get("sum_g", placeholder), saved.get("o2", placeholder),
                   scratch)
     norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
-    args = (View.of(q), View.of(k), View.of(v), View.of(out), c.mask, rows, c.dims, c.scale, c.args, c.drop, c.seed,
-            _bucket(L), _bucket(S), l_pad)
-    meta = dict(ST=c.static, NORM=norm, SCRATCH_COLS=kc)
+
+    def args_of(o, st, dims, static):
+        rw = rows._replace(stat0=st[0], stat1=st[-1]) if st else rows
+        return ((View.of(q), View.of(k), View.of(v), View.of(o), c.mask, rw, dims, c.scale, c.args, c.drop, c.seed,
+                 _bucket(L), _bucket(S), l_pad), dict(ST=static, NORM=norm, SCRATCH_COLS=kc))
+
+    if splits > 1:
+        out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config)
+        return Forward(out, stats, saved, c.hooks.unit, extras_buf)
+    args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf)

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from .contract import Keys
 from .dropout import dropout_keep
-from .tiles import (head_base, head_program, key_bounds, load_tile, mask_rows, mask_scores, mma, query_bounds, query_program,
-                    scale_scores)
+from .tiles import (head_base, head_program, key_bounds, left_bounds, left_query_bounds, load_tile, mask_rows, mask_scores,
+                    mma, query_bounds, query_program, scale_scores)
 
 
 class _Rows(NamedTuple):
@@ -161,7 +161,7 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
             off_h = off_hk * dims.group + g                 # GQA: the query heads reading this kv head
             rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
             keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
-                        dims.causal_off, scale)            # (no key pointer: the k tile is resident)
+                        dims.causal_off, scale, dims.left_off)   # (no key pointer: the k tile is resident)
             s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
             live = True
             if NORM.skip_dead:
@@ -199,10 +199,15 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     dv = tl.zeros([BN, BDV], dtype=tl.float32)
     lo, full_start = query_bounds(start_n, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                                   ST.MASK_KIND != 0)
+    full_start, full_stop, stop = left_query_bounds(start_n, dims.L, dims.S, dims.left_off, lo, full_start, BM, BN,
+                                                    ST.LEFT)
     dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, lo, full_start,
                         BM, ST, NORM, True)
     dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, full_start,
-                        dims.L, BM, ST, NORM, False)
+                        full_stop, BM, ST, NORM, False)
+    if ST.LEFT:
+        dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, full_stop,
+                            stop, BM, ST, NORM, True)
     key_ok = (start_n + keys_n) < dims.S
     dk_ptrs = head_base(DK, off_b, off_hk) + (start_n + keys_n)[:, None] * DK.sr + offs_d[None, :] * DK.sc
     dv_ptrs = head_base(DV, off_b, off_hk) + (start_n + keys_n)[:, None] * DV.sr + offs_dv[None, :] * DV.sc
@@ -247,13 +252,16 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     offs_d = tl.arange(0, ST.BD)
     rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale)
+                dims.S, dims.causal_off, scale, dims.left_off)
     v_base = head_base(V, off_b, off_hk)
     full_end, hi = key_bounds(start_m, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                               ST.MASK_KIND != 0)
+    lo, full_lo, full_end = left_bounds(start_m, dims.L, dims.left_off, full_end, hi, BM, BN, ST.LEFT)
     BD: tl.constexpr = ST.BD                           # (shapes take constexprs, not bundle fields)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
-    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, 0, full_end, BN, ST, NORM, False)
+    if ST.LEFT:
+        dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, lo, full_lo, BN, ST, NORM, True)
+    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_lo, full_end, BN, ST, NORM, False)
     dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_end, hi, BN, ST, NORM, True)
     dq_ptrs = head_base(DQ, off_b, off_h) + offs_m[:, None] * DQ.sr + offs_d[None, :] * DQ.sc
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.ptr.dtype.element_ty),

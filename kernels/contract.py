@@ -12,7 +12,7 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
                 normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
                 The launcher folds u into the scalars (`fold_score_unit`); kernels never multiply by
                 LOG2E themselves. LOG2E / LN2 below are the ONE place the log base is named.
-    allowed     j < S, and (causal) j <= i + causal_off, and (bool mask) m_ij, and (float mask)
+    allowed     j < S, and (causal) j <= i + causal_off, and (window, ST.LEFT) j >= i + left_off, and (bool mask) m_ij, and (float mask)
                 bias_ij > finfo(mask dtype).min (-inf and finfo.min EXCLUDE the key)
     masked tile a tile that needs the `allowed` test (diagonal causal tiles, the ragged last tile, every
                 tile when a user mask is given). CONVENTION: in a masked tile s = -inf exactly where
@@ -21,12 +21,14 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
 Runtime argument bundles (named tuples: Triton passes their fields as kernel arguments)::
 
     View        a 4-D tensor (batch, head, row, col): pointer and its four strides
-    Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right)
+    Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right; a window's right
+                bound: off + right), left_off (a window's left bound: off - left; `flashmaps.window`)
     ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
     Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
                 pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
     Block       one program's query block: q tile [BM, BD], row indices, and the key bounds
-                (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read)
+                (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read; with
+                a window's left bound, ST.LEFT: [lo, full_lo) masked, [full_lo, full_end) unmasked, < lo never read)
 
 Compile-time bundles (passed as ONE ``tl.constexpr`` each; a constexpr field inside a runtime tuple does
 not compile, a whole tuple as a constexpr does)::
@@ -98,6 +100,8 @@ class Dims(NamedTuple):
     L: Any
     S: Any
     causal_off: Any
+    left_off: Any     # window: key j is allowed for row i only if j >= i + left_off (read when ST.LEFT)
+    split_keys: Any   # split-KV (ST.SPLIT): keys per split, a multiple of every BN; 0 otherwise
 
 
 class ScoreScale(NamedTuple):
@@ -127,6 +131,7 @@ class Keys(NamedTuple):
     S: Any
     causal_off: Any
     scale: Any        # ScoreScale
+    left_off: Any     # Dims.left_off
 
 
 class Block(NamedTuple):
@@ -137,6 +142,8 @@ class Block(NamedTuple):
     i: Any            # [BM, 1] row indices
     full_end: Any     # keys [0, full_end): whole tiles every row attends (no mask arithmetic)
     hi: Any           # keys [full_end, hi): masked tiles; keys >= hi are never read
+    lo: Any           # ST.LEFT: keys < lo are never read, [lo, full_lo) are masked tiles (else both 0)
+    full_lo: Any
 
 
 class Static(NamedTuple):
@@ -155,13 +162,16 @@ class Static(NamedTuple):
     DTYPE: str        # the input dtype (an autotune key: the bundles hide the tensors' dtypes from it)
     PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
     PAD_DV: bool
+    LEFT: bool        # a sliding window's left bound (Dims.left_off); IS_CAUSAL is the right bound
+    SPLIT: bool       # split-KV forward: program (query block, split) folds the keys of its split only and
+                      # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str) -> "Static":
+             dtype: str, left: bool = False, split: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv)
+                   BD != D, BDV != Dv, bool(left), bool(split))
 
 
 class RowOut(NamedTuple):

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .contract import Block, Keys
 from .dropout import dropout_keep
-from .tiles import fold_keys, head_base, key_bounds, load_tile, mask_rows, mma, query_program
+from .tiles import fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program
 
 
 class _Values(NamedTuple):
@@ -102,6 +102,10 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     scratch has L_PAD >= every row index a program touches rows per (batch, head)."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     pid_bh = off_b * dims.Hq + off_h
+    if ST.SPLIT:                                       # axis 0 is (query block, split)
+        n_split = tl.cdiv(dims.S, dims.split_keys)
+        split = pid_m % n_split
+        pid_m = pid_m // n_split
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)
@@ -109,10 +113,24 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
                   ST.HEAD_D, Q.sr, Q.sc, True, ST.PAD_D)                              # [BM, BD]
     full_end, hi = key_bounds(start_m, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                               ST.MASK_KIND != 0)
-    blk = Block(q, offs_m, offs_m[:, None], full_end, hi)
+    lo, full_lo, full_end = left_bounds(start_m, dims.L, dims.left_off, full_end, hi, BM, BN, ST.LEFT)
+    if ST.SPLIT:                                       # this program's keys: [k_lo, k_hi)
+        k_lo = split * dims.split_keys
+        k_hi = tl.minimum(k_lo + dims.split_keys, dims.S)
+        hi = tl.minimum(hi, k_hi)
+        full_end = tl.minimum(full_end, k_hi)
+        lo = tl.maximum(lo, k_lo)
+        full_lo = tl.maximum(full_lo, k_lo)
+        narrow = full_lo >= full_end
+        full_lo = tl.where(narrow, lo, full_lo)
+        full_end = tl.where(narrow, lo, full_end)
+        off_b_out = split * dims.B + off_b             # O and the statistics of split s live at [s]
+    else:
+        off_b_out = off_b
+    blk = Block(q, offs_m, offs_m[:, None], full_end, hi, lo, full_lo)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale)
-    row_base = pid_bh.to(tl.int64) * dims.L           # (B, Hq, L) contiguous row outputs
+                dims.S, dims.causal_off, scale, dims.left_off)
+    row_base = (off_b_out * dims.Hq + off_h).to(tl.int64) * dims.L   # (B, Hq, L) contiguous row outputs
 
     if NORM.has_prepass:
         scr = rows.scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS        # [BM, 1]
@@ -130,7 +148,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, row_base, drop.p)
+    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, pid_bh.to(tl.int64) * dims.L,
+                   drop.p)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 
@@ -142,7 +161,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     stat0 = tl.where(row_good, stat0, float("nan"))
     stat1 = tl.where(row_good, stat1, float("nan"))
     row_ok = offs_m < dims.L
-    o_ptrs = head_base(O, off_b, off_h) + offs_m[:, None] * O.sr + offs_dv[None, :] * O.sc
+    o_ptrs = head_base(O, off_b_out, off_h) + offs_m[:, None] * O.sr + offs_dv[None, :] * O.sc
     if ST.DROPOUT:
         out = acc * (inv_l * drop.scale)[:, None]
     else:

@@ -111,6 +111,8 @@ def mask_scores(s, i, j, keys, ST: tl.constexpr):
     ok = j < keys.S
     if ST.IS_CAUSAL:
         ok = ok & (j <= i + keys.causal_off)
+    if ST.LEFT:
+        ok = ok & (j >= i + keys.left_off)
     if ST.MASK_KIND == MASK_BOOL:
         mv = tl.load(keys.mask_rows + j.to(tl.int64) * keys.mask_sn, mask=(i < keys.L) & (j < keys.S), other=0)
         ok = ok & (mv != 0)
@@ -201,6 +203,47 @@ def key_bounds(start_m, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
+def left_bounds(start_m, L, left_off, full_end, hi, BM: tl.constexpr, BN: tl.constexpr, LEFT: tl.constexpr):
+    """A window's left bound (j >= i + left_off) for the query rows [start_m, start_m + BM), after
+    `key_bounds`: returns (lo, full_lo, full_end). Keys < lo (a multiple of BN) are excluded for every row of
+    the block and never read; [lo, full_lo) are masked tiles, [full_lo, full_end) whole unmasked tiles,
+    [full_end, hi) masked tiles. A band narrower than a tile has no unmasked part (full_lo = full_end = lo).
+    Without LEFT: (0, 0, full_end)."""
+    if LEFT:
+        last_row = tl.minimum(start_m + BM, L) - 1
+        lo = (tl.minimum(tl.maximum(start_m + left_off, 0), hi) // BN) * BN
+        full_lo = ((tl.maximum(last_row + left_off, 0) + BN - 1) // BN) * BN   # every row sees keys >= it
+        narrow = full_lo >= full_end
+        full_lo = tl.where(narrow, lo, full_lo)
+        full_end = tl.where(narrow, lo, full_end)
+    else:
+        lo = 0 * start_m
+        full_lo = 0 * start_m
+    return lo, full_lo, full_end
+
+
+@triton.jit
+def left_query_bounds(start_n, L, S, left_off, lo, full_start, BM: tl.constexpr, BN: tl.constexpr,
+                      LEFT: tl.constexpr):
+    """A window's left bound for the keys [start_n, start_n + BN) (the dK/dV kernel), after `query_bounds`:
+    returns (full_start, full_stop, stop). Rows >= stop see no key of the tile (never visited); query tiles in
+    [full_start, full_stop) see every key of the tile, [lo, full_start) and [full_stop, stop) are masked.
+    Without LEFT: (full_start, L, L)."""
+    if LEFT:
+        last_key = tl.minimum(start_n + BN, S) - 1
+        stop = tl.minimum(tl.maximum(last_key - left_off + 1, 0), L)           # rows i <= j - left_off
+        full_stop = (tl.maximum(start_n - left_off + 1, 0) // BM) * BM          # rows seeing the first key
+        full_stop = tl.minimum(full_stop, stop)
+        narrow = full_stop <= full_start
+        full_start = tl.where(narrow, lo, full_start)
+        full_stop = tl.where(narrow, lo, full_stop)
+    else:
+        full_stop = L + 0 * start_n
+        stop = L + 0 * start_n
+    return full_start, full_stop, stop
+
+
+@triton.jit
 def query_bounds(start_n, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
     """Query tiles visiting the keys [start_n, start_n + BN) (the dK/dV kernel's mirror of key_bounds).
@@ -234,8 +277,11 @@ def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: t
     """Fold every key tile the block visits into ``state`` (any tuple):
     ``state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)`` for the score tile s [BM, BN] of keys
     [start_n, start_n + BN): first the whole unmasked tiles [0, full_end), then the masked ones
-    [full_end, hi). The forward's output pass and every threshold pass are this sweep."""
-    state = _fold_range(state, FOLD, ctx, blk, keys, 0, blk.full_end, BN, ST, NORM, False)
+    [full_end, hi). The forward's output pass and every threshold pass are this sweep. With a window's left
+    bound (ST.LEFT) the sweep starts at blk.lo: masked [lo, full_lo), unmasked [full_lo, full_end), ..."""
+    if ST.LEFT or ST.SPLIT:
+        state = _fold_range(state, FOLD, ctx, blk, keys, blk.lo, blk.full_lo, BN, ST, NORM, True)
+    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_lo, blk.full_end, BN, ST, NORM, False)
     state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True)
     return state
 
@@ -254,4 +300,5 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
 
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
            "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds", "query_bounds", "query_program",
+           "left_bounds", "left_query_bounds",
            "fold_keys"]

@@ -20,9 +20,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import NORMS, rel_err  # noqa: E402
+from helpers import NORMS, grad_err, rel_err  # noqa: E402
 
 import flashmaps  # noqa: E402
+import flashmaps.inference  # noqa: E402
 from flashmaps import reference  # noqa: E402
 from flashmaps.integrations import transformers as fm_hf  # noqa: E402
 
@@ -320,9 +321,19 @@ def test_left_padded_logits_match_reference(hf, arch):
     assert torch.isfinite(other).all() and rel_err(other[real], ref[real]) > 1e-3
 
 
-def dense_reference(q, k, v, normalizer, *, causal, attn_mask, scale, softcap, enable_gqa, dropout_p):
-    """flashmaps.attention's signature computed by the float64 dense reference (no dropout)."""
+def dense_reference(q, k, v, normalizer, *, causal, attn_mask, scale, softcap, enable_gqa, dropout_p, window=None):
+    """flashmaps.attention's signature computed by the float64 dense reference (no dropout); a window as the
+    bool band mask of its definition (lower-right: i + S - L - left <= j <= i + S - L + right)."""
     assert dropout_p == 0.0
+    if window is not None:
+        L, S = q.shape[2], k.shape[2]
+        rel = torch.arange(S)[None, :] - torch.arange(L)[:, None] - (S - L)
+        band = torch.ones(L, S, dtype=torch.bool)
+        if window[0] >= 0:
+            band &= rel >= -window[0]
+        if window[1] >= 0:
+            band &= rel <= window[1]
+        attn_mask = band if attn_mask is None else attn_mask & band
     out = reference.attention(
         q, k, v, normalizer, causal=causal, attn_mask=attn_mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa
     )
@@ -509,3 +520,71 @@ def test_readme_transformers_snippet_runs(hf, capfd):
     assert scope["emb"].shape[-1] == 384 and torch.isfinite(scope["emb"]).all()
     err = capfd.readouterr().err
     assert "LOAD REPORT" not in err and "UNEXPECTED" not in err and "MISSING" not in err and "newly initialized" not in err
+
+
+def _packed_batch(lens=(5, 3, 6), seed=2):
+    """transformers' DataCollatorWithFlattening layout: one row, position_ids restarting per sequence, and the
+    cu_seq_lens / max_length kwargs; plus the sequences themselves."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 96, (n,), generator=g) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    kw = dict(input_ids=torch.cat(seqs)[None], position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+              cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+    return seqs, kw
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("impl", [f"fmaps_{n}" for n in flashmaps.names()])
+def test_packed_sequences_equal_separate_runs(hf, impl, monkeypatch):
+    """A packed batch goes through attention_varlen (the mask is not used: it is replaced by a sentinel that
+    would fail) and gives each sequence's own logits."""
+    model, _ = tiny(hf, "llama-gqa")
+    seqs, kw = _packed_batch()
+    model.config.fmaps_topk_k = 3
+    calls = []
+    real_varlen = flashmaps.inference.attention_varlen
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real_varlen(*a, **k)
+
+    monkeypatch.setattr(flashmaps.inference, "attention_varlen", spy)
+    try:
+        set_impl(model, impl)
+        with torch.no_grad():
+            packed = model(**kw).logits[0]
+            alone = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
+    finally:
+        del model.config.fmaps_topk_k
+    assert calls, "the packed batch did not go through attention_varlen"
+    assert rel_err(packed, alone) < 1e-5
+
+
+@pytest.mark.hf
+def test_packed_training_step_equals_padded(hf):
+    """Loss and gradients of a packed batch (fmaps_softmax through varlen) equal the right-padded batch."""
+    model, _ = tiny(hf, "llama-gqa")
+    seqs, kw = _packed_batch()
+    set_impl(model, "fmaps_softmax")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(**inputs):
+        model.zero_grad()
+        out = model(**inputs).logits
+        return out, torch.autograd.grad(out.float().square().mean() * out.numel(), params)
+
+    packed, g_packed = step(**kw)
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)], mask[b, : len(s)] = s, 1
+    padded, _ = step(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(packed[0], padded[real]) < 1e-5
+    # the same loss on the padded batch's real tokens only
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask).logits
+    g_padded = torch.autograd.grad(out[real].float().square().sum(), params)
+    for a, b in zip(g_packed, g_padded):
+        assert grad_err(a, b) < 1e-4

@@ -211,12 +211,6 @@ def test_bench_providers_sweep_the_forms():
         providers.get_provider("flashmaps-softmax-torch-linear")
 
 
-def test_triton_backend_has_no_linear_form_yet():
-    q, k, v = _qkv(L=4096)
-    with pytest.raises(ValueError, match="Triton backend has no linear"):
-        flashmaps.attention(q, k, v, "taylor", form="linear", backend="triton")
-    choice = flashmaps.choose_form(q, k, v, "taylor", causal=True, backend="triton")
-    assert choice.form == "quadratic" and "Triton" in choice.reason
 
 
 def test_register_checks_the_linear_contract():

@@ -31,3 +31,19 @@ def test_every_kernel_compiles_for_sm90(causal):
         # ptxas C7515: the wgmma pipeline serialized (a full wait after each product); regression: every
         # non-causal forward and dQ kernel had it while their loops could run zero times (issue 17)
         assert r[-1] != "wgmma-serialized", r
+
+
+def test_taylor_linear_kernels_compile_for_sm90_without_forward_spills():
+    """kernels/linear.py at D = 16, Dv = 64, causal (`sm90-compile --linear 16`): the kernels build within
+    the shared memory, the forward ones keep their fp32 state in registers (no stack) and the backward spills at
+    most a few hundred bytes (136 when TRITON_AUTO_MAX_D was set to 16; D = 32 spills kilobytes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--norms", "taylor", "--dims", "16", "--causal",
+           "--linear", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r[2]: r for r in (ln.split() for ln in proc.stdout.splitlines()) if r and r[0] == "taylor-lin"}
+    assert set(rows) == {"lin-piece", "lin-fwd", "lin-row-piece", "lin-bwd"}, proc.stdout
+    stack = {name: int(next(w for w in r if w.startswith("STACK:")).split(":")[1]) for name, r in rows.items()}
+    assert all(int(r[5]) <= H100_SMEM for r in rows.values()), rows
+    assert stack["lin-fwd"] == stack["lin-piece"] == stack["lin-row-piece"] == 0 and stack["lin-bwd"] <= 512, stack

@@ -29,9 +29,13 @@ The attention function follows transformers' calling convention and the rules of
   the keys beyond the first L are empty slots, so K/V are cropped to L and the mask is upper-left causal,
   exactly what SDPA's ``is_causal`` computes there. With a mask, the mask alone decides.
 * ``sliding_window``: the masks from the mask function already contain the window; when no mask is
-  given the window is applied here, as transformers' mask functions define it (causal: a query at
-  position t sees keys t - sliding_window < j <= t; bidirectional: |t - j| <= sliding_window), with the
-  queries aligned to the last L key positions.
+  given the window is applied here as flashmaps' native window (``attention(window=)``: tiles outside it
+  are never computed), as transformers' mask functions define it (causal: a query at position t sees keys
+  t - sliding_window < j <= t; bidirectional: |t - j| <= sliding_window), with the queries aligned to the
+  last L key positions.
+* packed batches (``DataCollatorWithFlattening``: batch 1 with the ``cu_seq_lens_q/k`` and
+  ``max_length_q/k`` kwargs) run through :func:`flashmaps.attention_varlen`, each sequence on its own keys
+  (causal within it), without the block-diagonal mask.
 * ``softcap`` (Gemma 2): ``s = softcap * tanh(scaling * q.k / softcap)`` before the mask.
 * ``position_bias`` (T5 family): added to the scores, combined with the mask as SDPA's path does.
 * ``dropout`` applies only while ``module.training`` is True.
@@ -104,15 +108,6 @@ def _instance(cls, overrides: tuple) -> Normalizer:
         raise ValueError(f"{what} is not valid for fmaps_{cls.name}: {err}") from None
 
 
-def _window_mask(L: int, S: int, window: int, causal: bool, device) -> torch.Tensor:
-    """Bool (L, S) sliding-window mask, queries at key positions S - L .. S - 1 (True = may attend)."""
-    t = torch.arange(S - L, S, device=device)[:, None]  # (L, 1) query positions
-    j = torch.arange(S, device=device)[None, :]  # (1, S) key positions
-    if causal:
-        return j > t - window  # causality itself is applied by `causal`
-    return (t - j).abs() <= window
-
-
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -178,8 +173,12 @@ def attention_forward(
         if position_bias is not None:
             position_bias = position_bias[..., :L]
         S = L
+    window = None
     if mask is None and sliding_window is not None and S > sliding_window:
-        mask = _window_mask(L, S, int(sliding_window), bool(is_causal), query.device)  # (L, S) bool
+        # transformers' windows (causal: t - w < j <= t; bidirectional: |t - j| <= w), queries at the last L
+        # key positions: flashmaps' native window (lower-right), whole tiles outside it never computed
+        sw = int(sliding_window)
+        window = (sw - 1, 0) if is_causal else (sw, sw)
     if position_bias is not None:
         if mask is None:
             mask = position_bias
@@ -190,6 +189,10 @@ def attention_forward(
             mask = (position_bias + mask).masked_fill(excluded, float("-inf"))
 
     training = getattr(module, "training", False)
+    packed = _packed_lengths(kwargs, query, key, position_bias)
+    if packed is not None:
+        return _packed_forward(query, key, value, norm, packed, bool(is_causal), scaling, softcap, window,
+                               float(dropout) if training else 0.0), None
     out = attention(
         query, key, value, norm,
         causal="upper_left" if causal else False,
@@ -198,8 +201,33 @@ def attention_forward(
         softcap=softcap,
         enable_gqa=query.shape[1] != key.shape[1],
         dropout_p=float(dropout) if training else 0.0,
+        window=window,
     )  # (B, Hq, L, Dv)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
+
+
+def _packed_lengths(kwargs, query, key, position_bias):
+    """(cu_q, cu_k, max_q, max_k) of a packed batch (transformers' ``DataCollatorWithFlattening`` hands the
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs; batch 1, sequences back to back), else None."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None or query.shape[0] != 1 or position_bias is not None:
+        return None
+    if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
+        return None                       # lengths of another layout (e.g. a cache): the mask decides
+    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
+    return cu_q, cu_k, int(kwargs.get("max_length_q") or max(lens_q)), int(kwargs.get("max_length_k") or max(lens_k))
+
+
+def _packed_forward(query, key, value, norm, packed, causal, scaling, softcap, window, dropout_p):
+    """Packed sequences through :func:`flashmaps.attention_varlen` (causal within each sequence, no mask):
+    (1, Hq, T, D) -> (1, T, Hq, Dv)."""
+    from ..inference import attention_varlen
+
+    cu_q, cu_k, max_q, max_k = packed
+    out = attention_varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
+                           max_q, max_k, norm, causal="lower_right" if causal else False, window=window, scale=scaling, softcap=softcap,
+                           dropout_p=dropout_p)                                   # (T, Hq, Dv)
+    return out.unsqueeze(0).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or v.shape[-1] != q.shape[-1]:
         return None
     L, S = q.shape[2], k.shape[2]
+    if causal not in (None, "upper_left", "lower_right"):      # a sliding window (flashmaps.window)
+        return None
     if causal == "lower_right" and L != S:
         return None
     # the op hides a NaN score (it returns a finite row): the chunk loop applies the non-finite rule. Every
