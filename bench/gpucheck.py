@@ -9,7 +9,7 @@ Phases, each timed and printed:
 2. prewarm (``--prewarm N``): every flashmaps Triton kernel of the plan compiled once at a small length in
    N worker processes at once (``harness.prewarm``), so that the timed cases find them in Triton's cache
    (at most half of the budget left);
-3. bench: the suites (``suites.SUITES``: h100-goals, long, tune, taylor-linear) run by ``harness.run_jobs``, case by case;
+3. bench: the suites (``suites.SUITES``: h100-goals, long, tune, taylor-linear, decode) run by ``harness.run_jobs``, case by case;
    with ``--baseline-tree DIR`` each flashmaps case also runs from the checkout DIR, right next to it
    ("<provider>@base", ``harness.add_baseline``). ``--budget`` seconds bound the whole run: cases not
    started by then are recorded as skipped.
@@ -250,7 +250,7 @@ def goal_tables(rows: list[dict], md: bool = False) -> str:
     """Per mode: time (ms) of every plain provider per case, our softmax against the fastest SDPA backend
     and FlexAttention (their time / softmax's: > 1 = softmax faster), each other normalizer's time /
     softmax's. Rows of the sweep suites (not long, not the pinned configs of tune)."""
-    ok = [r for r in _ok(rows) if _plain(r) and r.get("suite") not in ("long", "taylor-linear")]
+    ok = [r for r in _ok(rows) if _plain(r) and r.get("suite") not in ("long", "taylor-linear", "decode")]
     out = []
     for suite, mode in dict.fromkeys((r.get("suite"), r["mode"]) for r in ok):
         sub = [r for r in ok if r["mode"] == mode and r.get("suite") == suite]
@@ -384,10 +384,37 @@ def linear_table(rows: list[dict], md: bool = False) -> str:
     return "taylor linear form (Triton, D = 16, causal, bf16)\n\n" + _render(list(cells.values()), cols, md)
 
 
+def _gb(x):
+    return None if x is None else (round(x) if x >= 100 else round(x, 2))
+
+
+def decode_table(rows: list[dict], md: bool = False) -> str:
+    """The decode suite: per (B, S) each provider's K/V GB/s and its fraction of the device copy's GB/s
+    measured in the same run (the copy reads and writes K and V; decoding reads them once)."""
+    sub = [r for r in rows if r.get("suite") == "decode"]
+    copy = {(r["B"], r["S"]): r.get("gbps") for r in sub if r["provider"].startswith("device-copy")}
+    cells = []
+    for r in sub:
+        if r["provider"].startswith("device-copy"):
+            continue
+        bw, ref = r.get("gbps"), copy.get((r["B"], r["S"]))
+        cells.append({"provider": _short(r["provider"]), "B": r["B"], "S": _len(r["S"]),
+                      "ms": r["time_ms"] if r["status"] == "ok" else r["status"],
+                      "gbps": _gb(bw), "copy": _gb(ref),
+                      "frac": None if bw is None or not ref else f"{bw / ref:.2f}",
+                      "err": None if r.get("err") is None else f"{r['err']:.1e}"})
+    if not cells:
+        return ""
+    cols = [("provider", "provider"), ("B", "B"), ("S", "S"), ("ms", "ms"), ("K/V GB/s", "gbps"),
+            ("copy GB/s", "copy"), ("fraction of copy", "frac"), ("rel. err, sampled rows", "err")]
+    return "decode (L = 1, Hq = 32, Hkv = 8, D = 128, bf16)\n\n" + _render(cells, cols, md)
+
+
 def summary(rows: list[dict], md: bool = False) -> str:
     """Every table that has rows: the sweep suites' ratios, the long context, the pinned configs and
     the before/after comparison (last: the answer a baseline run is for)."""
-    parts = [goal_tables(rows, md), long_table(rows, md), linear_table(rows, md), tune_table(rows, md),
+    parts = [goal_tables(rows, md), long_table(rows, md), linear_table(rows, md), decode_table(rows, md),
+             tune_table(rows, md),
              baseline_table(rows, md)]
     bad = {}
     for r in rows:

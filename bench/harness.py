@@ -6,7 +6,8 @@
 
 Each row: provider, family, normalizer, backend, mode, B, Hq, Hkv, L, S, Dqk, Dv, causal, dtype, status
 ("ok", "unavailable", "unsupported", "oom", "timeout", "crash", "error", "skipped"), message, time_ms (median),
-time_q20_ms, time_q80_ms, n_runs, flops (``flops.attention_flops``), tflops, peak_mem_bytes (extra peak of
+time_q20_ms, time_q80_ms, n_runs, flops (``flops.attention_flops``), tflops, gbps (decode: K/V bytes read per
+second; device-copy: read + written), peak_mem_bytes (extra peak of
 one call), err / err_note / sparsity (checked jobs), suite (the gpucheck suite), config (pinned kernel
 configs), knobs, tree (git sha of the checkout that ran it), tuned (autotuner choices made during the job),
 and the tags: device, device_kind, git_sha, date, versions.
@@ -62,7 +63,7 @@ __all__ = [
 ROW_FIELDS = (
     "provider", "family", "normalizer", "backend", "mode", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal",
     "dtype", "status", "message", "time_ms", "time_q20_ms", "time_q80_ms", "n_runs", "flops", "tflops",
-    "peak_mem_bytes", "err", "err_note", "sparsity", "suite", "config", "knobs", "tree", "tuned",
+    "gbps", "peak_mem_bytes", "err", "err_note", "sparsity", "suite", "config", "knobs", "tree", "tuned",
 )
 FAILED = ("oom", "timeout", "crash")
 

@@ -16,6 +16,7 @@ k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) with ``causal`` in {None, "upper_left", "l
     entmax15-dense              the ``entmax`` package's entmax15 over the materialized (B, Hq, L, S) scores
     fla-based                   flash-linear-attention's parallel Based kernel (the taylor map), if importable
     adasplash                   AdaSplash (1.5-entmax flash attention), if importable
+    device-copy                 not attention: a copy of K and V, the bandwidth yardstick of decode rows
 
 Options in brackets after a name, separated by ";", pin kernel configs and set variant knobs:
 
@@ -475,6 +476,24 @@ def _entmax_dense_provider() -> Provider:
     return Provider("entmax15-dense", "entmax", "entmax15", make, probe, backend="dense", dense=True)
 
 
+def _copy_provider() -> Provider:
+    """Not attention: a device copy of K and V (into buffers made at the first call), the memory-bandwidth
+    yardstick of the decode rows (its GB/s counts the bytes read and written)."""
+    def make(device):
+        bufs = {}
+
+        def fn(q, k, v, causal):
+            if "k" not in bufs:
+                bufs["k"], bufs["v"] = torch.empty_like(k), torch.empty_like(v)
+            bufs["k"].copy_(k)
+            bufs["v"].copy_(v)
+            return bufs["v"]
+
+        return fn
+
+    return Provider("device-copy", "copy", "softmax", make, lambda device: None, backend="copy")
+
+
 # ----------------------------------------------------------------------------------------------------
 # optional third-party kernels (when importable)
 
@@ -566,6 +585,7 @@ _FIXED = {
     "entmax15-dense": _entmax_dense_provider,
     "fla-based": _fla_based_provider,
     "adasplash": _adasplash_provider,
+    "device-copy": _copy_provider,
 }
 
 

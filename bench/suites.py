@@ -16,6 +16,8 @@ is a list of harness jobs (``harness.sweep`` rows), ordered case by case.
                 fwd+bwd with SDPA (default, flash) at the same shapes.
     taylor-linear  the Triton linear form of taylor vs its quadratic kernel and SDPA flash: B = 1, H = 8,
                 D = Dv = 16, bf16, causal, L = S 16k-128k, fwd and fwd+bwd (no jobs without taylor).
+    decode      L = 1 against S = 4k-128k keys, B in {1, 8}, Hq = 32, Hkv = 8, D = 128, bf16: every normalizer,
+                SDPA, FlexAttention and a device copy of K/V, as K/V GB/s (fraction of the copy's GB/s).
 
 ``Plan`` carries the choices every suite shares (normalizers, overrides of the grid, smoke). ``smoke``
 shrinks the suites to tiny float32 shapes with 16 x 16 blocks, the sweep suites to their causal cases (the
@@ -159,8 +161,26 @@ def taylor_linear(plan: Plan) -> list[dict]:
     return jobs
 
 
+def decode(plan: Plan) -> list[dict]:
+    """Issue 13 on the GPU: decoding (L = 1) at B in {1, 8}, Hq = 32, Hkv = 8, D = 128, bf16, S 4k to 128k:
+    every normalizer's Triton forward (split-KV where its merge rule allows), SDPA (default, flash),
+    FlexAttention and a device copy of K and V (the bandwidth yardstick), as K/V GB/s; the forward checked
+    against the reference on sampled rows."""
+    provs = [flashmaps_provider(n, "triton") for n in plan.normalizers]
+    provs += [get_provider(n) for n in ("sdpa", "sdpa-flash", "flex", "device-copy")]
+    jobs = []
+    for B in (1, 8):
+        jobs += sweep(device=plan.device, providers=provs, seqs=plan.lengths or (4096, 16384, 65536, 131072),
+                      modes=["decode"], batches=[B], heads=[32], kv_heads=[8], head_dims=[128], causals=[None],
+                      dtypes=["bfloat16"])
+    for j in jobs:
+        if not j["provider"].startswith("device-copy"):
+            j["check_rows"] = 1
+    return jobs
+
+
 #: suite name -> jobs of a Plan
-SUITES = {"h100-goals": goals, "long": long, "tune": tune, "taylor-linear": taylor_linear}
+SUITES = {"h100-goals": goals, "long": long, "tune": tune, "taylor-linear": taylor_linear, "decode": decode}
 
 
 def _shrunk(job: dict) -> dict:

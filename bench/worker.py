@@ -268,13 +268,29 @@ def _slices_that_fit(job: dict, max_elems: int) -> tuple[int, int]:
     return batches, heads
 
 
+def _pin_noise_seed(norm_spec: str, job: dict) -> int:
+    """A stochastic normalizer (gumbel) draws its noise seed from torch's default generator: seed it with the
+    job's seed and return the noise seed the next call draws (the reference's ``noise_seed``); 0 otherwise."""
+    from flashmaps import parse, torch_path
+
+    if not parse(norm_spec).stochastic:
+        return 0
+    torch.manual_seed(job.get("seed", 0))
+    seed = torch_path.draw_seed()
+    torch.manual_seed(job.get("seed", 0))
+    return seed
+
+
 def check_sampled_rows(fn, q, k, v, job: dict, norm_spec: str, n_rows: int) -> dict:
     """Relative error of ``n_rows`` sampled query rows (batch 0, every head) against the float64
     reference over all S keys: the check for lengths whose full (L, S) reference does not fit."""
-    from flashmaps import reference
+    from flashmaps import parse, reference
 
     L, S, causal = job["L"], job["S"], job["causal"]
     res = {"err": None, "err_note": ""}
+    if parse(norm_spec).stochastic:  # its noise is indexed by the call's rows: a row subset draws other noise
+        res["err_note"] = "no sampled-row check for a stochastic normalizer (the noise depends on the call's rows)"
+        return res
     try:
         g = torch.Generator().manual_seed(job.get("seed", 0) + 1)
         rows = torch.randperm(L, generator=g)[:n_rows].sort().values.to(q.device)  # (n,)
@@ -308,9 +324,11 @@ def check_error(fn, q, k, v, job: dict, norm_spec: str, max_elems: int) -> dict:
             res["err_note"] = f"reference too large (> {max_elems} scores)"
         else:
             qs, ks, vs = q[:nb, : nh * g], k[:nb, :nh], v[:nb, :nh]  # (nb, nh*g, L, D), (nb, nh, S, D)
+            noise_seed = _pin_noise_seed(norm_spec, job)
             with torch.no_grad():
                 out = fn(qs, ks, vs, causal)
-                ref = reference.attention(qs, ks, vs, norm_spec, causal=causal or False, enable_gqa=g > 1)
+                ref = reference.attention(qs, ks, vs, norm_spec, causal=causal or False, enable_gqa=g > 1,
+                                          noise_seed=noise_seed)
                 den = ref.norm().item()
                 num = (out.double() - ref).norm().item()
             del ref
@@ -373,7 +391,7 @@ def run_job(job: dict) -> dict:
     row["L"] = job["L"] = L
     row["flops"] = attention_flops(job["mode"], job["B"], job["Hq"], L, job["S"], job["Dqk"], job["Dv"], job["causal"])
     row.update(status="ok", message="", time_ms=None, time_q20_ms=None, time_q80_ms=None, n_runs=None,
-               tflops=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
+               tflops=None, gbps=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
     try:
         prov = get_provider(job["provider"])
         if prov.flops is not None:  # a provider with its own FLOP count (the Triton linear form)
@@ -461,6 +479,9 @@ def _measure(row: dict, job: dict, fn, prov) -> None:
         t = time_cpu(call, job.get("min_run_time", 0.5), job.get("min_runs", 3))
     row.update(t)
     row["tflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e12 if row["time_ms"] else None
+    if mode == "decode" and row["time_ms"]:   # memory bound: the K/V bytes read per second (a copy also writes)
+        nbytes = (k.numel() + v.numel()) * k.element_size() * (2 if prov.family == "copy" else 1)
+        row["gbps"] = nbytes / (row["time_ms"] * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------

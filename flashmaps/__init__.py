@@ -16,6 +16,7 @@ from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
 from .inference import attention_varlen, attention_with_kvcache
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
+from .normalizers.gumbel import gumbel_noise
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "parse",
     "normalizers",
     "reference",
+    "gumbel_noise",
     "__version__",
 ]
 

@@ -433,6 +433,8 @@ def cmd_bench(args) -> int:
     cols = [("provider", "provider"), ("mode", "mode"), ("B", "B"), ("H", "Hq"), ("S", "S"), ("D", "Dqk"),
             ("causal", "causal"), ("dtype", "dtype"), ("ms", "time_ms"), ("20-80%", "spread_s"),
             ("TFLOP/s", "tflops"), ("extra peak", "mem_s"), ("status", "status_s")]
+    if any(r.get("gbps") for r in rows):     # decode rows: memory bound, K/V GB/s
+        cols.insert(-2, ("K/V GB/s", "gbps"))
     print(format_table(rows, cols))
     for r in rows:
         for col in ("mem_s", "spread_s", "status_s"):

@@ -40,10 +40,10 @@ def _stats_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p):
+def _call_kwargs(mask, seed, causal, scale, softcap, dropout_p, stochastic=False):
     return dict(
         mask=mask, causal=causal or None, scale=scale, softcap=softcap, dropout_p=dropout_p,
-        seed=int(seed.item()) if dropout_p > 0 else 0,
+        seed=int(seed.item()) if dropout_p > 0 or stochastic else 0,
     )
 
 
@@ -60,7 +60,7 @@ def attention_fwd(
 def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad):
     norm = parse(normalizer)
     out, stats, extras = backend_module(backend).forward(
-        q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p)
+        q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
     )
     # outputs must have the strides the fake implementation promises (contiguous)
     if not stats:  # a normalizer without row statistics (sigmoid): torch.stack needs one tensor
@@ -93,7 +93,7 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
     norm = parse(normalizer)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
-        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p),
+        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic),
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
@@ -177,10 +177,11 @@ def attention(
 ):
     """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
 
-    ``seed``: an int64 scalar tensor fixing the dropout mask (drawn from torch's default generator if None).
+    ``seed``: an int64 scalar tensor fixing the dropout mask and a stochastic normalizer's score noise (drawn
+    from torch's default generator if None).
     """
     if seed is None:
-        if dropout_p > 0:
+        if dropout_p > 0 or normalizer.stochastic:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
         else:
             seed = torch.zeros((), dtype=torch.int64)

@@ -5,8 +5,10 @@ semantics of ``shared/ARCHITECTURE.md`` literally. It is slow and memory-hungry 
 thing every fast path is compared against, and nothing else in the package copies it.
 
     s_ij = scale * q_i . k_j                     (scale defaults to 1/sqrt(Dqk))
+    s_ij = -(n/2) ln(max(scale ||q_i - k_j||^2, tiny))   (instead, for a normalizer with score = "distance")
     s_ij = c * tanh(s_ij / c)                    (if softcap c)
     s_ij = s_ij + bias_ij                        (float mask; -inf or <= finfo.min excludes the key)
+    s_ij = s_ij + g_ij                           (stochastic normalizers: their score noise of noise_seed)
     allowed_ij = bool mask & causal & not excluded
     p_i = N(s_i restricted to allowed_i)         (0 for a row with no allowed key)
     o_i = sum_j p_ij v_j
@@ -33,8 +35,13 @@ def scores_and_allowed(
     softcap: float | None = None,
     enable_gqa: bool = False,
     dtype: torch.dtype = torch.float64,
+    normalizer: str | Normalizer | None = None,
+    noise_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores ``s`` (B, Hq, L, S) in ``dtype`` and the bool ``allowed`` (B, Hq, L, S)."""
+    """Scores ``s`` (B, Hq, L, S) in ``dtype`` and the bool ``allowed`` (B, Hq, L, S). With a ``normalizer``,
+    its score form (``Normalizer.score``) and, if it is stochastic, its score noise for ``noise_seed`` (the
+    seed of the call: ``triton_path.launch_forward``'s ``seed``, 0 by default)."""
+    norm = None if normalizer is None else parse(normalizer)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if Hq != Hkv:
@@ -43,7 +50,11 @@ def scores_and_allowed(
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, S, D)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    s = scale * torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2))  # (B, Hq, L, S)
+    if norm is not None and norm.score == "distance":  # the squared distances directly, floored at float32 tiny
+        d2 = (q.to(dtype)[:, :, :, None, :] - k.to(dtype)[:, :, None, :, :]).square().sum(-1)  # (B, Hq, L, S)
+        s = -0.5 * norm.score_power * torch.log(torch.clamp(scale * d2, min=torch.finfo(torch.float32).tiny))
+    else:
+        s = scale * torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2))  # (B, Hq, L, S)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(B, Hq, L, S, dtype=torch.bool, device=q.device)
@@ -64,6 +75,9 @@ def scores_and_allowed(
             excluded = attn_mask <= lowest  # also catches -inf
             allowed = allowed & ~excluded
             s = s + torch.where(excluded, torch.zeros((), dtype=dtype), attn_mask.to(dtype))
+    if norm is not None and norm.stochastic:
+        ar = lambda n: torch.arange(n, dtype=torch.int64, device=q.device)  # noqa: E731
+        s = s + norm.score_noise(int(noise_seed), ar(B * Hq).view(B, Hq, 1, 1), ar(L)[:, None], ar(S)).to(dtype)
     return s, allowed.expand(B, Hq, L, S)
 
 
@@ -81,18 +95,20 @@ def attention(
     dropout_mask: torch.Tensor | None = None,
     return_weights: bool = False,
     dtype: torch.dtype = torch.float64,
+    noise_seed: int = 0,
 ):
     """Dense attention in ``dtype`` (float64 by default).
 
     q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) -> out (B, Hq, L, Dv) in ``dtype``.
     ``dropout_mask``, if given, multiplies the normalized weights (broadcastable to (B, Hq, L, S), e.g.
     ``keep / (1 - p)``). With ``return_weights=True`` returns ``(out, p)`` with ``p`` (B, Hq, L, S)
-    the normalized weights before dropout. Differentiable (float64 autograd) w.r.t. q, k, v.
+    the normalized weights before dropout. Differentiable (float64 autograd) w.r.t. q, k, v. ``noise_seed``:
+    the seed of a stochastic normalizer's score noise (see `scores_and_allowed`).
     """
     norm = parse(normalizer)
     s, allowed = scores_and_allowed(
         q, k, causal=causal, attn_mask=attn_mask, scale=scale, softcap=softcap,
-        enable_gqa=enable_gqa, dtype=dtype,
+        enable_gqa=enable_gqa, dtype=dtype, normalizer=norm, noise_seed=noise_seed,
     )
     p = norm.reference_weights(s, allowed)  # (B, Hq, L, S)
     Hq, Hkv = q.shape[1], v.shape[1]

@@ -50,6 +50,7 @@ rows ``[16 r, 16 r + 16)`` of head ``(b, h)`` comes from a ``torch.Generator`` s
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -164,23 +165,40 @@ class _Problem(NamedTuple):
     scale: float
     softcap: float | None
     acc: torch.dtype
+    norm: Normalizer | None = None  # its score form ("distance": the power n) and score noise (stochastic)
+    seed: int = 0
+
+
+#: float32's smallest normal: the floor of the distance form's scale * ||q - k||^2
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     """Scores of a chunk: (s [bb, hc, G, bl, S'] with -inf on disallowed keys, masked?, q chunk
-    [bb, hc, G*bl, D] times scale, the softcap derivative [bb, hc, G, bl, S'] or None)."""
+    [bb, hc, G*bl, D] times scale (unscaled in the distance form), the chain factor ds_final/ds
+    [bb, hc, G, bl, S'] of the softcap and the distance form, or None). A stochastic normalizer's noise is
+    added after the mask."""
     bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
     G, D = pb.q5.shape[2], pb.q5.shape[4]
-    qc = pb.q5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1].to(pb.acc) * pb.scale  # [bb, hc, G, bl, D]
-    qc = qc.reshape(bb, hc, G * bl, D)
+    distance = pb.norm is not None and pb.norm.score == "distance"   # q unscaled: the scale is inside the log
+    qc = pb.q5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1].to(pb.acc) * (1.0 if distance else pb.scale)
+    qc = qc.reshape(bb, hc, G * bl, D)  # [bb, hc, G*bl, D]
     kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
     s = torch.matmul(qc, kc.transpose(-1, -2)).view(bb, hc, G, bl, c.sk - c.k0)  # [bb, hc, G, bl, S']
     capgrad = None
+    if distance:  # s = -(n/2) ln(max(scale d2, tiny)), d2 = |q|^2 + |k|^2 - 2 q.k; chain = ds/dd2 * 2
+        d2 = (qc.square().sum(-1)[..., None] + kc.square().sum(-1)[..., None, :]).view(bb, hc, G, bl, c.sk - c.k0)
+        d2 = (d2 - 2 * s).clamp_min_(0)
+        ok = d2 * pb.scale > _TINY
+        n = pb.norm.score_power
+        s = (d2 * pb.scale).clamp_min(_TINY).log_().mul_(-0.5 * n)
+        if want_capgrad:
+            capgrad = torch.where(ok, -n / torch.where(ok, d2, torch.ones((), dtype=d2.dtype)), 0.0)
     if pb.softcap is not None:
         cap = pb.softcap
         s.div_(cap).tanh_()
         if want_capgrad:
-            capgrad = 1 - s * s  # d(c tanh(x/c))/dx
+            capgrad = 1 - s * s if capgrad is None else capgrad * (1 - s * s)  # d(c tanh(x/c))/dx
         s.mul_(cap)
     disallowed = None
     if pb.causal is not None:
@@ -203,6 +221,12 @@ def _scores(pb: _Problem, c: _Chunk, want_capgrad: bool = False):
     masked = disallowed is not None
     if masked:
         s.masked_fill_(disallowed, _NEG_INF)
+    if pb.norm is not None and pb.norm.stochastic:  # the score noise of (b * Hq + h, i, j)
+        ar = functools.partial(torch.arange, dtype=torch.int64, device=s.device)
+        h = ar(c.h0, c.h1)[:, None] * G + ar(G)                                       # [hc, G] query heads
+        bh = ar(c.b0, c.b1)[:, None, None] * (pb.q5.shape[1] * G) + h                 # [bb, hc, G]
+        g = pb.norm.score_noise(pb.seed, bh[..., None, None], ar(c.i0, c.i1)[:, None], ar(c.k0, c.sk))
+        s.add_(g.to(s.dtype))                                                         # -inf stays -inf
     return s, masked, qc, capgrad
 
 
@@ -218,14 +242,14 @@ def _nonfinite_rows(s: torch.Tensor):
     return bad
 
 
-def _prepare(q, k, v, mask, causal, scale, softcap):
+def _prepare(q, k, v, mask, causal, scale, softcap, norm=None, seed=0):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     q5 = q.unflatten(1, (Hkv, G))  # (B, Hkv, G, L, D) view
     mask5 = None if mask is None else mask.unflatten(1, (Hkv, G))  # (B, Hkv, G, L, S) view
-    return _Problem(q5, k.to(acc), v.to(acc), mask5, causal, scale, softcap, acc)
+    return _Problem(q5, k.to(acc), v.to(acc), mask5, causal, scale, softcap, acc, norm, seed)
 
 
 def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None):
@@ -297,8 +321,13 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
         if capgrad is not None:
             ds = ds * capgrad
         ds = ds.view(bb, hc, G * bl, c.sk - c.k0)
-        dq5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = (torch.matmul(ds, kc) * pb.scale).view(bb, hc, G, bl, D)
-        dk[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(ds.transpose(-1, -2), qc)
+        if pb.norm.score == "distance":  # dq_i = sum_j ds_ij (q_i - k_j), dk_j = sum_i ds_ij (k_j - q_i)
+            dqc = qc * ds.sum(-1, keepdim=True) - torch.matmul(ds, kc)
+            dk[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += kc * ds.sum(-2)[..., None] - torch.matmul(ds.transpose(-1, -2), qc)
+        else:
+            dqc = torch.matmul(ds, kc) * pb.scale
+            dk[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(ds.transpose(-1, -2), qc)
+        dq5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = dqc.view(bb, hc, G, bl, D)
     return dq5.view(B, Hkv * G, L, D), dk, dv
 
 
@@ -322,7 +351,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
     if native is not None:
         out, stats = native
         return out, stats, extras
-    pb = _prepare(q, k, v, mask, causal, scale, softcap)
+    pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
     out5, stats = _forward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed)
     B, Hq, L = q.shape[:3]
     out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
@@ -337,7 +366,7 @@ def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask,
                                               softcap=softcap, dropout_p=dropout_p)
     if native is not None:
         return native
-    pb = _prepare(q, k, v, mask, causal, scale, softcap)
+    pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
     B, Hkv, G, L, _ = pb.q5.shape
     st = {n: val.reshape(B, Hkv, G, L) for n, val in zip(normalizer.stats, stats)}
     dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, st, dout)

@@ -162,16 +162,18 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
         mask_kind, mask_view, mask_min = MASK_BOOL, View.of(mask.view(torch.uint8)), 0.0   # same strides, no copy
     else:  # entries <= finfo.min (and -inf) exclude the key
         mask_kind, mask_view, mask_min = MASK_FLOAT, View.of(mask), float(torch.finfo(mask.dtype).min)
-    qk_scale, cap_mult = fold_score_unit(scale, softcap, hooks.unit)
+    distance = normalizer.score == "distance"   # the scale goes inside the log (tiles.log_distance)
+    qk_scale, cap_mult = fold_score_unit(1.0 if distance else scale, softcap, hooks.unit)
     band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
     static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
                          softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
-                         dtype=str(q.dtype), left=band.left_off is not None)
+                         dtype=str(q.dtype), left=band.left_off is not None, distance=distance)
     dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0, 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
-                 ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min), mask_view, drop,
-                 int(seed), float(scale), B, Hkv)
+                 ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min, float(scale),
+                            -0.5 * normalizer.score_power if distance else 0.0), mask_view, drop,
+                 int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv)
 
 
 def _split_config(config: dict) -> tuple[dict, dict]:

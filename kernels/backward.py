@@ -15,6 +15,9 @@ Glossary (besides `contract`'s: i, j, s in kernel units, allowed, masked tile)::
     dS          dL/ds_nat = NORM.bwd_dscores(p, s, dP, delta, w0, w1)               # [BM, BN]
                 times (1 - tanh^2) with a softcap
     dQ = scale * dS @ K,  dK = scale * dS^T @ Q,  dV = p_d^T @ dO
+                (the distance form, ST.DISTANCE: dS times the chain of tiles.log_distance, then
+                dQ_i = sum_j dS_ij (q_i - k_j), dK_j = sum_i dS_ij (k_j - q_i); the launcher's sm_scale is 1;
+                both times NORM.grad_mult)
 
 Kernels:
 
@@ -41,8 +44,8 @@ import triton.language as tl
 
 from .contract import Keys
 from .dropout import dropout_keep
-from .tiles import (head_base, head_program, key_bounds, left_bounds, left_query_bounds, load_tile, mask_rows, mask_scores,
-                    mma, query_bounds, query_program, scale_scores)
+from .tiles import (add_noise, head_base, head_program, key_bounds, left_bounds, left_query_bounds, load_tile, log_distance,
+                    mask_rows, mask_scores, mma, query_bounds, query_program, scale_scores)
 
 
 class _Rows(NamedTuple):
@@ -67,14 +70,20 @@ def _tile_weights(rw, k, j, keys, ST: tl.constexpr, NORM: tl.constexpr, MASKED: 
     ``tiles.score_tile`` computes them (same helpers, same orientation), the softcap derivative
     dcap = 1 - tanh^2 (or 1.0) and the weights p = bwd_weights(s, w0, w1)."""
     qk = mma(rw.q, tl.trans(k), None, ST)                                     # [BM, BN]
+    if ST.DISTANCE:
+        qk, chain = log_distance(rw.q, k, qk, keys.scale)                              # [BM, BN] each
     s = scale_scores(qk, keys.scale, ST.SOFTCAP)
     if ST.SOFTCAP:
         t = s * (1.0 / keys.scale.cap_mult)                                            # tanh, before the bias
         dcap = 1.0 - t * t
     else:
         dcap = 1.0
+    if ST.DISTANCE:
+        dcap = dcap * chain                          # the chain through the log-distance (tiles.log_distance)
     if MASKED:
         s = mask_scores(s, rw.i, j, keys, ST)
+    if NORM.has_noise:
+        s = add_noise(s, rw.i, j, keys, NORM)
     p = NORM.bwd_weights(s, rw.w0, rw.w1, MASKED)                                      # [BM, BN]
     return s, dcap, p
 
@@ -91,6 +100,8 @@ def _tile_dscores(rw, s, dcap, p, v, j, S, seed, drop, ST: tl.constexpr, NORM: t
         p_d = p
     ds = NORM.bwd_dscores(p, s, dp, rw.delta, rw.w0, rw.w1)                            # [BM, BN]
     if ST.SOFTCAP:
+        ds = ds * dcap
+    elif ST.DISTANCE:
         ds = ds * dcap
     return p_d, ds
 
@@ -161,7 +172,7 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
             off_h = off_hk * dims.group + g                 # GQA: the query heads reading this kv head
             rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
             keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
-                        dims.causal_off, scale, dims.left_off)   # (no key pointer: the k tile is resident)
+                        dims.causal_off, scale, dims.left_off, seed, rw.drop_base)   # (no key pointer: the k tile is resident)
             s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
             live = True
             if NORM.skip_dead:
@@ -169,7 +180,10 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
             if live:
                 p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, dims.S, seed, drop, ST, NORM)
                 dv = mma(tl.trans(p_d).to(rw.do.dtype), rw.do, dv, ST)          # [BN, BDV]
-                dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)             # [BN, BD]
+                if ST.DISTANCE:                 # dK_j += sum_i c_ij (k_j - q_i), c = ds (see tiles.log_distance)
+                    dk = mma(tl.trans(-ds).to(rw.q.dtype), rw.q, dk, ST) + k.to(tl.float32) * tl.sum(ds, 0)[:, None]
+                else:
+                    dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)         # [BN, BD]
     return dk, dv
 
 
@@ -238,7 +252,10 @@ def _dq_loop(dq, rw, keys, v_base, V, seed, drop, start, end, BN: tl.constexpr, 
                 v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
                               MASKED, ST.PAD_DV)                                           # [BN, BDV]
                 p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
-                dq = mma(ds.to(k.dtype), k, dq, ST)                              # [BM, BD]
+                if ST.DISTANCE:                 # dQ_i += sum_j c_ij (q_i - k_j)
+                    dq = mma((-ds).to(k.dtype), k, dq, ST) + rw.q.to(tl.float32) * tl.sum(ds, 1)[:, None]
+                else:
+                    dq = mma(ds.to(k.dtype), k, dq, ST)                          # [BM, BD]
     return dq
 
 
@@ -252,7 +269,7 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     offs_d = tl.arange(0, ST.BD)
     rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale, dims.left_off)
+                dims.S, dims.causal_off, scale, dims.left_off, seed, rw.drop_base)
     v_base = head_base(V, off_b, off_hk)
     full_end, hi = key_bounds(start_m, dims.L, dims.S, dims.causal_off, BM, BN, ST.IS_CAUSAL,
                               ST.MASK_KIND != 0)

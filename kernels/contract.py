@@ -8,6 +8,9 @@ Glossary (one program owns BM query rows; a tile is BM rows x BN keys)::
                   s_nat = scale * qk                      (no softcap)
                   s_nat = c * tanh(scale * qk / c)        (softcap c)
                   s_nat = s_nat + bias_ij                 (float mask, after the cap)
+                  s_nat = s_nat + g_ij                    (Hooks.has_noise: the normalizer's noise, after the bias)
+                with scale * qk replaced by -(n/2) ln(max(scale ||q_i - k_j||^2, tiny)) in the distance form
+                (Static.DISTANCE, `tiles.log_distance`; n, scale in ScoreScale.dist_mult / dist_scale)
                 and u is the normalizer's score unit (`Hooks.unit`): LOG2E for the exp2-based
                 normalizers (softmax, topk), 1/2 for entmax15 (so s is z = s_nat/2), 1 for taylor.
                 The launcher folds u into the scalars (`fold_score_unit`); kernels never multiply by
@@ -109,6 +112,8 @@ class ScoreScale(NamedTuple):
     cap_mult: Any
     bias_mult: Any
     mask_min: Any
+    dist_scale: Any   # distance form (Static.DISTANCE): the scale inside the log (1.0 otherwise)
+    dist_mult: Any    # distance form: -(n/2), s_pre = dist_mult * ln(max(dist_scale * ||q - k||^2, tiny))
 
 
 class Dropout(NamedTuple):
@@ -132,6 +137,8 @@ class Keys(NamedTuple):
     causal_off: Any
     scale: Any        # ScoreScale
     left_off: Any     # Dims.left_off
+    seed: Any         # the call's seed (score noise, Hooks.has_noise)
+    row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
 
 
 class Block(NamedTuple):
@@ -162,16 +169,18 @@ class Static(NamedTuple):
     DTYPE: str        # the input dtype (an autotune key: the bundles hide the tensors' dtypes from it)
     PAD_D: bool       # BD != HEAD_D: loads of the head dim need a bound check
     PAD_DV: bool
-    LEFT: bool        # a sliding window's left bound (Dims.left_off); IS_CAUSAL is the right bound
-    SPLIT: bool       # split-KV forward: program (query block, split) folds the keys of its split only and
-                      # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
+    LEFT: bool = False       # a sliding window's left bound (Dims.left_off); IS_CAUSAL is the right bound
+    SPLIT: bool = False      # split-KV forward: program (query block, split) folds the keys of its split only and
+                             # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
+    DISTANCE: bool = False   # the distance form of the score (Normalizer.score == "distance"): the raw score
+                             # is -(n/2) ln(max(scale ||q - k||^2, tiny)) instead of scale * q.k (tiles.score_tile)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str, left: bool = False, split: bool = False) -> "Static":
+             dtype: str, left: bool = False, split: bool = False, distance: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv, bool(left), bool(split))
+                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance))
 
 
 class RowOut(NamedTuple):
@@ -279,6 +288,18 @@ class Hooks(NamedTuple):
     that instances differing only there share one backward compile). ``rule`` is a sparse normalizer's
     `threshold.ThresholdRule` (read by the threshold engine as ``NORM.rule``), or None.
 
+    Score noise (``has_noise``; stochastic normalizers such as gumbel)::
+
+        noise(seed, bh, i, j) -> g          noise [BM, BN] in natural score units of head bh = b * Hq + h (int32
+                                            scalar), query rows i [BM, 1], keys j [1, BN] (int32), a function of
+                                            (seed, bh, i, j) only (not of the call's L or S);
+                                            ``tiles.fold_keys`` and the backward add g * u to every score tile
+                                            after the mask bias (-inf stays -inf), so forward, threshold passes
+                                            and backward see the same noise
+
+    ``grad_mult`` multiplies dS (the backward's dQ, dK) for normalizers whose weights depend on the score
+    through a constant factor the hooks do not see (gumbel: p = softmax((s + g) / tau), grad_mult = 1/tau).
+
     Read the fields inside kernels as ``NORM.field`` (or ``NORM.rule.field``); never pass a nested tuple
     such as ``NORM.rule`` itself as an argument (Triton does not compile that).
     """
@@ -303,6 +324,9 @@ class Hooks(NamedTuple):
     bwd_rows: Any
     bwd_weights: Any
     bwd_dscores: Any
+    has_noise: bool = False
+    noise: Any = None
+    grad_mult: float = 1.0
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -312,7 +336,8 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                rescale: bool = False, prepass: Optional[Callable] = None, tile_live: Optional[Callable] = None,
                g_weights: Optional[Callable] = None, g_finalize: Optional[Callable] = None,
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
-               bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None) -> Hooks:
+               bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
+               noise: Optional[Callable] = None, grad_mult: float = 1.0) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -328,11 +353,13 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     for field, fn in fns.items():
         if not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    rule_fns = [f for f in (rule or ()) if _is_jit(f)]
+    if noise is not None and not _is_jit(noise):
+        raise TypeError(f"make_hooks({name!r}): noise must be a @triton.jit function, got {noise!r}")
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + ([noise] if noise is not None else [])
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
-                 rule=rule, **fns)
+                 rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult))
 
 
 def _is_jit(fn) -> bool:

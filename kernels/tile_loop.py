@@ -128,8 +128,9 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         off_b_out = off_b
     blk = Block(q, offs_m, offs_m[:, None], full_end, hi, lo, full_lo)
+    head_rows = pid_bh.to(tl.int64) * dims.L           # the head's row counter base (dropout, score noise)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale, dims.left_off)
+                dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows)
     row_base = (off_b_out * dims.Hq + off_h).to(tl.int64) * dims.L   # (B, Hq, L) contiguous row outputs
 
     if NORM.has_prepass:
@@ -148,8 +149,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, pid_bh.to(tl.int64) * dims.L,
-                   drop.p)
+    vals = _Values(thr, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 

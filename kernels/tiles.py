@@ -134,14 +134,47 @@ def qk_tile(q, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.con
 
 
 @triton.jit
+def log_distance(q, k, qk, scale):
+    """The distance form of the raw score (Static.DISTANCE) of q [BM, BD] against k [BN, BD], qk = q k^T:
+    d2 = max(|q|^2 + |k|^2 - 2 q.k, 0), x = scale.dist_scale * d2, and
+    (s_pre = dist_mult * ln(max(x, tiny)) [BM, BN], chain = d s_pre / d d2 * 2 = 2 dist_mult / d2, 0 where
+    x <= tiny): dL/dq_i = sum_j c_ij (q_i - k_j), dL/dk_j = sum_i c_ij (k_j - q_i) with c = dL/ds_pre * chain.
+    tiny = float32's smallest normal: a zero distance is a finite, dominant score."""
+    qf = q.to(tl.float32)
+    kf = k.to(tl.float32)
+    d2 = tl.sum(qf * qf, 1)[:, None] + tl.sum(kf * kf, 1)[None, :] - 2.0 * qk               # [BM, BN]
+    d2 = tl.where(d2 < 0.0, 0.0, d2)                 # (not tl.maximum: a NaN distance stays NaN, the non-finite rule)
+    x = d2 * scale.dist_scale
+    ok = x > 1.1754943508222875e-38
+    s_pre = scale.dist_mult * tl.log(tl.where(x < 1.1754943508222875e-38, 1.1754943508222875e-38, x))
+    chain = tl.where(ok, 2.0 * scale.dist_mult / tl.where(ok, d2, 1.0), 0.0)
+    return s_pre, chain
+
+
+@triton.jit
 def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
     """Kernel-unit score tile s [BM, BN] of the query block ``blk`` against keys [start_n, start_n + BN).
     ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked tiles are whole tiles inside
-    [0, S) that every row of the block attends."""
-    s = scale_scores(qk_tile(blk.q, keys, start_n, BN, ST, MASKED), keys.scale, ST.SOFTCAP)
+    [0, S) that every row of the block attends. ``ST.DISTANCE``: the raw score is `log_distance`'s instead of
+    the dot product (a constexpr branch: the dot-product path is unchanged)."""
+    if ST.DISTANCE:
+        k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn,
+                      keys.sd, MASKED, ST.PAD_D)                                       # [BN, BD]
+        raw, _ = log_distance(blk.q, k, mma(blk.q, tl.trans(k), None, ST), keys.scale)
+    else:
+        raw = qk_tile(blk.q, keys, start_n, BN, ST, MASKED)
+    s = scale_scores(raw, keys.scale, ST.SOFTCAP)
     if MASKED:
         s = mask_scores(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, ST)
     return s
+
+
+@triton.jit
+def add_noise(s, i, j, keys, NORM: tl.constexpr):
+    """s + u * NORM.noise(seed, b * Hq + h, i, j) for a score tile of query rows i [BM, 1] and keys j [1, BN]
+    (``Hooks.has_noise``); -inf (excluded keys) stays -inf."""
+    bh = (keys.row_base // keys.L).to(tl.int32)
+    return s + NORM.noise(keys.seed, bh, i, j) * keys.scale.bias_mult
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,11 +327,13 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
     if start < end:
         for start_n in range(start, end, BN):
             s = score_tile(blk, keys, start_n, BN, ST, MASKED)                          # [BM, BN]
+            if NORM.has_noise:
+                s = add_noise(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, NORM)
             state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
     return state
 
 
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
-           "scale_scores", "mask_scores", "qk_tile", "score_tile", "key_bounds", "query_bounds", "query_program",
+           "scale_scores", "mask_scores", "qk_tile", "score_tile", "log_distance", "add_noise", "key_bounds", "query_bounds", "query_program",
            "left_bounds", "left_query_bounds",
            "fold_keys"]

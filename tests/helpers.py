@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashmaps
-from flashmaps import reference
+from flashmaps import reference, torch_path
 
 HAS_CUDA = torch.cuda.is_available()
 #: the device the Triton kernels run on in this session: "cuda" on a GPU machine, else "cpu" (interpreter)
@@ -141,11 +141,28 @@ def mask_for(kind, shape, dtype, seed=1):
 # references
 
 
-def ref_stats(q, k, norm, *, causal=None, mask=None, scale=None, softcap=None):
+#: the torch seed the grid sets before a public-API call of a stochastic normalizer (`pin_seed`)
+GRID_TORCH_SEED = 1234
+
+
+def pin_seed(norm, torch_seed: int = GRID_TORCH_SEED) -> int:
+    """Call before a public-API call (which draws its seed from torch's default generator): for a stochastic
+    normalizer (``Normalizer.stochastic``: gumbel), ``torch.manual_seed(torch_seed)`` and return the noise
+    seed the call will draw, for the reference's ``noise_seed``; for the others 0 and nothing is touched."""
+    if not flashmaps.parse(norm).stochastic:
+        return 0
+    torch.manual_seed(torch_seed)
+    seed = torch_path.draw_seed()
+    torch.manual_seed(torch_seed)
+    return seed
+
+
+def ref_stats(q, k, norm, *, causal=None, mask=None, scale=None, softcap=None, noise_seed=0):
     """The public row statistics computed densely in float64 by the unit's ``reference_stats``."""
     gqa = q.shape[1] != k.shape[1]
     s, allowed = reference.scores_and_allowed(q, k, causal=causal or False, attn_mask=mask, scale=scale,
-                                              softcap=softcap, enable_gqa=gqa)
+                                              softcap=softcap, enable_gqa=gqa, normalizer=norm,
+                                              noise_seed=noise_seed)
     return flashmaps.parse(norm).reference_stats(s, allowed)
 
 
@@ -173,13 +190,15 @@ def grads(fn, q, k, v, dout):
     return (out.detach(), *(x.grad for x in leaves))
 
 
-def reference_grads(q, k, v, dout, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_mask=None):
+def reference_grads(q, k, v, dout, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_mask=None,
+                    noise_seed=0):
     """(out, dq, dk, dv) by float64 autograd through the dense reference."""
     gqa = q.shape[1] != k.shape[1]
 
     def fn(q_, k_, v_):
         return reference.attention(q_, k_, v_, norm, causal=causal or False, attn_mask=mask, scale=scale,
-                                   softcap=softcap, enable_gqa=gqa, dropout_mask=dropout_mask)
+                                   softcap=softcap, enable_gqa=gqa, dropout_mask=dropout_mask,
+                                   noise_seed=noise_seed)
 
     return grads(fn, q.double(), k.double(), v.double(), dout.double())
 

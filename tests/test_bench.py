@@ -588,13 +588,30 @@ def test_suite_long_and_tune():
         suites.suite_jobs(["nope"], suites.Plan())
 
 
+def test_suite_decode():
+    from flashmaps.bench import suites
+    from flashmaps.normalizers import defaults
+
+    jobs = suites.suite_jobs(["decode"], suites.Plan())
+    specs = {n.spec for n in defaults()}
+    assert {j["provider"] for j in jobs} == {f"flashmaps-{s}-triton" for s in specs} | {
+        "sdpa", "sdpa-flash", "flex", "device-copy"}
+    assert {(j["B"], j["Hq"], j["Hkv"], j["Dqk"], j["dtype"], j["mode"], j["causal"]) for j in jobs} == {
+        (b, 32, 8, 128, "bfloat16", "decode", None) for b in (1, 8)}
+    assert {j["S"] for j in jobs} == {4096, 16384, 65536, 131072}
+    assert all(bool(j.get("check_rows")) == (j["provider"] != "device-copy") for j in jobs)
+
+
 def test_smoke_plan_is_tiny_and_covers_every_kind_once():
     from flashmaps.bench import suites
+    from flashmaps.normalizers import defaults
 
     jobs = suites.suite_jobs(list(suites.SUITES), suites.Plan(device="cpu", smoke=True))
     assert all(j["dtype"] == "float32" and j["L"] <= 32 and j["Dqk"] == 16 and j["device"] == "cpu" for j in jobs)
-    assert len({suites._smoke_key(j) for j in jobs}) == len(jobs) < 40
-    assert {j["suite"] for j in jobs} == set(suites.SUITES) and {j["mode"] for j in jobs} == {"fwd", "bwd", "fwd+bwd"}
+    # one job per provider kind, mode and check: about ten per normalizer (every suite), a few baselines
+    assert len({suites._smoke_key(j) for j in jobs}) == len(jobs) < 10 * len(defaults()) + 10
+    assert {j["suite"] for j in jobs} == set(suites.SUITES)
+    assert {j["mode"] for j in jobs} == {"fwd", "bwd", "fwd+bwd", "decode"}
     assert {j["causal"] for j in jobs} == {None, "upper_left"}
     cfgs = [providers.get_provider(j["provider"]).config for j in jobs if "[" in j["provider"]]
     assert cfgs and all(c == {k: suites.SMOKE_CONFIG for k in c} for c in cfgs if c)
@@ -613,13 +630,14 @@ def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
     for phase in ("tests", "prewarm", "bench", "total"):
         assert f"phase {phase}:" in text or f"{phase} " in text.split("phases:")[-1]
     assert "h100-goals fwd" in text and "long context" in text and "fastest pinned configs" in text
+    assert "fraction of copy" in text
     [jpath] = out.glob("gpu-check-*.json")
     data = json.loads(jpath.read_text())
     meta, rows, run = data["meta"], data["rows"], data["run"]
     assert {"device", "git_sha", "date", "version_torch", "version_triton"} <= set(meta)
     assert run["tests"]["returncode"] == 0 and "skipped" in run["tests"]["summary"]
     assert run["prewarm"]["kernels"] > 0 and not run["prewarm"]["not_ok"]
-    assert {r["suite"] for r in rows} == {"h100-goals", "long", "tune"}
+    assert {r["suite"] for r in rows} == {"h100-goals", "long", "tune", "decode"}
     assert {r["status"] for r in rows} <= {"ok", "unavailable"}
     by = {(r["suite"], r["provider"], r["mode"]): r for r in rows}
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["err"] < 1e-5
@@ -628,6 +646,11 @@ def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
     assert by[("tune", "flashmaps-softmax-triton[bwd=16,16]", "bwd")]["config"]["dq"] == {"BM": 16, "BN": 16}
     knob = by[("tune", "flashmaps-topk:64-triton[fwd=16,16;flashmaps.kernels.topk.COLLECT=False]", "fwd")]
     assert knob["status"] == "ok" and knob["knobs"] == {"flashmaps.kernels.topk.COLLECT": False}
+    dec = [r for r in rows if r["suite"] == "decode" and r["status"] == "ok"]
+    assert {r["provider"] for r in dec} >= {"flashmaps-softmax-triton", "sdpa", "device-copy"}
+    for r in dec:     # K/V bytes read per second (the copy: read and written)
+        nbytes = r["B"] * r["Hkv"] * r["S"] * (r["Dqk"] + r["Dv"]) * 4 * (2 if r["provider"] == "device-copy" else 1)
+        assert r["L"] == 1 and r["gbps"] == pytest.approx(nbytes / (r["time_ms"] * 1e-3) / 1e9)
     assert all(r["tree"] == meta["git_sha"] and r["source"] == str(harness._package_root())
                for r in rows if r["status"] == "ok")
     assert (out / f"{jpath.stem}-pytest.log").is_file() and (out / f"{jpath.stem}-bench.log").is_file()

@@ -20,11 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import NORMS, grad_err, rel_err  # noqa: E402
+from helpers import NORMS, grad_err, pin_seed, rel_err  # noqa: E402
 
 import flashmaps  # noqa: E402
 import flashmaps.inference  # noqa: E402
-from flashmaps import reference  # noqa: E402
+from flashmaps import reference, torch_path  # noqa: E402
 from flashmaps.integrations import transformers as fm_hf  # noqa: E402
 
 NORMALIZERS = NORMS
@@ -121,6 +121,7 @@ def test_attention_forward_rules(case, normalizer):
     _, sizes, call_kw, module_kw, ref_kw = next(c for c in _cases() if c[0] == case)
     q, k, v = qkv(**sizes)
     norm = flashmaps.parse(normalizer)
+    noise_seed = pin_seed(norm)
     out, weights = fm_hf.attention_forward(
         FakeLayer(**module_kw), q, k, v, call_kw.pop("attention_mask", None), normalizer=norm, **call_kw
     )
@@ -129,7 +130,7 @@ def test_attention_forward_rules(case, normalizer):
     assert out.shape == (B, L, Hq, D) and out.is_contiguous() and out.dtype == q.dtype
     if case == "static-prefill":  # the call's keys are the L filled slots (K/V cropped): S = L (sigmoid's b = -log S)
         k, v = k[:, :, :L], v[:, :, :L]
-    ref = ref_blhd(q, k, v, norm, **ref_kw)
+    ref = ref_blhd(q, k, v, norm, noise_seed=noise_seed, **ref_kw)
     valid = ref.abs().sum(-1) > 0  # rows with an allowed key (the others are 0 in both)
     assert rel_err(out, ref) < 1e-5
     assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))
@@ -334,8 +335,10 @@ def dense_reference(q, k, v, normalizer, *, causal, attn_mask, scale, softcap, e
         if window[1] >= 0:
             band &= rel <= window[1]
         attn_mask = band if attn_mask is None else attn_mask & band
+    noise_seed = torch_path.draw_seed() if flashmaps.parse(normalizer).stochastic else 0   # as the call draws it
     out = reference.attention(
-        q, k, v, normalizer, causal=causal, attn_mask=attn_mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa
+        q, k, v, normalizer, causal=causal, attn_mask=attn_mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa,
+        noise_seed=noise_seed,
     )
     return out.to(v.dtype)
 
@@ -351,8 +354,10 @@ def test_every_normalizer_in_model_matches_dense_reference(hf, arch, impl, monke
     real = mask.bool()
     model.config.fmaps_topk_k = 3
     try:
+        torch.manual_seed(0)                # a stochastic normalizer: both runs draw the same seeds
         out = logits(model, impl, ids, mask)
         monkeypatch.setattr(fm_hf, "attention", dense_reference)
+        torch.manual_seed(0)
         ref = logits(model, impl, ids, mask)
     finally:
         del model.config.fmaps_topk_k
@@ -372,6 +377,28 @@ def test_greedy_generate_identical_tokens(hf, arch):
         out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert out.shape == (3, 18)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("impl", OTHER_IMPLS)
+def test_generate_every_name_matches_dense_reference(hf, impl, monkeypatch):
+    """Greedy generation (left-padded batch, KV cache: decode steps of one query) with every fmaps_* name gives
+    the tokens of the same model with the float64 dense reference underneath."""
+    model, _ = tiny(hf, "llama-gqa")
+    ids, mask = left_padded(length=10, pads=(0, 3, 6), seed=1)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.config.fmaps_topk_k = 3
+    try:
+        with torch.no_grad():
+            set_impl(model, impl)
+            torch.manual_seed(0)            # a stochastic normalizer: both runs draw the same seeds
+            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+            monkeypatch.setattr(fm_hf, "attention", dense_reference)
+            torch.manual_seed(0)
+            ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    finally:
+        del model.config.fmaps_topk_k
+    assert out.shape == (3, 16) and torch.equal(out, ref)
 
 
 @pytest.mark.hf

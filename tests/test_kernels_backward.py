@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (DEEP, KERNEL_DEVICE, SPARSE_NORMS, TRITON_DEFAULTS, TRITON_NORMS, grads, make_mask as _make_mask,
-                     make_qkv, reference_grads, rel_err)
+                     make_qkv, pin_seed, reference_grads, rel_err)
 
 import flashmaps
 from flashmaps import reference, torch_path
@@ -85,13 +85,15 @@ def test_grads_match_reference_and_torch(norm, case):
     B, Hq, Hkv, L, S, D, Dv, mask_kind, causal, softcap = case
     q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv)
     mask = make_mask(mask_kind, B, Hq, L, S)
+    noise_seed = pin_seed(norm)
     got = grads(lambda *a: triton_attention(*a, norm, mask=mask, causal=causal, softcap=softcap),
                 q, k, v, dout)
-    ref = reference_grads(q, k, v, dout, norm, mask=mask, causal=causal, softcap=softcap)
+    ref = reference_grads(q, k, v, dout, norm, mask=mask, causal=causal, softcap=softcap, noise_seed=noise_seed)
     check_close(got, ref)
 
     # the torch backend (fp32) agrees as closely
     gqa = Hq != Hkv
+    pin_seed(norm)
     tor = grads(lambda *a: flashmaps.attention(*a, norm, causal=causal or False, attn_mask=mask,
                                                softcap=softcap, enable_gqa=gqa, backend="torch"),
                 q, k, v, dout)
@@ -269,11 +271,12 @@ def test_dropout_grads_match_reference_with_same_mask(norm):
     q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, seed=10)
     mask = make_mask("bool", B, Hq, L, S)
     keep = _keep_for(21, (B, Hq, L, S), p)
+    noise_seed = pin_seed(norm, 21)                 # a stochastic unit's noise: the same seed as the dropout's
     torch.manual_seed(21)
     got = grads(lambda *a: triton_attention(*a, norm, mask=mask, causal="lower_right", dropout_p=p),
                 q, k, v, dout)
     ref = reference_grads(q, k, v, dout, norm, mask=mask, causal="lower_right",
-                          dropout_mask=keep.double() / (1 - p))
+                          dropout_mask=keep.double() / (1 - p), noise_seed=noise_seed)
     check_close(got, ref)
 
 

@@ -12,7 +12,10 @@ in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernel
 * its torch-path hooks (``torch_stats``, ``torch_weights``, ``torch_dscores``, optionally ``torch_sparse``)
   used by the CPU path's row-chunk loop, on the instance ``for_keys(S)`` returns for the call's S keys;
 * its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
-* its rule for combining results over disjoint key sets (``merge``), or why there is none.
+* its rule for combining results over disjoint key sets (``merge``), or why there is none;
+* optionally its score form (``score = "distance"``: ``-(n/2) ln(max(scale ||q - k||^2, tiny))`` instead of
+  ``scale q.k``, honoured by every backend and the reference) and per-score noise (``stochastic`` and
+  ``score_noise``: the call draws a seed like dropout's; the reference takes it as ``noise_seed``).
 
 Everything else (the backends, tests, benchmarks, CLI, transformers names, docs) enumerates the registry:
 :func:`register` a class and it is in. Users do the same from their own files (README, "Write your own
@@ -78,6 +81,25 @@ class Normalizer:
     forms: ClassVar[tuple[str, ...]] = ("quadratic",)
     #: with "linear" in ``forms``: (c0, c1, c2) of ``f(s) = c0 + c1 s + c2 s^2`` with ``p_j = f(s_j) / sum f``
     linear_coeffs: ClassVar[tuple[float, float, float] | None] = None
+    #: the form of the raw score: "dot" (``scale * q.k``) or "distance" (``-(n/2) ln(max(scale ||q - k||^2,
+    #: tiny))`` with ``n = score_power`` and tiny float32's smallest normal; harmonic); softcap, mask bias and
+    #: the normalizer follow as for any score. Every backend and the reference honour it.
+    score: ClassVar[str] = "dot"
+    #: True if the weights depend on random score noise drawn per call (``score_noise``; gumbel): the call
+    #: takes a seed like dropout (drawn from torch's default generator, so ``torch.manual_seed`` reproduces a
+    #: call), two unseeded calls differ, and the reference needs the seed (``reference.attention(noise_seed=)``)
+    stochastic: ClassVar[bool] = False
+
+    @property
+    def score_power(self) -> float:
+        """The exponent n of the distance form (``score = "distance"``): weights proportional to d^-n."""
+        return 1.0
+
+    def score_noise(self, seed: int, bh: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Stochastic normalizers: the noise (natural score units, float32) added to the scores after the mask
+        bias, for seed ``seed``, heads ``bh = b * Hq + h``, query rows ``i`` and keys ``j`` (int64 tensors,
+        broadcast together); the same numbers as the Triton hook ``Hooks.noise``."""
+        raise NotImplementedError(f"{type(self).__name__} is not stochastic (no score_noise)")
 
     def score_limit(self, dtype: torch.dtype) -> float:
         """The largest ``|score|`` for which the weights of inputs of ``dtype`` stay finite on every backend
@@ -205,6 +227,8 @@ def register(cls: type[Normalizer] | None = None, *, replace: bool = False):
                          f"starting with a letter (e.g. 'relu2'), got {cls.name!r}")
     if len(cls.stats) != len(cls.empty_stats):
         raise ValueError(f"register({cls.__name__}): `stats` and `empty_stats` must have the same length")
+    if cls.score not in ("dot", "distance"):
+        raise ValueError(f"register({cls.__name__}): `score` must be 'dot' or 'distance', got {cls.score!r}")
     if len(cls.stats) > 2:
         raise ValueError(f"register({cls.__name__}): at most two row statistics, got {cls.stats}")
     if "linear" in cls.forms and (cls.linear_coeffs is None or len(cls.linear_coeffs) != 3 or len(cls.stats) != 1):
