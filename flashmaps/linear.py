@@ -343,7 +343,7 @@ def _prepare(q, k, v, km, off, scale, coeffs, chunk) -> _Problem:
 
 #: the largest head dim D of the Triton linear kernel (its order-2 state is BD^2 x BV fp32 registers; see
 #: the kernel's docstring): larger D runs the torch linear form or the quadratic kernel
-TRITON_MAX_D = 32
+TRITON_MAX_D = 128
 #: query rows per chunk of the Triton kernel (>= 16, tl.dot's smallest tile; Based's chunk)
 TRITON_CHUNK = 16
 
@@ -360,15 +360,33 @@ def _cdiv(a: int, b: int) -> int:
 #: build of ``scripts/sm90-compile --linear``: no spill in the forward, 72 bytes in the causal backward);
 #: at D = 32 both kernels spill kilobytes, so D in (16, 32] runs it only when form="linear" asks
 TRITON_AUTO_MAX_D = 16
+#: the largest D whose whole order-2 state is one program's (the fast path, one feature block); above it the
+#: order-2 features split over BD^2 / TRITON_FEATURES programs of TRITON_FEATURES features each
+TRITON_ONE_BLOCK_MAX_D = 32
+#: order-2 features per program of the split path: 128 (TA = 2 rows of x x^T at D = 64, 32 blocks) with the
+#: state 128 x 64 fp32, the register size of D = 16's 256 x 32; the sm_90 build (D = 64, Dv = 64, causal) has
+#: no spill in the forward kernels and 128 bytes in the backward (256 features x 32: 240 and 304 bytes).
+#: Tests raise it to interpret fewer programs (the same code).
+TRITON_FEATURES = 128
+
+
+def _auto_spills(D: int) -> bool:
+    """Whether "auto" keeps the quadratic kernel because the linear kernel spills at this D: the one-block
+    state of D in (TRITON_AUTO_MAX_D, TRITON_ONE_BLOCK_MAX_D] (1024 x 16 fp32 at D = 32). The split path
+    (D > TRITON_ONE_BLOCK_MAX_D) keeps 256 x 32 per program, the registers of D = 16."""
+    return TRITON_AUTO_MAX_D < D <= TRITON_ONE_BLOCK_MAX_D
 
 
 def _triton_blocks(D: int, Dv: int):
-    """(BD, BV, num_warps): BD = D padded to a power of two >= 16, and the Dv block BV that keeps the
-    order-2 state BD^2 x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32). Warps: the sm_90
-    builds with the fewest spills (8 at D <= 16: none in the forward; 16 at D = 32)."""
+    """(BD, BV, TA, num_warps): BD = D padded to a power of two >= 16; TA the rows a of ``x x^T`` per feature
+    block (BD up to TRITON_ONE_BLOCK_MAX_D: TA = BD, one block, the whole order-2 state in one program; above:
+    TA = TRITON_FEATURES // BD, NF = BD // TA blocks: 32 at D = 64); the Dv block BV that keeps the program's
+    order-2 state TA BD x BV at <= 8192 fp32 (256 x 32 at D <= 16, 1024 x 16 at D <= 32, 128 x 64 at D = 64).
+    Warps: the sm_90 builds with the fewest spills (8; 16 at D = 32)."""
     BD = max(16, _pow2(D))
-    BV = max(16, min(_pow2(Dv), 8192 // (BD * BD)))
-    return BD, BV, 8 if BD <= 16 else 16
+    TA = BD if BD <= TRITON_ONE_BLOCK_MAX_D else max(1, TRITON_FEATURES // BD)
+    BV = max(16, min(_pow2(Dv), 8192 // (TA * BD)))
+    return BD, BV, TA, 16 if TA * BD > 256 else 8
 
 
 def _triton_prec(dtype: torch.dtype) -> str:
@@ -393,18 +411,19 @@ def _triton_args(q, k, v, km, off):
         m = km.expand(B, Hkv, Hq // Hkv, S).reshape(B, Hq, S).view(torch.uint8)
         sm = m.stride()
     A0 = S if off is None else min(S, max(0, off))
-    BD, BV, warps = _triton_blocks(D, Dv)
+    BD, BV, TA, warps = _triton_blocks(D, Dv)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *sm)
     const = dict(D=D, DV=Dv, BD=BD, BV=BV, CAUSAL=off is not None, HAS_MASK=km is not None,
-                 PREC=_triton_prec(q.dtype), num_warps=warps)
-    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, _cdiv(Dv, BV))
+                 PREC=_triton_prec(q.dtype), TA=TA, num_warps=warps)
+    return m, strides, (Hq, Hq // Hkv, L, S, off or 0, A0), const, (B * Hq, _cdiv(Dv, BV) * (BD // TA))
 
 
 def _triton_check(q, k, v):
     D = q.shape[3]
     if D > TRITON_MAX_D:
         raise ValueError(f"the Triton linear form takes head dims D <= {TRITON_MAX_D} (its order-2 state is "
-                         f"D^2 x Dv registers), got D={D}; use backend='torch' or form='quadratic'")
+                         f"D^2 x Dv fp32 over D^2 / {TRITON_FEATURES} programs), got D={D}; use backend='torch' or "
+                         "form='quadratic'")
     for x in (q, k, v):
         if x.stride(-1) != 1:
             raise ValueError("the Triton linear form needs q, k, v with a unit last-dim stride")
@@ -439,14 +458,24 @@ def _triton_forward(q, k, v, km, off, scale, coeffs, chunk):
     _triton_check(q, k, v)
     B, Hq, L, _ = q.shape
     Dv = v.shape[3]
-    out = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=q.device)
-    z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
+    NF = const["BD"] // const["TA"]
+    if NF == 1:
+        out = torch.empty(B, Hq, L, Dv, dtype=v.dtype, device=q.device)
+        z = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    else:  # per feature block: the partial numerators and z, summed below
+        out = torch.empty(NF, B, Hq, L, Dv, dtype=torch.float32, device=q.device)
+        z = torch.empty(NF, B, Hq, L, dtype=torch.float32, device=q.device)
     NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
     hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
-    linear_fwd[(*grid, NS)](q, k, v, m, out, z, hpre, zpre, *strides, *out.stride()[:3], *dims, rows, NS,
-                            float(scale), *map(float, coeffs), C=chunk, SEGMENTED=NS > 1, **const)
-    return out, z
+    linear_fwd[(*grid, NS)](q, k, v, m, out, z, hpre, zpre, *strides, *out.stride()[-4:-1], *dims, rows, NS,
+                            float(scale), *map(float, coeffs), C=chunk, SEGMENTED=NS > 1, **const,
+                            sof=out.stride(0) if NF > 1 else 0, szf=z.stride(0) if NF > 1 else 0)
+    if NF == 1:
+        return out, z
+    z = z.sum(0)
+    out = out.sum(0) * torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0)[..., None]
+    return out.to(v.dtype), z
 
 
 def _state_bufs(B_H: int, NS: int, const: dict, Dv: int, device):
@@ -478,7 +507,7 @@ def _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows
     if NS == 1:
         return q, q
     rbuf, rzbuf = _state_bufs(grid[0], NS, const, dout.shape[3], q.device)
-    keep = {n: const[n] for n in ("D", "DV", "BD", "BV", "PREC", "num_warps")}
+    keep = {n: const[n] for n in ("D", "DV", "BD", "BV", "PREC", "TA", "num_warps")}
     linear_row_piece[(*grid, NS)](q, dout, rinv, gz, rbuf, rzbuf, *q.stride()[:3], *dout.stride()[:3], q.shape[1],
                                   q.shape[2], rows, NS, float(scale), C=chunk, **keep)
     total = [x.sum(1, keepdim=True) for x in (rbuf, rzbuf)]
@@ -503,16 +532,17 @@ def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
     NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)
     hpre, zpre = _segment_states(k, v, m, off, strides, dims, const, grid, NS, rows, chunk)
     rpre, rzpre = _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows, chunk)
+    NF = const["BD"] // const["TA"]
     dq = torch.empty(nv, B * Hq, L, D, dtype=torch.float32, device=q.device)
     dk = torch.zeros(nv, B * Hq, S, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B * Hq, S, Dv, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(NF, B * Hq, S, Dv, dtype=torch.float32, device=q.device)
     linear_bwd[(*grid, NS)](q, k, v, m, dout, rinv, gz, dq, dk, dv, hpre, zpre, rpre, rzpre, *strides,
                             *dout.stride()[:3], *dims, rows, NS, B * Hq, float(scale), *map(float, coeffs), C=chunk,
                             SEGMENTED=NS > 1, **const)
     G = Hq // Hkv
     dq = dq.sum(0).view(B, Hq, L, D)
     dk = dk.sum(0).view(B, Hkv, G, S, D).sum(2)
-    dv = dv.view(B, Hkv, G, S, Dv).sum(2)
+    dv = dv.sum(0).view(B, Hkv, G, S, Dv).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -563,12 +593,13 @@ def costs(L: int, S: int, D: int, Dv: int, causal: bool, chunk: int = CHUNK,
                     + L * C' * (D + Dv)                 plus the intra-chunk quadratic part (C' = chunk / 2
                                                         causal, 0 otherwise); F = 1 + D + D(D+1)/2 ~ D^2/2
 
-    ``backend="triton"``: the Triton kernel's features, the full square over the padded head dim
-    (F = 1 + BD + BD^2, BD = D padded to a power of two >= 16; ``kernels/linear.py`` says why).
+    ``backend="triton"``: the Triton kernel's features, the full square over the padded head dim plus orders
+    0 and 1 once per feature block (F = BD^2 + NF (1 + BD), BD = D padded to a power of two >= 16, NF the
+    feature blocks of ``_triton_blocks``: 1 up to D = 32, BD^2 / 256 above; ``kernels/linear.py`` says why).
     """
     if backend == "triton":
-        BD = max(16, _pow2(D))
-        F = 1 + BD + BD * BD
+        BD, _, TA, _ = _triton_blocks(D, Dv)
+        F = BD * BD + (BD // TA) * (1 + BD)
     else:
         F = n_features(D)
     quad = L * (S / 2 if causal else S) * (D + Dv)
@@ -584,21 +615,24 @@ def _choose(norm: Normalizer, form, L, S, D, Dv, *, mask, causal, softcap, dropo
     TRITON_AUTO_MAX_D, where its registers do not spill); for larger D an explicit
     backend="triton" rules the linear form out, "auto" on CUDA keeps the quadratic Triton kernel (the cost
     model counts multiply-adds, not the launches of a torch-op chunk loop), and form="linear" with
-    backend="auto" runs the torch ops there."""
+    backend="auto" runs the torch ops there. The rule of "auto" on the Triton backend: the linear kernel where
+    the cost model (its features) says fewer multiply-adds, except for D in (TRITON_AUTO_MAX_D,
+    TRITON_ONE_BLOCK_MAX_D] (the one-block state spills; ``_auto_spills``); D in (32, TRITON_MAX_D] is the
+    split kernel (D = Dv = 64 causal: linear from about S = 12.5k)."""
     if not isinstance(form, str) or form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {form!r}")
     why = _why_not_linear(norm, mask, softcap, dropout_p)
     kernel = resolved == "triton" and D <= TRITON_MAX_D
     too_wide = (f"the Triton linear kernel takes head dims D <= {TRITON_MAX_D} (its order-2 state is D^2 x Dv "
-                f"registers), got D={D}")
+                f"fp32 registers over D^2 / {TRITON_FEATURES} programs), got D={D}")
     if why is None and backend == "triton" and not kernel:
         why = f"{too_wide}; use backend='torch' (or 'auto') for form='linear'"
     if why is None and form == "auto" and resolved == "triton" and not kernel:
         why = (f"{too_wide}, and the quadratic Triton kernel beats the torch-op linear form's launches; pass "
                "form='linear' to run the linear form with torch ops")
-    if why is None and form == "auto" and kernel and D > TRITON_AUTO_MAX_D:
-        why = (f"the Triton linear kernel spills registers at D > {TRITON_AUTO_MAX_D} (D={D}); pass form='linear' "
-               "to run it anyway")
+    if why is None and form == "auto" and kernel and _auto_spills(D):
+        why = (f"the Triton linear kernel spills registers at {TRITON_AUTO_MAX_D} < D <= {TRITON_ONE_BLOCK_MAX_D} "
+               f"(D={D}); pass form='linear' to run it anyway")
     cost_args = (L, S, D, Dv, causal is not None) + ((TRITON_CHUNK, "triton") if kernel else ())
     runs = "the Triton kernel" if kernel else "torch ops"
     if form == "linear":
@@ -628,8 +662,9 @@ def choose_form(q, k, v, normalizer="taylor", *, form="auto", causal=False, attn
     dropout, float or dense mask; causal and bool key-padding masks are fine) and the cost model of
     :func:`costs` says it does fewer multiply-adds: with D = Dv = 16 from about S = 450 causal, with D = 64
     from about S = 4.5k. On the Triton backend the linear form is the Triton kernel (D <= TRITON_MAX_D;
-    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D: D = Dv = 16 from about
-    S = 600 causal). ``form="linear"`` where it is not possible raises ValueError saying why."""
+    "auto" weighs it, with its full-square features, for D <= TRITON_AUTO_MAX_D and D > 32 (the split
+    kernel): D = Dv = 16 from about S = 600 causal, D = Dv = 64 from about S = 12.5k). ``form="linear"``
+    where it is not possible raises ValueError saying why."""
     from . import functional as fn
 
     fn._check_qkv(q, k, v, enable_gqa)

@@ -16,7 +16,8 @@ import flashmaps.torch_path as TP
 from flashmaps import reference
 from flashmaps.triton_path import INTERPRET_CONFIG
 
-from helpers import DEEP, KERNEL_DEVICE, NORMS, TRITON_NORMS, grad_err, norm_params, qkv_for, rel_err
+from helpers import (DEEP, GRID_TORCH_SEED, KERNEL_DEVICE, TRITON_NORMS, grad_err, norm_params, pin_seed, qkv_for,
+                     rel_err)
 
 
 def band_mask(L, S, left, right, causal):
@@ -34,17 +35,29 @@ def band_mask(L, S, left, right, causal):
     return ok
 
 
-def _ref(q, k, v, norm, mask):
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out = reference.attention(q64, k64, v64, norm, attn_mask=mask, enable_gqa=True)
+def _ref(q, k, v, norm, mask, noise_seed=0):
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    out = reference.attention(q64, k64, v64, norm, attn_mask=mask, enable_gqa=True, noise_seed=noise_seed)
     return out, (q64, k64, v64)
+
+
+def call_seeds(norm, n: int) -> list[int]:
+    """The noise seeds n public calls of a stochastic normalizer will draw after ``torch.manual_seed`` (pinned
+    here), else zeros (see helpers.pin_seed)."""
+    if not flashmaps.parse(norm).stochastic:
+        return [0] * n
+    torch.manual_seed(GRID_TORCH_SEED)
+    seeds = [TP.draw_seed() for _ in range(n)]
+    torch.manual_seed(GRID_TORCH_SEED)
+    return seeds
 
 
 def _check_window(norm, backend, shape, window, causal, dtype, tol_out, tol_grad):
     B, Hq, Hkv, L, S, D, Dv = shape
     q, k, v = (x.requires_grad_() for x in qkv_for(shape, dtype, seed=L + S, device=KERNEL_DEVICE if backend == "triton" else "cpu"))
+    noise_seed = pin_seed(norm)
     out = flashmaps.attention(q, k, v, norm, causal=causal or False, window=window, enable_gqa=True, backend=backend)
-    ref, leaves = _ref(q, k, v, norm, band_mask(L, S, *window, causal))
+    ref, leaves = _ref(q, k, v, norm, band_mask(L, S, *window, causal), noise_seed)
     assert rel_err(out, ref) < tol_out
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype).to(out.device))
@@ -129,13 +142,14 @@ def _packed(lens_q, lens_k, Hq, Hkv, D, Dv, dtype, device, seed=0):
     return q, k, v, cq, ck
 
 
-def _separate(q, k, v, cq, ck, norm, **kw):
-    outs = []
+def _separate(q, k, v, cq, ck, norm, seeds, **kw):
+    outs, seeds = [], iter(seeds)
     for b in range(len(cq) - 1):
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1)[None]
         kb, vb = (x[ck[b]:ck[b + 1]].transpose(0, 1)[None] for x in (k, v))
-        outs.append(reference.attention(qb.double(), kb.double(), vb.double(), norm, enable_gqa=True, **kw)[0]
-                    .transpose(0, 1))
+        seed = next(seeds) if qb.shape[2] and kb.shape[2] else 0
+        outs.append(reference.attention(qb.double(), kb.double(), vb.double(), norm, enable_gqa=True, noise_seed=seed,
+                                        **kw)[0].transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -145,11 +159,12 @@ def test_varlen_equals_each_sequence(norm, causal):
     lens_q, lens_k = [5, 1, 0, 19, 7], [5, 9, 3, 19, 30]
     q, k, v, cq, ck = _packed(lens_q, lens_k, 4, 2, 8, 16, torch.float64, "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
+    seeds = call_seeds(norm, sum(1 for a, b in zip(lens_q, lens_k) if a and b))   # empty sequences draw none
     out, st = flashmaps.attention_varlen(q, k, v, cq, ck, 19, 30, norm, causal=causal, backend="torch",
                                          return_stats=True)
     assert out.shape == (sum(lens_q), 4, 16) and all(x.shape == (4, sum(lens_q)) for x in st.values())
     qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    ref = _separate(qr, kr, vr, cq.tolist(), ck.tolist(), norm, causal=causal)
+    ref = _separate(qr, kr, vr, cq.tolist(), ck.tolist(), norm, seeds, causal=causal)
     assert rel_err(out, ref) < 1e-10
     dout = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (qr, kr, vr), dout)):
@@ -223,6 +238,7 @@ def test_kvcache_equals_each_sequence_and_paged(norm):
     q, kc, vc, kn, vn = _cache_case()
     lens = torch.tensor([0, 17, 40], dtype=torch.int32)
     kc0, vc0 = kc.clone(), vc.clone()
+    noise_seed = pin_seed(norm)
     out = flashmaps.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, normalizer=norm, causal=True,
                                            backend="torch")
     # the append happened in place, nowhere else
@@ -230,14 +246,19 @@ def test_kvcache_equals_each_sequence_and_paged(norm):
         torch.testing.assert_close(kc[b, n:n + 2], kn[b])
         torch.testing.assert_close(kc[b, :n], kc0[b, :n])
         torch.testing.assert_close(kc[b, n + 2:], kc0[b, n + 2:])
+    # each sequence b sees its first n_b keys, lower-right causal on n_b (one batched reference: the noise of a
+    # stochastic normalizer is keyed by the batch index)
+    allowed = torch.zeros(3, 1, 2, 48, dtype=torch.bool)
     for b, n in enumerate((lens + 2).tolist()):
-        qb, kb, vb = q[b:b + 1].transpose(1, 2), kc[b:b + 1, :n].transpose(1, 2), vc[b:b + 1, :n].transpose(1, 2)
-        ref = reference.attention(qb, kb, vb, norm, causal="lower_right", enable_gqa=True)
-        assert rel_err(out[b:b + 1].transpose(1, 2), ref) < 1e-10
+        allowed[b, 0, :, :n] = band_mask(2, n, -1, 0, "lower_right")
+    ref = reference.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), norm, attn_mask=allowed,
+                              enable_gqa=True, noise_seed=noise_seed)
+    assert rel_err(out.transpose(1, 2), ref) < 1e-10
     # the same through a shuffled paged cache (appending into the blocks)
     perm = torch.randperm(3 * 6, generator=torch.Generator().manual_seed(1))
     kp, table = _page(kc0, 8, perm)
     vp, _ = _page(vc0, 8, perm)
+    pin_seed(norm)
     out_p = flashmaps.attention_with_kvcache(q, kp, vp, kn, vn, cache_seqlens=lens, block_table=table,
                                              normalizer=norm, causal=True, backend="torch")
     torch.testing.assert_close(out_p, out, rtol=0, atol=1e-12)
@@ -253,13 +274,14 @@ def test_kvcache_decode_triton(norm):
         perm = torch.randperm(2 * 20, generator=torch.Generator().manual_seed(2))
         kp, table = _page(kc, 16, perm)
         vp, _ = _page(vc, 16, perm)
+        noise_seed = pin_seed(norm)
         out = flashmaps.attention_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table.to(kp.device),
                                                normalizer=norm, causal=True, window=window, backend="triton")
+        allowed = torch.zeros(2, 1, L, 320, dtype=torch.bool)
         for b, n in enumerate(lens.tolist()):
-            qb, kb, vb = (x[b:b + 1].transpose(1, 2).cpu() for x in (q, kc[:, :n], vc[:, :n]))
-            m = band_mask(L, n, *(window or (-1, -1)), "lower_right")
-            ref = reference.attention(qb.double(), kb.double(), vb.double(), norm, attn_mask=m, enable_gqa=True)
-            assert rel_err(out[b:b + 1].transpose(1, 2), ref) < 2e-5
+            allowed[b, 0, :, :n] = band_mask(L, n, *(window or (-1, -1)), "lower_right")
+        ref, _ = _ref(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), norm, allowed, noise_seed)
+        assert rel_err(out.transpose(1, 2), ref) < 2e-5
 
 
 def test_kvcache_errors():
@@ -309,7 +331,7 @@ def _decode_case(norm, L, S, causal, window, splits, grad):
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     ref = reference.attention(q64, k64, v64, norm, attn_mask=m, enable_gqa=True)
     assert rel_err(res.out, ref) < 2e-5
-    want = reference.scores_and_allowed(q64, k64, attn_mask=m, enable_gqa=True)
+    want = reference.scores_and_allowed(q64, k64, attn_mask=m, enable_gqa=True, normalizer=norm)
     for name, st in res.stats.items():
         ref_st = norm.reference_stats(*want)[name]
         fin = torch.isfinite(ref_st)

@@ -92,6 +92,51 @@ def test_triton_linear_segments(monkeypatch, shape, causal):
     _check(shape, causal, mask=mask, quadratic=False)
 
 
+# ----------------------------------------------------------------------------------------------------
+# wide heads (D > 32): the order-2 features split over programs (feature blocks), partial sums reduced
+
+
+@pytest.fixture
+def four_blocks(monkeypatch):
+    """Feature blocks of 1024 order-2 features: 4 blocks at D = 64 (the default 128 gives 32; the same code,
+    an eighth of the interpreted programs), and Dv blocks of 16 (Dv = 24: 2 Dv blocks x 4 feature blocks)."""
+    monkeypatch.setattr(linear, "TRITON_FEATURES", 1024)
+    assert linear._triton_blocks(64, 24) == (64, 16, 16, 16)  # TA = 16 rows of x x^T per block, BD // TA = 4
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=CAUSAL_IDS)
+@pytest.mark.parametrize("L, S", [(1, 3), (17, 19), (40, 37)], ids=["L1-S3", "L17-S19", "L40-S37"])
+def test_triton_linear_wide_heads(four_blocks, L, S, causal):
+    # D = 64 (the acceptance's), GQA, Dv = 24 != D (one partial Dv block)
+    _check((1, 2, 1, L, S, 64, 24), causal)
+
+
+@pytest.mark.parametrize("causal", ["lower_right", None], ids=["lower_right", "noncausal"])
+def test_triton_linear_wide_heads_default_blocks(causal):
+    """The default split at D = 64: 32 blocks of 128 features (state 128 x 64), key padding on the causal one."""
+    assert linear._triton_blocks(64, 40) == (64, 64, 2, 8)
+    mask = None
+    if causal:
+        mask = torch.rand(1, 1, 1, 19, generator=torch.Generator().manual_seed(6)) < 0.7
+    _check((1, 1, 1, 17, 19, 64, 8), causal, mask=mask, quadratic=False)
+
+
+@pytest.mark.parametrize("causal", ["upper_left", "lower_right", None], ids=["upper_left", "lower_right", "noncausal"])
+def test_triton_linear_wide_heads_segments(monkeypatch, four_blocks, causal):
+    """D = 48 (padded to 64) in segments of 16 rows (3 here): each feature block stores and loads its rows of
+    the segment states; key padding per query head."""
+    monkeypatch.setattr(linear, "TRITON_SEG_ROWS", 16)
+    mask = torch.rand(1, 2, 1, 45, generator=torch.Generator().manual_seed(8)) < 0.7
+    _check((1, 2, 1, 40, 45, 48, 16), causal, mask=mask, quadratic=False)
+
+
+def test_triton_linear_widest_heads(four_blocks):
+    """D = 100, padded to BD = 128 (TRITON_MAX_D): 16 feature blocks of 8 rows of x x^T here (the default, 128
+    blocks of one row, is the same code at 8x the interpreted programs)."""
+    assert linear._triton_blocks(100, 4)[2] == 8
+    _check((1, 2, 1, 20, 23, 100, 4), "lower_right", quadratic=False)
+
+
 @pytest.mark.parametrize("per_head", [False, True], ids=["mask-B11S", "mask-BHq1S"])
 @pytest.mark.parametrize("causal", [None, "upper_left"], ids=["noncausal", "upper_left"])
 def test_triton_linear_key_padding(per_head, causal):
@@ -143,7 +188,8 @@ def test_triton_backward_saves_only_inputs_and_outputs():
 
 
 def test_triton_linear_refuses_wide_heads():
-    q, k, v = qkv_for((1, 2, 2, 64, 64, 64, 64), torch.float32, device=KERNEL_DEVICE)
+    assert linear.TRITON_MAX_D == 128
+    q, k, v = qkv_for((1, 2, 2, 64, 64, 129, 64), torch.float32, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match=f"D <= {linear.TRITON_MAX_D}"):
         flashmaps.attention(q, k, v, "taylor", form="linear", backend="triton")
     choice = flashmaps.choose_form(q, k, v, "taylor", causal=True, backend="triton")
@@ -169,6 +215,16 @@ def test_triton_auto_picks_the_kernel_by_the_cost_model(monkeypatch):
     assert wide.form == "quadratic" and "spills registers" in wide.reason
     asked = flashmaps.choose_form(q32, k32, v32, "taylor", causal=True, backend="triton", form="linear")
     assert asked.form == "linear" and "Triton kernel" in asked.reason
+    # D = 64: the split kernel, weighed with its features (BD^2 + NF (1 + BD) = 4096 + 32 * 65): linear from
+    # about S = 12.5k causal at Dv = 64
+    q64, k64, v64 = (torch.empty(1, 2, n, 64, device=KERNEL_DEVICE) for n in (16384, 16384, 16384))
+    far = flashmaps.choose_form(q64, k64, v64, "taylor", causal=True, backend="triton")
+    assert far.form == "linear" and "Triton kernel" in far.reason
+    assert far.cost_linear == linear.costs(16384, 16384, 64, 64, True, 16, "triton")[1]
+    assert far.cost_linear == pytest.approx(2 * 16384 * (4096 + 32 * 65) * 65 + 16384 * 8 * 128)
+    near = flashmaps.choose_form(q64[:, :, :8192], k64[:, :, :8192], v64[:, :, :8192], "taylor", causal=True,
+                                 backend="triton")
+    assert near.form == "quadratic" and near.cost_quadratic <= near.cost_linear
     # the full-square features cost more than the torch form's pairs (D = 16: 273 vs 153)
     assert linear.costs(4096, 4096, 16, 16, True, 16, "triton")[1] > linear.costs(4096, 4096, 16, 16, True, 16)[1]
     called = []
