@@ -207,16 +207,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         allowed = allowed & (rel <= right)
     if left >= 0:
         allowed = allowed & (rel >= -left)
-    qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-    if norm.for_keys(1) != norm.for_keys(2):  # an option set by the key count (sigmoid's b = -log n_b): per sequence
-        parts = [fn.attention(qt[b:b + 1], kt[b:b + 1], vt[b:b + 1], norm.for_keys(int(nb)),
-                              attn_mask=allowed[b:b + 1, None], scale=scale, softcap=softcap, enable_gqa=True,
-                              return_stats=True, backend=backend) for b, nb in enumerate(lens.tolist())]
-        out = torch.cat([o for o, _ in parts])
-        res = (out, {name: torch.cat([st[name] for _, st in parts]) for name in norm.stats}) if return_stats else out
-    else:
-        res = fn.attention(qt, kt, vt, norm, attn_mask=allowed[:, None], scale=scale, softcap=softcap,
-                           enable_gqa=True, return_stats=return_stats, backend=backend)
+    # one call over the whole cache: an option set by the key count is the cache's (sigmoid's default b = -log S_max;
+    # pass "sigmoid:<b>" for another b)
+    res = fn.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), norm, attn_mask=allowed[:, None],
+                       scale=scale, softcap=softcap, enable_gqa=True, return_stats=return_stats, backend=backend)
     if return_stats:
         out, st = res
         return out.transpose(1, 2), st
