@@ -342,6 +342,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
                  "kv shard length", "head dim (k)", "head dim (v)", "key_padding_mask given", "layout", "causal",
                  "normalizer", "dtype")
         _check_same_everywhere(meta, names, group, world, q.device)
+    norm = norm.for_keys(S * world)  # options set by the key count (sigmoid's b = -log S): the whole sequence's
     kw = dict(scale=scale, softcap=softcap, enable_gqa=enable_gqa, backend=backend)
     if layout == "ring":
         return _ring(q, k, v, norm, kpm, causal_mode is not None, group, world, rank, kw)

@@ -207,6 +207,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         allowed = allowed & (rel <= right)
     if left >= 0:
         allowed = allowed & (rel >= -left)
+    # one call over the whole cache: an option set by the key count is the cache's (sigmoid's default b = -log S_max;
+    # pass "sigmoid:<b>" for another b)
     res = fn.attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), norm, attn_mask=allowed[:, None],
                        scale=scale, softcap=softcap, enable_gqa=True, return_stats=return_stats, backend=backend)
     if return_stats:

@@ -569,7 +569,7 @@ def _key_padding(mask: torch.Tensor | None) -> bool:
 def _why_not_linear(norm: Normalizer, mask, softcap, dropout_p) -> str | None:
     if "linear" not in norm.forms:
         return (f"the normalizer {norm.spec!r} has no linear form (its forms: {', '.join(norm.forms)}); "
-                "a linear form needs a polynomial f, as taylor's")
+                "a linear form needs a polynomial f of degree <= 2, as taylor's order 2")
     if softcap is not None:
         return "softcap makes f(c tanh(s/c)) non-polynomial, so it has no linear form; pass softcap=None"
     if dropout_p > 0:

@@ -69,6 +69,8 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
     if sinks is not None:
         out, stats = _apply_sinks(norm, out, list(stats), sinks)
     # outputs must have the strides the fake implementation promises (contiguous)
+    if not stats:  # a normalizer without row statistics (sigmoid): torch.stack needs one tensor
+        return out.contiguous(), q.new_empty((0,) + tuple(q.shape[:3]), dtype=_stats_dtype(q)), extras.contiguous()
     return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
 
 
@@ -104,6 +106,8 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
+    elif len(stats) == 0 and out.numel():  # no row statistic (sigmoid): the forward's NaN output rows mark them
+        dq, dk, dv = _nonfinite_grads(dq, dk, dv, out.sum(-1)[None])
     return _like(dq, q), _like(dk, k), _like(dv, v)
 
 

@@ -354,7 +354,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
         out, stats = native
         return out, stats, extras
     pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
-    out5, stats = _forward(pb, normalizer, dropout_p, seed)
+    out5, stats = _forward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed)
     B, Hq, L = q.shape[:3]
     out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
     return out, [val.view(B, Hq, L) for val in stats.values()], extras
@@ -371,7 +371,7 @@ def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask,
     pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
     B, Hkv, G, L, _ = pb.q5.shape
     st = {n: val.reshape(B, Hkv, G, L) for n, val in zip(normalizer.stats, stats)}
-    dq, dk, dv = _backward(pb, normalizer, dropout_p, seed, st, dout)
+    dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, st, dout)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -207,9 +207,10 @@ def test_causal_tiles_skipped_per_block(norm, causal):
             assert torch.isnan(res.out[:, :, first_reader:]).all()
 
 
-@pytest.mark.parametrize("norm", SPARSE_NORMS)
+@pytest.mark.parametrize("norm", [n for n in SPARSE_NORMS if flashmaps.parse(n).triton(48)[0].skip_dead])
 def test_dead_tiles_skip_pv(norm):
-    """A key tile whose scores are all below the row thresholds contributes nothing: its V may be NaN."""
+    """A key tile whose scores are all below the row thresholds contributes nothing: its V may be NaN.
+    (The sparse units that skip dead tiles; softpick's zero weights still count in its denominator.)"""
     L, S, D = 16, 48, 16
     q, k, v = make_qkv(1, 1, 1, L, S, D, seed=11)
     q = q.abs() + 0.5

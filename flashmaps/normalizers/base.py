@@ -10,7 +10,7 @@ in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernel
 * the names of its row statistics and their values for a row with no allowed key (``stats``,
   ``empty_stats``; zero, one or two of them);
 * its torch-path hooks (``torch_stats``, ``torch_weights``, ``torch_dscores``, optionally ``torch_sparse``)
-  used by the CPU path's row-chunk loop;
+  used by the CPU path's row-chunk loop, on the instance ``for_keys(S)`` returns for the call's S keys;
 * its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
 * its rule for combining results over disjoint key sets (``merge``), or why there is none;
 * optionally its score form (``score = "distance"``: ``-(n/2) ln(max(scale ||q - k||^2, tiny))`` instead of
@@ -132,6 +132,12 @@ class Normalizer:
 
     def __str__(self) -> str:  # "topk:64"
         return self.spec
+
+    def for_keys(self, S: int) -> "Normalizer":
+        """The instance a call over S keys computes with (default: itself). A normalizer whose default option
+        depends on the key count resolves it here (sigmoid's ``b = -log S``); the torch path calls it on the
+        full key count before its chunk loop (the hooks see chunks of keys), ``triton(S)`` gets S itself."""
+        return self
 
     # -------------------------------------------------------------------------------- reference
 

@@ -1,4 +1,4 @@
-"""taylor: Based's second-order Taylor map ``f(s) = 1 + s + s^2/2``."""
+"""taylor: the Taylor map of even order k, ``f_k(s) = sum_{m=0..k} s^m / m!`` (k = 2: Based's ``1 + s + s^2/2``)."""
 
 from __future__ import annotations
 
@@ -14,49 +14,104 @@ from .rows import rowsum, safe_div, zero_disallowed
 __all__ = ["Taylor"]
 
 
-def _f(s):
-    return 1 + s + 0.5 * s * s
+def _f(s, k):
+    """f_k(s) = sum_{m=0..k} s^m / m!, term by term (the reference's form; the fast paths use Horner)."""
+    term, f = torch.ones_like(s), torch.ones_like(s)
+    for m in range(1, k + 1):
+        term = term * s / m
+        f = f + term
+    return f
+
+
+def _horner(s, k):
+    """f_k(s) by Horner: 1 + s (1 + s/2 (1 + ... (1 + s/k))); f_0 = 1."""
+    f = torch.ones_like(s)
+    for m in range(k, 0, -1):
+        f = torch.addcmul(torch.ones_like(s), s, f, value=1.0 / m)
+    return f
 
 
 @register
 @dataclasses.dataclass(frozen=True)
 class Taylor(Normalizer):
-    """Second-order Taylor map of Based linear attention:
-    ``p_j = f(s_j) / Z`` with ``f(s) = 1 + s + s^2/2 >= 1/2`` and ``Z = sum_j f(s_j)``.
+    """Taylor map of even order ``k`` (``"taylor"`` = ``"taylor:2"``, Based linear attention):
+    ``p_j = f_k(s_j) / Z`` with ``f_k(s) = sum_{m=0..k} s^m / m!`` and ``Z = sum_j f_k(s_j)``.
 
-    No running max is needed (``f`` is bounded below by 1/2). Row statistics: ``z`` (the normalizer Z,
-    0 for a row with no allowed key). Backward: ``dS = f'(S)/Z * (dP - delta)`` with ``f'(s) = 1 + s``.
-    Merge over disjoint key sets: ``z = sum_i z_i``, ``out = sum_i z_i out_i / z``.
-    Forms: quadratic (the tile loop) and linear (``flashmaps.linear``: ``f(q'.k) = phi_q(q') . phi_k(k)``,
-    a fixed-size state per head; ``attention(..., form="linear")``, decoding with ``flashmaps.TaylorState``).
+    For even k, f_k > 0 everywhere (its minimum is at f_k' = f_{k-1} = 0, where f_k = s^k / k! > 0; f_2 >= 1/2),
+    so no running max is needed; odd orders are refused (f_k(s) -> -inf as s -> -inf: weights would be negative).
+    Row statistics: ``z`` (the normalizer Z, 0 for a row with no allowed key). Backward:
+    ``dS = f_k'(S)/Z * (dP - delta)`` with ``f_k' = f_{k-1}``. Merge over disjoint key sets:
+    ``z = sum_i z_i``, ``out = sum_i z_i out_i / z``.
+    Forms: quadratic (the tile loop) and, for k = 2 only, linear (``flashmaps.linear``:
+    ``f(q'.k) = phi_q(q') . phi_k(k)``, a fixed-size state per head; ``attention(..., form="linear")``, decoding
+    with ``flashmaps.TaylorState``). Order k > 2 would need O(D^k) features: quadratic only ("auto" picks it).
     """
 
+    k: int = 2
     name: ClassVar[str] = "taylor"
     stats: ClassVar[tuple[str, ...]] = ("z",)
     empty_stats: ClassVar[tuple[float, ...]] = (0.0,)
     kernels: ClassVar[str] = "flashmaps.kernels.taylor"
+    spec_help: ClassVar[str] = "taylor[:<k>]"
     order: ClassVar[int] = 10
-    formula: ClassVar[str] = "`f(s_j) / Z`, `f(s) = 1 + s + s^2/2` (Based's 2nd-order Taylor map), `Z = sum_i f(s_i)`"
+    formula: ClassVar[str] = ("`f_k(s_j) / Z`, `f_k(s) = sum_{m<=k} s^m/m!` (even k; default 2, Based's "
+                              "`1 + s + s^2/2`), `Z = sum_i f_k(s_i)`")
     merge_rule: ClassVar[str] = "sums of `z`"
     forms: ClassVar[tuple[str, ...]] = ("quadratic", "linear")
     linear_coeffs: ClassVar[tuple[float, float, float]] = (1.0, 1.0, 0.5)  # f(s) = 1 + s + s^2/2
 
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int):
+            raise TypeError(f"Taylor(k): the order k must be an even int >= 2, got {type(self.k).__name__} {self.k!r}")
+        if self.k < 2 or self.k % 2:
+            why = ("f_k(s) -> -inf as s -> -inf for odd k, so weights could be negative and Z zero"
+                   if self.k % 2 else "k must be at least 2")
+            raise ValueError(f"Taylor(k): the order k must be an even int >= 2 (2, 4, 6, ...), got {self.k}: {why}")
+        if self.k != 2:  # the linear form (features of f(s) = c0 + c1 s + c2 s^2) exists for order 2 only
+            object.__setattr__(self, "forms", ("quadratic",))
+            object.__setattr__(self, "linear_coeffs", None)
+
+    @classmethod
+    def from_spec(cls, arg, *, argname="normalizer"):
+        if arg is None:
+            return cls()
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(f"{argname}: malformed Taylor spec 'taylor:{arg}'; write 'taylor:<k>' with an even "
+                             "integer order k >= 2 (e.g. 'taylor:4'), or 'taylor' for order 2") from None
+        try:
+            return cls(k)
+        except ValueError as e:
+            raise ValueError(f"{argname}: 'taylor:{arg}': {e}") from None
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.k == 2 else f"{self.name}:{self.k}"
+
+    @classmethod
+    def examples(cls) -> list["Taylor"]:
+        return [cls(2), cls(4)]
+
     def score_limit(self, dtype):
-        """f(s) ~ s^2/2 must fit float32 (the sums); in fp16 the Triton kernels feed f(s) 2^-10 to the
-        tensor cores in fp16 (max 65504), so |s| <= sqrt(2 * 65504 * 2^10) ~ 11585."""
+        """f_k(s) <= (|s| + k)^k / k! must fit float32 (the sums); in fp16 the Triton kernels feed f(s) 2^-10 to
+        the tensor cores in fp16 (max 65504), so |s| <= (k! 65504 2^10)^(1/k) - k (k = 2: ~11585, k = 4: ~196)."""
         top = 65504.0 * 2**10 if dtype == torch.float16 else torch.finfo(torch.float32).max
-        return math.sqrt(2 * top) - 2
+        return math.exp((math.lgamma(self.k + 1) + math.log(top)) / self.k) - self.k
 
     def reference_weights(self, s, allowed):
-        f = torch.where(allowed, _f(s), torch.zeros_like(s))
+        f = torch.where(allowed, _f(s, self.k), torch.zeros_like(s))
         return zero_disallowed(safe_div(f, rowsum(f)), allowed)
 
     def reference_stats(self, s, allowed):
-        return {"z": torch.where(allowed, _f(s), torch.zeros_like(s)).sum(-1)}
+        return {"z": torch.where(allowed, _f(s, self.k), torch.zeros_like(s)).sum(-1)}
 
     def _f_allowed(self, s, masked):
-        f = _f(s)
-        return torch.where(s != float("-inf"), f, torch.zeros((), dtype=s.dtype, device=s.device)) if masked else f
+        if not masked:
+            return _horner(s, self.k)
+        ok = s != float("-inf")
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        return torch.where(ok, _horner(torch.where(ok, s, zero), self.k), zero)
 
     def torch_stats(self, s, masked):
         return {"z": rowsum(self._f_allowed(s, masked))}          # 0 for an empty row
@@ -65,7 +120,8 @@ class Taylor(Normalizer):
         return safe_div(self._f_allowed(s, masked), st["z"])
 
     def torch_dscores(self, s, p, dp, st):
-        fprime = torch.where(p > 0, 1 + s, torch.zeros((), dtype=s.dtype, device=s.device))  # no inf * 0
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        fprime = torch.where(p > 0, _horner(torch.where(p > 0, s, zero), self.k - 1), zero)   # f_k' = f_{k-1}
         return safe_div(fprime, st["z"]) * (dp - rowsum(p * dp))
 
     def merge(self, outs, stats):
