@@ -309,8 +309,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
             so their shards must have equal lengths).
         group: the process group (default: the default group). layout: "allgather", "zigzag" or "ring".
         key_padding_mask: None or this rank's bool (B, Sl) shard of a (B, S) mask, True = may attend.
-        scale, softcap, enable_gqa, backend: as in ``flashmaps.attention`` (dropout is not offered: the ranks
-            would need one random stream).
+        scale, softcap, enable_gqa, backend: as in ``flashmaps.attention`` (dropout and stochastic normalizers
+            such as gumbel are not offered: the ranks would need one random stream).
         check: verify with one small all-gather that every rank passes the same shapes and options (a clear
             error instead of a hang or silently wrong result); False skips it.
 
@@ -333,6 +333,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
         if layout == "zigzag" and n % 2:
             raise ValueError(f"layout 'zigzag': a rank's {name} shard holds two equal chunks, so its length must "
                              f"be even, got {n}; pad the sequence to a multiple of {2 * world}")
+    if norm.stochastic:
+        raise ValueError(f"context parallelism does not take the stochastic normalizer {norm.spec!r}: its noise is "
+                         "drawn per call and keyed by the local query and key indices, so the ranks would need one "
+                         "random stream and global positions (as dropout, not offered); use flashmaps.attention")
     if layout == "ring":
         _check_ring(norm, q, k, v)
     if check and world > 1:

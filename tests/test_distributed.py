@@ -23,15 +23,19 @@ from helpers import NORMS, grad_err, rel_err
 
 B, HQ, HKV, S, D = 2, 2, 1, 12, 8  # S divides into 2W pieces for W = 2 and 3 (zigzag)
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
-MERGEABLE = [n.spec for n in flashmaps.examples() if type(n).merge is not flashmaps.Normalizer.merge]
+#: the grid: every normalizer but the stochastic ones (their noise needs one random stream: refused, below)
+CP_NORMS = [spec for spec in NORMS if not flashmaps.parse(spec).stochastic]
+STOCHASTIC = [spec for spec in NORMS if flashmaps.parse(spec).stochastic]
+MERGEABLE = [n.spec for n in flashmaps.examples() if type(n).merge is not flashmaps.Normalizer.merge
+             and not n.stochastic]
 
 
 def _cases():
     """(spec, causal, layout, padded, dtype): the grid each spawn runs."""
     cases = [(spec, causal, layout, padded, torch.float32)
-             for spec in NORMS for causal in (False, True) for layout in ("allgather", "zigzag")
+             for spec in CP_NORMS for causal in (False, True) for layout in ("allgather", "zigzag")
              for padded in (False, True)]
-    cases += [(spec, True, "zigzag", True, torch.float64) for spec in NORMS]
+    cases += [(spec, True, "zigzag", True, torch.float64) for spec in CP_NORMS]
     cases += [(spec, causal, "ring", padded, torch.float32)
               for spec in MERGEABLE for causal in (False, True) for padded in (False, True)]
     return cases
@@ -90,6 +94,8 @@ def _bad_setups(group, rank):
                                           enable_gqa=True),
         "zigzag_odd": lambda: cp.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], group=group, causal=True,
                                            layout="zigzag", enable_gqa=True),
+        **{f"stochastic_{spec}": (lambda spec=spec: cp.attention(q, k, v, spec, group=group, enable_gqa=True))
+           for spec in STOCHASTIC},
     }
     errors = {}
     for name, call in calls.items():
@@ -161,7 +167,8 @@ def test_context_parallel_equals_single_process(spawned, world):
 def test_bad_setups_raise_on_every_rank(spawned, world):
     per_rank = spawned[world]
     expect = {"disagree": "disagree on query shard length, kv shard length", "ring_sparse": "has none",
-              "ring_grad": "forward-only", "zigzag_odd": "must be even"}
+              "ring_grad": "forward-only", "zigzag_odd": "must be even",
+              **{f"stochastic_{spec}": "one random stream" for spec in STOCHASTIC}}
     for rank, saved in enumerate(per_rank):
         for name, words in expect.items():
             msg = saved["errors"][name]

@@ -304,6 +304,7 @@ def test_dropout_leaves_row_statistics_unchanged():
     q, k, v, _ = make_inputs(1, 2, 1, 20, 37, 16, 16, seed=14)
     for norm in NORMS:
         with torch.no_grad():
+            torch.manual_seed(3)    # a stochastic normalizer: both calls draw the same noise seed
             _, st = flashmaps.attention(q, k, v, norm, causal=True, enable_gqa=True, return_stats=True,
                                         backend="triton")
             torch.manual_seed(3)
