@@ -397,8 +397,10 @@ def cmd_bench(args) -> int:
     if args.providers:
         pats = _split_names(args.providers)
         provs = [p for p in provs if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats)]
-        for pat in pats:  # a name with options ("...[fwd=128,64,8,3]") adds that provider
-            if "[" in pat and "=" in pat:
+        for pat in pats:  # a name with options ("...[fwd=128,64,8,3]"), or one outside the default list
+            # ("device-copy", the bandwidth yardstick of decode rows), adds that provider
+            if ("[" in pat and "=" in pat) or (not any(c in pat for c in "*?[")
+                                               and not any(p.name == pat for p in provs)):
                 try:
                     provs.append(get_provider(pat))
                 except ValueError as exc:

@@ -416,12 +416,12 @@ def test_softmax_sdpa_route_mask_dtypes(mask_dtype, q_dtype, routed, monkeypatch
     calls = []
     real = softmax_unit._sdpa_forward
     monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
-    shape = (1, 2, 2, 9, 12, 16, 16)
+    shape = (1, 2, 2, 19, 12, 16, 16)       # more query rows than softmax_unit.DECODE_ROWS
     q, k, v = make_qkv(shape, q_dtype, seed=19)
     if mask_dtype == torch.bool:
         mask = make_mask("bool-B1LS-emptyrows", shape, q_dtype)
     else:
-        mask = (torch.randn(9, 12) * 2).to(mask_dtype)
+        mask = (torch.randn(19, 12) * 2).to(mask_dtype)
         mask[:, ::4] = torch.finfo(mask_dtype).min
         mask[2] = torch.finfo(mask_dtype).min  # an empty row
     out, st = flashmaps.attention(q, k, v, attn_mask=mask, return_stats=True, backend="torch")
@@ -430,6 +430,19 @@ def test_softmax_sdpa_route_mask_dtypes(mask_dtype, q_dtype, routed, monkeypatch
     assert rel_err(out, ref) < TOL[q_dtype]
     if mask_dtype != torch.bool:
         assert torch.all(out[:, :, 2] == 0) and torch.all(st["lse"][:, :, 2] == float("-inf"))
+
+
+def test_softmax_decode_runs_the_chunk_loop(monkeypatch):
+    """At most DECODE_ROWS query rows (decoding) the chunk loop runs, not torch's CPU flash op (it reads K/V
+    3-5x faster there: bench/results/cpu/decode); the same result."""
+    calls = []
+    real = softmax_unit._sdpa_forward
+    monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
+    for L in (1, softmax_unit.DECODE_ROWS, softmax_unit.DECODE_ROWS + 1):
+        q, k, v = make_qkv((1, 4, 2, L, 300, 16, 16), torch.float32, seed=L)
+        out = flashmaps.attention(q, k, v, enable_gqa=True, backend="torch")
+        assert len(calls) == (L > softmax_unit.DECODE_ROWS)
+        assert rel_err(out, R.attention(q, k, v, enable_gqa=True)) < TOL[torch.float32]
 
 
 def _strided_qkv(case, B=2, H=4, L=9, S=11, D=8):
@@ -463,7 +476,7 @@ def test_softmax_sdpa_route_strided_inputs(case, causal, monkeypatch):
     calls = []
     real = softmax_unit._sdpa_forward
     monkeypatch.setattr(softmax_unit, "_sdpa_forward", lambda *a: calls.append(1) or real(*a))
-    q, k, v = (x.requires_grad_() for x in _strided_qkv(case))
+    q, k, v = (x.requires_grad_() for x in _strided_qkv(case, L=19))   # > DECODE_ROWS: routed
     out = flashmaps.attention(q, k, v, causal=causal, backend="torch")
     assert calls
     ref, ref_grad = ref_grads(q, k, v, "softmax", causal=causal)

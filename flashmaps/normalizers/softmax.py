@@ -98,10 +98,14 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
     return mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
 
 
+#: at most this many query rows: the torch path's chunk loop instead of torch's CPU flash op (decoding)
+DECODE_ROWS = 16
+
+
 def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
     """(float mask in q's dtype or None, is_causal) when the SDPA CPU op computes exactly our softmax,
     else None. Conditions: no softcap and no dropout (its dropout RNG is not ours), unit stride on the
-    head dim and Dv == Dqk (the op assumes both), causal upper-left (or lower-right with L == S), and a mask that
+    head dim and Dv == Dqk (the op assumes both), causal upper-left (or lower-right with L == S), more than DECODE_ROWS query rows, and a mask that
     converts exactly to q's dtype; excluded entries become -inf (the op would add finfo.min and give a
     fully excluded row the uniform average instead of 0)."""
     if softcap is not None or dropout_p > 0 or q.device.type != "cpu":
@@ -111,6 +115,8 @@ def _sdpa_route(q, k, v, mask, causal, softcap, dropout_p):
     L, S = q.shape[2], k.shape[2]
     if causal not in (None, "upper_left", "lower_right"):      # a sliding window (flashmaps.window)
         return None
+    if L <= DECODE_ROWS:  # decoding: the chunk loop's two matmuls read K/V 3-5x faster than the op (measured,
+        return None       # bench/results/cpu/decode: 11-12 GB/s vs 2.2-3.0 GB/s at S = 4k-64k, D = 128)
     if causal == "lower_right" and L != S:
         return None
     # the op hides a NaN score (it returns a finite row): the chunk loop applies the non-finite rule. Every
