@@ -9,12 +9,14 @@ A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides:
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
         -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
-    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
-        -> (dq, dk, dv)
+    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
+             delta_shift) -> (dq, dk, dv)
 
 ``stats`` follow ``normalizer.stats``; ``extras`` carries whatever else the backend's backward needs (the
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
-(n_stats, B, Hq, L) tensor. The dropout seed is an int64 tensor drawn from torch's default generator
+(n_stats, B, Hq, L) tensor. Gradients through the statistics (``Normalizer.stat_delta``, for the units that
+define it; the others' statistics are non-differentiable) reach the backend as ``delta_shift`` (B, Hq, L) or
+None: its backward takes ``delta - delta_shift`` as the row term. The dropout seed is an int64 tensor drawn from torch's default generator
 (``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
 """
 
@@ -90,19 +92,20 @@ def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
-    head_params: Optional[torch.Tensor] = None,
+    head_params: Optional[torch.Tensor] = None, delta_shift: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv) shaped like q, k, v."""
+    """-> (dq, dk, dv) shaped like q, k, v. ``delta_shift``: None, or (B, Hq, L) from the statistics' gradients
+    (``Normalizer.stat_delta``): the row term becomes ``delta - delta_shift``."""
     return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
-                     dropout_p, head_params)
+                     dropout_p, head_params, delta_shift)
 
 
 def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-              head_params=None):
+              head_params=None, delta_shift=None):
     norm = parse(normalizer, head_params=head_params)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
-        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic),
+        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic), delta_shift=delta_shift,
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
@@ -133,7 +136,7 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-      head_params=None):
+      head_params=None, delta_shift=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -143,15 +146,22 @@ def _setup_context(ctx, inputs, output):
     out, stats, extras = output
     ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
+    if not parse(normalizer, head_params=head_params).has_stat_grads:   # (Normalizer.stat_delta)
+        ctx.mark_non_differentiable(stats)
+    ctx.mark_non_differentiable(extras)
 
 
-def _backward(ctx, dout, _dstats, _daux, bwd=attention_bwd):
+def _backward(ctx, dout, dstats, _daux, bwd=attention_bwd):
     q, k, v, out, stats, extras, mask, seed, head_params, sinks = ctx.saved_tensors
-    dout = dout.contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()    # a loss on the statistics only
+    norm = parse(ctx.args[1], head_params=head_params)
+    shift = None
+    if dstats is not None and norm.has_stat_grads:
+        shift = norm.stat_delta(list(stats.unbind(0)), list(dstats.to(stats.dtype).unbind(0))).contiguous()
+    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params, shift)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
-        dsinks = _sink_grad(parse(ctx.args[1], head_params=head_params), dout, out, stats, sinks)
+        dsinks = _sink_grad(norm, dout, out, stats, sinks, shift)
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks)[:len(ctx.needs_input_grad)]
 
 
@@ -171,11 +181,14 @@ def _apply_sinks(norm, out, stats, sinks):
     return (out * w[..., None].to(out.dtype)), new_stats
 
 
-def _sink_grad(norm, dout, out, stats, sinks):
+def _sink_grad(norm, dout, out, stats, sinks, shift=None):
     """dL/dsink_h = -sum_{b,i} c_bhi * rowsum(dO * out_sink)_bhi (``Normalizer.sink_coef``, from the saved
-    statistics of the call with the sink)."""
+    statistics of the call with the sink); the row term less ``shift`` with gradients through the statistics
+    (softmax: ``dlse_sink/dsink = c``)."""
     c = norm.sink_coef(list(stats.unbind(0)), sinks)
     delta = (dout.to(c.dtype) * out.to(c.dtype)).sum(-1)                            # (B, Hq, L)
+    if shift is not None:
+        delta = delta - shift.to(c.dtype)
     return (-(c * delta).sum((0, 2))).to(sinks.dtype)
 
 
@@ -190,7 +203,7 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)          # no gradient of the statistics: no row-term shift
         return output
 
     @staticmethod

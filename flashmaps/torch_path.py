@@ -287,7 +287,7 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
     return out5, stats
 
 
-def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
+def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout, shift=None):
     B, Hkv, G, L, D = pb.q5.shape
     S, Dv = pb.k.shape[2], pb.v.shape[3]
     dev = pb.q5.device
@@ -317,7 +317,12 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout):
             pd = p * keep
         dv[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk - c.k0).transpose(-1, -2),
                                                                   doc)
-        ds = hn.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
+        if shift is None:
+            ds = hn.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
+        else:  # the row term less the shift: one extra key with s = 0, p = 1, dp = -shift (Normalizer.stat_delta)
+            sh = shift[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None]
+            ds = hn.torch_dscores(*(torch.cat([x, y.expand_as(sh)], -1) for x, y in
+                                    ((s, s.new_zeros(())), (p, p.new_ones(())), (dp, -sh))), st)[..., :-1]
         if bad is not None:
             ds = ds.masked_fill(bad, float("nan"))
         if capgrad is not None:
@@ -361,17 +366,21 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
-             dropout_p, seed):
+             dropout_p, seed, delta_shift=None):
     """Gradients (dq, dk, dv) by recomputing each chunk from q, k, v and the saved row statistics (or the
-    normalizer's ``torch_native_backward``, when its forward ran natively)."""
-    native = normalizer.torch_native_backward(dout, q, k, v, out, stats, mask=mask, causal=causal, scale=scale,
-                                              softcap=softcap, dropout_p=dropout_p)
-    if native is not None:
-        return native
+    normalizer's ``torch_native_backward``, when its forward ran natively and ``delta_shift`` is None).
+    ``delta_shift``: None or (B, Hq, L), the statistics' gradients as a shift of the row term
+    (``Normalizer.stat_delta``)."""
+    if delta_shift is None:
+        native = normalizer.torch_native_backward(dout, q, k, v, out, stats, mask=mask, causal=causal, scale=scale,
+                                                  softcap=softcap, dropout_p=dropout_p)
+        if native is not None:
+            return native
     pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
     B, Hkv, G, L, _ = pb.q5.shape
     st = {n: val.reshape(B, Hkv, G, L) for n, val in zip(normalizer.stats, stats)}
-    dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, st, dout)
+    shift = None if delta_shift is None else delta_shift.to(pb.acc).reshape(B, Hkv, G, L)
+    dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, st, dout, shift)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

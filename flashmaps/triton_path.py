@@ -7,8 +7,9 @@ inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTE
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
         -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], extras)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of extras (1-D fp32; see `unpack_extras`)
-    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
-        -> (dq, dk, dv) in the dtypes of q, k, v (extras: the one forward() returned with need_grad=True)
+    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
+             delta_shift) -> (dq, dk, dv) in the dtypes of q, k, v (extras: the one forward() returned with
+             need_grad=True; delta_shift: None or (B, Hq, L), subtracted from the row term delta)
     attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
 
 :func:`launch_forward` / :func:`launch_backward` are the launchers themselves (pinned configs, the saved
@@ -321,7 +322,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 
 def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask=None, causal=None,
                     scale=None, softcap=None, dropout_p: float = 0.0, seed: int = 0,
-                    config: Optional[dict] = None):
+                    config: Optional[dict] = None, delta_shift: Optional[torch.Tensor] = None):
     """Gradients (dq, dk, dv) of the attention computed by :func:`launch_forward` (with save_extras=True,
     the same mask / causal / scale / softcap / dropout_p / seed), given dout (B, Hq, L, Dv), any strides.
     ``stats``: the public row statistics in ``normalizer.stats`` order; ``extras``: the packed buffer.
@@ -330,7 +331,9 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
     both recomputing scores and weights tile by tile. ``config`` pins the blocks of both kernels (as in
     launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
-    ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned)."""
+    ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned). ``delta_shift``: None or (B, Hq, L),
+    subtracted from delta after the preprocess kernel (gradients through the row statistics,
+    ``Normalizer.stat_delta``)."""
     B, Hq, L, _ = q.shape
     S = k.shape[2]
     dev = q.device
@@ -353,6 +356,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
+    if delta_shift is not None:
+        rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
@@ -372,10 +377,11 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
-             dropout_p, seed, config: Optional[dict] = None):
+             dropout_p, seed, config: Optional[dict] = None, delta_shift=None):
     """The custom op's backward (see the module docstring): (dq, dk, dv)."""
     return launch_backward(dout, q, k, v, out, stats, extras, normalizer, mask=mask, causal=causal,
-                           scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config)
+                           scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config,
+                           delta_shift=delta_shift)
 
 
 def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.Tensor:

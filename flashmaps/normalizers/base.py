@@ -206,6 +206,31 @@ class Normalizer:
         (out in outs[0]'s dtype, stats), with torch ops (autograd flows through the given tensors)."""
         raise NotImplementedError(f"the normalizer {self.spec!r} has no merge rule")
 
+    # -------------------------------------------------------------------------------- statistic gradients
+
+    def stat_delta(self, stats: list, stat_grads: list) -> "torch.Tensor | None":
+        """Gradients through the row statistics (what makes :meth:`merge` differentiable w.r.t. q and k).
+
+        From the statistics ``stats`` and the loss's gradients ``stat_grads`` w.r.t. them (lists of (B, Hq, L)
+        in ``self.stats`` order) -> the shift ``d`` (B, Hq, L) of the backward's row term: with
+        ``delta' = delta - d`` in place of ``delta = rowsum(dO * O)``, the backward rule (``torch_dscores``,
+        the Triton ``bwd_dscores``) adds ``sum_n g_n dstat_n/ds_j`` to ``dS_j``. Softmax:
+        ``dlse/ds_j = p_j`` and ``dS_j = p_j (dP_j - delta)``, so ``d = g_lse``; taylor: ``dZ/ds_j = f'(s_j)``
+        and ``dS_j = f'(s_j)/Z (dP_j - delta)``, so ``d = Z g_Z``. ``d`` must be finite on rows with no
+        allowed key (0 there). The backends apply it generically (Triton: after the preprocess kernel; the
+        torch path: as one extra key with ``p = 1``, ``dp = -d``, so ``torch_dscores`` may couple the keys of
+        a row only through ``rowsum(p * dp)``).
+
+        None (the default): the statistics carry no gradient (thresholds: entmax's tau, top-k's k-th score,
+        whose dependence on the scores is not of this form); ``attention(..., return_stats=True)`` then returns
+        them non-differentiable."""
+        return None
+
+    @property
+    def has_stat_grads(self) -> bool:
+        """Whether the row statistics carry gradients (the class overrides :meth:`stat_delta`)."""
+        return bool(self.stats) and type(self).stat_delta is not Normalizer.stat_delta
+
     # -------------------------------------------------------------------------------- per-head tensors
 
     # A call may carry per-query-head tensors beside the spec string (the custom ops take the normalizer as

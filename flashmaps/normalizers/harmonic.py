@@ -98,3 +98,4 @@ class Harmonic(Normalizer):
     torch_weights = Softmax.torch_weights
     torch_dscores = Softmax.torch_dscores
     merge = Softmax.merge
+    stat_delta = Softmax.stat_delta

@@ -10,7 +10,7 @@ import torch
 from .base import Normalizer, register
 from .rows import NEG_INF, logsumexp, lse_weights, masked_softmax, rowsum
 
-__all__ = ["Softmax", "merge_lse"]
+__all__ = ["Softmax", "merge_lse", "lse_stat_delta"]
 
 
 @register
@@ -21,6 +21,8 @@ class Softmax(Normalizer):
     Row statistics: ``lse = m + log(l)`` (natural log; ``-inf`` for a row with no allowed key).
     Backward: ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O)``.
     Merge over disjoint key sets: ``lse = logsumexp_i(lse_i)``, ``out = sum_i exp(lse_i - lse) out_i``.
+    Gradient through ``lse``: ``dlse/ds_j = p_j``, so a gradient ``g`` of ``lse`` shifts the row term,
+    ``delta' = delta - g`` (``stat_delta``; 0 on an empty row), and the merge is differentiable.
     """
 
     name: ClassVar[str] = "softmax"
@@ -48,6 +50,9 @@ class Softmax(Normalizer):
 
     def merge(self, outs, stats):
         return merge_lse(outs, [st["lse"] for st in stats])
+
+    def stat_delta(self, stats, stat_grads):
+        return lse_stat_delta(stats[0], stat_grads[0])
 
     def sink_stats(self, stats, sinks):          # attention sinks: flashmaps.sinks
         from ..sinks import lse_sink_stats
@@ -82,10 +87,17 @@ def merge_lse(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch
     log-sum-exp merge. A part with lse = -inf (no allowed key there) has weight 0."""
     acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
     lse_all = torch.stack([x.to(acc) for x in lses])                                   # [P, B, H, L]
-    lse = torch.logsumexp(lse_all, 0)                                                  # -inf if every part is
+    empty = (lse_all == NEG_INF).all(0)             # -inf if every part is (logsumexp's gradient there: NaN)
+    lse = torch.logsumexp(torch.where(empty, 0.0, lse_all), 0).masked_fill(empty, NEG_INF)
     w = torch.exp(lse_all - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))   # [P, B, H, L]
     out = sum(wi[..., None] * o.to(acc) for wi, o in zip(w, outs))
     return out.to(outs[0].dtype), {"lse": lse}
+
+
+def lse_stat_delta(lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The row-term shift of a log-sum-exp statistic (``Normalizer.stat_delta``): ``g`` (``dlse/ds_j = p_j``,
+    times the normalizer's own chain), 0 on rows with no allowed key (``lse = -inf``, all weights 0)."""
+    return torch.where(lse == NEG_INF, torch.zeros((), dtype=g.dtype, device=g.device), g)
 
 
 # ----------------------------------------------------------------------------------------------------

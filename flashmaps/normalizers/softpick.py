@@ -33,7 +33,9 @@ class Softpick(Normalizer):
     denominator's ``d|exp(s) - 1|/ds = sign(s) exp(s)``).
 
     Merge over disjoint key sets (each part's D counts the 1e-6 once): ``D = sum_i D_i - (n - 1) 1e-6``,
-    ``out = sum_i D_i out_i / D``, ``lden = log D`` (computed relative to ``max_i lden_i``).
+    ``out = sum_i D_i out_i / D``, ``lden = log D`` (computed relative to ``max_i lden_i``). Gradient through
+    ``lden``: ``dlden/ds_j = sign(s_j) exp(s_j) / D``, so a gradient ``g`` of ``lden`` shifts the row term,
+    ``delta' = delta - g`` (``stat_delta``).
     """
 
     name: ClassVar[str] = "softpick"
@@ -82,3 +84,6 @@ class Softpick(Normalizer):
         den = torch.clamp(w.sum(0) - (len(outs) - 1) * floor, min=floor)     # D / e^top
         out = sum(wi[..., None] * o.to(acc) for wi, o in zip(w, outs)) / den[..., None]
         return out.to(outs[0].dtype), {"lden": top + torch.log(den)}
+
+    def stat_delta(self, stats, stat_grads):
+        return stat_grads[0]                        # an empty row's weights are 0: d does not matter there

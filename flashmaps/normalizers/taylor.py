@@ -41,7 +41,8 @@ class Taylor(Normalizer):
     so no running max is needed; odd orders are refused (f_k(s) -> -inf as s -> -inf: weights would be negative).
     Row statistics: ``z`` (the normalizer Z, 0 for a row with no allowed key). Backward:
     ``dS = f_k'(S)/Z * (dP - delta)`` with ``f_k' = f_{k-1}``. Merge over disjoint key sets:
-    ``z = sum_i z_i``, ``out = sum_i z_i out_i / z``.
+    ``z = sum_i z_i``, ``out = sum_i z_i out_i / z``. Gradient through ``z``: ``dZ/ds_j = f_k'(s_j)``, so a
+    gradient ``g`` of ``z`` shifts the row term, ``delta' = delta - Z g`` (``stat_delta``).
     Forms: quadratic (the tile loop) and, for k = 2 only, linear (``flashmaps.linear``:
     ``f(q'.k) = phi_q(q') . phi_k(k)``, a fixed-size state per head; ``attention(..., form="linear")``, decoding
     with ``flashmaps.TaylorState``). Order k > 2 would need O(D^k) features: quadratic only ("auto" picks it).
@@ -131,3 +132,6 @@ class Taylor(Normalizer):
         out = sum(zi[..., None] * o.to(acc) for zi, o in zip(zs, outs))
         out = out / torch.where(z > 0, z, torch.ones_like(z))[..., None]
         return out.to(outs[0].dtype), {"z": z}
+
+    def stat_delta(self, stats, stat_grads):
+        return stats[0] * stat_grads[0]             # Z g: 0 on an empty row (Z = 0)
