@@ -146,9 +146,8 @@ def _setup_context(ctx, inputs, output):
     out, stats, extras = output
     ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
-    if not parse(normalizer, head_params=head_params).has_stat_grads:   # (Normalizer.stat_delta)
-        ctx.mark_non_differentiable(stats)
-    ctx.mark_non_differentiable(extras)
+    stat_grads = parse(normalizer, head_params=head_params).has_stat_grads     # (Normalizer.stat_delta)
+    ctx.mark_non_differentiable(*((extras,) if stat_grads else (stats, extras)))   # (one call: it replaces)
 
 
 def _backward(ctx, dout, dstats, _daux, bwd=attention_bwd):
