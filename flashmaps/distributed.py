@@ -30,12 +30,14 @@ Layouts (the ``layout`` argument; :func:`shard` and :func:`unshard` must use the
 * ``"ring"``: rank r holds ``[r Sl, (r+1) Sl)`` and K, V (and kpm) blocks travel around the ring
   (send to r+1, receive from r-1), the transfer of the next block overlapping the attention of this one;
   the partial results combine by the normalizer's merge rule (``Normalizer.merge``: softmax by log-sum-exp,
-  taylor by sums). Memory per rank is O(Sl) instead of O(S). Forward only (inference, under
-  ``torch.no_grad()``): an exact ring backward needs either gradients through the partial statistics or a
-  block backward that takes the global row statistics and ``delta = rowsum(dO * O)``; the backends' backward
-  computes delta from the keys of its own call (the torch path as ``rowsum(p * dp)``), so neither exists yet
-  and training raises a ValueError pointing to the all-gather layouts. Normalizers without a merge rule
-  (the sparse ones, whose threshold is global) raise a ValueError.
+  taylor by sums). Memory per rank is O(Sl) instead of O(S) (forward; autograd keeps every visited block
+  for the backward). Backward is autograd's: the partial statistics carry gradients
+  (``Normalizer.stat_delta``), so the merges are differentiable, and each ring step's backward sends the
+  gradient of the block it received back to the block's previous holder (r -> r-1), step by step in reverse,
+  until the gradients of K and V reach their owners. Every rank takes part in every step's backward transfer
+  (a causal rank that skipped the last blocks anchors them to its output with a zero gradient). Normalizers
+  without a merge rule (the sparse ones, whose threshold is global) raise a ValueError; so does training
+  with a merge rule whose statistics carry no gradient (a user unit without ``stat_delta``).
 
 Communication per attention call and rank, with b the bytes per element (derivation in the README,
 "Context parallelism"): all-gather layouts receive ``(W-1)/W * B * Hkv * S * (Dqk + Dv) * b`` bytes forward
@@ -371,7 +373,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
 
 
 # ----------------------------------------------------------------------------------------------------
-# the ring (forward only)
+# the ring
 
 
 def _check_ring(norm: Normalizer, q, k, v) -> None:
@@ -381,11 +383,58 @@ def _check_ring(norm: Normalizer, q, k, v) -> None:
             "(a sparse normalizer's threshold is global over all keys); use layout='allgather' or 'zigzag', "
             "which are exact for every normalizer"
         )
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if norm.stats and not norm.has_stat_grads and torch.is_grad_enabled() and any(
+            x.requires_grad for x in (q, k, v)):
         raise ValueError(
-            "layout 'ring' is forward-only (its backward would need the partial statistics to carry gradients); "
-            "run it under torch.no_grad() for inference, or train with layout='allgather' or 'zigzag'"
+            f"layout 'ring' is forward-only for {norm.spec!r}: its row statistics carry no gradient "
+            "(Normalizer.stat_delta), which the merge of the partial results needs; run it under torch.no_grad() "
+            "for inference, or train with layout='allgather' or 'zigzag'"
         )
+
+
+def _exchange(xs, ys, send_to: int, recv_from: int, group):
+    """Start sending each of ``xs`` to ``send_to`` and receiving ``ys`` from ``recv_from`` -> the works."""
+    ops = [op for x, y in zip(xs, ys) for op in (dist.P2POp(dist.isend, x, send_to, group),
+                                                 dist.P2POp(dist.irecv, y, recv_from, group))]
+    return dist.batch_isend_irecv(ops)
+
+
+class _RingStep(torch.autograd.Function):
+    """One ring transfer: send ``xs`` to ``send_to`` and receive the same shapes from ``recv_from`` into the
+    returned tensors, asynchronously (the works go to ``works``: wait on them before reading the result).
+    Backward: the received tensors' gradients go back to ``recv_from``, ours come from ``send_to``."""
+
+    @staticmethod
+    def forward(ctx, group, send_to, recv_from, works, *xs):
+        ctx.group, ctx.send_to, ctx.recv_from = group, send_to, recv_from
+        ctx.floats = [x.is_floating_point() for x in xs]
+        ys = [torch.empty_like(x) for x in xs]
+        works.extend(_exchange(xs, ys, send_to, recv_from, group))
+        ctx.mark_non_differentiable(*[y for y, f in zip(ys, ctx.floats) if not f])
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gs = [g.contiguous() for g, f in zip(grads, ctx.floats) if f]
+        outs = [torch.empty_like(g) for g in gs]
+        for work in _exchange(gs, outs, ctx.recv_from, ctx.send_to, ctx.group):
+            work.wait()
+        it = iter(outs)
+        return (None, None, None, None, *[next(it) if f else None for f in ctx.floats])
+
+
+class _Anchor(torch.autograd.Function):
+    """``out`` unchanged; backward gives ``xs`` zero gradients, so that the ring steps that produced them run
+    their backward transfers (which the other ranks wait for) even where this rank did not use them."""
+
+    @staticmethod
+    def forward(ctx, out, *xs):
+        ctx.like = [(x.shape, x.dtype, x.device) for x in xs]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g, *[torch.zeros(sh, dtype=dt, device=dev) for sh, dt, dev in ctx.like])
 
 
 def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) -> torch.Tensor:
@@ -394,15 +443,14 @@ def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) ->
     block = [k.contiguous(), v.contiguous()] + ([kpm.to(torch.uint8)] if kpm is not None else [])
     send_to, recv_from = _global_rank(group, (rank + 1) % world), _global_rank(group, (rank - 1) % world)
     out = stats = None
+    used = True
     for t in range(world):
         pending = []
         if t < world - 1:  # start moving this block on before computing with it
-            nxt = [torch.empty_like(x) for x in block]
-            ops = [op for x, y in zip(block, nxt) for op in (dist.P2POp(dist.isend, x, send_to, group),
-                                                             dist.P2POp(dist.irecv, y, recv_from, group))]
-            pending = dist.batch_isend_irecv(ops)
+            nxt = list(_RingStep.apply(group, send_to, recv_from, pending, *block))
         src = (rank - t) % world
-        if not (causal and src > rank):
+        used = not (causal and src > rank)
+        if used:
             mask = None if kpm is None else block[2].bool()[:, None, None, :]  # (B, 1, 1, Sl)
             part = functional.attention(q, block[0], block[1], norm, attn_mask=mask,
                                         causal="upper_left" if causal and src == rank else False,
@@ -412,4 +460,6 @@ def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) ->
             work.wait()
         if t < world - 1:
             block = nxt
+    if not used and block[0].requires_grad:   # the last block's ring steps must run backward here too
+        out = _Anchor.apply(out, *block[:2])
     return out

@@ -1,7 +1,7 @@
 """flashmaps.distributed: context-parallel attention on 2 and 3 gloo processes equals the single-process call.
 
 One spawn of 3 processes (the world, and a subgroup of 2) runs every case (every registered normalizer's examples x causal or not x layout x
-key padding mask or not) and saves each rank's local output and gradients; the parent computes the
+key padding mask or not; the ring for the units with a merge rule) and saves each rank's local output and gradients; the parent computes the
 single-process ``flashmaps.attention`` on the full sequence, cuts it with the same layout and compares.
 """
 
@@ -71,16 +71,17 @@ def _run_cases(group):
                               for x in _inputs(dtype))
         kw = dict(causal=causal, group=group, layout=layout, key_padding_mask=kpm if padded else None,
                   enable_gqa=True, backend="torch", check=not padded)  # half the cases skip the agreement check
-        if layout == "ring":
-            with torch.no_grad():
-                out = cp.attention(q, k, v, spec, **kw)
-            got = {"out": out}
-        else:
-            out, dq, dk, dv = _forward_backward(lambda q_, k_, v_: cp.attention(q_, k_, v_, spec, **kw),
-                                                q, k, v, dout)
-            got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+        out, dq, dk, dv = _forward_backward(lambda q_, k_, v_: cp.attention(q_, k_, v_, spec, **kw),
+                                            q, k, v, dout)
+        got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
         results[case] = {**got, "unshard": cp.unshard(out, group=group, layout=layout)}
     return results
+
+
+class _NoStatGrad(flashmaps.Softmax):
+    """softmax's merge rule without gradients through its statistics (a user unit without stat_delta)."""
+
+    stat_delta = flashmaps.Normalizer.stat_delta
 
 
 def _bad_setups(group, rank):
@@ -90,8 +91,8 @@ def _bad_setups(group, rank):
     calls = {
         "disagree": lambda: cp.attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], group=group, enable_gqa=True),
         "ring_sparse": lambda: cp.attention(q, k, v, "entmax15", group=group, layout="ring", enable_gqa=True),
-        "ring_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, group=group, layout="ring",
-                                          enable_gqa=True),
+        "ring_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, _NoStatGrad(), group=group,
+                                          layout="ring", enable_gqa=True),
         "zigzag_odd": lambda: cp.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], group=group, causal=True,
                                            layout="zigzag", enable_gqa=True),
         **{f"stochastic_{spec}": (lambda spec=spec: cp.attention(q, k, v, spec, group=group, enable_gqa=True))
@@ -151,7 +152,7 @@ def test_context_parallel_equals_single_process(spawned, world):
     for case in _cases():
         spec, causal, layout, padded, dtype = case
         ref = _reference(case)
-        names = ["out", "dq", "dk", "dv"] if layout != "ring" else ["out"]
+        names = ["out", "dq", "dk", "dv"]
         for rank, saved in enumerate(per_rank):
             got = saved["results"][case]
             assert rel_err(got["unshard"], ref[0]) <= TOL[dtype], (case, rank, "unshard")
@@ -160,7 +161,7 @@ def test_context_parallel_equals_single_process(spawned, world):
                 err = rel_err(got[name], want) if name == "out" else grad_err(got[name], want)
                 assert err <= TOL[dtype], (case, rank, name, err)
                 checked += 1
-    assert checked == world * sum(4 if c[2] != "ring" else 1 for c in _cases())
+    assert checked == world * 4 * len(_cases())
 
 
 @pytest.mark.parametrize("world", [2, 3], ids=["W2", "W3"])
