@@ -312,8 +312,9 @@ def merge(normalizer: str | Normalizer, outs, stats):
     ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` (a dict {name: (B, Hq, L)}) are what
     ``attention(..., return_stats=True)`` returned for part i of the keys (e.g. two halves of a KV cache).
     Returns ``(out, stats)`` for the union, computed with torch ops on the given tensors (autograd flows
-    through them; the statistics returned by ``attention`` carry no gradient of their own yet, so a loss on a
-    merged output back-propagates through the parts' outputs only). The rule is the normalizer's own
+    through them, and the statistics returned by ``attention`` carry gradients for the units with
+    ``Normalizer.stat_delta``: softmax, taylor, harmonic, gumbel, softpick; so a loss on the merged output has
+    the gradients w.r.t. q, k, v of the call over all keys). The rule is the normalizer's own
     (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums. Sparse normalizers have none for
     independent parts (their threshold is global); they raise NotImplementedError.
     """

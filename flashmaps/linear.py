@@ -215,14 +215,17 @@ def _sum_to(x: torch.Tensor, gm: int) -> torch.Tensor:
     return x.sum(2, keepdim=True) if gm == 1 else x
 
 
-def _backward(pb: _Problem, out5, z5, dout5):
-    """(dq [B, Hkv, G, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]) in the acc dtype (module docstring)."""
+def _backward(pb: _Problem, out5, z5, dout5, dz5=None):
+    """(dq [B, Hkv, G, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv]) in the acc dtype (module docstring).
+    ``dz5``: None or the gradient of z (a loss on the statistic): the row term becomes ``delta - Z dz``."""
     Dv = pb.v.shape[3]
 
     def rows(i0, i1):  # q' and dy = [dO, -delta] / Z (0 for an empty row) of rows [i0, i1): [B, Hkv, G, C, *]
         do = dout5[:, :, :, i0:i1].to(pb.acc)
         z = z5[:, :, :, i0:i1, None]
         delta = (do * out5[:, :, :, i0:i1].to(pb.acc)).sum(-1, keepdim=True)
+        if dz5 is not None:                    # dL/dZ = -delta / Z + dz (Normalizer.stat_delta: d = Z dz)
+            delta = delta - z * dz5[:, :, :, i0:i1, None].to(pb.acc)
         return _rows(pb, i0, i1), torch.cat([do, -delta], -1) / torch.where(z > 0, z, 1.0) * (z > 0)
 
     dq = torch.zeros(pb.q5.shape, dtype=pb.acc, device=pb.q5.device)
@@ -295,18 +298,21 @@ def _(q, k, v, km, off, scale, c0, c1, c2, chunk, backend):
 @torch.library.custom_op("flashmaps::linear_bwd", mutates_args=())
 def _linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, km: Optional[torch.Tensor], out: torch.Tensor,
                 z: torch.Tensor, dout: torch.Tensor, off: Optional[int], scale: float, c0: float, c1: float,
-                c2: float, chunk: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv) in the dtypes and shapes of q, k, v (contiguous): the backward of ``_linear_fwd``."""
+                c2: float, chunk: int, backend: str,
+                dz: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv) in the dtypes and shapes of q, k, v (contiguous): the backward of ``_linear_fwd``;
+    ``dz``: None or the gradient of z (B, Hq, L)."""
     if backend == "triton":
-        return _triton_backward(q, k, v, km, out, z, dout, off, scale, (c0, c1, c2), chunk)
+        return _triton_backward(q, k, v, km, out, z, dout, off, scale, (c0, c1, c2), chunk, dz)
     pb = _prepare(q, k, v, km, off, scale, (c0, c1, c2), chunk)
     B, Hkv, G, L, D = pb.q5.shape
-    dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)), dout.unflatten(1, (Hkv, G)))
+    dq, dk, dv = _backward(pb, out.unflatten(1, (Hkv, G)), z.unflatten(1, (Hkv, G)), dout.unflatten(1, (Hkv, G)),
+                           None if dz is None else dz.unflatten(1, (Hkv, G)))
     return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_linear_bwd.register_fake
-def _(q, k, v, km, out, z, dout, off, scale, c0, c1, c2, chunk, backend):
+def _(q, k, v, km, out, z, dout, off, scale, c0, c1, c2, chunk, backend, dz=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -317,13 +323,14 @@ def _linear_setup(ctx, inputs, output):
     out, z = output
     ctx.save_for_backward(q, k, v, km, out, z)
     ctx.args = (off, scale, c0, c1, c2, chunk, backend)
-    ctx.mark_non_differentiable(z)
 
 
-def _linear_grad(ctx, dout, _dz):
-    """Backward recomputes the states from q, k, v, out and z (nothing per chunk is saved)."""
+def _linear_grad(ctx, dout, dz):
+    """Backward recomputes the states from q, k, v, out and z (nothing per chunk is saved). z carries
+    gradients (``Normalizer.stat_delta`` of a ``p = f(s) / Z`` unit: dZ/ds_j = f'(s_j), the row term less Z dz)."""
     q, k, v, km, out, z = ctx.saved_tensors
-    dq, dk, dv = _linear_bwd(q, k, v, km, out, z, dout.contiguous(), *ctx.args)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dq, dk, dv = _linear_bwd(q, k, v, km, out, z, dout, *ctx.args, None if dz is None else dz.to(z.dtype).contiguous())
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -516,7 +523,7 @@ def _segment_reverse_states(q, dout, rinv, gz, off, scale, const, grid, NS, rows
     return tuple((t - x.cumsum(1)).contiguous() for t, x in zip(total, (rbuf, rzbuf)))
 
 
-def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
+def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk, dz=None):
     """(dq, dk, dv) in the dtypes of q, k, v from ``kernels.linear.linear_bwd``: the kernel writes fp32
     partial sums (dq, dk per Dv block, dk and dv per query head), summed here; rinv = 1/Z and
     gz = -delta/Z (0 for empty rows) come from torch ops on the saved out and z."""
@@ -526,7 +533,10 @@ def _triton_backward(q, k, v, km, out, z, dout, off, scale, coeffs, chunk):
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     rinv = torch.where(z > 0, 1.0 / torch.where(z > 0, z, 1.0), 0.0).float().contiguous()  # (B, Hq, L)
-    gz = (-(dout.float() * out.float()).sum(-1) * rinv).contiguous()                       # -delta / Z
+    delta = (dout.float() * out.float()).sum(-1)
+    if dz is not None:                                          # a loss on z: the row term less Z dz
+        delta = delta - z.float() * dz.float()
+    gz = (-delta * rinv).contiguous()                                                      # -delta / Z
     m, strides, dims, const, grid = _triton_args(q, k, v, km, off)
     nv = grid[1]
     NS, rows = _segments(L, grid[0] * grid[1], chunk, q.device)

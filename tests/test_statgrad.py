@@ -1,8 +1,8 @@
 """Gradients through the row statistics (``Normalizer.stat_delta``): a loss on ``attention(...,
 return_stats=True)``'s statistics back-propagates to q, k, v (and the sinks), so ``flashmaps.merge`` of parts over
 disjoint key sets has the gradients of the call over all keys. Checked against float64 autograd of the dense
-reference, by gradcheck on the torch path, and merged-vs-full on both backends; the threshold units' statistics
-stay non-differentiable.
+reference (the quadratic and the linear form), by gradcheck on the torch path, and merged-vs-full on both
+backends; the threshold units' statistics stay non-differentiable.
 """
 
 import pytest
@@ -15,6 +15,7 @@ from flashmaps import reference
 #: the grid's units with a merge rule / with gradients through their statistics
 MERGE_NORMS = [n for n in NORMS if type(flashmaps.parse(n)).merge is not flashmaps.Normalizer.merge]
 STAT_NORMS = [n for n in NORMS if flashmaps.parse(n).has_stat_grads]
+LINEAR_NORMS = [n for n in STAT_NORMS if "linear" in flashmaps.parse(n).forms]
 BACKENDS = ["torch", "triton"]
 #: (B, Hq, Hkv, L, S, Dqk, Dv): GQA, Dqk != Dv, one query tile and a partial key tile under the interpreter
 SHAPE = (1, 2, 1, 6, 13, 8, 4)
@@ -30,7 +31,7 @@ def _tol(backend):
 
 
 def test_the_grid_covers_the_units():
-    assert {"softmax", "taylor"} <= set(STAT_NORMS) <= set(MERGE_NORMS)
+    assert {"softmax", "taylor"} <= set(STAT_NORMS) <= set(MERGE_NORMS) and "taylor" in LINEAR_NORMS
     assert all(flashmaps.parse(n).stats for n in STAT_NORMS)
 
 
@@ -64,19 +65,20 @@ def test_merge_gradients_equal_the_full_call(norm, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm", STAT_NORMS)
-def test_stat_gradients_match_the_reference(norm, backend):
-    """A loss on (out, stats) with softcap, GQA and lower-right causal: dq, dk, dv equal float64 autograd of the
-    dense reference (its output and the unit's ``reference_stats``)."""
+@pytest.mark.parametrize("norm, form", [(n, "quadratic") for n in STAT_NORMS] + [(n, "linear") for n in LINEAR_NORMS])
+def test_stat_gradients_match_the_reference(norm, form, backend):
+    """A loss on (out, stats) with GQA, lower-right causal and softcap (the quadratic form; the linear form takes
+    none): dq, dk, dv equal float64 autograd of the dense reference (its output and ``reference_stats``)."""
     q, k, v = _inputs(backend, seed=1)
     B, Hq, _, L, S, _, Dv = SHAPE
     gen = torch.Generator().manual_seed(7)
     dout = torch.randn(B, Hq, L, Dv, generator=gen, dtype=torch.float64)
     nrm = flashmaps.parse(norm)
     gst = {name: torch.randn(B, Hq, L, generator=gen, dtype=torch.float64) for name in nrm.stats}
-    kw = dict(causal="lower_right", softcap=3.0)
+    kw = dict(causal="lower_right", softcap=3.0 if form == "quadratic" else None)
     noise = pin_seed(norm)
-    out, st = flashmaps.attention(q, k, v, norm, enable_gqa=True, return_stats=True, backend=backend, **kw)
+    out, st = flashmaps.attention(q, k, v, norm, enable_gqa=True, return_stats=True, backend=backend, form=form,
+                                  **kw)
     loss = (out.double() * dout).sum() + sum((st[n].double() * g).sum() for n, g in gst.items())
     got = torch.autograd.grad(loss, (q, k, v))
 
