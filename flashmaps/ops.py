@@ -16,8 +16,8 @@ A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides:
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
 (n_stats, B, Hq, L) tensor. Gradients through the statistics (``Normalizer.stat_delta``, for the units that
 define it; the others' statistics are non-differentiable) reach the backend as ``delta_shift`` (B, Hq, L) or
-None: its backward takes ``delta - delta_shift`` as the row term. The dropout seed is an int64 tensor drawn from torch's default generator
-(``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
+None: its backward takes ``delta - delta_shift`` as the row term. The dropout seed is an int64 tensor drawn
+from torch's default generator (``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """flashmaps.distributed: context-parallel attention on 2 and 3 gloo processes equals the single-process call.
 
 One spawn of 3 processes (the world, and a subgroup of 2) runs every case (every registered normalizer's examples x causal or not x layout x
-key padding mask or not; the ring for the units with a merge rule) and saves each rank's local output and gradients; the parent computes the
-single-process ``flashmaps.attention`` on the full sequence, cuts it with the same layout and compares.
+key padding mask or not; the ring for the units with a merge rule) and saves each rank's local output and
+gradients; the parent computes the single-process ``flashmaps.attention`` on the full sequence, cuts it with
+the same layout and compares.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ class Gumbel(Normalizer):
     Gumbel-max identity: ``P[argmax_j (s_j + g_j) = j] = softmax(s)_j``, so as tau -> 0 the weights become a
     one-hot sample of softmax(s). Row statistic: ``lse = logsumexp((s + g) / tau)``. Backward:
     ``dS = P * (dP - delta) / tau`` (the noise is a constant). Merge over disjoint key sets: softmax's
-    log-sum-exp merge of ``lse`` (differentiable: a gradient g of ``lse`` shifts the row term by g, as softmax's). It equals the whole call exactly when the parts drew the whole call's noise:
+    log-sum-exp merge of ``lse`` (differentiable: a gradient g of ``lse`` shifts the row term by g, as
+    softmax's). It equals the whole call exactly when the parts drew the whole call's noise:
     the same seed and the same key indices j (parts selected by masks over the same keys, or a prefix of the
     keys, e.g. after one ``torch.manual_seed`` per call). Parts over other key slices (other indices j), or
     with their own seeds, carry other noise: the merge is then still softmax((s + g') / tau) with g' i.i.d. standard
