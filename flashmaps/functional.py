@@ -235,7 +235,9 @@ def attention(
         enable_gqa: allow Hq to be a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
         dropout_p: dropout on the normalized weights, scaled by 1/(1 - dropout_p).
         return_stats: also return the normalizer's row statistics, a dict of (B, Hq, L) float tensors
-            (softmax: natural-log "lse"; taylor: "z"; entmax15: "tau"; topk: "tau", "lse").
+            (softmax: natural-log "lse"; taylor: "z"; entmax15: "tau"; topk: "tau", "lse"). Differentiable for
+            the units with ``Normalizer.stat_delta`` (softmax, taylor, harmonic, gumbel, softpick), so that
+            ``merge`` has exact gradients; the thresholds (entmax's, top-k's) are returned non-differentiable.
         backend: "auto" (Triton on CUDA, the torch path otherwise), "torch" or "triton".
         form: "auto", "quadratic" (the tile loop) or "linear" (normalizers whose ``forms`` have it, as taylor:
             chunked linear attention, O(L) time, a fixed-size state); "auto" follows
