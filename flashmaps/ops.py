@@ -9,8 +9,9 @@ A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides:
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
         -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
-    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
-        -> (dq, dk, dv)
+    backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
+             deterministic)
+        -> (dq, dk, dv)     (deterministic: a bitwise reproducible backward; False allows atomics)
 
 ``stats`` follow ``normalizer.stats``; ``extras`` carries whatever else the backend's backward needs (the
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
@@ -52,16 +53,18 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor,
     backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
     need_grad: bool, head_params: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none. ``head_params``:
     the normalizer's per-head parameters (``Normalizer.head_params``) or None; ``sinks``: (Hq,) attention sink
-    logits or None (then out and stats are those of the call with the sinks, ``Normalizer.sink_stats``)."""
+    logits or None (then out and stats are those of the call with the sinks, ``Normalizer.sink_stats``);
+    ``deterministic``: saved for the backward op (the forward is deterministic either way)."""
     return _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
                      head_params, sinks)
 
 
 def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
-              head_params=None, sinks=None):
+              head_params=None, sinks=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
@@ -76,7 +79,7 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad, head_params=None,
-      sinks=None):
+      sinks=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
@@ -90,19 +93,19 @@ def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
-    head_params: Optional[torch.Tensor] = None,
+    head_params: Optional[torch.Tensor] = None, deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v."""
     return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
-                     dropout_p, head_params)
+                     dropout_p, head_params, deterministic)
 
 
 def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-              head_params=None):
+              head_params=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
-        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic),
+        **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic), deterministic=deterministic,
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
@@ -133,26 +136,28 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-      head_params=None):
+      head_params=None, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs[:12]
-    head_params, sinks = (*inputs[12:], None, None)[:2]           # (optional: defaults None)
+    head_params, sinks, deterministic = (*inputs[12:], None, None, False)[:3]   # (optional: defaults)
     out, stats, extras = output
     ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
+    ctx.deterministic = bool(deterministic)
 
 
 def _backward(ctx, dout, _dstats, _daux, bwd=attention_bwd):
     q, k, v, out, stats, extras, mask, seed, head_params, sinks = ctx.saved_tensors
     dout = dout.contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params)
+    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params, ctx.deterministic)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
         dsinks = _sink_grad(parse(ctx.args[1], head_params=head_params), dout, out, stats, sinks)
-    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks)[:len(ctx.needs_input_grad)]
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks,
+            None)[:len(ctx.needs_input_grad)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def _forward_op(*inputs):
 
 def attention(
     backend: str, q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,
-    seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None, deterministic: bool = False,
 ):
     """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
 
@@ -220,6 +225,8 @@ def attention(
     from torch's default generator if None).
     ``sinks``: None or (Hq,) attention-sink logits (``Normalizer.sink_stats``); the normalizer's per-head
     parameters (``Normalizer.head_params``) travel beside its spec string.
+    ``deterministic``: the backward is bitwise reproducible (the Triton backend's two-kernel backward; False lets
+    it add dQ with atomics, ``triton_path.launch_backward``).
     """
     if seed is None:
         if dropout_p > 0 or normalizer.stochastic:
@@ -230,7 +237,7 @@ def attention(
                                              (sinks is not None and sinks.requires_grad))
     out, stats, _ = _forward_op(
         q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
-        normalizer.head_params(), sinks,
+        normalizer.head_params(), sinks, bool(deterministic),
     )
     if not return_stats:
         return out

@@ -114,9 +114,10 @@ def _operand_copies(st) -> int:
     return 2 if st.DOT_PREC == "tf32x3" else 1
 
 
-def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, keys):
+def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, keys, reset_to_zero=None):
     """``kernel`` autotuned over the candidates of ``table`` (dim class -> tuples), pruned to the call's
-    dim class and shrunk to fit the shared memory for its dtype."""
+    dim class and shrunk to fit the shared memory for its dtype. ``reset_to_zero``: the arguments (tensors) that
+    the kernel accumulates into, zeroed before each timed run and after the search."""
     configs = [_config(t) for t in sorted({t for ts in table.values() for t in ts})]
 
     def prune(configs, named_args, **kwargs):
@@ -126,14 +127,16 @@ def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, key
         return fit_smem(kept, _ESIZE[st.DTYPE], _smem_budget(named_args["Q"].ptr), streamed,
                         streamed_cols(st) * _operand_copies(st), resident_cols(st))
 
-    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero)(kernel)
 
 
 #: the forward streams k and v tiles (BN x (BD + BDV)) past the resident q tile (BM x BD)
 attn_fwd_tuned = _tuned(attn_fwd, CONFIGS_BY_DIM, "BN", lambda st: st.BD + st.BDV, lambda st: st.BD,
                         ["ST", "NORM", "L_BUCKET", "S_BUCKET", "SCRATCH_COLS"])
-#: dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO
+#: dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO. dK/dV adds
+#: into its dQ accumulator DQA with ST.ATOMIC_DQ (a placeholder otherwise): zeroed around the timed runs
 attn_bwd_dkdv_tuned = _tuned(attn_bwd_dkdv, BWD_CONFIGS_BY_DIM["dkdv"], "BM", lambda st: st.BD + st.BDV,
-                             lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
+                             lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"], reset_to_zero=["DQA"])
 attn_bwd_dq_tuned = _tuned(attn_bwd_dq, BWD_CONFIGS_BY_DIM["dq"], "BN", lambda st: st.BD + st.BDV,
                            lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
