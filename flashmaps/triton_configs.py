@@ -14,7 +14,7 @@ from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq
 from .kernels.tile_loop import attn_fwd
 
 __all__ = ["CONFIGS_BY_DIM", "BWD_CONFIGS_BY_DIM", "FP32_FALLBACK", "dim_class", "smem_estimate", "fit_smem",
-           "attn_fwd_tuned", "attn_bwd_dkdv_tuned", "attn_bwd_dq_tuned"]
+           "attn_fwd_tuned", "attn_bwd_dkdv_tuned", "attn_bwd_dq_tuned", "attn_bwd_dkdvq_tuned"]
 
 #: forward: D = 128 (128, 128, 8, 3) 2.38 ms, (64, 64, 4, 3) 2.67, (128, 64, 8, 3) 2.71; D = 64 (128, 64, 8, 3)
 #: 2.65 ms, (128, 128, 4, 3) 2.67, (64, 64, 4, 3) 2.82 (earlier first pick (128, 64, 4, 3): 3.09). entmax15 and
@@ -43,6 +43,12 @@ BWD_CONFIGS_BY_DIM = {
     "dq": {64: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2)),
            128: ((128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
            256: ((32, 32, 4, 1), (32, 16, 4, 1))},
+    # dK/dV with the atomic dQ (Static.ATOMIC_DQ; not timed yet): dK/dV's candidates, plus at D = 128 8 warps on
+    # 64 x 64 tiles, where the dQ tile [BM, D] fp32 costs half the registers per thread (offline sm_90 build, causal:
+    # softmax 40 B of stack against 336 B with 4 warps, entmax15 184 against 616; bench/TUNING.md, issue 17)
+    "dkdvq": {64: ((64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2)),
+              128: ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)),
+              256: ((32, 16, 4, 1),)},
 }
 
 #: fraction of the device's shared memory the estimate below may use: the estimate matched both figures the
@@ -134,9 +140,11 @@ def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, key
 #: the forward streams k and v tiles (BN x (BD + BDV)) past the resident q tile (BM x BD)
 attn_fwd_tuned = _tuned(attn_fwd, CONFIGS_BY_DIM, "BN", lambda st: st.BD + st.BDV, lambda st: st.BD,
                         ["ST", "NORM", "L_BUCKET", "S_BUCKET", "SCRATCH_COLS"])
-#: dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO. dK/dV adds
-#: into its dQ accumulator DQA with ST.ATOMIC_DQ (a placeholder otherwise): zeroed around the timed runs
+#: dK/dV streams query rows (q, dO) past resident k, v tiles; dQ streams keys past resident q, dO
 attn_bwd_dkdv_tuned = _tuned(attn_bwd_dkdv, BWD_CONFIGS_BY_DIM["dkdv"], "BM", lambda st: st.BD + st.BDV,
-                             lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"], reset_to_zero=["DQA"])
+                             lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
 attn_bwd_dq_tuned = _tuned(attn_bwd_dq, BWD_CONFIGS_BY_DIM["dq"], "BN", lambda st: st.BD + st.BDV,
                            lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
+#: the same kernel with ST.ATOMIC_DQ: it adds into its dQ accumulator DQA, zeroed around the timed runs
+attn_bwd_dkdvq_tuned = _tuned(attn_bwd_dkdv, BWD_CONFIGS_BY_DIM["dkdvq"], "BM", lambda st: st.BD + st.BDV,
+                              lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"], reset_to_zero=["DQA"])

@@ -374,7 +374,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # config: one dict for both kernels, or {"dkdv": {...}, "dq": {...}} (either may be left out: autotune)
     per_kernel = config if config is not None and ("dkdv" in config or "dq" in config) else \
         {"dkdv": config, "dq": config}
-    _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdv_tuned, per_kernel.get("dkdv"),
+    _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdvq_tuned if atomic else triton_configs.attn_bwd_dkdv_tuned,
+            per_kernel.get("dkdv"),
             lambda META: (triton.cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
             dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
