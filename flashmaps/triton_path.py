@@ -328,10 +328,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     the same mask / causal / scale / softcap / dropout_p / seed), given dout (B, Hq, L, Dv), any strides.
     ``stats``: the public row statistics in ``normalizer.stats`` order; ``extras``: the packed buffer.
 
-    Three launches (``kernels.backward``; two with the atomic dQ, below): the preprocess kernel (delta = rowsum(dO * O), or O2 for
-    entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
-    both recomputing scores and weights tile by tile. ``config`` pins the blocks of both kernels (as in
-    launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
+    Three launches (``kernels.backward``; two with the atomic dQ, below): the preprocess kernel (delta =
+    rowsum(dO * O), or O2 for entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ
+    over query blocks, both recomputing scores and weights tile by tile. ``config`` pins the blocks of both
+    kernels (as in launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
     ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned).
 
     ``deterministic`` False: two launches; the dK/dV kernel also adds each tile's dQ into an fp32 buffer with

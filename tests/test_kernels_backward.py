@@ -215,8 +215,10 @@ def test_deterministic_cuda(norm):
     """On the GPU, where the atomics' order varies: deterministic=True repeats bit for bit, the atomic dQ agrees
     with it to fp32 rounding (bf16 inputs, autotuned, causal, GQA)."""
     q, k, v, dout = make_inputs(2, 8, 2, 1000, 1031, 128, 128, dtype=torch.bfloat16, device="cuda", seed=19)
-    run = lambda det: grads(lambda *a: triton_attention(*a, norm, causal="lower_right", deterministic=det),  # noqa: E731
-                            q, k, v, dout)
+
+    def run(det):
+        return grads(lambda *a: triton_attention(*a, norm, causal="lower_right", deterministic=det), q, k, v, dout)
+
     a, b, atomic = run(True), run(True), run(False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     check_close(atomic, a, tol=1e-2, out_tol=1e-12)

@@ -20,7 +20,8 @@ def test_every_kernel_compiles_for_sm90(causal):
     """Full attention with the deterministic backward (bwd-dkdv, bwd-dq), causal with the atomic dQ (bwd-dkdvq:
     the default backward, one compile per run to bound the cost)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--dims", "64"] + (["--causal", "--atomic-dq"] if causal else [])
+    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--dims", "64"]
+    cmd += ["--causal", "--atomic-dq"] if causal else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
