@@ -37,7 +37,8 @@ Compile-time bundles (passed as ONE ``tl.constexpr`` each; a constexpr field ins
 not compile, a whole tuple as a constexpr does)::
 
     Static      the flags of a call: head dims and their padded blocks, causal, mask kind, softcap,
-                dot precision, dropout, dtype (the autotuner keys on it)
+                dot precision, dropout, dtype (the autotuner keys on it), window, split-KV, distance form, and
+                the backward's atomic dQ (ATOMIC_DQ: every normalizer gets it through the one dK/dV kernel)
     Hooks       the normalizer: its ``@triton.jit`` functions and flags (see the class)
 """
 
