@@ -218,6 +218,7 @@ def attention(
     form: str = "auto",
     window: tuple[int, int] | None = None,
     sinks: torch.Tensor | None = None,
+    deterministic: bool | None = None,
 ):
     """Blockwise attention with a pluggable normalizer.
 
@@ -250,6 +251,12 @@ def attention(
         sinks: None or a float tensor (Hq,): attention sinks (gpt-oss), one logit per query head added to
             every row's denominator with a zero value (softmax: ``out * sigmoid(lse - sink_h)``); softmax and
             topk only (``flashmaps.sinks``). Differentiable; the returned stats are those with the sink.
+        deterministic: None (default: ``torch.are_deterministic_algorithms_enabled()``, so False unless
+            ``torch.use_deterministic_algorithms(True)`` was called), True or False. The Triton backward adds
+            dQ with fp32 atomics from the dK/dV kernel when False (5 matrix products per tile instead of 7:
+            faster; the last bits of dq vary between runs, as FlashAttention-2/3's and torch's flash SDPA
+            backward by default) and runs the separate dQ kernel when True (bitwise reproducible). The forward
+            and the torch backend are deterministic either way.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -267,6 +274,10 @@ def attention(
     dropout_f = _check_dropout(dropout_p)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be None, True or False, got {type(deterministic).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)
     band = encode_window(causal_mode, win)
     if win is not None and band != causal_mode:
@@ -293,6 +304,7 @@ def attention(
     return ops.attention(
         backend_name, q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, softcap=softcap_f,
         dropout_p=dropout_f, return_stats=return_stats, **({} if sinks is None else {"sinks": sinks}),
+        deterministic=deterministic,
     )
 
 
@@ -411,6 +423,8 @@ def sdpa(
     no head dim of their own). ``attn_mask`` is a bool or float tensor broadcastable to (..., Hq, L, S), or a
     ``torch.nn.attention.bias`` causal bias (``causal_upper_left`` / ``causal_lower_right``).
     ``dropout_p`` is applied whenever it is > 0 (as in torch: pass 0.0 in eval mode).
+    The backward is deterministic when ``torch.are_deterministic_algorithms_enabled()`` (``deterministic`` of
+    :func:`attention`; torch's flash SDPA backward switches the same way).
 
     Errors are :class:`SdpaValueError` / :class:`SdpaTypeError`: code written for torch catches them with
     ``except RuntimeError``, code written for flashmaps with ``except ValueError`` / ``except TypeError``.

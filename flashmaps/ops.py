@@ -10,7 +10,8 @@ A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides:
         -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
     backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
-             delta_shift) -> (dq, dk, dv)
+             delta_shift, deterministic)
+        -> (dq, dk, dv)     (deterministic: a bitwise reproducible backward; False allows atomics)
 
 ``stats`` follow ``normalizer.stats``; ``extras`` carries whatever else the backend's backward needs (the
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
@@ -54,16 +55,18 @@ def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor,
     backend: str, normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
     need_grad: bool, head_params: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out (B, Hq, L, Dv), stats (n_stats, B, Hq, L), extras). ``causal`` is "" for none. ``head_params``:
     the normalizer's per-head parameters (``Normalizer.head_params``) or None; ``sinks``: (Hq,) attention sink
-    logits or None (then out and stats are those of the call with the sinks, ``Normalizer.sink_stats``)."""
+    logits or None (then out and stats are those of the call with the sinks, ``Normalizer.sink_stats``);
+    ``deterministic``: saved for the backward op (the forward is deterministic either way)."""
     return _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
                      head_params, sinks)
 
 
 def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
-              head_params=None, sinks=None):
+              head_params=None, sinks=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
@@ -78,7 +81,7 @@ def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad, head_params=None,
-      sinks=None):
+      sinks=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     B, Hq, L, _ = q.shape
     out = q.new_empty((B, Hq, L, v.shape[-1]), dtype=v.dtype)
@@ -93,19 +96,21 @@ def attention_bwd(
     stats: torch.Tensor, extras: torch.Tensor, mask: Optional[torch.Tensor], seed: torch.Tensor, backend: str,
     normalizer: str, causal: str, scale: float, softcap: Optional[float], dropout_p: float,
     head_params: Optional[torch.Tensor] = None, delta_shift: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) shaped like q, k, v. ``delta_shift``: None, or (B, Hq, L) from the statistics' gradients
     (``Normalizer.stat_delta``): the row term becomes ``delta - delta_shift``."""
     return _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap,
-                     dropout_p, head_params, delta_shift)
+                     dropout_p, head_params, delta_shift, deterministic)
 
 
 def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-              head_params=None, delta_shift=None):
+              head_params=None, delta_shift=None, deterministic=False):
     norm = parse(normalizer, head_params=head_params)
     dq, dk, dv = backend_module(backend).backward(
         dout, q, k, v, out, list(stats.unbind(0)), extras, norm,
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic), delta_shift=delta_shift,
+        deterministic=deterministic,
     )
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
@@ -136,18 +141,19 @@ def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p,
-      head_params=None, delta_shift=None):
+      head_params=None, delta_shift=None, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, _ = inputs[:12]
-    head_params, sinks = (*inputs[12:], None, None)[:2]           # (optional: defaults None)
+    head_params, sinks, deterministic = (*inputs[12:], None, None, False)[:3]   # (optional: defaults)
     out, stats, extras = output
     ctx.save_for_backward(q, k, v, out, stats, extras, mask, seed, head_params, sinks)
     ctx.args = (backend, normalizer, causal, scale, softcap, dropout_p)
     stat_grads = parse(normalizer, head_params=head_params).has_stat_grads     # (Normalizer.stat_delta)
     ctx.mark_non_differentiable(*((extras,) if stat_grads else (stats, extras)))   # (one call: it replaces)
+    ctx.deterministic = bool(deterministic)
 
 
 def _backward(ctx, dout, dstats, _daux, bwd=attention_bwd):
@@ -157,11 +163,12 @@ def _backward(ctx, dout, dstats, _daux, bwd=attention_bwd):
     shift = None
     if dstats is not None and norm.has_stat_grads:
         shift = norm.stat_delta(list(stats.unbind(0)), list(dstats.to(stats.dtype).unbind(0))).contiguous()
-    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params, shift)
+    dq, dk, dv = bwd(dout, q, k, v, out, stats, extras, mask, seed, *ctx.args, head_params, shift, ctx.deterministic)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[13]:
         dsinks = _sink_grad(norm, dout, out, stats, sinks, shift)
-    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks)[:len(ctx.needs_input_grad)]
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsinks,
+            None)[:len(ctx.needs_input_grad)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def _forward_op(*inputs):
 
 def attention(
     backend: str, q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,
-    seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None, deterministic: bool = False,
 ):
     """The backend contract of :mod:`flashmaps.functional`, routed through the custom ops.
 
@@ -232,6 +239,8 @@ def attention(
     from torch's default generator if None).
     ``sinks``: None or (Hq,) attention-sink logits (``Normalizer.sink_stats``); the normalizer's per-head
     parameters (``Normalizer.head_params``) travel beside its spec string.
+    ``deterministic``: the backward is bitwise reproducible (the Triton backend's two-kernel backward; False lets
+    it add dQ with atomics, ``triton_path.launch_backward``).
     """
     if seed is None:
         if dropout_p > 0 or normalizer.stochastic:
@@ -242,7 +251,7 @@ def attention(
                                              (sinks is not None and sinks.requires_grad))
     out, stats, _ = _forward_op(
         q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
-        normalizer.head_params(), sinks,
+        normalizer.head_params(), sinks, bool(deterministic),
     )
     if not return_stats:
         return out

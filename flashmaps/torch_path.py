@@ -366,11 +366,12 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
-             dropout_p, seed, delta_shift=None):
+             dropout_p, seed, delta_shift=None, deterministic=None):
     """Gradients (dq, dk, dv) by recomputing each chunk from q, k, v and the saved row statistics (or the
     normalizer's ``torch_native_backward``, when its forward ran natively and ``delta_shift`` is None).
     ``delta_shift``: None or (B, Hq, L), the statistics' gradients as a shift of the row term
-    (``Normalizer.stat_delta``)."""
+    (``Normalizer.stat_delta``). ``deterministic`` is accepted for the backend contract and unused: this path
+    has no atomics of its own (torch's ops follow ``torch.use_deterministic_algorithms``)."""
     if delta_shift is None:
         native = normalizer.torch_native_backward(dout, q, k, v, out, stats, mask=mask, causal=causal, scale=scale,
                                                   softcap=softcap, dropout_p=dropout_p)

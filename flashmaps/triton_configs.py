@@ -14,7 +14,7 @@ from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq
 from .kernels.tile_loop import attn_fwd
 
 __all__ = ["CONFIGS_BY_DIM", "BWD_CONFIGS_BY_DIM", "FP32_FALLBACK", "dim_class", "smem_estimate", "fit_smem",
-           "attn_fwd_tuned", "attn_bwd_dkdv_tuned", "attn_bwd_dq_tuned"]
+           "attn_fwd_tuned", "attn_bwd_dkdv_tuned", "attn_bwd_dq_tuned", "attn_bwd_dkdvq_tuned"]
 
 #: forward: D = 128 (128, 128, 8, 3) 2.38 ms, (64, 64, 4, 3) 2.67, (128, 64, 8, 3) 2.71; D = 64 (128, 64, 8, 3)
 #: 2.65 ms, (128, 128, 4, 3) 2.67, (64, 64, 4, 3) 2.82 (earlier first pick (128, 64, 4, 3): 3.09). entmax15 and
@@ -43,6 +43,12 @@ BWD_CONFIGS_BY_DIM = {
     "dq": {64: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2)),
            128: ((128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
            256: ((32, 32, 4, 1), (32, 16, 4, 1))},
+    # dK/dV with the atomic dQ (Static.ATOMIC_DQ; not timed yet): dK/dV's candidates, plus at D = 128 8 warps on
+    # 64 x 64 tiles, where the dQ tile [BM, D] fp32 costs half the registers per thread (offline sm_90 build, causal:
+    # softmax 40 B of stack against 336 B with 4 warps, entmax15 184 against 616; bench/TUNING.md, issue 17)
+    "dkdvq": {64: ((64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2)),
+              128: ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)),
+              256: ((32, 16, 4, 1),)},
 }
 
 #: fraction of the device's shared memory the estimate below may use: the estimate matched both figures the
@@ -114,9 +120,10 @@ def _operand_copies(st) -> int:
     return 2 if st.DOT_PREC == "tf32x3" else 1
 
 
-def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, keys):
+def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, keys, reset_to_zero=None):
     """``kernel`` autotuned over the candidates of ``table`` (dim class -> tuples), pruned to the call's
-    dim class and shrunk to fit the shared memory for its dtype."""
+    dim class and shrunk to fit the shared memory for its dtype. ``reset_to_zero``: the arguments (tensors) that
+    the kernel accumulates into, zeroed before each timed run and after the search."""
     configs = [_config(t) for t in sorted({t for ts in table.values() for t in ts})]
 
     def prune(configs, named_args, **kwargs):
@@ -126,7 +133,8 @@ def _tuned(kernel, table: dict, streamed: str, streamed_cols, resident_cols, key
         return fit_smem(kept, _ESIZE[st.DTYPE], _smem_budget(named_args["Q"].ptr), streamed,
                         streamed_cols(st) * _operand_copies(st), resident_cols(st))
 
-    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs=configs, key=keys, prune_configs_by={"early_config_prune": prune},
+                           reset_to_zero=reset_to_zero)(kernel)
 
 
 #: the forward streams k and v tiles (BN x (BD + BDV)) past the resident q tile (BM x BD)
@@ -137,3 +145,6 @@ attn_bwd_dkdv_tuned = _tuned(attn_bwd_dkdv, BWD_CONFIGS_BY_DIM["dkdv"], "BM", la
                              lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
 attn_bwd_dq_tuned = _tuned(attn_bwd_dq, BWD_CONFIGS_BY_DIM["dq"], "BN", lambda st: st.BD + st.BDV,
                            lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"])
+#: the same kernel with ST.ATOMIC_DQ: it adds into its dQ accumulator DQA, zeroed around the timed runs
+attn_bwd_dkdvq_tuned = _tuned(attn_bwd_dkdv, BWD_CONFIGS_BY_DIM["dkdvq"], "BM", lambda st: st.BD + st.BDV,
+                              lambda st: st.BD + st.BDV, ["ST", "NORM", "L_BUCKET", "S_BUCKET"], reset_to_zero=["DQA"])

@@ -8,8 +8,9 @@ inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTE
         -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], extras)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of extras (1-D fp32; see `unpack_extras`)
     backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
-             delta_shift) -> (dq, dk, dv) in the dtypes of q, k, v (extras: the one forward() returned with
-             need_grad=True; delta_shift: None or (B, Hq, L), subtracted from the row term delta)
+             delta_shift, deterministic)
+        -> (dq, dk, dv) in the dtypes of q, k, v (extras: the one forward() returned with need_grad=True;
+        delta_shift: None or (B, Hq, L), subtracted from the row term delta; deterministic: see `launch_backward`)
     attention(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats)
 
 :func:`launch_forward` / :func:`launch_backward` are the launchers themselves (pinned configs, the saved
@@ -322,18 +323,24 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
 
 def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask=None, causal=None,
                     scale=None, softcap=None, dropout_p: float = 0.0, seed: int = 0,
-                    config: Optional[dict] = None, delta_shift: Optional[torch.Tensor] = None):
+                    config: Optional[dict] = None, delta_shift: Optional[torch.Tensor] = None,
+                    deterministic: Optional[bool] = None):
     """Gradients (dq, dk, dv) of the attention computed by :func:`launch_forward` (with save_extras=True,
     the same mask / causal / scale / softcap / dropout_p / seed), given dout (B, Hq, L, Dv), any strides.
     ``stats``: the public row statistics in ``normalizer.stats`` order; ``extras``: the packed buffer.
 
-    Three launches (``kernels.backward``): the preprocess kernel (delta = rowsum(dO * O), or O2 for
-    entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ over query blocks,
-    both recomputing scores and weights tile by tile. ``config`` pins the blocks of both kernels (as in
-    launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
+    Three launches (``kernels.backward``; two with the atomic dQ, below): the preprocess kernel (delta =
+    rowsum(dO * O), or O2 for entmax15, and the rows' backward statistics), then dK/dV over key blocks and dQ
+    over query blocks, both recomputing scores and weights tile by tile. ``config`` pins the blocks of both
+    kernels (as in launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
     ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned). ``delta_shift``: None or (B, Hq, L),
     subtracted from delta after the preprocess kernel (gradients through the row statistics,
-    ``Normalizer.stat_delta``)."""
+    ``Normalizer.stat_delta``).
+
+    ``deterministic`` False: two launches; the dK/dV kernel also adds each tile's dQ into an fp32 buffer with
+    atomics (``Static.ATOMIC_DQ``: 5 matrix products per tile pair instead of 7, no dQ kernel; the fp32
+    summation order, hence the last bits of dq, varies between runs). True: the dQ kernel (bitwise
+    reproducible). None (default): ``torch.are_deterministic_algorithms_enabled()``."""
     B, Hq, L, _ = q.shape
     S = k.shape[2]
     dev = q.device
@@ -359,7 +366,11 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     if delta_shift is not None:
         rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    atomic = not deterministic
+    # atomic dQ: an fp32 (B, Hq, L, Dqk) accumulator, zeroed, that the dK/dV kernel adds into
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else placeholder
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     Q, K, V, DO = View.of(q), View.of(k), View.of(v), View.of(dout)
@@ -368,20 +379,27 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # config: one dict for both kernels, or {"dkdv": {...}, "dq": {...}} (either may be left out: autotune)
     per_kernel = config if config is not None and ("dkdv" in config or "dq" in config) else \
         {"dkdv": config, "dq": config}
-    _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdv_tuned, per_kernel.get("dkdv"),
+    _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdvq_tuned if atomic else triton_configs.attn_bwd_dkdv_tuned,
+            per_kernel.get("dkdv"),
             lambda META: (triton.cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
-            (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail), meta)
+            (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
+            dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
             lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
     return dq, dk, dv
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,
-             dropout_p, seed, config: Optional[dict] = None, delta_shift=None):
-    """The custom op's backward (see the module docstring): (dq, dk, dv)."""
+             dropout_p, seed, config: Optional[dict] = None, delta_shift=None,
+             deterministic: Optional[bool] = None):
+    """The custom op's backward (see the module docstring): (dq, dk, dv); ``deterministic`` as in
+    `launch_backward`."""
     return launch_backward(dout, q, k, v, out, stats, extras, normalizer, mask=mask, causal=causal,
                            scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config,
-                           delta_shift=delta_shift)
+                           delta_shift=delta_shift, deterministic=deterministic)
 
 
 def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.Tensor:

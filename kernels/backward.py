@@ -30,6 +30,14 @@ Kernels:
 * ``attn_bwd_dq``           grid (cdiv(L, BM), B*Hq): a program owns BM query rows and loops over the
                             key tiles like the forward (``tiles.key_bounds``).
 
+With ST.ATOMIC_DQ the dK/dV kernel also computes each visited tile's dQ = sm_scale * dS @ K (the dQ kernel's
+chain, `_dq_product`) and adds it into DQA, an fp32 (B, Hq, L, HEAD_D) contiguous buffer zeroed by the
+launcher, with ``tl.atomic_add``; the dQ kernel is then not launched. Matrix products per (query tile, key
+tile) pair: forward 2 (QK^T, PV); backward 7 with the two kernels (dK/dV: QK^T, dO V^T, P^T dO, dS^T Q; dQ:
+QK^T, dO V^T, dS K), 5 with ATOMIC_DQ (the dQ kernel's QK^T and dO V^T recompute is gone). The pairs the
+dK/dV kernel skips (fully masked, above the diagonal, outside a window, dead with NORM.skip_dead) have dS = 0,
+so DQA gets the same terms as the dQ kernel sums, in an order that varies between runs (fp32 rounding only).
+
 Scores are recomputed in the forward's orientation (q @ k^T, the same tiles under the interpreter) so
 that top-k's comparison s >= tau2 sees the values the forward saw. With NORM.skip_dead a tile whose
 weights are all 0 is skipped after the score product: its contribution is exactly 0. Rows past L are
@@ -107,6 +115,16 @@ def _tile_dscores(rw, s, dcap, p, v, j, S, seed, drop, ST: tl.constexpr, NORM: t
 
 
 @triton.jit
+def _dq_product(dq, ds, k, q, ST: tl.constexpr):
+    """dq [BM, BD] (or None) plus the unscaled dQ of a tile: dS @ K [BM, BN] @ [BN, BD], or in the distance form
+    dQ_i = sum_j dS_ij (q_i - k_j) (see tiles.log_distance)."""
+    if ST.DISTANCE:
+        return mma((-ds).to(k.dtype), k, dq, ST) + q.to(tl.float32) * tl.sum(ds, 1)[:, None]
+    else:
+        return mma(ds.to(k.dtype), k, dq, ST)                                              # [BM, BD]
+
+
+@triton.jit
 def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.constexpr):
     """The `_Rows` of query rows [start_m, start_m + BM) of head (off_b, off_h)."""
     rows = tl.arange(0, BM)
@@ -162,10 +180,11 @@ def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.cons
 
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, start, end,
-               BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr):
+               BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr, DQA, sm_scale):
     """Accumulate the query tiles [start, end) of the query heads of kv head off_hk into dk [BN, BD],
     dv [BN, BDV]: one flat loop over (head g, tile) in a fixed order (a nested head loop costs registers
-    and spills on sm_90)."""
+    and spills on sm_90). With ST.ATOMIC_DQ each tile's sm_scale * dQ is added into DQA (fp32
+    (B, Hq, L, HEAD_D) contiguous)."""
     n_tiles = tl.cdiv(end - start, BM)
     if n_tiles > 0:                                     # (guarded: see tiles._fold_range)
         for t in range(0, dims.group * n_tiles):
@@ -186,15 +205,23 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
                     dk = mma(tl.trans(-ds).to(rw.q.dtype), rw.q, dk, ST) + k.to(tl.float32) * tl.sum(ds, 0)[:, None]
                 else:
                     dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)         # [BN, BD]
+                if ST.ATOMIC_DQ:
+                    if ST.DISTANCE:     # the keys j >= S of a ragged unmasked tile (zeros) have dS != 0: their
+                        ds = tl.where(j < dims.S, ds, 0.0)      # dS K is 0 but their dS q_i is not
+                    offs_d = tl.arange(0, ST.BD)[None, :]
+                    tl.atomic_add(DQA + (rw.drop_base + rw.i) * ST.HEAD_D + offs_d,
+                                  _dq_product(None, ds, k, rw.q, ST) * sm_scale,               # [BM, BD]
+                                  mask=(rw.i < dims.L) & (offs_d < ST.HEAD_D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed, L_BUCKET, S_BUCKET,
-                  BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, DQA):
     """dK, dV of BN keys of one kv head; grid (cdiv(S, BN), B * Hkv). Q, K, V, DO, M, DK, DV:
     `contract.View`; rb: `contract.BwdRows`; sm_scale: the natural scale (dK = sm_scale dS^T Q).
-    L_BUCKET, S_BUCKET: autotune keys."""
+    L_BUCKET, S_BUCKET: autotune keys. DQA: with ST.ATOMIC_DQ the fp32 (B, Hq, L, HEAD_D) contiguous dQ
+    accumulator, zeroed (a placeholder otherwise)."""
     pid_n = tl.program_id(0)
     Hkv = dims.Hq // dims.group
     pid_bh = head_program(dims.B * Hkv)
@@ -218,12 +245,12 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     full_start, full_stop, stop = left_query_bounds(start_n, dims.L, dims.S, dims.left_off, lo, full_start, BM, BN,
                                                     ST.LEFT)
     dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, lo, full_start,
-                        BM, ST, NORM, True)
+                        BM, ST, NORM, True, DQA, sm_scale)
     dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, full_start,
-                        full_stop, BM, ST, NORM, False)
+                        full_stop, BM, ST, NORM, False, DQA, sm_scale)
     if ST.LEFT:
         dk, dv = _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, full_stop,
-                            stop, BM, ST, NORM, True)
+                            stop, BM, ST, NORM, True, DQA, sm_scale)
     key_ok = (start_n + keys_n) < dims.S
     dk_ptrs = head_base(DK, off_b, off_hk) + (start_n + keys_n)[:, None] * DK.sr + offs_d[None, :] * DK.sc
     dv_ptrs = head_base(DV, off_b, off_hk) + (start_n + keys_n)[:, None] * DV.sr + offs_dv[None, :] * DV.sc
@@ -254,10 +281,7 @@ def _dq_loop(dq, rw, keys, v_base, V, seed, drop, start, end, BN: tl.constexpr, 
                 v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
                               MASKED, ST.PAD_DV)                                           # [BN, BDV]
                 p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
-                if ST.DISTANCE:                 # dQ_i += sum_j c_ij (q_i - k_j)
-                    dq = mma((-ds).to(k.dtype), k, dq, ST) + rw.q.to(tl.float32) * tl.sum(ds, 1)[:, None]
-                else:
-                    dq = mma(ds.to(k.dtype), k, dq, ST)                          # [BM, BD]
+                dq = _dq_product(dq, ds, k, rw.q, ST)                                      # [BM, BD]
     return dq
 
 

@@ -37,7 +37,8 @@ Compile-time bundles (passed as ONE ``tl.constexpr`` each; a constexpr field ins
 not compile, a whole tuple as a constexpr does)::
 
     Static      the flags of a call: head dims and their padded blocks, causal, mask kind, softcap,
-                dot precision, dropout, dtype (the autotuner keys on it)
+                dot precision, dropout, dtype (the autotuner keys on it), window, split-KV, distance form, and
+                the backward's atomic dQ (ATOMIC_DQ: every normalizer gets it through the one dK/dV kernel)
     Hooks       the normalizer: its ``@triton.jit`` functions and flags (see the class)
 """
 
@@ -174,13 +175,17 @@ class Static(NamedTuple):
                              # writes a partial result (fp32 O and statistics at [split]); the launcher merges them
     DISTANCE: bool = False   # the distance form of the score (Normalizer.score == "distance"): the raw score
                              # is -(n/2) ln(max(scale ||q - k||^2, tiny)) instead of scale * q.k (tiles.score_tile)
+    ATOMIC_DQ: bool = False  # backward: the dK/dV kernel also adds each tile's dQ into an fp32 buffer with atomics
+                             # (5 matrix products per tile pair instead of 7; the dQ kernel is not launched;
+                             # summation order varies run to run). False: the deterministic two-kernel backward
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
-             dtype: str, left: bool = False, split: bool = False, distance: bool = False) -> "Static":
+             dtype: str, left: bool = False, split: bool = False, distance: bool = False,
+             atomic_dq: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance))
+                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq))
 
 
 class RowOut(NamedTuple):

@@ -100,6 +100,7 @@ def _bad_cases():
         "dropout-1": (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
         "dropout-neg": (dict(dropout_p=-0.1), ValueError, "dropout_p must be in [0, 1)"),
         "return-stats-str": (dict(return_stats="yes"), TypeError, "return_stats"),
+        "deterministic-str": (dict(deterministic="yes"), TypeError, "deterministic must be None, True or False"),
     }
 
 

@@ -44,11 +44,13 @@ def make_mask(kind, B, Hq, L, S, *, device=KERNEL_DEVICE, seed=1):
     return _make_mask(kind, B, Hq, L, S, torch.float32, device=device, seed=seed)
 
 
-def triton_attention(q, k, v, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_p=0.0):
-    """The Triton backend through the public API (custom ops and their autograd)."""
+def triton_attention(q, k, v, norm, *, mask=None, causal=None, scale=None, softcap=None, dropout_p=0.0,
+                     **kw):
+    """The Triton backend through the public API (custom ops and their autograd); ``kw``: more arguments of
+    flashmaps.attention (window, deterministic)."""
     return flashmaps.attention(q, k, v, norm, causal=causal or False, attn_mask=mask, scale=scale,
                                softcap=softcap, enable_gqa=q.shape[1] != k.shape[1], dropout_p=dropout_p,
-                               backend="triton")
+                               backend="triton", **kw)
 
 
 def check_close(got, ref, tol=GRAD_TOL, out_tol=OUT_TOL, what=("out", "dq", "dk", "dv")):
@@ -158,11 +160,90 @@ def test_any_strides():
 
 
 def test_deterministic():
-    """No atomics: two backward passes give bitwise equal gradients (GQA accumulates in one program)."""
+    """deterministic=True, no atomics: two backward passes give bitwise equal gradients (GQA accumulates in one
+    program; dQ in the dQ kernel). (Under the interpreter the programs run in order, so the atomic path repeats
+    too: the check has teeth on a GPU.)"""
     q, k, v, dout = make_inputs(1, 4, 1, 33, 40, 16, 16, seed=8)
-    a = grads(lambda *x: triton_attention(*x, "softmax", causal="upper_left"), q, k, v, dout)
-    b = grads(lambda *x: triton_attention(*x, "softmax", causal="upper_left"), q, k, v, dout)
+    fn = lambda *x: triton_attention(*x, "softmax", causal="upper_left", deterministic=True)  # noqa: E731
+    a = grads(fn, q, k, v, dout)
+    b = grads(fn, q, k, v, dout)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the atomic dQ (Static.ATOMIC_DQ, deterministic=False) against the two-kernel backward and the reference
+
+ATOMIC_NORMS = [n for n in ("softmax", "taylor", "entmax15", "topk:5", "harmonic:2") if n in NORMS]
+
+#                B  Hq Hkv  L   S   D   Dv  mask     causal         softcap window
+ATOMIC_CASES = [(1, 2, 1, 35, 43, 16, 24, "bool", "lower_right", None, None),    # GQA, Dqk != Dv, ragged tiles
+                (1, 3, 1, 29, 37, 24, 16, "float", "upper_left", 3.0, (9, 0))]   # MQA, softcap, window (ST.LEFT)
+
+
+def _left_band(L, S, left, causal):
+    """Bool (L, S): j >= i + off - left, the left bound of a window (the right one is the causal bound)."""
+    off = 0 if causal == "upper_left" else S - L
+    return torch.arange(S)[None, :] >= torch.arange(L)[:, None] + off - left
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES, ids=lambda c: _case_id(c[:-1]) + (f"-win{c[-1][0]}" if c[-1] else ""))
+@pytest.mark.parametrize("norm", ATOMIC_NORMS)
+def test_atomic_dq_matches_two_kernel_backward_and_reference(norm, case):
+    """dq from the dK/dV kernel's atomics equals the dQ kernel's up to fp32 rounding (the same terms in another
+    order), dk and dv are unchanged, and both agree with float64 autograd of the reference."""
+    B, Hq, Hkv, L, S, D, Dv, mask_kind, causal, softcap, window = case
+    q, k, v, dout = make_inputs(B, Hq, Hkv, L, S, D, Dv, seed=17)
+    mask = make_mask(mask_kind, B, Hq, L, S)
+    ref_mask = mask
+    if window is not None:
+        band = _left_band(L, S, window[0], causal).to(mask.device)
+        ref_mask = (mask & band) if mask.dtype == torch.bool else mask.masked_fill(~band, float("-inf"))
+    noise_seed = pin_seed(norm)
+    kw = dict(mask=mask, causal=causal, softcap=softcap, **({"window": window} if window else {}))
+    atomic = grads(lambda *a: triton_attention(*a, norm, deterministic=False, **kw), q, k, v, dout)
+    pin_seed(norm)
+    det = grads(lambda *a: triton_attention(*a, norm, deterministic=True, **kw), q, k, v, dout)
+    ref = reference_grads(q, k, v, dout, norm, mask=ref_mask, causal=causal, softcap=softcap, noise_seed=noise_seed)
+    check_close(atomic, ref)
+    check_close(det, ref)
+    check_close(atomic, det, tol=1e-6, out_tol=1e-12)          # (one forward, twice)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm", DEEP)
+def test_deterministic_cuda(norm):
+    """On the GPU, where the atomics' order varies: deterministic=True repeats bit for bit, the atomic dQ agrees
+    with it to fp32 rounding (bf16 inputs, autotuned, causal, GQA)."""
+    q, k, v, dout = make_inputs(2, 8, 2, 1000, 1031, 128, 128, dtype=torch.bfloat16, device="cuda", seed=19)
+
+    def run(det):
+        return grads(lambda *a: triton_attention(*a, norm, causal="lower_right", deterministic=det), q, k, v, dout)
+
+    a, b, atomic = run(True), run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    check_close(atomic, a, tol=1e-2, out_tol=1e-12)
+
+
+def test_deterministic_default_follows_torch(monkeypatch):
+    """deterministic=None is torch.are_deterministic_algorithms_enabled() at the call; True / False override it
+    (a bad value: tests/test_api.py)."""
+    seen = []
+    real = triton_path.launch_backward
+
+    def spy(*a, **kw):
+        seen.append(kw["deterministic"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(triton_path, "launch_backward", spy)
+    q, k, v, dout = make_inputs(1, 2, 1, 9, 12, 16, 16, seed=18)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for flag, arg in ((False, None), (True, None), (True, False), (False, True)):
+            torch.use_deterministic_algorithms(flag)
+            grads(lambda *x: triton_attention(*x, "softmax", deterministic=arg), q, k, v, dout)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    assert seen == [False, True, False, True]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,20 +17,26 @@ H100_SMEM = 232448
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_every_kernel_compiles_for_sm90(causal):
+    """Full attention with the deterministic backward (bwd-dkdv, bwd-dq), causal with the atomic dQ (bwd-dkdvq:
+    the default backward, one compile per run to bound the cost)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--dims", "64"] + (["--causal"] if causal else [])
+    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--dims", "64"]
+    cmd += ["--causal", "--atomic-dq"] if causal else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
     kernels = {(r[0], r[2]) for r in rows}
     for norm in (n.spec for n in flashmaps.defaults() if n.has_triton):
-        for kernel in ("fwd", "bwd-pre", "bwd-dkdv", "bwd-dq"):
+        for kernel in ("fwd", "bwd-pre") + (("bwd-dkdvq",) if causal else ("bwd-dkdv", "bwd-dq")):
             assert (norm, kernel) in kernels, (norm, kernel, proc.stdout)
     for r in rows:
         assert int(r[5]) <= H100_SMEM, r     # shared memory within the H100's limit
         # ptxas C7515: the wgmma pipeline serialized (a full wait after each product); regression: every
         # non-causal forward and dQ kernel had it while their loops could run zero times (issue 17)
         assert r[-1] != "wgmma-serialized", r
+        # of the backward kernels only the atomic-dQ one has global atomics (its dQ tile adds)
+        red = int(next(w for w in r if w.startswith("RED:")).split(":")[1])
+        assert not r[2].startswith("bwd") or (red > 0) == (r[2] == "bwd-dkdvq"), r
 
 
 def test_taylor_linear_kernels_compile_for_sm90_without_forward_spills():

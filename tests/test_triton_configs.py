@@ -34,6 +34,7 @@ KERNELS = {  # table, streamed block, columns of the streamed and resident tiles
     "fwd": (cfgs.CONFIGS_BY_DIM, "BN", lambda d: (2 * d, d)),
     "dkdv": (cfgs.BWD_CONFIGS_BY_DIM["dkdv"], "BM", lambda d: (2 * d, 2 * d)),
     "dq": (cfgs.BWD_CONFIGS_BY_DIM["dq"], "BN", lambda d: (2 * d, 2 * d)),
+    "dkdvq": (cfgs.BWD_CONFIGS_BY_DIM["dkdvq"], "BM", lambda d: (2 * d, 2 * d)),
 }
 
 
