@@ -174,7 +174,7 @@ def summarize(times: dict, ops: dict) -> list[dict]:
     rows = []
     for name, ts in times.items():
         norm, mode = name.split(" ", 1)
-        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) >= 2 else [ts[0]] * 4
         rows.append({"case": name, "normalizer": norm, "mode": mode, "us_median": round(statistics.median(ts), 1),
                      "us_min": round(min(ts), 1), "us_q20": round(q[0], 1), "us_q80": round(q[3], 1),
                      "rounds": len(ts), "aten_ops": ops[name]})
@@ -188,6 +188,7 @@ def table(rows: list[dict], base: dict | None = None) -> str:
     lines = [head]
     for r in rows:
         line = f"{r['case']:<22}{r['us_median']:>11.1f}{r['us_min']:>9.1f}{r['us_q20']:>7.1f}-{r['us_q80']:<7.1f}"
+        line += f"{r['aten_ops']:>10}"
         b = (base or {}).get(r["case"])
         if b:
             line += (f"{b['us_median']:>12.1f}{b['us_min']:>12.1f}{r['us_min'] / b['us_min']:>16.2f}"
