@@ -24,7 +24,8 @@ Cases at B=1, H=8, L=S=1024, D=64, bf16, for softmax and entmax15:
     sdpa       flashmaps.sdpa(q, k, v, normalizer=norm) under torch.no_grad()
 
 Each case runs ``--calls`` calls per round, the cases interleaved round by round (so that the other load of a
-shared machine hits all alike); the table gives the median and the minimum over rounds of the time per call.
+shared machine hits all alike); the table gives the median and the minimum over rounds of the CPU time per call (this thread's, torch on
+one thread: other processes' load changes the wall time, hardly this).
 Writes JSON (device, versions, git sha, date, load average, per-case figures) to --out (default
 ./flashmaps-results/host.json; the committed figures are in bench/results/cpu/host/).
 """
@@ -123,7 +124,9 @@ def make_case(norm: str, mode: str, device: str = "cpu", dtype=torch.bfloat16):
 
 
 def measure(cases: dict, rounds: int, calls: int) -> dict:
-    """{name: [us per call, one per round]}, the cases interleaved round by round (after two warm-up calls)."""
+    """{name: [us per call, one per round]}, the cases interleaved round by round (after two warm-up calls).
+    The time is this thread's CPU time (torch runs on one thread here): on a shared machine the other
+    processes' load lengthens the wall time of a call, not the CPU time it uses."""
     for fn in cases.values():
         fn()
         fn()
@@ -132,10 +135,10 @@ def measure(cases: dict, rounds: int, calls: int) -> dict:
         for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
             fn = cases[name]
             gc.collect()
-            t0 = time.perf_counter_ns()
+            t0 = time.thread_time_ns()
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter_ns() - t0) / calls / 1e3)
+            times[name].append((time.thread_time_ns() - t0) / calls / 1e3)
     return times
 
 
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta.update(label=args.label, tensors=args.device, shape=SHAPE, dtype="bfloat16", rounds=args.rounds, calls=args.calls,
                 method="launches stubbed (JITFunction.run no-op), Triton backend path as on CUDA; "
-                       "per-call us = round time / calls; median and min over rounds")
+                       "per-call us = the thread's CPU time of a round / calls; median and min over rounds")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"results: {out}")
     return 0
