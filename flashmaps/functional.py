@@ -36,6 +36,8 @@ __all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the Triton backend on non-CUDA tensors: its interpreter, TRITON_INTERPRET=1 set before importing flashmaps
+_TRITON_OFF_CUDA = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def _choose_backend(backend, device: torch.device, dtype: torch.dtype):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _TRITON_OFF_CUDA:
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing flashmaps "
                 f"to run the kernels on the CPU (got tensors on {device}); or use backend='torch'"

@@ -7,14 +7,16 @@ autograd formula, so ``torch.compile(fullgraph=True)`` traces code that calls ``
 A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides::
 
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
-        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
+        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64 (or one
+            (n_stats, B, Hq, L) tensor), extras Tensor)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
     backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed)
         -> (dq, dk, dv)
 
 ``stats`` follow ``normalizer.stats``; ``extras`` carries whatever else the backend's backward needs (the
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
-(n_stats, B, Hq, L) tensor. The dropout seed is an int64 tensor drawn from torch's default generator
+(n_stats, B, Hq, L) tensor. A call that records no gradient (``torch.no_grad()``, or no input requiring grad)
+runs the forward directly, without the autograd.Function (eager mode). The dropout seed is an int64 tensor drawn from torch's default generator
 (``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
 """
 
@@ -62,13 +64,15 @@ def attention_fwd(
 
 def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
               head_params=None, sinks=None):
-    norm = parse(normalizer, head_params=head_params)
+    norm = normalizer if isinstance(normalizer, Normalizer) else parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
     )
     if sinks is not None:
         out, stats = _apply_sinks(norm, out, list(stats), sinks)
     # outputs must have the strides the fake implementation promises (contiguous)
+    if isinstance(stats, torch.Tensor):  # a backend that wrote them into one (n_stats, B, Hq, L) buffer
+        return out.contiguous(), stats.contiguous(), extras.contiguous()
     if not stats:  # a normalizer without row statistics (sigmoid): torch.stack needs one tensor
         return out.contiguous(), q.new_empty((0,) + tuple(q.shape[:3]), dtype=_stats_dtype(q)), extras.contiguous()
     return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
@@ -228,10 +232,16 @@ def attention(
             seed = torch.zeros((), dtype=torch.int64)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
                                              (sinks is not None and sinks.requires_grad))
-    out, stats, _ = _forward_op(
-        q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
-        normalizer.head_params(), sinks,
-    )
+    if not need_grad and not torch.compiler.is_compiling() and _plain(q) and _plain(k) and _plain(v):
+        # nothing to record for autograd: the forward itself, without the Function's per-call cost (issue 17)
+        with torch.no_grad():
+            out, stats, _ = _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal or "", scale, softcap,
+                                      dropout_p, False, normalizer.head_params(), sinks)
+    else:
+        out, stats, _ = _forward_op(
+            q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
+            normalizer.head_params(), sinks,
+        )
     if not return_stats:
         return out
     return out, dict(zip(normalizer.stats, stats.unbind(0)))
