@@ -369,6 +369,11 @@ def _sdpa_layout(query, key, value, enable_gqa: bool):
     """Broadcast sdpa's (..., L, E) inputs as torch does and return (q4, k4, v4, batch dims, heads out, rank
     out): q4 (B, Hq, L, E), k4/v4 (B, Hkv, S, E/Ev); the head counts are checked by ``_check_qkv``."""
     rank = max(query.dim(), key.dim(), value.dim())
+    if rank == 4 and query.dim() == key.dim() == value.dim():
+        hq, hkv = query.shape[1], key.shape[1]
+        if (query.shape[0] == key.shape[0] == value.shape[0] and hkv == value.shape[1]
+                and (hq == hkv or 1 not in (hq, hkv) or (enable_gqa and hkv == 1))):
+            return query, key, value, tuple(query.shape[:1]), hq, rank   # already (B, H, L, E): no views (issue 17)
     r3 = max(rank, 3)
     q, k, v = (x.reshape((1,) * (r3 - x.dim()) + tuple(x.shape)) for x in (query, key, value))
     try:
@@ -458,4 +463,6 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         q4, k4, v4, normalizer, causal=causal, attn_mask=attn_mask, scale=scale,
         enable_gqa=enable_gqa, dropout_p=dropout_p,
     )
+    if out.dim() == rank:  # 4-D inputs
+        return out
     return out.reshape((batch + (hq, L, value.shape[-1]))[-rank:])  # (..., Hq, L, Ev) at the inputs' rank

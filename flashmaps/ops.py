@@ -22,6 +22,7 @@ runs the forward directly, without the autograd.Function (eager mode). The dropo
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import Optional
 
@@ -35,7 +36,8 @@ _MODULES = {"torch": "flashmaps.torch_path", "triton": "flashmaps.triton_path"}
 
 
 def backend_module(name: str):
-    return import_module(_MODULES[name])
+    mod = sys.modules.get(_MODULES[name])
+    return mod if mod is not None else import_module(_MODULES[name])
 
 
 def _stats_dtype(q: torch.Tensor) -> torch.dtype:
@@ -234,9 +236,13 @@ def attention(
                                              (sinks is not None and sinks.requires_grad))
     if not need_grad and not torch.compiler.is_compiling() and _plain(q) and _plain(k) and _plain(v):
         # nothing to record for autograd: the forward itself, without the Function's per-call cost (issue 17)
-        with torch.no_grad():
-            out, stats, _ = _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal or "", scale, softcap,
-                                      dropout_p, False, normalizer.head_params(), sinks)
+        args = (q, k, v, mask, seed, backend, normalizer, causal or "", scale, softcap, dropout_p, False,
+                normalizer.head_params(), sinks)
+        if torch.is_grad_enabled():   # (as inside the Function)
+            with torch.no_grad():
+                out, stats, _ = _fwd_impl(*args)
+        else:
+            out, stats, _ = _fwd_impl(*args)
     else:
         out, stats, _ = _forward_op(
             q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,

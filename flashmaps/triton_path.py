@@ -86,6 +86,11 @@ class Forward(NamedTuple):
     stats_all: Optional[torch.Tensor] = None
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (``triton.cdiv`` is a constexpr function: a few microseconds per host call)."""
+    return -(-a // b)
+
+
 def _bucket(n: int) -> int:
     """Autotune length bucket: the next power of two, at least 256."""
     return max(256, 1 << max(0, math.ceil(math.log2(max(1, n)))))
@@ -309,7 +314,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
-    l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
+    l_pad = _cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
@@ -327,7 +332,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         return Forward(out, stats, saved, c.hooks.unit, extras_buf)
     args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
-            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
+            lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf, stats_all)
 
 
@@ -376,7 +381,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
-    attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
+    attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
@@ -389,10 +394,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     per_kernel = config if config is not None and ("dkdv" in config or "dq" in config) else \
         {"dkdv": config, "dq": config}
     _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdv_tuned, per_kernel.get("dkdv"),
-            lambda META: (triton.cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
+            lambda META: (_cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail), meta)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
-            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
+            lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
     return dq, dk, dv
 
 
