@@ -122,7 +122,7 @@ def _nonfinite_grads(dq, dk, dv, stats):
     its dq row and its head's dk and dv become NaN, whatever the normalizer (a threshold's comparisons, or a
     guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors."""
     bad = stats.isnan().any(0)                                    # (B, Hq, L)
-    nan = torch.tensor(float("nan"), dtype=dq.dtype, device=dq.device)
+    nan = dq.new_full((), float("nan"))          # a fill on the device, no host copy (CUDA-graph capturable)
     dq = torch.where(bad[..., None], nan, dq)
     B, Hq = bad.shape[:2]
     head = bad.any(-1).view(B, dk.shape[1], Hq // dk.shape[1]).any(-1)[..., None, None]   # (B, Hkv, 1, 1)
