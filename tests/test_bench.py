@@ -642,6 +642,9 @@ def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
     by = {(r["suite"], r["provider"], r["mode"]): r for r in rows}
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["err"] < 1e-5
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["sparsity"] is not None
+    soft = by[("h100-goals", "flashmaps-softmax-triton", "fwd")]    # CUDA-graph time: softmax rows, on CUDA only
+    assert soft["cudagraph"] and soft["cudagraph_ms"] is None and "cudagraph" not in by[
+        ("h100-goals", "flashmaps-topk:64-triton", "fwd")]
     assert "sampled rows" in by[("long", "flashmaps-softmax-triton", "fwd")]["err_note"]
     assert by[("tune", "flashmaps-softmax-triton[bwd=16,16]", "bwd")]["config"]["dq"] == {"BM": 16, "BN": 16}
     knob = by[("tune", "flashmaps-topk:64-triton[fwd=16,16;flashmaps.kernels.topk.COLLECT=False]", "fwd")]
