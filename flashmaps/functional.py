@@ -36,6 +36,8 @@ __all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what `linear._choose` says for form="auto" and a normalizer without a linear form (only .form is read)
+_QUADRATIC = linear.FormChoice("quadratic", "", None, None)
 #: the Triton backend on non-CUDA tensors: its interpreter, TRITON_INTERPRET=1 set before importing flashmaps
 _TRITON_OFF_CUDA = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -274,8 +276,11 @@ def attention(
             raise ValueError("form='linear' takes no window (its state sums every earlier key); use "
                              "form='quadratic' or 'auto'")
         form = "quadratic" if form == "auto" else form
-    choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
-                            dropout_p=dropout_f, backend=backend, resolved=backend_name)
+    if form == "auto" and "linear" not in norm.forms:   # nothing to choose: skip the cost model (issue 17)
+        choice = _QUADRATIC
+    else:
+        choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
+                                dropout_p=dropout_f, backend=backend, resolved=backend_name)
     _check_head_tensor(norm.head_params(), Hq, q.device, f"{norm.name}'s per-head parameters")
     if sinks is not None:
         _check_head_tensor(sinks, Hq, q.device, "sinks")
