@@ -24,8 +24,8 @@ Cases at B=1, H=8, L=S=1024, D=64, bf16, for softmax and entmax15:
     sdpa       flashmaps.sdpa(q, k, v, normalizer=norm) under torch.no_grad()
 
 Each case runs ``--calls`` calls per round, the cases interleaved round by round (so that the other load of a
-shared machine hits all alike); the table gives the median and the minimum over rounds of the CPU time per call (this thread's, torch on
-one thread: other processes' load changes the wall time, hardly this).
+shared machine hits all alike); the table gives the median and the minimum over rounds of the CPU time per call
+(this thread's, torch on one thread: other processes' load changes the wall time, hardly this).
 Writes JSON (device, versions, git sha, date, load average, per-case figures) to --out (default
 ./flashmaps-results/host.json; the committed figures are in bench/results/cpu/host/).
 """
@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     print(table(rows, base))
     out = args.out or harness.results_root() / "host.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta.update(label=args.label, tensors=args.device, shape=SHAPE, dtype="bfloat16", rounds=args.rounds, calls=args.calls,
+    meta.update(label=args.label, tensors=args.device, shape=SHAPE, dtype="bfloat16", rounds=args.rounds,
+                calls=args.calls,
                 method="launches stubbed (JITFunction.run no-op), Triton backend path as on CUDA; "
                        "per-call us = the thread's CPU time of a round / calls; median and min over rounds")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
