@@ -212,7 +212,8 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
     Autotuned: the first call of a key goes through the autotuner (which times the candidates); later calls
     launch ``kernel`` with the config it chose, looked up here (issue 17: the autotuner's own per-call key
     building was a third of the host cost of a call). The key is the autotuner's ``key`` arguments; the
-    autotuner also keys on the dtypes of tensor arguments, and the only one here is HP (always fp32)."""
+    autotuner also keys on the dtypes of tensor arguments, and the only one here is HP (always fp32). Code that
+    empties an autotuner's ``cache`` to tune again empties ``_CHOSEN`` too."""
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
