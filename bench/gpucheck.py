@@ -268,6 +268,7 @@ def goal_tables(rows: list[dict], md: bool = False) -> str:
             flex = next((r["time_ms"] for r in by.values() if r["family"] == "flex"), None)
             if soft:
                 t = soft["time_ms"]
+                c["sm_graph"] = soft.get("cudagraph_ms")
                 c["sm_sdpa"] = _x(min(sdpa) / t) if sdpa else None
                 c["sm_flex"] = _x(flex / t) if flex else None
                 for r in by.values():
@@ -276,6 +277,7 @@ def goal_tables(rows: list[dict], md: bool = False) -> str:
             cells.append(c)
         others = [f"{_short(p)}/sm" for p in provs if any(f"{_short(p)}/sm" in c for c in cells)]
         cols = [("D", "D"), ("causal", "causal"), ("L", "L"), ("B", "B")] + [(_short(p), _short(p)) for p in provs]
+        cols += [("softmax CUDA graph (ms)", "sm_graph")] if any(c.get("sm_graph") for c in cells) else []
         cols += [("softmax vs best SDPA", "sm_sdpa")] + ([("softmax vs flex", "sm_flex")] if any(c.get("sm_flex") for c in cells) else [])
         cols += [(f"{k.split('/')[0]} / softmax", k) for k in others]
         title = f"{suite + ' ' if suite else ''}{mode}"

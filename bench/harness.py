@@ -10,6 +10,7 @@ time_q20_ms, time_q80_ms, n_runs, flops (``flops.attention_flops``), tflops, gbp
 second; device-copy: read + written), peak_mem_bytes (extra peak of
 one call), err / err_note / sparsity (checked jobs), suite (the gpucheck suite), config (pinned kernel
 configs), knobs, tree (git sha of the checkout that ran it), tuned (autotuner choices made during the job),
+cudagraph_ms (jobs with ``cudagraph``, on CUDA: the device-only time of the same call, replayed from a CUDA graph),
 and the tags: device, device_kind, git_sha, date, versions.
 
 Before/after in one run: ``add_baseline(jobs, DIR)`` adds, next to each flashmaps job, the same job run from
@@ -64,6 +65,7 @@ ROW_FIELDS = (
     "provider", "family", "normalizer", "backend", "mode", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal",
     "dtype", "status", "message", "time_ms", "time_q20_ms", "time_q80_ms", "n_runs", "flops", "tflops",
     "gbps", "peak_mem_bytes", "err", "err_note", "sparsity", "suite", "config", "knobs", "tree", "tuned",
+    "cudagraph_ms",
 )
 FAILED = ("oom", "timeout", "crash")
 

@@ -19,6 +19,9 @@ is a list of harness jobs (``harness.sweep`` rows), ordered case by case.
     decode      L = 1 against S = 4k-128k keys, B in {1, 8}, Hq = 32, Hkv = 8, D = 128, bf16: every normalizer,
                 SDPA, FlexAttention and a device copy of K/V, as K/V GB/s (fraction of the copy's GB/s).
 
+The softmax rows of h100-goals and decode (flashmaps softmax, SDPA) also time the call replayed from a CUDA
+graph (``cudagraph_ms``, device-only) beside the eager time.
+
 ``Plan`` carries the choices every suite shares (normalizers, overrides of the grid, smoke). ``smoke``
 shrinks the suites to tiny float32 shapes with 16 x 16 blocks, the sweep suites to their causal cases (the
 long suite is not causal: both mask paths stay), and keeps one job per provider kind, mode and check:
@@ -108,6 +111,16 @@ def goals(plan: Plan) -> list[dict]:
     for j in jobs:  # the forward against the float64 reference where one head of it fits
         if j["mode"] == "fwd" and j["L"] <= 4096:
             j.update(check=True, max_ref_elems=1 << 24)
+    return _graph_timed(jobs)
+
+
+def _graph_timed(jobs: list[dict]) -> list[dict]:
+    """Issue 17: the softmax rows (flashmaps softmax and SDPA) also get the device-only time of the call replayed
+    from a CUDA graph (``cudagraph_ms``) beside the eager time: the difference is the per-call host cost."""
+    for j in jobs:
+        p = get_provider(j["provider"])
+        if p.normalizer == "softmax" and p.family in ("flashmaps", "sdpa"):
+            j["cudagraph"] = True
     return jobs
 
 
@@ -176,7 +189,7 @@ def decode(plan: Plan) -> list[dict]:
     for j in jobs:
         if not j["provider"].startswith("device-copy"):
             j["check_rows"] = 1
-    return jobs
+    return _graph_timed(jobs)
 
 
 #: suite name -> jobs of a Plan

@@ -25,8 +25,9 @@ whole job, from before the provider is made until after the timing, and restored
 records them, the pinned configs and which configs Triton's autotuners chose during the job ("tuned").
 Job options besides the shape: ``check`` (step 3), ``check_rows`` (the error of that many sampled query
 rows over every key, for lengths whose full reference does not fit), ``warm_only`` (step 1 alone: the
-compile-ahead of ``harness.prewarm``), ``min_run_time`` / ``min_runs`` (CPU), ``warmup_ms`` / ``rep_ms``
-(CUDA), ``max_ref_elems``, ``seed``.
+compile-ahead of ``harness.prewarm``), ``cudagraph`` (CUDA: also the device-only time of the call replayed
+from a CUDA graph, ``cudagraph_ms``, beside the eager time), ``min_run_time`` / ``min_runs`` (CPU),
+``warmup_ms`` / ``rep_ms`` (CUDA), ``max_ref_elems``, ``seed``.
 """
 
 from __future__ import annotations
@@ -153,6 +154,18 @@ def time_cuda(fn, warmup_ms: float, rep_ms: float, grad_to_none=None, call_ms: f
         fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
     )
     return {"time_ms": med, "time_q20_ms": q20, "time_q80_ms": q80, "n_runs": None}
+
+
+def time_cudagraph(fn, rep_ms: float) -> dict:
+    """The device-only time (ms, median) of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``:
+    the calls captured once, so no host work per call), or None and the reason when the call cannot be captured."""
+    import triton.testing
+
+    try:
+        return {"cudagraph_ms": triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")}
+    except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is a data point, not a failed job
+        torch.cuda.synchronize()
+        return {"cudagraph_ms": None, "cudagraph_note": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +404,8 @@ def run_job(job: dict) -> dict:
     row["L"] = job["L"] = L
     row["flops"] = attention_flops(job["mode"], job["B"], job["Hq"], L, job["S"], job["Dqk"], job["Dv"], job["causal"])
     row.update(status="ok", message="", time_ms=None, time_q20_ms=None, time_q80_ms=None, n_runs=None,
-               tflops=None, gbps=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None)
+               tflops=None, gbps=None, peak_mem_bytes=None, err=None, err_note="", sparsity=None,
+               cudagraph_ms=None)
     try:
         prov = get_provider(job["provider"])
         if prov.flops is not None:  # a provider with its own FLOP count (the Triton linear form)
@@ -478,6 +492,8 @@ def _measure(row: dict, job: dict, fn, prov) -> None:
     else:
         t = time_cpu(call, job.get("min_run_time", 0.5), job.get("min_runs", 3))
     row.update(t)
+    if cuda and job.get("cudagraph"):
+        row.update(time_cudagraph(call, job.get("rep_ms", 100)))
     row["tflops"] = row["flops"] / (row["time_ms"] * 1e-3) / 1e12 if row["time_ms"] else None
     if mode == "decode" and row["time_ms"]:   # memory bound: the K/V bytes read per second (a copy also writes)
         nbytes = (k.numel() + v.numel()) * k.element_size() * (2 if prov.family == "copy" else 1)

@@ -36,6 +36,10 @@ __all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: what `linear._choose` says for form="auto" and a normalizer without a linear form (only .form is read)
+_QUADRATIC = linear.FormChoice("quadratic", "", None, None)
+#: the Triton backend on non-CUDA tensors: its interpreter, TRITON_INTERPRET=1 set before importing flashmaps
+_TRITON_OFF_CUDA = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,7 +178,7 @@ def _choose_backend(backend, device: torch.device, dtype: torch.dtype):
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _TRITON_OFF_CUDA:
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing flashmaps "
                 f"to run the kernels on the CPU (got tensors on {device}); or use backend='torch'"
@@ -285,8 +289,11 @@ def attention(
             raise ValueError("form='linear' takes no window (its state sums every earlier key); use "
                              "form='quadratic' or 'auto'")
         form = "quadratic" if form == "auto" else form
-    choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
-                            dropout_p=dropout_f, backend=backend, resolved=backend_name)
+    if form == "auto" and "linear" not in norm.forms:   # nothing to choose: skip the cost model (issue 17)
+        choice = _QUADRATIC
+    else:
+        choice = linear._choose(norm, form, L, S, Dqk, v.shape[3], mask=mask, causal=causal_mode, softcap=softcap_f,
+                                dropout_p=dropout_f, backend=backend, resolved=backend_name)
     _check_head_tensor(norm.head_params(), Hq, q.device, f"{norm.name}'s per-head parameters")
     if sinks is not None:
         _check_head_tensor(sinks, Hq, q.device, "sinks")
@@ -382,6 +389,11 @@ def _sdpa_layout(query, key, value, enable_gqa: bool):
     """Broadcast sdpa's (..., L, E) inputs as torch does and return (q4, k4, v4, batch dims, heads out, rank
     out): q4 (B, Hq, L, E), k4/v4 (B, Hkv, S, E/Ev); the head counts are checked by ``_check_qkv``."""
     rank = max(query.dim(), key.dim(), value.dim())
+    if rank == 4 and query.dim() == key.dim() == value.dim():
+        hq, hkv = query.shape[1], key.shape[1]
+        if (query.shape[0] == key.shape[0] == value.shape[0] and hkv == value.shape[1]
+                and (hq == hkv or 1 not in (hq, hkv) or (enable_gqa and hkv == 1))):
+            return query, key, value, tuple(query.shape[:1]), hq, rank   # already (B, H, L, E): no views (issue 17)
     r3 = max(rank, 3)
     q, k, v = (x.reshape((1,) * (r3 - x.dim()) + tuple(x.shape)) for x in (query, key, value))
     try:
@@ -473,4 +485,6 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         q4, k4, v4, normalizer, causal=causal, attn_mask=attn_mask, scale=scale,
         enable_gqa=enable_gqa, dropout_p=dropout_p,
     )
+    if out.dim() == rank:  # 4-D inputs
+        return out
     return out.reshape((batch + (hq, L, value.shape[-1]))[-rank:])  # (..., Hq, L, Ev) at the inputs' rank

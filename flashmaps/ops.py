@@ -7,7 +7,8 @@ autograd formula, so ``torch.compile(fullgraph=True)`` traces code that calls ``
 A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides::
 
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
-        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64, extras Tensor)
+        -> (out (B, Hq, L, Dv) in v's dtype, stats [n_stats x (B, Hq, L)] float32/64 (or one
+            (n_stats, B, Hq, L) tensor), extras Tensor)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of ``extras`` (float32; () -> (0,) when unused)
     backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
              delta_shift, deterministic)
@@ -17,12 +18,15 @@ A backend module (``flashmaps.torch_path``, ``flashmaps.triton_path``) provides:
 Triton kernels' kernel-unit thresholds and entmax15's O2). The op stacks the stats as one
 (n_stats, B, Hq, L) tensor. Gradients through the statistics (``Normalizer.stat_delta``, for the units that
 define it; the others' statistics are non-differentiable) reach the backend as ``delta_shift`` (B, Hq, L) or
-None: its backward takes ``delta - delta_shift`` as the row term. The dropout seed is an int64 tensor drawn
-from torch's default generator (``torch.manual_seed`` reproduces a call), so no ``.item()`` happens outside the op.
+None: its backward takes ``delta - delta_shift`` as the row term. A call that records no gradient
+(``torch.no_grad()``, or no input requiring grad) runs the forward directly, without the autograd.Function
+(eager mode). The dropout seed is an int64 tensor drawn from torch's default generator (``torch.manual_seed``
+reproduces a call), so no ``.item()`` happens outside the op.
 """
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import Optional
 
@@ -36,7 +40,8 @@ _MODULES = {"torch": "flashmaps.torch_path", "triton": "flashmaps.triton_path"}
 
 
 def backend_module(name: str):
-    return import_module(_MODULES[name])
+    mod = sys.modules.get(_MODULES[name])
+    return mod if mod is not None else import_module(_MODULES[name])
 
 
 def _stats_dtype(q: torch.Tensor) -> torch.dtype:
@@ -67,13 +72,15 @@ def attention_fwd(
 
 def _fwd_impl(q, k, v, mask, seed, backend, normalizer, causal, scale, softcap, dropout_p, need_grad,
               head_params=None, sinks=None, deterministic=False):
-    norm = parse(normalizer, head_params=head_params)
+    norm = normalizer if isinstance(normalizer, Normalizer) else parse(normalizer, head_params=head_params)
     out, stats, extras = backend_module(backend).forward(
         q, k, v, norm, need_grad=need_grad, **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic)
     )
     if sinks is not None:
         out, stats = _apply_sinks(norm, out, list(stats), sinks)
     # outputs must have the strides the fake implementation promises (contiguous)
+    if isinstance(stats, torch.Tensor):  # a backend that wrote them into one (n_stats, B, Hq, L) buffer
+        return out.contiguous(), stats.contiguous(), extras.contiguous()
     if not stats:  # a normalizer without row statistics (sigmoid): torch.stack needs one tensor
         return out.contiguous(), q.new_empty((0,) + tuple(q.shape[:3]), dtype=_stats_dtype(q)), extras.contiguous()
     return out.contiguous(), torch.stack(list(stats)), extras.contiguous()
@@ -124,7 +131,7 @@ def _nonfinite_grads(dq, dk, dv, stats):
     its dq row and its head's dk and dv become NaN, whatever the normalizer (a threshold's comparisons, or a
     guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors."""
     bad = stats.isnan().any(0)                                    # (B, Hq, L)
-    nan = torch.tensor(float("nan"), dtype=dq.dtype, device=dq.device)
+    nan = dq.new_full((), float("nan"))          # a fill on the device, no host copy (CUDA-graph capturable)
     dq = torch.where(bad[..., None], nan, dq)
     B, Hq = bad.shape[:2]
     head = bad.any(-1).view(B, dk.shape[1], Hq // dk.shape[1]).any(-1)[..., None, None]   # (B, Hkv, 1, 1)
@@ -249,10 +256,20 @@ def attention(
             seed = torch.zeros((), dtype=torch.int64)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
                                              (sinks is not None and sinks.requires_grad))
-    out, stats, _ = _forward_op(
-        q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
-        normalizer.head_params(), sinks, bool(deterministic),
-    )
+    if not need_grad and not torch.compiler.is_compiling() and _plain(q) and _plain(k) and _plain(v):
+        # nothing to record for autograd: the forward itself, without the Function's per-call cost (issue 17)
+        args = (q, k, v, mask, seed, backend, normalizer, causal or "", scale, softcap, dropout_p, False,
+                normalizer.head_params(), sinks)
+        if torch.is_grad_enabled():   # (as inside the Function)
+            with torch.no_grad():
+                out, stats, _ = _fwd_impl(*args)
+        else:
+            out, stats, _ = _fwd_impl(*args)
+    else:
+        out, stats, _ = _forward_op(
+            q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
+            normalizer.head_params(), sinks, bool(deterministic),
+        )
     if not return_stats:
         return out
     return out, dict(zip(normalizer.stats, stats.unbind(0)))

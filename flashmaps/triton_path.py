@@ -5,7 +5,8 @@ Entry points of the backend contract (wrapped as torch.library custom ops by :mo
 inputs already validated), on CUDA tensors or on CPU tensors under ``TRITON_INTERPRET=1``::
 
     forward(q, k, v, normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad)
-        -> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L) fp32 in normalizer.stats order], extras)
+        -> (out (B, Hq, L, Dv) in v's dtype, stats (n_stats, B, Hq, L) fp32 in normalizer.stats order (a list
+            of (B, Hq, L) after a split-KV forward), extras)
     extras_shape(normalizer, q, k, v, need_grad) -> shape of extras (1-D fp32; see `unpack_extras`)
     backward(dout, q, k, v, out, stats, extras, normalizer, *, mask, causal, scale, softcap, dropout_p, seed,
              delta_shift, deterministic)
@@ -76,6 +77,7 @@ class Forward(NamedTuple):
       (views into ``extras``)
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
     extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
+    stats_all: the stats as one (n_stats, B, Hq, L) buffer (``stats`` are its views), or None (split-KV).
     """
 
     out: torch.Tensor
@@ -83,6 +85,12 @@ class Forward(NamedTuple):
     saved: dict
     score_unit: float
     extras: torch.Tensor
+    stats_all: Optional[torch.Tensor] = None
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (``triton.cdiv`` is a constexpr function: a few microseconds per host call)."""
+    return -(-a // b)
 
 
 def _bucket(n: int) -> int:
@@ -194,15 +202,37 @@ def _split_config(config: dict) -> tuple[dict, dict]:
     return cfg, launch
 
 
+#: {(autotuner, its key values): (the chosen config's block constexprs, all its launch kwargs)}: see `_launch`
+_CHOSEN: dict = {}
+#: {autotuner: the positions of its key arguments in the kernel's argument list}
+_KEY_AT: dict = {}
+
+
 def _launch(kernel, tuned, config, grid_of, args, meta):
-    """Run ``kernel`` with a pinned ``config`` (or the interpreter's small blocks), else autotuned."""
+    """Run ``kernel`` with a pinned ``config`` (or the interpreter's small blocks), else autotuned.
+
+    Autotuned: the first call of a key goes through the autotuner (which times the candidates); later calls
+    launch ``kernel`` with the config it chose, looked up here (issue 17: the autotuner's own per-call key
+    building was a third of the host cost of a call). The key is the autotuner's ``key`` arguments; the
+    autotuner also keys on the dtypes of tensor arguments, and the only one here is HP (always fp32). Code that
+    empties an autotuner's ``cache`` to tune again empties ``_CHOSEN`` too."""
     if config is None and _INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
         cfg, launch = _split_config(config)
         kernel[grid_of(cfg)](*args, **meta, **cfg, **launch)
-    else:
+        return
+    at = _KEY_AT.get(tuned)
+    if at is None:
+        at = _KEY_AT[tuned] = tuple(tuned.arg_names.index(name) for name in tuned.keys)
+    n = len(args)
+    key = (tuned, *(args[i] if i < n else meta[tuned.arg_names[i]] for i in at))
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         tuned[grid_of](*args, **meta)
+        _CHOSEN[key] = (tuned.best_config.kwargs, tuned.best_config.all_kwargs())
+    else:
+        kernel[grid_of(chosen[0])](*args, **meta, **chosen[1])
 
 
 def split_plan(B: int, Hq: int, L: int, S: int, sm_count: int) -> int:
@@ -282,11 +312,12 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         raise ValueError(f"splits: {normalizer.spec!r} cannot merge independent key splits (a global threshold "
                          "or a second weighted sum); use splits=1")
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
-    stats_t = [torch.empty((B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
+    stats_all = torch.empty((len(normalizer.stats), B, Hq, L), dtype=torch.float32, device=dev)
+    stats_t = list(stats_all.unbind(0))       # one buffer: the op returns it as is (no torch.stack)
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
-    l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
+    l_pad = _cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
@@ -304,8 +335,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
         return Forward(out, stats, saved, c.hooks.unit, extras_buf)
     args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
-            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
-    return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf)
+            lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
+    return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf, stats_all)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
@@ -314,7 +345,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
     saves the backward extras in extras (entmax15's O2)."""
     res = launch_forward(q, k, v, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap,
                          save_extras=need_grad, dropout_p=dropout_p, seed=seed, config=config)
-    return res.out, list(res.stats.values()), res.extras
+    return res.out, list(res.stats.values()) if res.stats_all is None else res.stats_all, res.extras
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +392,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
-    attn_bwd_preprocess[(triton.cdiv(L, pre_bm), *head_grid(B * Hq))](
+    attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
     if delta_shift is not None:
         rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
@@ -381,14 +412,14 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
         {"dkdv": config, "dq": config}
     _launch(attn_bwd_dkdv, triton_configs.attn_bwd_dkdvq_tuned if atomic else triton_configs.attn_bwd_dkdv_tuned,
             per_kernel.get("dkdv"),
-            lambda META: (triton.cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
+            lambda META: (_cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
             dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
     if atomic:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
-            lambda META: (triton.cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
+            lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
     return dq, dk, dv
 
 

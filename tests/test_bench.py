@@ -642,6 +642,9 @@ def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
     by = {(r["suite"], r["provider"], r["mode"]): r for r in rows}
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["err"] < 1e-5
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["sparsity"] is not None
+    soft = by[("h100-goals", "flashmaps-softmax-triton", "fwd")]    # CUDA-graph time: softmax rows, on CUDA only
+    assert soft["cudagraph"] and soft["cudagraph_ms"] is None and "cudagraph" not in by[
+        ("h100-goals", "flashmaps-topk:64-triton", "fwd")]
     assert "sampled rows" in by[("long", "flashmaps-softmax-triton", "fwd")]["err_note"]
     assert by[("tune", "flashmaps-softmax-triton[bwd=16,16]", "bwd")]["config"]["dq"] == {"BM": 16, "BN": 16}
     knob = by[("tune", "flashmaps-topk:64-triton[fwd=16,16;flashmaps.kernels.topk.COLLECT=False]", "fwd")]
@@ -723,3 +726,23 @@ def test_trust_warnings_flag_noise_load_and_contradictions():
     assert any("loaded" in w for w in harness.trust_warnings([fwd, both], loaded))
     fast_both = dict(both, time_ms=8.0, time_q20_ms=7.9, time_q80_ms=8.1)
     assert any(w.startswith("contradiction: p S=512") for w in harness.trust_warnings([fwd, fast_both], quiet))
+
+
+def test_host_bench_end_to_end(tmp_path):
+    """``python -m flashmaps.bench.host`` (issue 17) in a fresh process without TRITON_INTERPRET (it needs the
+    compiled-mode kernels, whose launches it stubs): one round of one call per case, the results file tagged."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    res = subprocess.run([sys.executable, "-m", "flashmaps.bench.host", "--rounds", "2", "--calls", "1",
+                          "--normalizers", "softmax", "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"device", "git_sha", "date", "version_triton", "method"} <= set(data["meta"])
+    rows = {r["case"]: r for r in data["rows"]}
+    assert set(rows) == {"softmax fwd", "softmax fwd-grad", "softmax fwd+bwd", "softmax sdpa"}
+    assert all(r["us_min"] > 0 and r["aten_ops"] > 0 and r["rounds"] == 2 for r in rows.values())
+    assert rows["softmax fwd+bwd"]["aten_ops"] > rows["softmax fwd"]["aten_ops"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from importlib import import_module
 from typing import ClassVar
 
@@ -191,7 +192,7 @@ class Normalizer:
                 f"the normalizer {self.spec!r} has no Triton kernels (set `kernels` to the module with its "
                 "HOOKS); use backend='torch'"
             )
-        mod = import_module(self.kernels)
+        mod = sys.modules.get(self.kernels) or import_module(self.kernels)
         if hasattr(mod, "configure"):
             return mod.configure(self, S)
         from ..kernels.contract import NoArgs
