@@ -391,7 +391,8 @@ def test_readme_table_is_the_registry():
 @pytest.mark.parametrize("norm", NORMS)
 def test_merge_of_a_key_partition_equals_the_full_call(norm, backend):
     """flashmaps.merge over a random partition of the keys (three parts, one of them empty for some rows)
-    equals the call over all keys, for every unit with a merge rule; the others refuse clearly."""
+    equals the call over all keys, for every unit: by the merge rule of independent parts, or by the two-phase
+    protocol of the sparse units (which refuse independent parts clearly)."""
     from helpers import KERNEL_DEVICE
 
     device = "cpu" if backend == "torch" else KERNEL_DEVICE
@@ -403,22 +404,43 @@ def test_merge_of_a_key_partition_equals_the_full_call(norm, backend):
                                         backend=backend)
     causal = torch.arange(23)[None, :] <= torch.arange(9)[:, None]                   # (L, S)
     outs, stats = [], []
-    for p in range(3):
+    nrm = flashmaps.parse(norm)
+    for p in range(1 if nrm.two_phase else 3):         # a two-phase unit: one independent part (refused below)
         mask = (causal & (part == p)[None, :]).to(device)
         pin_seed(norm)
         o, st = flashmaps.attention(q, k, v, norm, attn_mask=mask, enable_gqa=True, return_stats=True,
                                     backend=backend)
         outs.append(o)
         stats.append(st)
-    nrm = flashmaps.parse(norm)
-    if type(nrm).merge is flashmaps.Normalizer.merge:     # no merge rule (the threshold normalizers)
-        with pytest.raises(NotImplementedError):
+    if nrm.two_phase:                    # a global threshold: independent parts refuse, the two-phase protocol merges
+        with pytest.raises(ValueError, match="two-phase"):
             flashmaps.merge(norm, outs, stats)
-        return
-    out, st = flashmaps.merge(norm, outs, stats)
+        outs, stats = _two_phase_parts(q, k, v, norm, [(causal & (part == p)[None, :]).to(device) for p in range(3)],
+                                       backend)
+        thr = stats.pop()
+        with pytest.raises(ValueError, match="not computed at it"):          # an independent part is caught
+            flashmaps.merge(norm, outs[:2] + [o], stats[:2] + [st], threshold=thr)
+        out, st = flashmaps.merge(norm, outs, stats, threshold=thr)
+    else:
+        out, st = flashmaps.merge(norm, outs, stats)
     assert rel_err(out, full) < 1e-5
-    for name in nrm.stats:
-        assert rel_err(st[name], st_full[name]) < 1e-5, name
+    for name in nrm.stats:            # infinities (top-k's tau of a row with <= k keys) equal, the rest close
+        fin = torch.isfinite(st_full[name])
+        assert torch.equal(st[name][~fin].cpu(), st_full[name][~fin].cpu()), name
+        assert rel_err(st[name][fin], st_full[name][fin]) < 1e-5, name
+
+
+def _two_phase_parts(q, k, v, norm, masks, backend):
+    """The two-phase protocol over the key parts given by ``masks``: (outs, stats + [the union's threshold])."""
+    thr = flashmaps.global_threshold(norm, [flashmaps.threshold_candidates(q, k, norm, attn_mask=m, enable_gqa=True)
+                                            for m in masks])
+    outs, stats = [], []
+    for m in masks:
+        o, st = flashmaps.attention(q, k, v, norm, attn_mask=m, enable_gqa=True, return_stats=True, backend=backend,
+                                    threshold=thr)
+        outs.append(o)
+        stats.append(st)
+    return outs, stats + [thr]
 
 
 def test_merge_rejects_bad_input():
