@@ -454,6 +454,30 @@ def test_merge_rejects_bad_input():
         flashmaps.merge("softmax", [o, o[:, :, :3]], [st, st])
 
 
+def test_two_phase_rejects_bad_input():
+    """The two-phase protocol's errors name the argument and say what to do."""
+    q, k, v = qkv(L=5, S=12)
+    thr = flashmaps.global_threshold("topk:3", [flashmaps.threshold_candidates(q, k, "topk:3")])
+    assert set(thr) == {"tau", "cut"} and thr["tau"].shape == q.shape[:3]
+    with pytest.raises(ValueError, match="no two-phase protocol"):
+        flashmaps.threshold_candidates(q, k, "softmax")
+    with pytest.raises(ValueError, match="no two-phase protocol"):
+        flashmaps.attention(q, k, v, "softmax", threshold=thr)
+    with pytest.raises(ValueError, match="missing the entry"):
+        flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"]})
+    with pytest.raises(ValueError, match=r"threshold\['tau'\] must be"):
+        flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"][:, :, :2], "cut": thr["cut"]})
+    with pytest.raises(ValueError, match="gradients"):
+        flashmaps.attention(q.requires_grad_(), k, v, "topk:3", threshold=thr)
+    with pytest.raises(ValueError, match="dropout"):
+        flashmaps.attention(q.detach(), k, v, "topk:3", threshold=thr, dropout_p=0.1)
+    with pytest.raises(TypeError, match="non-empty list"):
+        flashmaps.global_threshold("topk:3", flashmaps.threshold_candidates(q.detach(), k, "topk:3"))
+    o, st = flashmaps.attention(q.detach(), k, v, "softmax", return_stats=True)
+    with pytest.raises(ValueError, match="threshold= is the two-phase"):
+        flashmaps.merge("softmax", [o], [st], threshold=thr)
+
+
 def test_eager_call_does_not_import_dynamo():
     """An eager call (forward and backward) leaves torch._dynamo unimported: it costs seconds and 140 MiB."""
     import subprocess
