@@ -34,8 +34,10 @@ Layouts (the ``layout`` argument; :func:`shard` and :func:`unshard` must use the
   ``torch.no_grad()``): an exact ring backward needs either gradients through the partial statistics or a
   block backward that takes the global row statistics and ``delta = rowsum(dO * O)``; the backends' backward
   computes delta from the keys of its own call (the torch path as ``rowsum(p * dp)``), so neither exists yet
-  and training raises a ValueError pointing to the all-gather layouts. Normalizers without a merge rule
-  (the sparse ones, whose threshold is global) raise a ValueError.
+  and training raises a ValueError pointing to the all-gather layouts. The sparse units (a global threshold)
+  run the two-phase protocol (``Normalizer.two_phase``): K (and kpm) go around the ring once for the union's
+  threshold (each step's candidates merged into the running ones), then K, V at that threshold, summed (top-k:
+  log-sum-exp); K travels twice. Normalizers with neither raise a ValueError.
 
 Communication per attention call and rank, with b the bytes per element (derivation in the README,
 "Context parallelism"): all-gather layouts receive ``(W-1)/W * B * Hkv * S * (Dqk + Dv) * b`` bytes forward
@@ -375,7 +377,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
 
 
 def _check_ring(norm: Normalizer, q, k, v) -> None:
-    if not _has_merge(norm):
+    if not _has_merge(norm) and not norm.two_phase:
         raise ValueError(
             f"layout 'ring' combines partial results with the normalizer's merge rule, and {norm.spec!r} has none "
             "(a sparse normalizer's threshold is global over all keys); use layout='allgather' or 'zigzag', "
@@ -390,10 +392,42 @@ def _check_ring(norm: Normalizer, q, k, v) -> None:
 
 def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) -> torch.Tensor:
     """K, V (and kpm) blocks travel r -> r+1; step t holds the block of rank (r - t) mod W. Causal: blocks of
-    ranks < r are wholly visible, r's own is the diagonal (upper_left), ranks > r are skipped."""
-    block = [k.contiguous(), v.contiguous()] + ([kpm.to(torch.uint8)] if kpm is not None else [])
-    send_to, recv_from = _global_rank(group, (rank + 1) % world), _global_rank(group, (rank - 1) % world)
+    ranks < r are wholly visible, r's own is the diagonal (upper_left), ranks > r are skipped. A sparse unit
+    (``Normalizer.two_phase``) first sends K (and kpm) around once for the union's threshold (phase 1: the
+    running candidates of the blocks seen, re-compacted at each step), then K, V at that threshold."""
+    tail = [kpm.to(torch.uint8)] if kpm is not None else []
+    thr = _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) if norm.two_phase else None
     out = stats = None
+    for src, block in _ring_steps([k.contiguous(), v.contiguous()] + tail, group, world, rank):
+        if not (causal and src > rank):
+            mask = None if kpm is None else block[2].bool()[:, None, None, :]  # (B, 1, 1, Sl)
+            part = functional.attention(q, block[0], block[1], norm, attn_mask=mask,
+                                        causal="upper_left" if causal and src == rank else False,
+                                        return_stats=True, threshold=thr, **kw)
+            if thr is not None:
+                out, stats = part if out is None else norm.merge_at_threshold([out, part[0]], [stats, part[1]], thr)
+            else:
+                out, stats = part if out is None else norm.merge([out, part[0]], [stats, part[1]])
+    return out
+
+
+def _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) -> dict:
+    """Phase 1 of the two-phase protocol over the ring: the union's threshold {name: (B, Hq, Sl)}."""
+    cand = None
+    for src, block in _ring_steps([k.contiguous()] + tail, group, world, rank):
+        if not (causal and src > rank):
+            mask = None if not tail else block[1].bool()[:, None, None, :]  # (B, 1, 1, Sl)
+            c = functional.threshold_candidates(q, block[0], norm, attn_mask=mask, scale=kw["scale"],
+                                                causal="upper_left" if causal and src == rank else False,
+                                                softcap=kw["softcap"], enable_gqa=kw["enable_gqa"])
+            cand = c if cand is None else norm.threshold_candidates(torch.cat([cand, c], -1))
+    return {n: x[..., 0] for n, x in norm.candidate_threshold(cand).items()}
+
+
+def _ring_steps(block, group, world: int, rank: int):
+    """Yield (src, the block of rank src) for the W steps of the ring, the next block's transfer in flight
+    while the caller computes with this one."""
+    send_to, recv_from = _global_rank(group, (rank + 1) % world), _global_rank(group, (rank - 1) % world)
     for t in range(world):
         pending = []
         if t < world - 1:  # start moving this block on before computing with it
@@ -401,15 +435,8 @@ def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) ->
             ops = [op for x, y in zip(block, nxt) for op in (dist.P2POp(dist.isend, x, send_to, group),
                                                              dist.P2POp(dist.irecv, y, recv_from, group))]
             pending = dist.batch_isend_irecv(ops)
-        src = (rank - t) % world
-        if not (causal and src > rank):
-            mask = None if kpm is None else block[2].bool()[:, None, None, :]  # (B, 1, 1, Sl)
-            part = functional.attention(q, block[0], block[1], norm, attn_mask=mask,
-                                        causal="upper_left" if causal and src == rank else False,
-                                        return_stats=True, **kw)
-            out, stats = part if out is None else norm.merge([out, part[0]], [stats, part[1]])
+        yield (rank - t) % world, block
         for work in pending:
             work.wait()
         if t < world - 1:
             block = nxt
-    return out
