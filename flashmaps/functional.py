@@ -380,8 +380,8 @@ def threshold_candidates(q, k, normalizer: str | Normalizer, *, causal=False, at
     q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk); the other arguments as :func:`attention` for this part. Returns
     (B, Hq, L, m) scores (natural units, float32; float64 for float64 inputs; -inf padding) that hold every key
     of this part that can be in the union's support (entmax family: the local support ``{x > tau_part}``,
-    m = the widest row's support; top-k: the k + 1 largest). Scores are computed with torch ops (one matmul
-    per chunk of rows, on any device); no gradient."""
+    m = the widest row's support, at worst S for flat rows; top-k: the k + 1 largest). Scores are computed with
+    torch ops (one matmul per chunk of rows, on any device); no gradient."""
     _check_qkv(q, k, k, enable_gqa, names=("q", "k", "k"))
     norm = parse(normalizer)
     B, Hq, L, Dqk = q.shape

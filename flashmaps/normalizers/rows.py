@@ -176,7 +176,11 @@ class TwoPhaseRoot:
     the union of the local supports, and F over those candidates has the union's root). Phase 2: ``p_j = w(x_j -
     tau)`` at the union's tau, NOT divided by the part's sum (they are the union's final weights); the merge sums
     the parts' outputs. The summed mass is 1 up to the rounding of tau (not divided by: an exact tau needs no
-    renormalization; tests check the mass with a column of ones in v)."""
+    renormalization; tests check the mass with a column of ones in v).
+
+    Size: the candidates are as wide as the widest local support, usually a few dozen keys; the worst case is
+    a flat row (a fresh model's scores, all within 1 of the max), whose support is the whole part: phase 1 then
+    moves as many numbers as that part's score rows (no safeguard beyond that: it stays exact)."""
 
     two_phase = True
 
