@@ -68,7 +68,8 @@ class Forward(NamedTuple):
     out: (B, Hq, L, Dv) in v's dtype. stats: the public row statistics {name: (B, Hq, L) fp32}.
     saved: what the backward needs besides q, k, v, out and stats (all fp32, contiguous):
       ``thr``   (B, Hq, L) the pre-pass threshold in kernel units (entmax15: tau in z units, equal to
-                stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against),
+                stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against; with a
+                given threshold, phase 2 of the two-phase protocol, the one it ran at: top-k's cut * LOG2E),
       ``sum_g`` (B, Hq, L) and ``o2`` (B, Hq, L, Dv): normalizers with a second weighted sum (entmax15)
                 with ``save_extras=True`` only.
       (views into ``extras``)
@@ -315,6 +316,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
+    if thr_k is not None and "thr" in saved:                   # phase 2: the kernel-unit threshold it ran at
+        saved["thr"].copy_(thr_k)
     l_pad = triton.cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
