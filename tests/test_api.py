@@ -454,6 +454,28 @@ def test_merge_rejects_bad_input():
         flashmaps.merge("softmax", [o, o[:, :, :3]], [st, st])
 
 
+@pytest.mark.parametrize("norm", [n for n in NORMS if flashmaps.parse(n).two_phase])
+def test_two_phase_merge_is_exact_in_float64(norm):
+    """The two-phase protocol is exact, not merely close: four random key parts in float64 on the torch path,
+    with peaked (spread 4: small supports) and flat (spread 0.1: every key in the support) scores, against the
+    float64 reference (outputs and statistics to 1e-12); the merged weights' mass (v = ones) is 1."""
+    for spread in (4.0, 0.1):
+        q, k, v = (x.double() for x in qkv(B=1, Hq=2, Hkv=2, L=6, S=64, D=8, seed=1))
+        q = q * spread
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        part = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(5))
+        masks = [(part == p).expand(1, 2, 6, 64) for p in range(4)]
+        outs, stats = _two_phase_parts(q, k, v, norm, masks, "torch")
+        thr = stats.pop()
+        out, st = flashmaps.merge(norm, outs, stats, threshold=thr)
+        ref = reference.attention(q, k, v, norm)
+        assert rel_err(out, ref) < 1e-12, spread
+        assert (out[..., -1] - 1).abs().max().item() < 1e-12
+        s, allowed = reference.scores_and_allowed(q, k, normalizer=flashmaps.parse(norm))
+        for name, want in flashmaps.parse(norm).reference_stats(s, allowed).items():
+            torch.testing.assert_close(st[name], want, rtol=1e-12, atol=1e-12)
+
+
 def test_two_phase_rejects_bad_input():
     """The two-phase protocol's errors name the argument and say what to do."""
     q, k, v = qkv(L=5, S=12)
