@@ -12,7 +12,8 @@ adds your own (README, "Write your own normalizer").
 from importlib import import_module as _import_module
 
 from . import normalizers, reference
-from .functional import SdpaTypeError, SdpaValueError, attention, merge, sdpa
+from .functional import (SdpaTypeError, SdpaValueError, attention, global_threshold, merge, sdpa,
+                         threshold_candidates)
 from .inference import attention_varlen, attention_with_kvcache
 from .linear import TaylorState, choose_form
 from .normalizers import Normalizer, defaults, examples, names, parse, register, registry, unregister
@@ -24,6 +25,8 @@ __all__ = [
     "attention",
     "sdpa",
     "merge",
+    "threshold_candidates",
+    "global_threshold",
     "attention_varlen",
     "attention_with_kvcache",
     "SdpaValueError",

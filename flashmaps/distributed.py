@@ -35,9 +35,13 @@ Layouts (the ``layout`` argument; :func:`shard` and :func:`unshard` must use the
   (``Normalizer.stat_delta``), so the merges are differentiable, and each ring step's backward sends the
   gradient of the block it received back to the block's previous holder (r -> r-1), step by step in reverse,
   until the gradients of K and V reach their owners. Every rank takes part in every step's backward transfer
-  (a causal rank that skipped the last blocks anchors them to its output with a zero gradient). Normalizers
-  without a merge rule (the sparse ones, whose threshold is global) raise a ValueError; so does training
-  with a merge rule whose statistics carry no gradient (a user unit without ``stat_delta``).
+  (a causal rank that skipped the last blocks anchors them to its output with a zero gradient). The sparse
+  units (a global threshold) run the two-phase protocol (``Normalizer.two_phase``): K (and kpm) go around the
+  ring once for the union's threshold (each step's candidates merged into the running ones), then K, V at that
+  threshold, summed (top-k: log-sum-exp); K travels twice. That protocol is forward-only (the union's
+  threshold depends on every block's scores): training a sparse unit on the ring raises a ValueError, as does
+  training with a merge rule whose statistics carry no gradient (a user unit without ``stat_delta``).
+  Normalizers with neither a merge rule nor the protocol raise a ValueError.
 
 Communication per attention call and rank, with b the bytes per element (derivation in the README,
 "Context parallelism"): all-gather layouts receive ``(W-1)/W * B * Hkv * S * (Dqk + Dv) * b`` bytes forward
@@ -377,7 +381,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str
 
 
 def _check_ring(norm: Normalizer, q, k, v) -> None:
-    if not _has_merge(norm):
+    if not _has_merge(norm) and not norm.two_phase:
         raise ValueError(
             f"layout 'ring' combines partial results with the normalizer's merge rule, and {norm.spec!r} has none "
             "(a sparse normalizer's threshold is global over all keys); use layout='allgather' or 'zigzag', "
@@ -385,9 +389,12 @@ def _check_ring(norm: Normalizer, q, k, v) -> None:
         )
     if norm.stats and not norm.has_stat_grads and torch.is_grad_enabled() and any(
             x.requires_grad for x in (q, k, v)):
+        why = ("the two-phase protocol of a sparse unit has no gradient (the union's threshold depends on every "
+               "block's scores)" if norm.two_phase else
+               "its row statistics carry no gradient (Normalizer.stat_delta), which the merge of the partial "
+               "results needs")
         raise ValueError(
-            f"layout 'ring' is forward-only for {norm.spec!r}: its row statistics carry no gradient "
-            "(Normalizer.stat_delta), which the merge of the partial results needs; run it under torch.no_grad() "
+            f"layout 'ring' is forward-only for {norm.spec!r}: {why}; run it under torch.no_grad() "
             "for inference, or train with layout='allgather' or 'zigzag'"
         )
 
@@ -439,27 +446,56 @@ class _Anchor(torch.autograd.Function):
 
 def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) -> torch.Tensor:
     """K, V (and kpm) blocks travel r -> r+1; step t holds the block of rank (r - t) mod W. Causal: blocks of
-    ranks < r are wholly visible, r's own is the diagonal (upper_left), ranks > r are skipped."""
-    block = [k.contiguous(), v.contiguous()] + ([kpm.to(torch.uint8)] if kpm is not None else [])
-    send_to, recv_from = _global_rank(group, (rank + 1) % world), _global_rank(group, (rank - 1) % world)
+    ranks < r are wholly visible, r's own is the diagonal (upper_left), ranks > r are skipped. A sparse unit
+    (``Normalizer.two_phase``) first sends K (and kpm) around once for the union's threshold (phase 1: the
+    running candidates of the blocks seen, re-compacted at each step), then K, V at that threshold."""
+    tail = [kpm.to(torch.uint8)] if kpm is not None else []
+    thr = _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) if norm.two_phase else None
     out = stats = None
-    used = True
-    for t in range(world):
-        pending = []
-        if t < world - 1:  # start moving this block on before computing with it
-            nxt = list(_RingStep.apply(group, send_to, recv_from, pending, *block))
-        src = (rank - t) % world
-        used = not (causal and src > rank)
+    tail = [kpm.to(torch.uint8)] if kpm is not None else []
+    thr = _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) if norm.two_phase else None
+    out = stats = None
+    used, last = True, None
+    for src, block in _ring_steps([k.contiguous(), v.contiguous()] + tail, group, world, rank):
+        used, last = not (causal and src > rank), block
         if used:
             mask = None if kpm is None else block[2].bool()[:, None, None, :]  # (B, 1, 1, Sl)
             part = functional.attention(q, block[0], block[1], norm, attn_mask=mask,
                                         causal="upper_left" if causal and src == rank else False,
-                                        return_stats=True, **kw)
-            out, stats = part if out is None else norm.merge([out, part[0]], [stats, part[1]])
+                                        return_stats=True, threshold=thr, **kw)
+            if thr is not None:
+                out, stats = part if out is None else norm.merge_at_threshold([out, part[0]], [stats, part[1]], thr)
+            else:
+                out, stats = part if out is None else norm.merge([out, part[0]], [stats, part[1]])
+    if not used and last[0].requires_grad:   # the last block's ring steps must run backward here too
+        out = _Anchor.apply(out, *last[:2])
+    return out
+
+
+def _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) -> dict:
+    """Phase 1 of the two-phase protocol over the ring: the union's threshold {name: (B, Hq, Sl)}."""
+    cand = None
+    for src, block in _ring_steps([k.contiguous()] + tail, group, world, rank):
+        if not (causal and src > rank):
+            mask = None if not tail else block[1].bool()[:, None, None, :]  # (B, 1, 1, Sl)
+            c = functional.threshold_candidates(q, block[0], norm, attn_mask=mask, scale=kw["scale"],
+                                                causal="upper_left" if causal and src == rank else False,
+                                                softcap=kw["softcap"], enable_gqa=kw["enable_gqa"])
+            cand = c if cand is None else norm.threshold_candidates(torch.cat([cand, c], -1))
+    return {n: x[..., 0] for n, x in norm.candidate_threshold(cand).items()}
+
+
+def _ring_steps(block, group, world: int, rank: int):
+    """Yield (src, the block of rank src) for the W steps of the ring, the next block's transfer in flight
+    while the caller computes with this one (each transfer a `_RingStep`: its backward sends the gradients
+    back)."""
+    send_to, recv_from = _global_rank(group, (rank + 1) % world), _global_rank(group, (rank - 1) % world)
+    for t in range(world):
+        pending = []
+        if t < world - 1:  # start moving this block on before computing with it
+            nxt = list(_RingStep.apply(group, send_to, recv_from, pending, *block))
+        yield (rank - t) % world, block
         for work in pending:
             work.wait()
         if t < world - 1:
             block = nxt
-    if not used and block[0].requires_grad:   # the last block's ring steps must run backward here too
-        out = _Anchor.apply(out, *block[:2])
-    return out

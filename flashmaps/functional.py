@@ -31,7 +31,8 @@ from .normalizers import Normalizer, parse
 from .window import check_window
 from .window import encode as encode_window
 
-__all__ = ["attention", "sdpa", "merge", "SdpaValueError", "SdpaTypeError"]
+__all__ = ["attention", "sdpa", "merge", "threshold_candidates", "global_threshold", "SdpaValueError",
+           "SdpaTypeError"]
 
 _CAUSAL = {False: None, None: None, True: "upper_left", "upper_left": "upper_left", "lower_right": "lower_right"}
 _BACKENDS = ("auto", "torch", "triton")
@@ -223,6 +224,7 @@ def attention(
     window: tuple[int, int] | None = None,
     sinks: torch.Tensor | None = None,
     deterministic: bool | None = None,
+    threshold: dict | None = None,
 ):
     """Blockwise attention with a pluggable normalizer.
 
@@ -261,6 +263,11 @@ def attention(
             faster; the last bits of dq vary between runs, as FlashAttention-2/3's and torch's flash SDPA
             backward by default) and runs the separate dQ kernel when True (bitwise reproducible). The forward
             and the torch backend are deterministic either way.
+        threshold: None, or a sparse unit's threshold over a UNION of key sets, {name: (B, Hq, L)} from
+            :func:`global_threshold`: phase 2 of the two-phase protocol (see :func:`merge`). The weights of these
+            keys at that threshold (entmax family: ``sum_j p_j v_j`` not divided by this part's mass; top-k: the
+            softmax over this part's kept keys, with its ``lse``); the stats report the given ``tau``. Forward
+            only (gradients raise: the union's tau depends on every part's scores); no dropout, no sinks.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -302,9 +309,14 @@ def attention(
                              f"{norm.spec!r} has none (see flashmaps.sinks)")
         if choice.form == "linear":
             raise ValueError("sinks: not supported by form='linear'; use form='quadratic'")
+    if threshold is not None:
+        _check_threshold(norm, threshold, (B, Hq, L), q.device, (q, k, v), dropout_f, sinks)
     if L == 0 or S == 0 or B == 0 or Hq == 0:
         return _empty_result(q, k, v, norm, return_stats)
     causal_mode = band
+    if threshold is not None:
+        return _at_threshold(backend_name, q, k, v, norm, threshold, mask=mask, causal=causal_mode, scale=scale_f,
+                             softcap=softcap_f, return_stats=return_stats)
     if choice.form == "linear":
         return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats,
                                 backend=backend_name)
@@ -327,7 +339,7 @@ def _check_head_tensor(x, Hq: int, device, argname: str) -> None:
         raise ValueError(f"{argname} is on {x.device}, the inputs on {device}; move it with .to(q.device)")
 
 
-def merge(normalizer: str | Normalizer, outs, stats):
+def merge(normalizer: str | Normalizer, outs, stats, threshold: dict | None = None):
     """Combine attention results over DISJOINT key sets of the same queries into the result over their union.
 
     ``outs[i]`` (B, Hq, L, Dv) and ``stats[i]`` (a dict {name: (B, Hq, L)}) are what
@@ -336,8 +348,18 @@ def merge(normalizer: str | Normalizer, outs, stats):
     through them, and the statistics returned by ``attention`` carry gradients for the units with
     ``Normalizer.stat_delta``: softmax, taylor, harmonic, gumbel, softpick; so a loss on the merged output has
     the gradients w.r.t. q, k, v of the call over all keys). The rule is the normalizer's own
-    (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums. Sparse normalizers have none for
-    independent parts (their threshold is global); they raise NotImplementedError.
+    (``Normalizer.merge``): softmax by log-sum-exp (in fp32), taylor by sums.
+
+    Sparse units (entmax15, sparsemax, entmax:<alpha>, topk:<k>: ``Normalizer.two_phase``) have a global
+    threshold, so independent parts do not merge; they use the two-phase protocol (each unit's docstring)::
+
+        cands = [flashmaps.threshold_candidates(q, k_i, norm) for each part]    # phase 1: (B, Hq, L, m_i)
+        thr = flashmaps.global_threshold(norm, cands)                            # the union's {"tau", ...}
+        parts = [flashmaps.attention(q, k_i, v_i, norm, threshold=thr, return_stats=True) for each part]
+        out, stats = flashmaps.merge(norm, [o for o, _ in parts], [s for _, s in parts], threshold=thr)
+
+    ``threshold`` is required for them (and refused for the others); every part must report the given ``tau``
+    (a part computed independently does not, and raises). Forward only for them.
     """
     norm = parse(normalizer)
     if isinstance(outs, torch.Tensor) or not isinstance(outs, (list, tuple)) or not outs:
@@ -356,7 +378,103 @@ def merge(normalizer: str | Normalizer, outs, stats):
         for name, x in st.items():
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(o.shape[:3]):
                 raise ValueError(f"merge: stats[{i}][{name!r}] must be a (B, Hq, L) = {tuple(o.shape[:3])} tensor")
-    return norm.merge(list(outs), list(stats))
+    if not norm.two_phase:
+        if threshold is not None:
+            raise ValueError(f"merge: threshold= is the two-phase protocol of the sparse units; {norm.spec!r} merges "
+                             "independent parts without it")
+        return norm.merge(list(outs), list(stats))
+    if threshold is None:
+        raise ValueError(f"merge: {norm.spec!r} has a global threshold: independent parts do not merge. Use the "
+                         "two-phase protocol: thr = flashmaps.global_threshold(norm, [flashmaps.threshold_candidates("
+                         "q, k_i, norm) ...]), each part's attention(..., threshold=thr), then merge(..., threshold=thr)")
+    _check_threshold(norm, threshold, tuple(outs[0].shape[:3]), outs[0].device)
+    for i, st in enumerate(stats):
+        if not torch.equal(st["tau"], threshold["tau"].to(st["tau"].dtype)):
+            raise ValueError(f"merge: stats[{i}]['tau'] is not the given threshold: part {i} was not computed at it "
+                             "(pass threshold= to its attention call: phase 2 of the two-phase protocol)")
+    return norm.merge_at_threshold(list(outs), list(stats), threshold)
+
+
+def threshold_candidates(q, k, normalizer: str | Normalizer, *, causal=False, attn_mask=None, scale=None,
+                         softcap=None, enable_gqa: bool = False, window=None) -> torch.Tensor:
+    """Phase 1 of a sparse unit's two-phase protocol (see :func:`merge`): the candidates of the keys ``k``.
+
+    q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk); the other arguments as :func:`attention` for this part. Returns
+    (B, Hq, L, m) scores (natural units, float32; float64 for float64 inputs; -inf padding) that hold every key
+    of this part that can be in the union's support (entmax family: the local support ``{x > tau_part}``,
+    m = the widest row's support, at worst S for flat rows; top-k: the k + 1 largest). Scores are computed with
+    torch ops (one matmul per chunk of rows, on any device); no gradient."""
+    _check_qkv(q, k, k, enable_gqa, names=("q", "k", "k"))
+    norm = parse(normalizer)
+    B, Hq, L, Dqk = q.shape
+    S = k.shape[2]
+    if not norm.two_phase:
+        raise ValueError(f"threshold_candidates: {norm.spec!r} has no two-phase protocol (it merges independent "
+                         "parts with flashmaps.merge); the sparse units have one")
+    band = encode_window(_check_causal(causal), check_window(window))
+    mask = _check_mask(attn_mask, (B, Hq, L, S), q.device)
+    scale_f, softcap_f = _check_scale(scale, Dqk), _check_softcap(softcap)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if min(B, Hq, L, S) == 0:
+        return torch.full((B, Hq, L, 1), float("-inf"), dtype=acc, device=q.device)
+    from . import torch_path
+
+    with torch.no_grad():
+        return torch_path.threshold_candidates(q, k, norm, mask=mask, causal=band, scale=scale_f, softcap=softcap_f)
+
+
+def global_threshold(normalizer: str | Normalizer, candidates) -> dict:
+    """The union's threshold from the parts' :func:`threshold_candidates` (a list of (B, Hq, L, m_i) tensors):
+    {name: (B, Hq, L)} (``tau``; top-k also ``cut``, the value phase 2 compares against), for
+    ``attention(..., threshold=)`` and ``merge(..., threshold=)``."""
+    norm = parse(normalizer)
+    if not norm.two_phase:
+        raise ValueError(f"global_threshold: {norm.spec!r} has no two-phase protocol")
+    if isinstance(candidates, torch.Tensor) or not isinstance(candidates, (list, tuple)) or not candidates:
+        raise TypeError("global_threshold: candidates must be a non-empty list of (B, Hq, L, m) tensors, one per part")
+    for i, c in enumerate(candidates):
+        if not isinstance(c, torch.Tensor) or c.dim() != 4 or c.shape[:3] != candidates[0].shape[:3]:
+            raise ValueError(f"global_threshold: candidates[{i}] must be a (B, Hq, L, m) tensor like candidates[0]")
+    c = torch.cat(candidates, -1)                          # (type promotion as torch.cat's)
+    return {n: x[..., 0] for n, x in norm.candidate_threshold(c).items()}
+
+
+def _check_threshold(norm, threshold, shape, device, inputs=(), dropout_p=0.0, sinks=None) -> None:
+    """A two-phase unit's threshold {name: (B, Hq, L)} (from global_threshold) for phase 2 or the merge."""
+    if not norm.two_phase:
+        raise ValueError(f"threshold: {norm.spec!r} has no two-phase protocol (the sparse units have one)")
+    if not isinstance(threshold, dict) or "tau" not in threshold:
+        raise TypeError("threshold must be the dict flashmaps.global_threshold returned ({'tau': (B, Hq, L), ...})")
+    for name, x in threshold.items():
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or not x.is_floating_point():
+            raise ValueError(f"threshold[{name!r}] must be a float (B, Hq, L) = {tuple(shape)} tensor")
+        if x.device != device:
+            raise ValueError(f"threshold[{name!r}] is on {x.device}, the inputs on {device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        raise ValueError("threshold: gradients through the two-phase protocol are not provided (the union's tau "
+                         "depends on every part's scores); run phase 2 under torch.no_grad() or detach q, k, v")
+    if dropout_p > 0 or sinks is not None:
+        raise ValueError("threshold: phase 2 of the two-phase protocol takes no dropout_p and no sinks")
+
+
+def _at_threshold(backend, q, k, v, norm, threshold, *, mask, causal, scale, softcap, return_stats):
+    """Phase 2 on a backend (forward only): out (B, Hq, L, Dv) [, stats reporting the given tau]."""
+    try:
+        if backend == "torch":
+            from . import torch_path
+
+            out, st, _ = torch_path.forward(q, k, v, norm, mask=mask, causal=causal, scale=scale, softcap=softcap,
+                                            dropout_p=0.0, seed=0, need_grad=False, threshold=threshold)
+            stats = dict(zip(norm.stats, st))
+        else:
+            from . import triton_path
+
+            res = triton_path.launch_forward(q, k, v, norm, mask=mask, causal=causal, scale=scale, softcap=softcap,
+                                             threshold=threshold)
+            out, stats = res.out, res.stats
+    except KeyError as e:
+        raise ValueError(f"threshold: missing the entry {e} (pass the dict flashmaps.global_threshold returned)") from None
+    return (out, stats) if return_stats else out
 
 
 def _causal_from_bias(attn_mask, L: int, S: int):

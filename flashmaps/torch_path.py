@@ -252,7 +252,7 @@ def _prepare(q, k, v, mask, causal, scale, softcap, norm=None, seed=0):
     return _Problem(q5, k.to(acc), v.to(acc), mask5, causal, scale, softcap, acc, norm, seed)
 
 
-def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None):
+def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None, threshold=None):
     B, Hkv, G, L, _ = pb.q5.shape
     S, Dv = pb.k.shape[2], pb.v.shape[3]
     dev = pb.q5.device
@@ -266,13 +266,18 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None)
         hn = norm.for_heads(c.h0 * G, c.h1 * G)  # the chunk's query heads (per-head parameters)
         s, masked, _, _ = _scores(pb, c)
         bad = _nonfinite_rows(s)
-        st = hn.torch_stats(s, masked)
         vc = pb.v[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', Dv]
-        sparse = hn.torch_sparse(s, st)
+        if threshold is not None:  # the two-phase protocol's phase 2: the weights at the union's threshold
+            thr = {n: val[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None] for n, val in threshold.items()}
+            st, p = hn.torch_at_threshold(s, thr, masked)
+            sparse = None
+        else:
+            st = hn.torch_stats(s, masked)
+            sparse, p = hn.torch_sparse(s, st), None
         if sparse is not None:  # only r keys per row can be nonzero: scatter their weights, 2 passes
             idx, w = sparse  # [bb, hc, G, bl, r]
             p = s.zero_().scatter_(-1, idx, w)  # [bb, hc, G, bl, S'] (reuses the score buffer)
-        else:
+        elif p is None:
             p = hn.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
         del s
         if bad is not None:
@@ -347,22 +352,47 @@ def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int,
     return (0,)
 
 
-def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad):
+def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
+            threshold=None):
     """-> (out (B, Hq, L, Dv) in v's dtype, [stat (B, Hq, L)] in ``normalizer.stats`` order, extras (0,)).
 
     The normalizer's ``torch_native_forward`` first (softmax: torch's CPU flash op where it computes exactly
-    our softmax), else the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``)."""
+    our softmax), else the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``).
+    ``threshold``: a two-phase unit's phase 2 (``Normalizer.torch_at_threshold``) at the union's threshold
+    {name: (B, Hq, L)} (forward only: no backward for it)."""
     extras = torch.empty(0, dtype=torch.float32, device=q.device)
-    native = normalizer.torch_native_forward(q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap,
-                                             dropout_p=dropout_p)
+    native = None if threshold is not None else normalizer.torch_native_forward(
+        q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap, dropout_p=dropout_p)
     if native is not None:
         out, stats = native
         return out, stats, extras
     pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer, seed)
-    out5, stats = _forward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed)
+    if threshold is not None:
+        B, Hkv, G, L = pb.q5.shape[:4]
+        threshold = {n: val.to(pb.acc).reshape(B, Hkv, G, L) for n, val in threshold.items()}
+    out5, stats = _forward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, threshold)
     B, Hq, L = q.shape[:3]
     out = out5.view(B, Hq, L, v.shape[3]).to(v.dtype)
     return out, [val.view(B, Hq, L) for val in stats.values()], extras
+
+
+def threshold_candidates(q, k, normalizer: Normalizer, *, mask, causal, scale, softcap) -> torch.Tensor:
+    """Phase 1 of a two-phase unit (``Normalizer.threshold_candidates``) over the keys k: (B, Hq, L, m) natural-unit
+    scores in the accumulation dtype, -inf padding (rows with no allowed key: all -inf). The union's threshold
+    over several key sets is ``normalizer.candidate_threshold`` of their candidates concatenated (the candidates of
+    all keys give the call's own threshold). Scores as the forward computes them, one chunk at a time."""
+    pb = _prepare(q, k, k[..., :1], mask, causal, scale, softcap, normalizer)
+    B, Hkv, G, L, _ = pb.q5.shape
+    norm = normalizer.for_keys(k.shape[2])
+    parts = []
+    for c in _chunks(B, Hkv, G, L, k.shape[2], pb.causal):
+        s, _, _, _ = _scores(pb, c)
+        parts.append((c, norm.for_heads(c.h0 * G, c.h1 * G).threshold_candidates(s)))  # [bb, hc, G, bl, m_c]
+    m = max([x.shape[-1] for _, x in parts], default=1)
+    cand = torch.full((B, Hkv, G, L, m), _NEG_INF, dtype=pb.acc, device=q.device)
+    for c, x in parts:
+        cand[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, : x.shape[-1]] = x
+    return cand.view(B, Hkv * G, L, m)
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,

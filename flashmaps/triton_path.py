@@ -71,7 +71,8 @@ class Forward(NamedTuple):
     out: (B, Hq, L, Dv) in v's dtype. stats: the public row statistics {name: (B, Hq, L) fp32}.
     saved: what the backward needs besides q, k, v, out and stats (all fp32, contiguous):
       ``thr``   (B, Hq, L) the pre-pass threshold in kernel units (entmax15: tau in z units, equal to
-                stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against),
+                stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against; with a
+                given threshold, phase 2 of the two-phase protocol, the one it ran at: top-k's cut * LOG2E),
       ``sum_g`` (B, Hq, L) and ``o2`` (B, Hq, L, Dv): normalizers with a second weighted sum (entmax15)
                 with ``save_extras=True`` only.
       (views into ``extras``)
@@ -256,13 +257,31 @@ def _sm_count(dev) -> int:
     return DEFAULT_SM_COUNT
 
 
-def _can_split(normalizer: Normalizer, hooks) -> bool:
-    """Split-KV needs a merge rule for independent parts: no threshold pre-pass (a sparse normalizer's threshold
-    is global: it would need the two-phase protocol) and no second weighted sum."""
+def _can_split(normalizer: Normalizer, hooks, save_extras: bool = False) -> bool:
+    """Split-KV needs a merge rule: for independent parts (no threshold pre-pass and no second weighted sum), or
+    a sparse unit's two-phase protocol (``Normalizer.two_phase``: the union's threshold first, then the splits at
+    it, Static.GIVEN_THR) when the backward's extras are not needed (they come from the unsplit forward)."""
+    if normalizer.two_phase and hooks.has_prepass:
+        return not save_extras
     return not hooks.has_prepass and not hooks.has_g and type(normalizer).merge is not Normalizer.merge
 
 
-def _launch_split(q, k, v, normalizer, c, n_split, args_of, config) -> tuple[torch.Tensor, dict]:
+def _given_threshold(q, k, normalizer, c, mask, causal, scale, softcap, threshold):
+    """The two-phase protocol's phase 2: the call's bundles with Static.GIVEN_THR and (the union's threshold
+    {name: (B, Hq, L)} fp32, its kernel-unit (B, Hq, L) tensor). ``threshold`` None: phase 1 over the call's keys
+    on the torch path (one matmul per chunk of rows: the scores, then the unit's threshold of the full rows)."""
+    from . import torch_path
+
+    if threshold is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        cand = torch_path.threshold_candidates(q, k, normalizer, mask=mask, causal=causal, scale=scale, softcap=softcap)
+        threshold = {n: x[..., 0] for n, x in normalizer.candidate_threshold(cand).items()}
+    threshold = {n: x.to(device=q.device, dtype=torch.float32).contiguous() for n, x in threshold.items()}
+    thr_k = normalizer.kernel_threshold(threshold).to(torch.float32).contiguous()
+    return c._replace(static=c.static._replace(GIVEN_THR=True)), threshold, thr_k
+
+
+def _launch_split(q, k, v, normalizer, c, n_split, args_of, config, threshold=None) -> tuple[torch.Tensor, dict]:
     """The forward as n_split key splits in one launch (grid axis 0: query block x split), merged."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
@@ -279,7 +298,10 @@ def _launch_split(q, k, v, normalizer, c, n_split, args_of, config) -> tuple[tor
     outs = list(out_p.view(n_split, B, Hq, L, DV))
     parts = [{name: st.view(n_split, B, Hq, L)[i] for name, st in zip(normalizer.stats, stats_p)}
              for i in range(n_split)]
-    out, stats = normalizer.merge(outs, parts)
+    if threshold is not None:      # the two-phase protocol: the parts at the union's threshold
+        out, stats = normalizer.merge_at_threshold(outs, parts, threshold)
+    else:
+        out, stats = normalizer.merge(outs, parts)
     return out.to(v.dtype), {name: stats[name].float().contiguous() for name in normalizer.stats}
 
 
@@ -287,7 +309,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
                    mask: Optional[torch.Tensor] = None, causal: Optional[str] = None,
                    scale: Optional[float] = None, softcap: Optional[float] = None,
                    save_extras: bool = False, dropout_p: float = 0.0, seed: int = 0,
-                   config: Optional[dict] = None, splits: Optional[int] = None) -> Forward:
+                   config: Optional[dict] = None, splits: Optional[int] = None,
+                   threshold: Optional[dict] = None) -> Forward:
     """Run the forward kernel. q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv), any strides;
     mask None or a (B, Hq, L, S) bool/float view; causal None | "upper_left" | "lower_right".
     ``dropout_p`` > 0 drops weights with the keep mask of ``seed`` (:func:`dropout_keep_mask`).
@@ -295,7 +318,10 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     ``save_extras`` also computes the normalizer's backward extras (entmax15: sum_g and O2).
     ``config`` pins the blocks, e.g. {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
     instead of autotuning (CUDA) or the interpreter's small blocks. ``splits``: the number of key splits
-    (split-KV; default :func:`split_plan` for normalizers that can merge independent parts, else 1)."""
+    (split-KV; default :func:`split_plan` for normalizers that can merge independent parts or run the two-phase
+    protocol, else 1). ``threshold``: a two-phase unit's phase 2 at the union's threshold {name: (B, Hq, L)}
+    (``Normalizer.kernel_threshold``, Static.GIVEN_THR; forward only): the statistics named there are reported
+    as given."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     dev = q.device
@@ -306,23 +332,31 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
             "bwd_dscores in its kernels module); use backend='torch' for gradients"
         )
+    if threshold is not None and (save_extras or not (normalizer.two_phase and c.hooks.has_prepass)):
+        raise ValueError(f"threshold: {normalizer.spec!r} has no two-phase protocol, or gradients were asked for "
+                         "(phase 2 is forward only)")
     if splits is None:
-        splits = split_plan(B, Hq, L, S, _sm_count(dev)) if _can_split(normalizer, c.hooks) else 1
-    elif splits > 1 and not _can_split(normalizer, c.hooks):
-        raise ValueError(f"splits: {normalizer.spec!r} cannot merge independent key splits (a global threshold "
-                         "or a second weighted sum); use splits=1")
+        splits = split_plan(B, Hq, L, S, _sm_count(dev)) if _can_split(normalizer, c.hooks, save_extras) else 1
+    elif splits > 1 and not _can_split(normalizer, c.hooks, save_extras):
+        raise ValueError(f"splits: {normalizer.spec!r} cannot merge key splits here (no merge rule, or the "
+                         "backward's extras of a threshold or a second weighted sum); use splits=1")
+    thr_k = None
+    if threshold is not None or (splits > 1 and normalizer.two_phase and c.hooks.has_prepass):
+        c, threshold, thr_k = _given_threshold(q, k, normalizer, c, mask, causal, scale, softcap, threshold)
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_all = torch.empty((len(normalizer.stats), B, Hq, L), dtype=torch.float32, device=dev)
     stats_t = list(stats_all.unbind(0))       # one buffer: the op returns it as is (no torch.stack)
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
+    if thr_k is not None and "thr" in saved:                   # phase 2: the kernel-unit threshold it ran at
+        saved["thr"].copy_(thr_k)
     l_pad = _cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
     kc = c.scratch_cols
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
-                  saved.get("thr", placeholder), saved.get("sum_g", placeholder), saved.get("o2", placeholder),
-                  scratch)
+                  saved.get("thr", placeholder) if thr_k is None else thr_k, saved.get("sum_g", placeholder),
+                  saved.get("o2", placeholder), scratch)
     norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
 
     def args_of(o, st, dims, static):
@@ -331,12 +365,15 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
                  _bucket(L), _bucket(S), l_pad), dict(ST=static, NORM=norm, SCRATCH_COLS=kc, HP=c.hp))
 
     if splits > 1:
-        out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config)
+        out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config, threshold)
         return Forward(out, stats, saved, c.hooks.unit, extras_buf)
     args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
-    return Forward(out, dict(zip(normalizer.stats, stats_t)), saved, c.hooks.unit, extras_buf, stats_all)
+    stats = dict(zip(normalizer.stats, stats_t))
+    if threshold is not None:                              # phase 2 reports the union's threshold
+        stats.update({n: x for n, x in threshold.items() if n in stats})
+    return Forward(out, stats, saved, c.hooks.unit, extras_buf, stats_all)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,

@@ -178,14 +178,16 @@ class Static(NamedTuple):
     ATOMIC_DQ: bool = False  # backward: the dK/dV kernel also adds each tile's dQ into an fp32 buffer with atomics
                              # (5 matrix products per tile pair instead of 7; the dQ kernel is not launched;
                              # summation order varies run to run). False: the deterministic two-kernel backward
+    GIVEN_THR: bool = False  # the two-phase protocol's second phase (sparse units): no pre-pass, thr is LOADED from
+                             # RowOut.thr (kernel units, (B, Hq, L)), and with Hooks.given_final out = acc (no 1/l)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
-             atomic_dq: bool = False) -> "Static":
+             atomic_dq: bool = False, given_thr: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq))
+                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr))
 
 
 class RowOut(NamedTuple):
@@ -314,6 +316,12 @@ class Hooks(NamedTuple):
     ``thr`` as the pair ``(thr, hp)`` (update, finalize, tile_live, g_weights; the prepass gets ``args`` as
     ``(args, hp)``), the backward preprocess hands ``bwd_rows`` ``thr`` as ``(thr, hp)``: the rest of the
     backward sees the parameter through ``(w0, w1)``. Normalizers without it are unchanged.
+
+    ``given_final`` (default False): the two-phase protocol of a sparse unit (``Static.GIVEN_THR``: the forward
+    loads the GLOBAL threshold of the union of key parts instead of running the pre-pass over its own keys).
+    True: the weights at that threshold are already the union's final weights (entmax family: they sum to one
+    over the union), so the output is ``acc`` itself (finalize's ``inv_l`` is not applied); False (top-k): the
+    part's output is ``acc * inv_l`` with its statistics (lse), merged by the unit's rule.
     """
 
     name: str
@@ -340,6 +348,7 @@ class Hooks(NamedTuple):
     noise: Any = None
     grad_mult: float = 1.0
     head_param: bool = False
+    given_final: bool = False
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -351,7 +360,7 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
                noise: Optional[Callable] = None, grad_mult: float = 1.0,
-               head_param: bool = False) -> Hooks:
+               head_param: bool = False, given_final: bool = False) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -374,7 +383,7 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
                  rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult),
-                 head_param=bool(head_param))
+                 head_param=bool(head_param), given_final=bool(given_final))
 
 
 def _is_jit(fn) -> bool:

@@ -183,7 +183,8 @@ def bwd_dscores(p, s, dp, delta, w0, w1):
 
 HOOKS = make_hooks(name="entmax", unit=1.0, n_stats=1, update=update, finalize=finalize, prepass=root_prepass,
                    tile_live=tile_live, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows,
-                   bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=RULE, head_param=True)
+                   bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=RULE, head_param=True,
+                   given_final=True)
 
 
 def configure(normalizer, S: int):

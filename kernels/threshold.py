@@ -215,10 +215,11 @@ def root_prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: t
 def root_hooks(*, name: str, unit: float, rule: ThresholdRule, update, g_weights, g_finalize, bwd_weights,
                bwd_dscores):
     """The `contract.Hooks` of an F-root normalizer (one statistic, its threshold tau): the pre-pass
-    `root_prepass`, `finalize_tau`, `live_above` and `bwd_rows_tau`, with the normalizer's own weights."""
+    `root_prepass`, `finalize_tau`, `live_above` and `bwd_rows_tau`, with the normalizer's own weights. At a given
+    global threshold (``Static.GIVEN_THR``) the weights are final (``given_final``: no 1/l)."""
     return make_hooks(name=name, unit=unit, n_stats=1, update=update, finalize=finalize_tau, prepass=root_prepass,
                       tile_live=live_above, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows_tau,
-                      bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule)
+                      bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule, given_final=True)
 
 
 def configure_root(hooks, S: int, *, collect: bool, points: int, kc: int = 128):

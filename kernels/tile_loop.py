@@ -5,6 +5,7 @@ A program owns BM query rows of one (batch, query head) and streams the key/valu
 this file never names a normalizer::
 
     thr = NORM.prepass(...)                  # per-row threshold in kernel units (entmax15, topk) or 0
+                                             # (ST.GIVEN_THR: loaded from rows.thr, the two-phase protocol)
     state = (acc [BM, BDV], m [BM], l [BM], acc_g [BM, BDV], l_g [BM])
     state = fold_keys(state, _accumulate)    # the unmasked whole tiles, then the masked ones (tiles.fold_keys)
     out, stats = NORM.finalize(m, l, thr)    # keys >= hi are never touched (causal tile skipping)
@@ -137,7 +138,9 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     if NORM.head_param:                                # one parameter per query head: hooks get (thr, hp)
         hp = tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32)                    # [BM]
         args = (args, hp)
-    if NORM.has_prepass:
+    if ST.GIVEN_THR:                                   # two-phase protocol: the global threshold, (B, Hq, L)
+        thr = tl.load(rows.thr + pid_bh.to(tl.int64) * dims.L + offs_m, mask=offs_m < dims.L, other=0.0)
+    elif NORM.has_prepass:
         scr = rows.scratch + (pid_bh.to(tl.int64) * L_PAD + offs_m)[:, None] * SCRATCH_COLS        # [BM, 1]
         thr = NORM.prepass(blk, keys, args, scr, BM, BN, ST, NORM)                     # [BM]
     else:
@@ -162,6 +165,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
                                           NORM)
 
     inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr_h)                                # [BM]
+    if ST.GIVEN_THR and NORM.given_final:             # the weights at the global threshold are the union's
+        inv_l = tl.full([BM], 1.0, tl.float32)
     # the non-finite rule: a row with a NaN or +inf score has l = NaN (softmax: exp2(NaN); the threshold units
     # through the sum in _accumulate) or +inf (taylor): NaN output and statistics
     row_good = l_i < float("inf")
@@ -182,7 +187,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
         tl.store(rows.stat0 + row_base + offs_m, stat0, mask=row_ok)
     if NORM.n_stats > 1:
         tl.store(rows.stat1 + row_base + offs_m, stat1, mask=row_ok)
-    if NORM.has_prepass:
+    if NORM.has_prepass and not ST.GIVEN_THR:
         tl.store(rows.thr + row_base + offs_m, thr, mask=row_ok)
     if NORM.has_g:
         inv_g, g_sum = NORM.g_finalize(l_i, l_g)

@@ -392,7 +392,8 @@ def test_readme_table_is_the_registry():
 @pytest.mark.parametrize("norm", NORMS)
 def test_merge_of_a_key_partition_equals_the_full_call(norm, backend):
     """flashmaps.merge over a random partition of the keys (three parts, one of them empty for some rows)
-    equals the call over all keys, for every unit with a merge rule; the others refuse clearly."""
+    equals the call over all keys, for every unit: by the merge rule of independent parts, or by the two-phase
+    protocol of the sparse units (which refuse independent parts clearly)."""
     from helpers import KERNEL_DEVICE
 
     device = "cpu" if backend == "torch" else KERNEL_DEVICE
@@ -404,22 +405,43 @@ def test_merge_of_a_key_partition_equals_the_full_call(norm, backend):
                                         backend=backend)
     causal = torch.arange(23)[None, :] <= torch.arange(9)[:, None]                   # (L, S)
     outs, stats = [], []
-    for p in range(3):
+    nrm = flashmaps.parse(norm)
+    for p in range(1 if nrm.two_phase else 3):         # a two-phase unit: one independent part (refused below)
         mask = (causal & (part == p)[None, :]).to(device)
         pin_seed(norm)
         o, st = flashmaps.attention(q, k, v, norm, attn_mask=mask, enable_gqa=True, return_stats=True,
                                     backend=backend)
         outs.append(o)
         stats.append(st)
-    nrm = flashmaps.parse(norm)
-    if type(nrm).merge is flashmaps.Normalizer.merge:     # no merge rule (the threshold normalizers)
-        with pytest.raises(NotImplementedError):
+    if nrm.two_phase:                    # a global threshold: independent parts refuse, the two-phase protocol merges
+        with pytest.raises(ValueError, match="two-phase"):
             flashmaps.merge(norm, outs, stats)
-        return
-    out, st = flashmaps.merge(norm, outs, stats)
+        outs, stats = _two_phase_parts(q, k, v, norm, [(causal & (part == p)[None, :]).to(device) for p in range(3)],
+                                       backend)
+        thr = stats.pop()
+        with pytest.raises(ValueError, match="not computed at it"):          # an independent part is caught
+            flashmaps.merge(norm, outs[:2] + [o], stats[:2] + [st], threshold=thr)
+        out, st = flashmaps.merge(norm, outs, stats, threshold=thr)
+    else:
+        out, st = flashmaps.merge(norm, outs, stats)
     assert rel_err(out, full) < 1e-5
-    for name in nrm.stats:
-        assert rel_err(st[name], st_full[name]) < 1e-5, name
+    for name in nrm.stats:            # infinities (top-k's tau of a row with <= k keys) equal, the rest close
+        fin = torch.isfinite(st_full[name])
+        assert torch.equal(st[name][~fin].cpu(), st_full[name][~fin].cpu()), name
+        assert rel_err(st[name][fin], st_full[name][fin]) < 1e-5, name
+
+
+def _two_phase_parts(q, k, v, norm, masks, backend):
+    """The two-phase protocol over the key parts given by ``masks``: (outs, stats + [the union's threshold])."""
+    thr = flashmaps.global_threshold(norm, [flashmaps.threshold_candidates(q, k, norm, attn_mask=m, enable_gqa=True)
+                                            for m in masks])
+    outs, stats = [], []
+    for m in masks:
+        o, st = flashmaps.attention(q, k, v, norm, attn_mask=m, enable_gqa=True, return_stats=True, backend=backend,
+                                    threshold=thr)
+        outs.append(o)
+        stats.append(st)
+    return outs, stats + [thr]
 
 
 def test_merge_rejects_bad_input():
@@ -431,6 +453,52 @@ def test_merge_rejects_bad_input():
         flashmaps.merge("softmax", [o, o], [st, {"z": st["lse"]}])
     with pytest.raises(ValueError, match="shape"):
         flashmaps.merge("softmax", [o, o[:, :, :3]], [st, st])
+
+
+@pytest.mark.parametrize("norm", [n for n in NORMS if flashmaps.parse(n).two_phase])
+def test_two_phase_merge_is_exact_in_float64(norm):
+    """The two-phase protocol is exact, not merely close: four random key parts in float64 on the torch path,
+    with peaked (spread 4: small supports) and flat (spread 0.1: every key in the support) scores, against the
+    float64 reference (outputs and statistics to 1e-12); the merged weights' mass (v = ones) is 1."""
+    for spread in (4.0, 0.1):
+        q, k, v = (x.double() for x in qkv(B=1, Hq=2, Hkv=2, L=6, S=64, D=8, seed=1))
+        q = q * spread
+        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        part = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(5))
+        masks = [(part == p).expand(1, 2, 6, 64) for p in range(4)]
+        outs, stats = _two_phase_parts(q, k, v, norm, masks, "torch")
+        thr = stats.pop()
+        out, st = flashmaps.merge(norm, outs, stats, threshold=thr)
+        ref = reference.attention(q, k, v, norm)
+        assert rel_err(out, ref) < 1e-12, spread
+        assert (out[..., -1] - 1).abs().max().item() < 1e-12
+        s, allowed = reference.scores_and_allowed(q, k, normalizer=flashmaps.parse(norm))
+        for name, want in flashmaps.parse(norm).reference_stats(s, allowed).items():
+            torch.testing.assert_close(st[name], want, rtol=1e-12, atol=1e-12)
+
+
+def test_two_phase_rejects_bad_input():
+    """The two-phase protocol's errors name the argument and say what to do."""
+    q, k, v = qkv(L=5, S=12)
+    thr = flashmaps.global_threshold("topk:3", [flashmaps.threshold_candidates(q, k, "topk:3")])
+    assert set(thr) == {"tau", "cut"} and thr["tau"].shape == q.shape[:3]
+    with pytest.raises(ValueError, match="no two-phase protocol"):
+        flashmaps.threshold_candidates(q, k, "softmax")
+    with pytest.raises(ValueError, match="no two-phase protocol"):
+        flashmaps.attention(q, k, v, "softmax", threshold=thr)
+    with pytest.raises(ValueError, match="missing the entry"):
+        flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"]})
+    with pytest.raises(ValueError, match=r"threshold\['tau'\] must be"):
+        flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"][:, :, :2], "cut": thr["cut"]})
+    with pytest.raises(ValueError, match="gradients"):
+        flashmaps.attention(q.requires_grad_(), k, v, "topk:3", threshold=thr)
+    with pytest.raises(ValueError, match="dropout"):
+        flashmaps.attention(q.detach(), k, v, "topk:3", threshold=thr, dropout_p=0.1)
+    with pytest.raises(TypeError, match="non-empty list"):
+        flashmaps.global_threshold("topk:3", flashmaps.threshold_candidates(q.detach(), k, "topk:3"))
+    o, st = flashmaps.attention(q.detach(), k, v, "softmax", return_stats=True)
+    with pytest.raises(ValueError, match="threshold= is the two-phase"):
+        flashmaps.merge("softmax", [o], [st], threshold=thr)
 
 
 def test_eager_call_does_not_import_dynamo():

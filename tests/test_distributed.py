@@ -27,8 +27,9 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 #: the grid: every normalizer but the stochastic ones (their noise needs one random stream: refused, below)
 CP_NORMS = [spec for spec in NORMS if not flashmaps.parse(spec).stochastic]
 STOCHASTIC = [spec for spec in NORMS if flashmaps.parse(spec).stochastic]
-MERGEABLE = [n.spec for n in flashmaps.examples() if type(n).merge is not flashmaps.Normalizer.merge
-             and not n.stochastic]
+#: the ring's: a merge rule of independent parts, or the sparse units' two-phase protocol
+MERGEABLE = [n.spec for n in flashmaps.examples()
+             if (type(n).merge is not flashmaps.Normalizer.merge or n.two_phase) and not n.stochastic]
 
 
 def _cases():
@@ -91,9 +92,10 @@ def _bad_setups(group, rank):
     L = 4 if rank == 0 else 6  # the ranks disagree on the shard length
     calls = {
         "disagree": lambda: cp.attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], group=group, enable_gqa=True),
-        "ring_sparse": lambda: cp.attention(q, k, v, "entmax15", group=group, layout="ring", enable_gqa=True),
         "ring_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, _NoStatGrad(), group=group,
                                           layout="ring", enable_gqa=True),
+        "ring_sparse_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, "entmax15", group=group,
+                                                 layout="ring", enable_gqa=True),
         "zigzag_odd": lambda: cp.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], group=group, causal=True,
                                            layout="zigzag", enable_gqa=True),
         **{f"stochastic_{spec}": (lambda spec=spec: cp.attention(q, k, v, spec, group=group, enable_gqa=True))
@@ -168,8 +170,8 @@ def test_context_parallel_equals_single_process(spawned, world):
 @pytest.mark.parametrize("world", [2, 3], ids=["W2", "W3"])
 def test_bad_setups_raise_on_every_rank(spawned, world):
     per_rank = spawned[world]
-    expect = {"disagree": "disagree on query shard length, kv shard length", "ring_sparse": "has none",
-              "ring_grad": "forward-only", "zigzag_odd": "must be even",
+    expect = {"disagree": "disagree on query shard length, kv shard length", "ring_grad": "forward-only",
+              "ring_sparse_grad": "forward-only", "zigzag_odd": "must be even",
               **{f"stochastic_{spec}": "one random stream" for spec in STOCHASTIC}}
     for rank, saved in enumerate(per_rank):
         for name, words in expect.items():

@@ -167,3 +167,20 @@ def test_triton_per_head_alpha():
     want = torch.autograd.grad(ref, ref_leaves, dout)
     for name, a, b in zip("qkv", got, want):
         assert grad_err(a, b) < 1e-4, (name, grad_err(a, b))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_head_alpha_two_phase_merge(backend):
+    """A per-head alpha through the two-phase protocol (its threshold in x = (alpha_h - 1) s units per head):
+    three interleaved key parts merge into the full call."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g),
+               torch.randn(1, 2, 40, 8, generator=g))
+    norm = Entmax(alpha=torch.tensor([1.3, 1.8]))
+    full = flashmaps.attention(q, k, v, norm, backend="torch")
+    masks = [(torch.arange(40) % 3 == p).expand(1, 2, 3, 40) for p in range(3)]
+    thr = flashmaps.global_threshold(norm, [flashmaps.threshold_candidates(q, k, norm, attn_mask=m) for m in masks])
+    parts = [flashmaps.attention(q, k, v, norm, attn_mask=m, threshold=thr, return_stats=True, backend=backend)
+             for m in masks]
+    out, _ = flashmaps.merge(norm, [o for o, _ in parts], [s for _, s in parts], threshold=thr)
+    assert rel_err(out, full) < 1e-5

@@ -16,8 +16,8 @@ import flashmaps.torch_path as TP
 from flashmaps import reference
 from flashmaps.triton_path import INTERPRET_CONFIG
 
-from helpers import (DEEP, GRID_TORCH_SEED, KERNEL_DEVICE, TRITON_NORMS, grad_err, norm_params, pin_seed, qkv_for,
-                     rel_err)
+from helpers import (DEEP, GRID_TORCH_SEED, KERNEL_DEVICE, SPARSE_NORMS, TRITON_NORMS, grad_err, norm_params, pin_seed,
+                     qkv_for, rel_err)
 
 
 def band_mask(L, S, left, right, causal):
@@ -349,8 +349,8 @@ def _decode_case(norm, L, S, causal, window, splits, grad):
 
 @pytest.mark.parametrize("norm", norm_params(TRITON_NORMS))
 def test_split_kv_decode_triton(norm, monkeypatch):
-    """Decode shapes through the automatic plan: normalizers with a merge rule run split (checked), the others
-    (a global threshold) unsplit; both against the float64 reference."""
+    """Decode shapes through the automatic plan: normalizers with a merge rule, or the sparse units' two-phase
+    protocol, run split (checked); both against the float64 reference."""
     from flashmaps import triton_path
 
     n = flashmaps.parse(norm)
@@ -372,4 +372,19 @@ def test_split_kv_decode_sweep(norm):
         from flashmaps import triton_path
 
         q, k, v = qkv_for((1, 1, 1, 1, 600, 16, 16), torch.float32, device=KERNEL_DEVICE)
-        triton_path.launch_forward(q, k, v, flashmaps.parse("entmax15"), splits=2)
+        # a threshold unit splits through the two-phase protocol, forward only: not with the backward's extras
+        triton_path.launch_forward(q, k, v, flashmaps.parse("entmax15"), splits=2, save_extras=True)
+
+
+@pytest.mark.parametrize("norm", norm_params([n for n in SPARSE_NORMS if flashmaps.parse(n).two_phase]))
+def test_split_kv_two_phase(norm):
+    """Split-KV of the sparse units (the two-phase protocol: the union's threshold, then the splits at it):
+    explicit splits with a window and GQA, against the float64 reference; the parts' masses sum to one (a
+    column of ones in v comes out as ones: the entmax family does not renormalize the merged output)."""
+    from flashmaps import triton_path
+
+    _decode_case(norm, 16, 1000, "lower_right", (300, 0), 3, grad=False)
+    q, k, v = qkv_for((1, 4, 2, 2, 700, 16, 16), torch.float32, seed=5, device=KERNEL_DEVICE)
+    ones = torch.ones_like(v[..., :1])
+    res = triton_path.launch_forward(q, k, ones, flashmaps.parse(norm), splits=3)
+    assert (res.out - 1).abs().max().item() < 2e-6

@@ -12,7 +12,9 @@ in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernel
 * its torch-path hooks (``torch_stats``, ``torch_weights``, ``torch_dscores``, optionally ``torch_sparse``)
   used by the CPU path's row-chunk loop, on the instance ``for_keys(S)`` returns for the call's S keys;
 * its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
-* its rule for combining results over disjoint key sets (``merge``), or why there is none;
+* its rule for combining results over disjoint key sets (``merge``), or why there is none; a sparse unit's
+  two-phase protocol (``two_phase``: ``threshold_candidates``, ``candidate_threshold``, ``torch_at_threshold``,
+  ``kernel_threshold``, ``merge_at_threshold``);
 * optionally its score form (``score = "distance"``: ``-(n/2) ln(max(scale ||q - k||^2, tiny))`` instead of
   ``scale q.k``, honoured by every backend and the reference) and per-score noise (``stochastic`` and
   ``score_noise``: the call draws a seed like dropout's; the reference takes it as ``noise_seed``).
@@ -231,6 +233,46 @@ class Normalizer:
     def has_stat_grads(self) -> bool:
         """Whether the row statistics carry gradients (the class overrides :meth:`stat_delta`)."""
         return bool(self.stats) and type(self).stat_delta is not Normalizer.stat_delta
+    # -------------------------------------------------------------------------------- the two-phase protocol
+
+    # A sparse unit's threshold is global (it depends on every key), so independent partial results do not
+    # merge. With ``two_phase = True`` a unit merges parts in two phases (``flashmaps.threshold_candidates``,
+    # ``flashmaps.global_threshold``, ``attention(..., threshold=)``, ``flashmaps.merge(..., threshold=)``; the
+    # backends' split-KV decoding uses the same hooks):
+    #
+    #   1. each part reports candidates: scores of its own keys that contain every key of the union's support
+    #      (``threshold_candidates``: adding keys never lowers the threshold, so the union's support lies in
+    #      the union of the parts' local supports / local top-k);
+    #   2. ``candidate_threshold`` over the concatenated candidates is the union's threshold (a dict of [.., 1]
+    #      entries; the full score row is a valid candidate set);
+    #   3. each part computes its output AT that threshold (``torch_at_threshold``; the Triton forward with
+    #      ``Static.GIVEN_THR`` loads ``kernel_threshold``) and reports the given threshold as its statistic;
+    #   4. ``merge_at_threshold`` combines the parts (a sum, or log-sum-exp for top-k).
+
+    #: True if the unit implements the two-phase protocol below (the sparse units)
+    two_phase: ClassVar[bool] = False
+
+    def threshold_candidates(self, s: torch.Tensor) -> torch.Tensor:
+        """Phase 1: from a part's score rows ``s`` [..., S] (-inf = disallowed) the candidates [..., m] (natural
+        score units, -inf padding, any order) that contain every key of the union's support."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
+
+    def candidate_threshold(self, c: torch.Tensor) -> dict:
+        """Phase 1 -> 2: the union's threshold {name: [..., 1]} from the concatenated candidates [..., M]."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
+
+    def torch_at_threshold(self, s: torch.Tensor, thr: dict, masked: bool):
+        """Phase 2 on the torch path: (row statistics {name: [..., 1]}, weights [..., S']) of a part's scores
+        at the union's threshold ``thr`` ({name: [..., 1]}); the statistics report the given threshold."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
+
+    def kernel_threshold(self, thr: dict) -> torch.Tensor:
+        """Phase 2 in the Triton forward: the (B, Hq, L) threshold in kernel units (``Static.GIVEN_THR``)."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
+
+    def merge_at_threshold(self, outs: list, stats: list, thr: dict) -> tuple[torch.Tensor, dict]:
+        """Phase 2 -> union: combine the parts' results at the union's threshold ``thr`` ({name: (B, Hq, L)})."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
 
     # -------------------------------------------------------------------------------- per-head tensors
 

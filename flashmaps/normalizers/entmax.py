@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 
 from .base import Normalizer, register
-from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top, zero_disallowed
+from .rows import (NEG_INF, TwoPhaseRoot, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top,
+                   zero_disallowed)
 
 __all__ = ["Entmax", "entmax_threshold", "PER_HEAD"]
 
@@ -23,7 +24,7 @@ MAX_ITERS = 80
 
 @register
 @dataclasses.dataclass(frozen=True, eq=False)
-class Entmax(Normalizer):
+class Entmax(TwoPhaseRoot, Normalizer):
     """alpha-entmax, ``1 < alpha <= 2``: with ``x = (alpha - 1) s`` and ``e = 1/(alpha - 1)``,
     ``p_j = max(x_j - tau, 0)^e`` and ``tau`` such that ``sum_j p_j = 1`` (Peters, Niculae & Martins 2019).
 
@@ -46,8 +47,13 @@ class Entmax(Normalizer):
     ``F(tau, x) = 0``; the factor ``e`` of ``dp/dx`` and ``alpha - 1`` of ``dx/ds`` cancel). alpha = 1.5
     gives entmax15's ``g = sqrt(p)``, alpha = 2 sparsemax's support indicator.
 
-    Merging partial results: none by independent partials (tau is global); the two-phase protocol of the
-    threshold normalizers applies (partial threshold statistics, one global tau, summed partial outputs).
+    Merging partial results (the two-phase protocol, ``rows.TwoPhaseRoot``): tau is global, so independent
+    partials do not merge. 1. each part's candidates are its local support ``{x > tau_part}`` (adding keys
+    never lowers tau, so the union's support lies in the union of the local supports); 2. the union's tau is the
+    threshold of the concatenated candidates; 3. each part's output at that tau, ``sum_j p_j v_j`` with
+    ``p_j = max(x_j - tau, 0)^e`` NOT divided by the part's mass (the weights at the union's tau are final); 4. the merge
+    sums the outputs (the masses sum to 1 up to the rounding of tau). Split-KV decoding runs the same protocol.
+    Gradients through it are not provided (tau depends on every part's scores).
     """
 
     alpha: float | torch.Tensor = 1.25
@@ -61,7 +67,14 @@ class Entmax(Normalizer):
     spec_help: ClassVar[str] = "entmax:<alpha>"
     formula: ClassVar[str] = ("`max((alpha-1) s_j - tau, 0)^(1/(alpha-1))`, `tau` such that `sum_j p_j = 1`, "
                               "1 < alpha <= 2 (Peters et al. 2019)")
-    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
+    merge_rule: ClassVar[str] = ("two-phase: local supports -> global `tau` -> sum of the parts' outputs at `tau` "
+                                 "(`merge(..., threshold=)`)")
+
+    def _x(self, s):                             # the two-phase protocol (rows.TwoPhaseRoot)
+        return s * self._a(s)
+
+    def _w(self, d):
+        return d.pow(1.0 / self._a(d))
 
     def __post_init__(self):
         a = self.alpha

@@ -8,13 +8,14 @@ from typing import ClassVar
 import torch
 
 from .base import Normalizer, register
-from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top, zero_disallowed
+from .rows import (NEG_INF, TwoPhaseRoot, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top,
+                   zero_disallowed)
 
 __all__ = ["Entmax15", "entmax15_threshold"]
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Entmax15(Normalizer):
+class Entmax15(TwoPhaseRoot, Normalizer):
     """1.5-entmax (as ``entmax.entmax15``): with ``z = s/2``,
     ``p_j = max(z_j - tau, 0)^2`` and ``tau`` such that ``sum_j p_j = 1``.
 
@@ -23,9 +24,13 @@ class Entmax15(Normalizer):
     Backward: with ``g = sqrt(p)``, ``dS = g * (dP - sum_j g_j dP_j / sum_j g_j)`` (the 1/2 of z = s/2
     cancels the 2 of d(x^2)).
 
-    Merging partial results: none by independent partials (tau is global). Two-phase protocol: each part
-    reports its scores' threshold statistics, one global tau is found, then each part's output at that tau
-    is summed (the inference and context-parallel issues build it on this unit).
+    Merging partial results (the two-phase protocol, ``rows.TwoPhaseRoot``): tau is global, so independent
+    partials do not merge. 1. each part's candidates are its local support ``{z > tau_part}`` (adding keys
+    never lowers tau, so the union's support lies in the union of the local supports); 2. the union's tau is the
+    threshold of the concatenated candidates; 3. each part's output at that tau, ``sum_j p_j v_j`` with
+    ``p_j = max(z_j - tau, 0)^2`` NOT divided by the part's mass (the weights at the union's tau are final); 4. the merge
+    sums the outputs (the masses sum to 1 up to the rounding of tau). Split-KV decoding runs the same protocol.
+    Gradients through it are not provided (tau depends on every part's scores).
     """
 
     name: ClassVar[str] = "entmax15"
@@ -35,7 +40,14 @@ class Entmax15(Normalizer):
     kernels: ClassVar[str] = "flashmaps.kernels.entmax15"
     order: ClassVar[int] = 20
     formula: ClassVar[str] = "`max(s_j/2 - tau, 0)^2`, `tau` such that `sum_j p_j = 1` (as `entmax.entmax15`)"
-    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
+    merge_rule: ClassVar[str] = ("two-phase: local supports -> global `tau` -> sum of the parts' outputs at `tau` "
+                                 "(`merge(..., threshold=)`)")
+
+    def _x(self, s):                             # the two-phase protocol (rows.TwoPhaseRoot)
+        return s * 0.5
+
+    def _w(self, d):
+        return d.square()
 
     def reference_weights(self, s, allowed):
         tau = entmax15_threshold(s, allowed)

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 __all__ = ["NEG_INF", "rowsum", "safe_div", "finite_or_zero", "logsumexp", "lse_weights", "masked_softmax",
-           "zero_disallowed", "exact_threshold", "newton_threshold", "scatter_top"]
+           "zero_disallowed", "exact_threshold", "newton_threshold", "scatter_top", "compact_candidates",
+           "sum_parts", "TwoPhaseRoot"]
 
 NEG_INF = float("-inf")
 
@@ -146,3 +147,55 @@ def scatter_top(s: torch.Tensor, st: dict, weights_of_top: Callable, max_fractio
     shape = s.shape[:-1] + (-1,)
     w = weights_of_top(vals.view(shape), st)
     return idx.view(shape), safe_div(w, rowsum(w))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two-phase protocol of the sparse units (base.Normalizer, "the two-phase protocol")
+
+
+def compact_candidates(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The scores s [..., S] where ``keep``, packed to the width of the widest row [..., m] (m >= 1, -inf padding,
+    descending): a part's phase-1 candidates."""
+    m = max(1, int(keep.sum(-1).max())) if keep.numel() else 1
+    vals = torch.where(keep, s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device))
+    return torch.topk(vals, min(m, s.shape[-1]), dim=-1).values
+
+
+def sum_parts(outs: list) -> torch.Tensor:
+    """The sum of the parts' outputs in fp32 (fp64 for fp64), in outs[0]'s dtype."""
+    acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    return sum(o.to(acc) for o in outs).to(outs[0].dtype)
+
+
+class TwoPhaseRoot:
+    """The two-phase protocol of a unit whose tau is the root of a decreasing ``F(tau) = sum_j w(x_j - tau) - 1``
+    with ``x = unit * s`` (entmax15: 1/2, sparsemax: 1, entmax: alpha - 1), mixed into the unit's class; the unit
+    supplies ``_x(s)`` (x from s) and ``_w(d)`` (the unnormalized weights of ``d = x - tau``).
+
+    Phase 1: the local support ``{x > tau_part}`` (adding keys never lowers tau, so the union's support lies in
+    the union of the local supports, and F over those candidates has the union's root). Phase 2: ``p_j = w(x_j -
+    tau)`` at the union's tau, NOT divided by the part's sum (they are the union's final weights); the merge sums
+    the parts' outputs. The summed mass is 1 up to the rounding of tau (not divided by: an exact tau needs no
+    renormalization; tests check the mass with a column of ones in v).
+
+    Size: the candidates are as wide as the widest local support, usually a few dozen keys; the worst case is
+    a flat row (a fresh model's scores, all within 1 of the max), whose support is the whole part: phase 1 then
+    moves as many numbers as that part's score rows (no safeguard beyond that: it stays exact)."""
+
+    two_phase = True
+
+    def threshold_candidates(self, s):
+        tau = self.torch_stats(s, True)["tau"]
+        return compact_candidates(s, self._x(s) > tau)
+
+    def candidate_threshold(self, c):
+        return {"tau": self.torch_stats(c, True)["tau"]}
+
+    def torch_at_threshold(self, s, thr, masked):
+        return {"tau": thr["tau"]}, self._w(torch.clamp(self._x(s) - thr["tau"], min=0))
+
+    def kernel_threshold(self, thr):
+        return thr["tau"]                                   # the kernels' tau is in x units too
+
+    def merge_at_threshold(self, outs, stats, thr):
+        return sum_parts(outs), {"tau": thr["tau"]}

@@ -8,13 +8,14 @@ from typing import ClassVar
 import torch
 
 from .base import Normalizer, register
-from .rows import NEG_INF, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top, zero_disallowed
+from .rows import (NEG_INF, TwoPhaseRoot, exact_threshold, finite_or_zero, rowsum, safe_div, scatter_top,
+                   zero_disallowed)
 
 __all__ = ["Sparsemax", "sparsemax_threshold"]
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Sparsemax(Normalizer):
+class Sparsemax(TwoPhaseRoot, Normalizer):
     """Sparsemax, the Euclidean projection of the scores onto the simplex:
     ``p_j = max(s_j - tau, 0)`` with ``tau`` such that ``sum_j p_j = 1``.
 
@@ -24,9 +25,13 @@ class Sparsemax(Normalizer):
     Row statistics: ``tau`` (score units; ``+inf`` for a row with no allowed key).
     Backward: with the support indicator ``m``, ``dS = m * (dP - sum_j m_j dP_j / |K|)``.
 
-    Merging partial results: none by independent partials (tau is global). Two-phase protocol: each part
-    reports the threshold statistics of its scores, one global tau is found, then each part's output at
-    that tau is summed.
+    Merging partial results (the two-phase protocol, ``rows.TwoPhaseRoot``): tau is global, so independent
+    partials do not merge. 1. each part's candidates are its local support ``{s > tau_part}`` (adding keys
+    never lowers tau, so the union's support lies in the union of the local supports); 2. the union's tau is the
+    threshold of the concatenated candidates; 3. each part's output at that tau, ``sum_j p_j v_j`` with
+    ``p_j = max(s_j - tau, 0)`` NOT divided by the part's mass (the weights at the union's tau are final); 4. the merge
+    sums the outputs (the masses sum to 1 up to the rounding of tau). Split-KV decoding runs the same protocol.
+    Gradients through it are not provided (tau depends on every part's scores).
     """
 
     name: ClassVar[str] = "sparsemax"
@@ -36,7 +41,14 @@ class Sparsemax(Normalizer):
     kernels: ClassVar[str] = "flashmaps.kernels.sparsemax"
     order: ClassVar[int] = 25
     formula: ClassVar[str] = "`max(s_j - tau, 0)`, `tau` such that `sum_j p_j = 1` (Martins & Astudillo 2016)"
-    merge_rule: ClassVar[str] = "two-phase (global `tau`)"
+    merge_rule: ClassVar[str] = ("two-phase: local supports -> global `tau` -> sum of the parts' outputs at `tau` "
+                                 "(`merge(..., threshold=)`)")
+
+    def _x(self, s):                             # the two-phase protocol (rows.TwoPhaseRoot)
+        return s
+
+    def _w(self, d):
+        return d
 
     def reference_weights(self, s, allowed):
         tau = sparsemax_threshold(s, allowed)

@@ -26,9 +26,15 @@ class TopK(Normalizer):
     keys when scores tie. Row statistics: ``tau`` (the threshold ``tau_k``, in score units) and ``lse``
     (natural-log log-sum-exp over the kept keys). Backward: the softmax rule on the kept set.
 
-    Merging partial results: none by independent partials (tau_k is global). Two-phase protocol: each part
-    reports its k largest scores, the global k-th largest is taken, then each part's kept keys are merged
-    by the softmax (log-sum-exp) rule.
+    Merging partial results (the two-phase protocol): tau_k is global, so independent partials do not merge.
+    1. each part's candidates are its k + 1 largest scores (the union's k + 1 largest lie among them);
+    2. the union's ``tau_k`` is the k-th largest candidate, and ``cut`` (what phase 2 compares against) lies
+    halfway between ``tau_k`` and the largest candidate below it: keeping ``s >= cut`` keeps exactly the keys
+    with ``s >= tau_k`` even when a part recomputes its scores with other rounding (a key AT the threshold is
+    the k-th largest itself; a plain ``s >= tau_k`` would drop it half of the time); ``cut = tau_k`` when no
+    candidate lies below (ties); 3. each part's softmax over its kept keys (output and ``lse``), reporting the
+    given ``tau``; 4. the log-sum-exp merge. Split-KV decoding runs the same protocol. Gradients through it
+    are not provided.
     """
 
     k: int = 64
@@ -40,7 +46,9 @@ class TopK(Normalizer):
     spec_help: ClassVar[str] = "topk:<k>"
     order: ClassVar[int] = 30
     formula: ClassVar[str] = "softmax over the keys with `s_j >= tau_k`, the k-th largest score (ties kept)"
-    merge_rule: ClassVar[str] = "two-phase (global `tau_k`)"
+    merge_rule: ClassVar[str] = ("two-phase: local top-(k+1) -> global `tau_k` -> log-sum-exp merge of the parts' "
+                                 "kept keys (`merge(..., threshold=)`)")
+    two_phase: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int):
@@ -110,6 +118,36 @@ class TopK(Normalizer):
 
     def torch_dscores(self, s, p, dp, st):
         return p * (dp - rowsum(p * dp))          # the softmax rule; p = 0 off the kept set
+
+    # the two-phase protocol (base.Normalizer)
+
+    def threshold_candidates(self, s):
+        return torch.topk(s, min(self.k + 1, s.shape[-1]), dim=-1).values
+
+    def candidate_threshold(self, c):
+        neg = torch.full(c.shape[:-1] + (1,), NEG_INF, dtype=c.dtype, device=c.device)
+        if c.shape[-1] <= self.k:                    # at most k keys in the union: keep every one
+            return {"tau": neg, "cut": neg}
+        srt = torch.sort(c, dim=-1, descending=True).values
+        tau = torch.where(srt[..., self.k: self.k + 1] > NEG_INF, srt[..., self.k - 1: self.k], neg)
+        below = torch.where(srt < tau, srt, neg).amax(-1, keepdim=True)           # the largest candidate < tau
+        cut = tau - (tau - below) * 0.5
+        cut = torch.where((below > NEG_INF) & (cut > below) & (cut <= tau), cut, tau)
+        return {"tau": tau, "cut": cut}
+
+    def torch_at_threshold(self, s, thr, masked):
+        sk = torch.where(s >= thr["cut"], s, torch.full((), NEG_INF, dtype=s.dtype, device=s.device))
+        lse = logsumexp(sk, True)
+        return {"tau": thr["tau"], "lse": lse}, lse_weights(sk, lse, True)
+
+    def kernel_threshold(self, thr):
+        from ..kernels.contract import LOG2E
+        return thr["cut"] * LOG2E.value                   # kernel scores are in log2 units
+
+    def merge_at_threshold(self, outs, stats, thr):
+        from .softmax import merge_lse
+        out, st = merge_lse(outs, [x["lse"] for x in stats])
+        return out, {"tau": thr["tau"], "lse": st["lse"]}
 
     def sink_stats(self, stats, sinks):          # attention sinks (flashmaps.sinks): one more kept logit
         from ..sinks import lse_sink_stats
