@@ -77,7 +77,9 @@ def test_no_host_sync_forward_backward(launches, case):
     out = flashmaps.attention(q, k, v, norm, backend="triton", **kw)
     out.backward(torch.empty_like(out))
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
-    assert len(launches) >= 2 * n_fwd + 3          # the forward again, then preprocess, dK/dV and dQ
+    # the forward again, then preprocess and dK/dV, and the dQ kernel unless dQ is added by the dK/dV kernel's
+    # atomics (the default: deterministic=None with torch's deterministic mode off)
+    assert len(launches) >= 2 * n_fwd + (3 if torch.are_deterministic_algorithms_enabled() else 2)
 
 
 def test_direct_launch_after_autotune(launches, monkeypatch):
