@@ -10,9 +10,10 @@
 Both run every registered normalizer through :func:`flashmaps.attention` (both backends, gradients, GQA,
 windows): varlen as one call per sequence on views of the packed tensors (no padding, no mask, no copy of
 q, k or v), the KV cache as one call over the cache with a key-length mask per sequence, lower-right
-aligned (the last query row is the newest key). What they do not do yet: one kernel launch over all the
-sequences of a varlen batch (the loop launches per sequence, and reads ``cu_seqlens`` on the host), and
-split-KV decoding (a long cache is streamed by one program per (sequence, head) and query block).
+aligned (the last query row is the newest key). A decoding step (L <= 16 query rows) takes the Triton
+forward's split-KV path (``triton_path.split_plan``: the cache's keys split across programs, merged by the
+unit's rule, or its two-phase protocol for the sparse units). What they do not do yet: one kernel launch over
+all the sequences of a varlen batch (the loop launches per sequence, and reads ``cu_seqlens`` on the host).
 """
 
 from __future__ import annotations
