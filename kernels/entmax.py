@@ -10,16 +10,21 @@ pre-pass ``args = (NoArgs, a)``. With ``x = a s``, ``e = 1/a`` and n allowed key
 ``d^e`` is ``exp2(e log2 d)`` for d > 0 and 0 otherwise (x = -inf and tau = +inf give 0).
 
 Pre-pass: the threshold engine's bracket method (`threshold.search` via `threshold.root_prepass`) with the
-rule `RULE` (``fold_args``: the fold needs a). Per pass, at NP points t (t0 = the last Newton iterate, t1
-= the bracket's upper end): the support count, ``s1 = sum (x - t)_+^e``, ``s2 = sum (x - t)_+^(e-1)``, and
-the smallest x above t. With t_a = the largest point where F(t_a) = s1 - 1 >= 0 (so t_a <= tau):
+rule `RULE` (``fold_args``: the fold needs a). The first pass's NP = 2 points are the bracket's lower end and
+midpoint; per pass, at each point t: the support count, ``s1 = sum (x - t)_+^e``, ``s2 = sum (x - t)_+^(e-1)``,
+and the smallest x above t. With t_a = the largest point where F(t_a) = s1 - 1 >= 0 (so t_a <= tau):
 
-* Newton from t_a: ``t_a + F(t_a) / (e s2)`` <= tau (F convex and decreasing: Newton from below never
-  overshoots), the next pass's first point; the other points bisect [Newton, up], so the bracket at least
-  shrinks NP-fold per pass (the safeguard) while Newton converges quadratically near the root.
-* done: when the Newton step is below fp32 resolution (``2.4e-7 max(|t_a|, 1)``) or the bracket is that
-  narrow; tau = that final Newton iterate (for a general alpha there is no closed form on the support as for
-  entmax15 and sparsemax: the last Newton step, at fp32 precision, is the polish).
+* Newton from t_a on ``G = (F + 1)^a - 1`` (the e-norm of (x - t)_+ minus 1: convex and decreasing, and
+  linear in t for equal scores): ``t_a + s1 (1 - s1^-a) / s2`` <= tau (Newton from below never overshoots,
+  so the iterates rise monotonically to tau); the bracket becomes [t_a, the first infeasible point).
+* the next pass's two points straddle the Newton iterate, ``newton -+ 4 res`` (res = fp32 resolution,
+  ``2.4e-7 max(|t_a|, 1)``): while Newton is still converging both are feasible and the upper one is the
+  next t_a; once it has converged (to within rounding, on either side of the root) one pass closes the
+  bracket to 8 res. A pass with no feasible point (rounding) bisects the bracket instead.
+* done: when the Newton step is below res or the bracket below 10 res; tau = that final Newton iterate (for
+  a general alpha there is no closed form on the support as for entmax15 and sparsemax: the last Newton
+  step, at fp32 precision, is the polish). 3-5 passes per block of 16 rows in a float32 replay
+  (bench/replays/entmax_alpha_newton.py), against 10-20 for Newton on F with bisection points.
 
 Output pass (tile loop): p = (x - tau)_+^e, out = acc / sum p (an exact simplex), key tiles with every
 x <= tau skipped. For the backward the loop also keeps ``O2 = sum_j u_j v_j / sum_j u_j`` with
@@ -95,26 +100,36 @@ def _fold(acc, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.con
 
 @triton.jit
 def _step(br, t, acc, args):
-    """Newton from the largest feasible point t_a, the bracket shrunk to [t_a, t_{a+1}), done when the
-    Newton step or the bracket is below fp32 resolution (tau = the Newton iterate)."""
+    """Newton from the largest feasible point t_a, the bracket shrunk to [t_a, t_{a+1}); the next pass's two
+    points straddle the Newton iterate (``newton -+ 4 res``, res = fp32 resolution of tau); done when the
+    Newton step or the bracket is below a few res (tau = the Newton iterate)."""
     a = args[1]
     cnt, s1, s2, xmin = acc
     sel, found, t_a, t_b = feasible_point(s1 - 1.0, t, br)
-    f_a = pick_row(s1, sel) - 1.0                                                        # F(t_a) >= 0
-    g_a = pick_row(s2, sel) / a                                                          # -F'(t_a) > 0
-    step = f_a / tl.maximum(g_a, 1e-30)
+    s1_a = tl.maximum(pick_row(s1, sel), 1.0)             # F(t_a) + 1 >= 1 (1 where no point is feasible)
+    # Newton on G = (F + 1)^a - 1 (the e-norm of (x - t)_+, minus 1): convex and decreasing like F, so the
+    # step from below still never overshoots, but G is linear in t for equal scores (one step is exact there)
+    # where F's Newton shrinks the gap only by (1 - a) per step far from the root.
+    # G(t_a) / -G'(t_a) = s1 (1 - s1^-a) / s2.
+    step = s1_a * (1.0 - tl.exp2(-a * tl.log2(s1_a))) / tl.maximum(pick_row(s2, sel), 1e-30)
     newton = t_a + step                                                                  # <= tau
     lo = tl.where(found, tl.maximum(br.lo, t_a), br.lo)
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.maximum(up, lo)
     newton = tl.minimum(tl.maximum(newton, lo), up)
-    t0 = tl.where(found, newton, lo)
     res = 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
-    settled = found & ((step <= res) | ((up - lo) <= res))
-    narrow = (up - lo) <= res
+    # The next points: newton - 4 res and newton + 4 res (NP = 2, frac 0 and 1/2). Once Newton has converged,
+    # its iterate sits on the root to within fp32 rounding, on either side of it: a point just below it is
+    # feasible and one just above it is not, so that pass closes the bracket to 8 res. (Points at the iterate
+    # and at the bracket's midpoint instead lost every pass whose iterate rounded above the root to a
+    # bisection: 10-20 passes per block in fp32, against 3-5 now; bench/replays/entmax_alpha_newton.py.)
+    t0 = tl.where(found, tl.maximum(newton - 4.0 * res, lo), lo)
+    t1 = tl.where(found, tl.minimum(newton + 12.0 * res, up), up)
+    settled = found & (step <= res)
+    narrow = (up - lo) <= 10.0 * res
     tau = tl.where(br.done, br.tau, tl.where(found, newton, lo))
     done = br.done | settled | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
-    return Bracket(lo, up, t0, up, tau, done)
+    return Bracket(lo, up, t0, t1, tau, done)
 
 
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=_fold, step=_step,

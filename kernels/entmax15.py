@@ -15,7 +15,9 @@ Pre-pass (scores only, no V), per row:
      t_a, the smaller root, y = (s2 - 1) / (s1 + sqrt(s1^2 - c (s2 - 1)))), which is tau - the mean
      minus sqrt(1/c - variance) form - computed relative to t_a for accuracy. The candidate r = t_a + y
      is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound.
-   * Newton from t_a (F convex decreasing): t_a + (s2 - 1) / (2 s1) <= tau, the next t0.
+   * Newton from t_a on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+ minus 1: convex and decreasing, and
+     linear in t for equal scores): t_a + (s2 - sqrt(s2)) / s1 <= tau (as (s2 - 1) r / ((r + 1) s1), r = sqrt(s2)),
+     the next t0.
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
    The block repeats passes until every row is exact (or its bracket is a few ulps wide).
    Steps 1-2 are the bracket method of the threshold engine (`threshold.search`) with the rule `RULE`.
@@ -83,7 +85,11 @@ def _step(br, t, acc, args):
     r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
     has_r = found & (disc >= 0)
     exact = has_r & (r < zmin_a)
-    newton = t_a + f_a / (2.0 * tl.maximum(s1_a, 1e-30))                              # <= tau
+    # Newton on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+, convex and decreasing like F, linear in t for
+    # equal scores): from below it never overshoots and takes fewer passes than Newton on F (a replay:
+    # bench/replays/entmax15_bracket_passes.py --newton G)
+    r1 = tl.sqrt(tl.maximum(f_a + 1.0, 1.0))                                              # G(t_a) + 1
+    newton = t_a + f_a * r1 / ((r1 + 1.0) * tl.maximum(s1_a, 1e-30))                  # <= tau
     lo = tl.where(found, tl.maximum(br.lo, t_a), br.lo)
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)

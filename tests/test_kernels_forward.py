@@ -329,14 +329,15 @@ def test_topk_ties(mode, k, monkeypatch):
     assert (kept > k).any()
 
 
-@pytest.mark.parametrize("causal", [None, "lower_right"])
-def test_topk_collect_long_rows_and_overflow(causal, monkeypatch):
+@pytest.mark.parametrize("causal, ks", [(None, (3, 20)), ("lower_right", (8,))])
+def test_topk_collect_long_rows_and_overflow(causal, ks, monkeypatch):
     """COLLECT over many tiles and groups (S = 700: groups of 8 keys, two per interpreter tile), with
     random scores (few scores above the bound: no overflow) and with all scores equal (every score
-    is >= the bound: the rows overflow the KC = 2 KP slots and the block falls back to the buffer)."""
+    is >= the bound: the rows overflow the KC = 2 KP slots and the block falls back to the buffer).
+    Two query blocks (L = 20: a full block and a partial one) of one head, GQA of two query heads."""
     monkeypatch.setattr(topk_kernels, "COLLECT", True)
-    q, k, v = make_qkv(1, 2, 1, 40, 700, 16, seed=16)
-    for kk in (3, 8, 20):
+    q, k, v = make_qkv(1, 2, 1, 20, 700, 16, seed=16)
+    for kk in ks:
         assert topk_kernels.configure(TopK(kk), 700)[0].consts.MODE == topk_kernels.MODE_COLLECT.value
         run_case(q, k, v, f"topk:{kk}", causal=causal, stats_tol=2e-5)
     res, _ = run_case(torch.zeros_like(q), k, v, "topk:8", causal=causal, stats_tol=1e-6)

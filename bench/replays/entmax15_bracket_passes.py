@@ -1,4 +1,6 @@
-"""Numpy replay of kernels/entmax15.py's bracket pre-pass: passes per row and per 128-row block. Usage: python entmax15_bracket_passes.py S NP [spread]
+"""Numpy replay of kernels/entmax15.py's bracket pre-pass: passes per row and per 128-row block. Usage: python entmax15_bracket_passes.py S NP [spread] [--newton F|G]
+
+--newton F: Newton on F = sum (z - t)_+^2 - 1 (the step before issue 17); G (default): on G = sqrt(F + 1) - 1.
 
 Referenced by bench/TUNING.md (predictions made without a GPU)."""
 import numpy as np, sys
@@ -24,7 +26,10 @@ def passes(z, NP=2, newton_first=True):
         disc = s1_a**2 - c_a*f_a
         r = t_a + f_a / np.maximum(s1_a + np.sqrt(np.maximum(disc, 0)), 1e-30)
         has_r = found & (disc >= 0); exact = has_r & (r < zmin_a)
-        newton = t_a + f_a / (2*np.maximum(s1_a, 1e-30))
+        if NEWTON == "F":
+            newton = t_a + f_a / (2*np.maximum(s1_a, 1e-30))
+        else:
+            f1 = np.maximum(f_a + 1, 1); newton = t_a + (f1 - np.sqrt(f1)) / np.maximum(s1_a, 1e-30)
         lo = np.where(found, np.maximum(lo, t_a), lo)
         up = np.where(found, np.minimum(up, t_b), np.minimum(up, t0))
         up = np.where(has_r, np.minimum(up, r), up); up = np.maximum(up, lo)
@@ -34,6 +39,9 @@ def passes(z, NP=2, newton_first=True):
         tau = np.where(done, tau, np.where(exact, r, lo)); done = done | exact | narrow
     return cnt_pass
 rng = np.random.default_rng(0)
+NEWTON = "G"
+if "--newton" in sys.argv:
+    i = sys.argv.index("--newton"); NEWTON = sys.argv[i + 1]; del sys.argv[i:i + 2]
 S = int(sys.argv[1]); NP = int(sys.argv[2]); spread = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
 z = (rng.standard_normal((512, S)).astype(np.float32) * spread / 2)
 pc = passes(z, NP)

@@ -211,41 +211,45 @@ class Entmax(Normalizer):
 
 def _solve(x: torch.Tensor, e):
     """(tau [n, 1], complete [n]) with ``sum_j max(x_j - tau, 0)^e = 1`` for rows x [n, m] (-inf = disallowed;
-    an empty row gets +inf), e a float >= 1 or an [n, 1] tensor. Safeguarded Newton: F is convex and
-    decreasing on [max x - 1, max x - n^(-1/e)]; each step goes to the larger of the Newton step from the
-    bracket's lower end (a lower bound of tau) and the bracket's midpoint, so the bracket at least halves and
-    Newton's quadratic convergence takes over near the root; one last Newton step from the lower end polishes
-    to the working precision. ``complete``: the row's smallest value is not in the support (when x holds a
-    row's largest values in descending order, as ``rows.exact_threshold`` passes them, tau is then the
-    whole row's)."""
+    an empty row gets +inf), e a float >= 1 or an [n, 1] tensor.
+
+    Newton on ``G(t) = (sum_j (x_j - t)_+^e)^(1/e) - 1`` (the e-norm of (x - t)_+, minus 1) from the lower
+    bound ``t = max x - 1``: G is convex and decreasing, so the iterates rise monotonically to the root (and
+    G is linear in t for equal values: one step is exact there, where Newton on F = sum (x - t)_+^e - 1
+    shrinks the gap only by 1 - 1/e per step far from the root); the Newton step is
+    ``s1 (1 - s1^(-1/e)) / s2`` with ``s1 = sum (x - t)_+^e`` and ``s2 = sum (x - t)_+^(e-1)``. A row stops when
+    its step is below 4 ulps of t (a step taken from just above the root, where rounding can put an iterate,
+    is negative and as small); rows that stop leave the working set. ``complete``: the row's smallest value is
+    not in the support (when x holds a row's largest values in descending order, as ``rows.exact_threshold``
+    passes them, tau is then the whole row's)."""
     top = x.amax(1, keepdim=True)
     nonempty = top > NEG_INF
     y = x - finite_or_zero(top)                                               # max 0
     n = (y > NEG_INF).sum(1, keepdim=True).clamp(min=1).to(x.dtype)
-    lo = torch.full_like(top, -1.0)
-    hi = -n ** (-1.0 / e)
+    ee = torch.as_tensor(e, dtype=x.dtype, device=x.device).expand(top.shape)    # [n, 1]
+    hi = -n ** (-1.0 / ee)                                                    # F(hi) <= 0
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    eps = torch.finfo(x.dtype).eps
-
-    def f_df(t):
-        d = y - t
-        pos = d > 0
-        dc = torch.where(pos, d, zero)
-        f = rowsum(dc ** e) - 1
-        df = rowsum(torch.where(pos, dc ** (e - 1), zero)) * e              # -F'(t) > 0 below the max
-        return f, df
-
-    f_lo, df_lo = f_df(lo)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    tol = 4 * torch.finfo(x.dtype).eps
+    tau = torch.full_like(top, -1.0)                                          # F(max - 1) >= 0
+    rows = torch.arange(x.shape[0], device=x.device)
+    yy, t, er, hr = y, tau, ee, hi
     for _ in range(MAX_ITERS):
-        newton = lo + f_lo / df_lo
-        t = torch.minimum(torch.maximum(newton, (lo + hi) * 0.5), hi)
-        f, df = f_df(t)
-        up = f >= 0
-        lo, f_lo, df_lo = torch.where(up, t, lo), torch.where(up, f, f_lo), torch.where(up, df, df_lo)
-        hi = torch.where(up, hi, t)
-        if bool(((hi - lo <= 4 * eps) | (f_lo <= 4 * eps)).all()):
+        d = yy - t
+        pos = d > 0
+        dp = torch.where(pos, d, one)
+        pe = torch.where(pos, torch.exp(er * torch.log(dp)), zero)           # (x - t)_+^e
+        s1 = rowsum(pe)
+        s2 = rowsum(pe / dp)                                                  # (x - t)_+^(e - 1)
+        step = s1 * (1 - s1 ** (-1.0 / er)) / s2.clamp(min=torch.finfo(x.dtype).tiny)
+        step = torch.where(s1 > 0, step, zero)                                # (no key above t: stop)
+        t = torch.minimum(t + step, hr)
+        tau[rows] = t
+        going = (step > tol * t.abs().clamp(min=1)).squeeze(1)
+        if not bool(going.any()):
             break
-    tau = torch.minimum(lo + f_lo / df_lo, hi) + finite_or_zero(top)
+        rows, yy, t, er, hr = rows[going], yy[going], t[going], er[going], hr[going]
+    tau = tau + finite_or_zero(top)
     tau = torch.where(nonempty, tau, torch.full_like(tau, float("inf")))
     return tau, tau[:, 0] >= x[:, -1]
 
@@ -264,7 +268,7 @@ def entmax_threshold(s: torch.Tensor, allowed: torch.Tensor, alpha) -> torch.Ten
     lo, hi = (top - 1.0).detach(), top.detach()
     xd = x.detach()
     ed = e.detach() if isinstance(e, torch.Tensor) else e
-    for _ in range(200 if s.dtype == torch.float64 else 80):                   # F(lo) >= 0 > F(hi)
+    for _ in range(64 if s.dtype == torch.float64 else 40):  # F(lo) >= 0 > F(hi); width 2^-64: then Newton
         mid = (lo + hi) * 0.5
         f = rowsum(torch.clamp(xd - mid, min=0) ** ed) - 1
         lo, hi = torch.where(f >= 0, mid, lo), torch.where(f >= 0, hi, mid)
