@@ -35,7 +35,7 @@ import triton
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from .kernels.contract import (MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
-                               Static, View, fold_score_unit)
+                               Static, View, fold_score_unit, raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
@@ -179,7 +179,9 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
     band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
     static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
                          softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
-                         dtype=str(q.dtype), left=band.left_off is not None, distance=distance)
+                         dtype=str(q.dtype), left=band.left_off is not None, distance=distance,
+                         raw_scores=raw_scores_ok(hooks, softcap=softcap is not None, mask_kind=mask_kind,
+                                                  distance=distance, qk_scale=qk_scale))
     dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0, 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,

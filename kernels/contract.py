@@ -180,14 +180,16 @@ class Static(NamedTuple):
                              # summation order varies run to run). False: the deterministic two-kernel backward
     GIVEN_THR: bool = False  # the two-phase protocol's second phase (sparse units): no pre-pass, thr is LOADED from
                              # RowOut.thr (kernel units, (B, Hq, L)), and with Hooks.given_final out = acc (no 1/l)
+    RAW_SCORES: bool = False # the output pass hands NORM.update_raw the unscaled tile q.k (see Hooks, `raw_scores_ok`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
-             atomic_dq: bool = False, given_thr: bool = False) -> "Static":
+             atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
-                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr))
+                   BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr),
+                   bool(raw_scores))
 
 
 class RowOut(NamedTuple):
@@ -322,6 +324,16 @@ class Hooks(NamedTuple):
     True: the weights at that threshold are already the union's final weights (entmax family: they sum to one
     over the union), so the output is ``acc`` itself (finalize's ``inv_l`` is not applied); False (top-k): the
     part's output is ``acc * inv_l`` with its statistics (lse), merged by the unit's rule.
+    Raw scores (``update_raw``, optional; softmax's)::
+
+        update_raw(qk, qk_scale, m_i, l_i, thr, MASKED) -> (p, alpha, m_new, l_new)
+            what ``update`` returns for s = qk * qk_scale, given the unscaled tile qk [BM, BN] (q.k, -inf
+            exactly where a key is not allowed) and the scalar qk_scale > 0: the hook folds the scale into
+            its own arithmetic (softmax: the row max on qk, then exp2(qk * qk_scale - m) as one multiply-add
+            per score instead of a multiply and a subtract). The output pass calls it instead of ``update``
+            when ``Static.RAW_SCORES``, which the launcher sets only where s is that product
+            (`raw_scores_ok`: no softcap, no float-mask bias, no noise, the dot-product score, qk_scale > 0)
+            and nothing else of the output pass reads s (no pre-pass, ``tile_live`` or ``g_weights``).
     """
 
     name: str
@@ -349,6 +361,7 @@ class Hooks(NamedTuple):
     grad_mult: float = 1.0
     head_param: bool = False
     given_final: bool = False
+    update_raw: Any = None
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -360,7 +373,7 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
                noise: Optional[Callable] = None, grad_mult: float = 1.0,
-               head_param: bool = False, given_final: bool = False) -> Hooks:
+               head_param: bool = False, given_final: bool = False, update_raw: Optional[Callable] = None) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -376,14 +389,24 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     for field, fn in fns.items():
         if not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    if noise is not None and not _is_jit(noise):
-        raise TypeError(f"make_hooks({name!r}): noise must be a @triton.jit function, got {noise!r}")
-    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + ([noise] if noise is not None else [])
+    for field, fn in (("noise", noise), ("update_raw", update_raw)):
+        if fn is not None and not _is_jit(fn):
+            raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + [f for f in (noise, update_raw) if f is not None]
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
                  rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult),
-                 head_param=bool(head_param), given_final=bool(given_final))
+                 head_param=bool(head_param), given_final=bool(given_final), update_raw=update_raw)
+
+
+def raw_scores_ok(hooks: Hooks, *, softcap: bool, mask_kind: int, distance: bool, qk_scale: float) -> bool:
+    """Whether the forward's output pass may hand ``hooks.update_raw`` the unscaled tiles (``Static.RAW_SCORES``):
+    the hook exists, s is exactly qk * qk_scale (-inf where not allowed) with qk_scale > 0 (so that
+    max(qk) * qk_scale is max(s), rounding being monotone), and no other hook of the output pass reads s."""
+    return (hooks.update_raw is not None and not softcap and int(getattr(mask_kind, "value", mask_kind)) != MASK_FLOAT.value
+            and not distance and not hooks.has_noise and qk_scale > 0 and not hooks.has_prepass
+            and not hooks.skip_dead and not hooks.has_g)
 
 
 def _is_jit(fn) -> bool:

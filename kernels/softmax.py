@@ -6,6 +6,10 @@ exp(s_nat - m_nat) = exp2(s - m). Per tile::
     m' = max(m, rowmax(s));  alpha = exp2(m - m');  p = exp2(s - m');  l' = alpha * l + rowsum(p)
     acc' = alpha * acc + p @ v                                    (done by the tile loop)
 
+Where s is just the scaled product (no softcap, float mask or noise: `contract.raw_scores_ok`) the output
+pass hands ``update_raw`` the raw tile qk = q.k and s = qk * qk_scale is never formed: the row max is taken on
+qk and exp2(qk * qk_scale - m') is one multiply-add per score.
+
 Finalize: out = acc / l, lse = (m + log2 l) * LN2 (natural log), -inf and out = 0 for empty rows.
 In a masked tile a row can be all -inf; its m stays -inf and exp2 uses 0 in its place (no NaN).
 
@@ -23,12 +27,21 @@ from .tiles import safe_inv
 @triton.jit
 def online_update(s, m_i, l_i, MASKED: tl.constexpr):
     """One online-softmax step on log2-unit scores s [BM, BN] -> (p, alpha, m_new, l_new)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))                       # [BM]
+    return online_update_scaled(s, 1.0, m_i, l_i, MASKED)
+
+
+@triton.jit
+def online_update_scaled(x, mult, m_i, l_i, MASKED: tl.constexpr):
+    """`online_update` on s = x * mult [BM, BN] (mult > 0) without forming s: m' = max(m, rowmax(x) * mult)
+    (= max(m, rowmax(s)): rounding is monotone), p = exp2(x * mult - m'), one multiply-add per score
+    (D = 128 forward, offline: 605 -> 528 SASS instructions per tile, bench/TUNING.md "Issue 17").
+    mult = 1.0 folds away (``update``: the same machine code as before)."""
+    m_new = tl.maximum(m_i, tl.max(x, 1) * mult)                # [BM]
     if MASKED:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all-masked rows so far: no -inf - -inf
     else:
         m_use = m_new                                          # unmasked tiles are finite
-    p = tl.exp2(s - m_use[:, None])                            # [BM, BN]
+    p = tl.exp2(x * mult - m_use[:, None])                     # [BM, BN]
     alpha = tl.exp2(m_i - m_use)                               # [BM]
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new
@@ -43,6 +56,12 @@ def lse_natural(m_i, l_i):
 @triton.jit
 def update(s, m_i, l_i, thr, MASKED: tl.constexpr):
     return online_update(s, m_i, l_i, MASKED)
+
+
+@triton.jit
+def update_raw(qk, qk_scale, m_i, l_i, thr, MASKED: tl.constexpr):
+    """`update` on the unscaled tile (s = qk * qk_scale, `contract.Hooks.update_raw`)."""
+    return online_update_scaled(qk, qk_scale, m_i, l_i, MASKED)
 
 
 @triton.jit
@@ -80,6 +99,7 @@ HOOKS = make_hooks(
     update=update,
     finalize=finalize,
     rescale=True,
+    update_raw=update_raw,
     bwd_rows=bwd_rows,
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,

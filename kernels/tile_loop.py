@@ -13,6 +13,7 @@ this file never names a normalizer::
 Per tile (``_accumulate``)::
 
     p, alpha, m, l = NORM.update(s, m, l, thr)   # [BM, BN] weights, [BM] rescale, new state
+                                                 # (NORM.update_raw(qk, qk_scale, ...) when ST.RAW_SCORES)
     acc = alpha * acc + p @ v                    # alpha only if NORM.rescale
     acc_g += g @ v, l_g += rowsum(g)             # only if NORM.has_g (g = g_weights(s, thr), entmax15's O2)
 
@@ -50,6 +51,7 @@ class _Values(NamedTuple):
     seed: Any
     drop_base: Any    # (b * Hq + h) * L, int64: the dropout counter base of the head
     drop_p: Any
+    qk_scale: Any     # ScoreScale.qk_scale (ST.RAW_SCORES: NORM.update_raw scales the raw tiles)
 
 
 @triton.jit
@@ -74,7 +76,10 @@ def _accumulate(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NOR
 def _accumulate_live(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                      MASKED: tl.constexpr):
     acc, m_i, l_i, acc_g, l_g = state
-    p, alpha, m_i, l_i = NORM.update(s, m_i, l_i, vals.thr, MASKED)                   # [BM, BN]
+    if ST.RAW_SCORES:                                  # s = q.k unscaled (contract.Hooks.update_raw)
+        p, alpha, m_i, l_i = NORM.update_raw(s, vals.qk_scale, m_i, l_i, vals.thr, MASKED)
+    else:
+        p, alpha, m_i, l_i = NORM.update(s, m_i, l_i, vals.thr, MASKED)               # [BM, BN]
     offs_n = tl.arange(0, BN)
     if ST.DROPOUT:
         keep = dropout_keep(vals.seed, vals.drop_base, vals.i, (start_n + offs_n)[None, :], vals.S, vals.drop_p)
@@ -160,7 +165,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    vals = _Values(thr_h, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p)
+    vals = _Values(thr_h, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p,
+                   scale.qk_scale)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 

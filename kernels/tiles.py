@@ -156,14 +156,18 @@ def score_tile(blk, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: t
     """Kernel-unit score tile s [BM, BN] of the query block ``blk`` against keys [start_n, start_n + BN).
     ``MASKED`` tiles get the `allowed` test (and -inf outside it); unmasked tiles are whole tiles inside
     [0, S) that every row of the block attends. ``ST.DISTANCE``: the raw score is `log_distance`'s instead of
-    the dot product (a constexpr branch: the dot-product path is unchanged)."""
+    the dot product (a constexpr branch: the dot-product path is unchanged). ``ST.RAW_SCORES``: s is the raw
+    q.k (-inf outside `allowed`; `contract.raw_scores_ok` excludes the softcap and the float-mask bias)."""
     if ST.DISTANCE:
         k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn,
                       keys.sd, MASKED, ST.PAD_D)                                       # [BN, BD]
         raw, _ = log_distance(blk.q, k, mma(blk.q, tl.trans(k), None, ST), keys.scale)
     else:
         raw = qk_tile(blk.q, keys, start_n, BN, ST, MASKED)
-    s = scale_scores(raw, keys.scale, ST.SOFTCAP)
+    if ST.RAW_SCORES:
+        s = raw                                      # unscaled: the output pass's NORM.update_raw scales
+    else:
+        s = scale_scores(raw, keys.scale, ST.SOFTCAP)
     if MASKED:
         s = mask_scores(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, ST)
     return s

@@ -157,6 +157,25 @@ def test_softcap_and_scale(norm):
     run_case(q, k, v, norm, scale=0.05, causal="lower_right", stats_tol=2e-5)
 
 
+def test_softmax_raw_scores_only_where_s_is_the_scaled_product():
+    """Issue 17 item 6: softmax's output pass takes the row max on the raw q.k and folds the scale into exp2's
+    multiply-add (`contract.Hooks.update_raw`, Static.RAW_SCORES) only where s = qk * qk_scale with qk_scale > 0.
+    A negative scale (max(qk) * scale would be the row's smallest score), a softcap, a float-mask bias, noise or
+    the distance form keep the scaled path; the grid above covers the raw path (default scale, bool masks,
+    causal) and the softcap / float mask ones."""
+    from flashmaps.kernels.contract import MASK_BOOL, MASK_FLOAT, raw_scores_ok
+
+    hooks = flashmaps.parse("softmax").triton(40)[0]
+    plain = dict(softcap=False, mask_kind=MASK_BOOL, distance=False, qk_scale=0.1)
+    assert raw_scores_ok(hooks, **plain)
+    for change in (dict(softcap=True), dict(mask_kind=MASK_FLOAT), dict(distance=True), dict(qk_scale=-0.1)):
+        assert not raw_scores_ok(hooks, **{**plain, **change}), change
+    assert not raw_scores_ok(flashmaps.parse("topk:8").triton(40)[0], **plain)      # a pre-pass reads s
+    q, k, v = make_qkv(1, 2, 1, 30, 40, 32, seed=8, spread=2.0)
+    run_case(q, k, v, "softmax", scale=-4.0, causal="lower_right", mask=make_mask("bool", 1, 2, 30, 40),
+             stats_tol=2e-5)
+
+
 def test_float32_mask_with_bf16_inputs():
     q, k, v = make_qkv(1, 2, 2, 20, 30, 16, dtype=torch.bfloat16, seed=8)
     mask = make_mask("float", 1, 2, 20, 30, torch.float32)

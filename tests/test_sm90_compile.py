@@ -31,8 +31,8 @@ def test_every_kernel_compiles_for_sm90(causal):
             assert (norm, kernel) in kernels, (norm, kernel, proc.stdout)
     for r in rows:
         assert int(r[5]) <= H100_SMEM, r     # shared memory within the H100's limit
-        # ptxas C7515: the wgmma pipeline serialized (a full wait after each product); regression: every
-        # non-causal forward and dQ kernel had it while their loops could run zero times (issue 17)
+        # ptxas serialized the wgmma pipeline (a full wait after each product; any reason code); regression: every
+        # non-causal forward and dQ kernel had C7515 while their loops could run zero times (issue 17)
         assert r[-1] != "wgmma-serialized", r
         # of the backward kernels only the atomic-dQ one has global atomics (its dQ tile adds)
         red = int(next(w for w in r if w.startswith("RED:")).split(":")[1])
