@@ -45,9 +45,11 @@ BWD_CONFIGS_BY_DIM = {
            256: ((32, 32, 4, 1), (32, 16, 4, 1))},
     # dK/dV with the atomic dQ (Static.ATOMIC_DQ; not timed yet): dK/dV's candidates, plus at D = 128 8 warps on
     # 64 x 64 tiles, where the dQ tile [BM, D] fp32 costs half the registers per thread (offline sm_90 build, causal:
-    # softmax 40 B of stack against 336 B with 4 warps, entmax15 184 against 616; bench/TUNING.md, issue 17)
+    # softmax 40 B of stack against 336 B with 4 warps, entmax15 184 against 616; bench/TUNING.md, issue 17). At
+    # D = 128 the 8-warp tile comes first: with 4 warps ptxas serializes softmax's full-attention wgmma pipeline
+    # (C7512, 184 B of stack; 8 warps: none, 0 B; entmax15 656 -> 208 B; bench/results/offline/sm90-report.md)
     "dkdvq": {64: ((64, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2)),
-              128: ((64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)),
+              128: ((64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
               256: ((32, 16, 4, 1),)},
 }
 
