@@ -42,6 +42,18 @@ _QUADRATIC = linear.FormChoice("quadratic", "", None, None)
 #: the Triton backend on non-CUDA tensors: its interpreter, TRITON_INTERPRET=1 set before importing flashmaps
 _TRITON_OFF_CUDA = os.environ.get("TRITON_INTERPRET") == "1"
 
+#: the process-wide meaning of ``deterministic=None`` (:func:`attention`, the Triton backward): None follows
+#: ``torch.are_deterministic_algorithms_enabled()``; True or False overrides it without touching torch's own
+#: flag (the benchmarks set it as a knob, ``flashmaps.functional.DETERMINISTIC=True``, to time both backwards)
+DETERMINISTIC: "bool | None" = None
+
+
+def default_deterministic() -> bool:
+    """What ``deterministic=None`` means now: :data:`DETERMINISTIC`, else torch's deterministic flag."""
+    if DETERMINISTIC is not None:
+        return bool(DETERMINISTIC)
+    return torch.are_deterministic_algorithms_enabled()
+
 
 # ----------------------------------------------------------------------------------------------------
 # argument checking
@@ -258,7 +270,8 @@ def attention(
             every row's denominator with a zero value (softmax: ``out * sigmoid(lse - sink_h)``); softmax and
             topk only (``flashmaps.sinks``). Differentiable; the returned stats are those with the sink.
         deterministic: None (default: ``torch.are_deterministic_algorithms_enabled()``, so False unless
-            ``torch.use_deterministic_algorithms(True)`` was called), True or False. The Triton backward adds
+            ``torch.use_deterministic_algorithms(True)`` was called; :data:`DETERMINISTIC` overrides it), True
+            or False. The Triton backward adds
             dQ with fp32 atomics from the dK/dV kernel when False (5 matrix products per tile instead of 7:
             faster; the last bits of dq vary between runs, as FlashAttention-2/3's and torch's flash SDPA
             backward by default) and runs the separate dQ kernel when True (bitwise reproducible). The forward
@@ -286,7 +299,7 @@ def attention(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        deterministic = default_deterministic()
     elif not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be None, True or False, got {type(deterministic).__name__}")
     backend_name = _choose_backend(backend, q.device, q.dtype)

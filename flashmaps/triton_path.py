@@ -410,7 +410,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     ``deterministic`` False: two launches; the dK/dV kernel also adds each tile's dQ into an fp32 buffer with
     atomics (``Static.ATOMIC_DQ``: 5 matrix products per tile pair instead of 7, no dQ kernel; the fp32
     summation order, hence the last bits of dq, varies between runs). True: the dQ kernel (bitwise
-    reproducible). None (default): ``torch.are_deterministic_algorithms_enabled()``."""
+    reproducible). None (default): ``functional.default_deterministic()`` (torch's deterministic flag unless
+    ``flashmaps.functional.DETERMINISTIC`` overrides it)."""
     B, Hq, L, _ = q.shape
     S = k.shape[2]
     dev = q.device
@@ -437,7 +438,9 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
         rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
 
     if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+        from .functional import default_deterministic
+
+        deterministic = default_deterministic()
     atomic = not deterministic
     # atomic dQ: an fp32 (B, Hq, L, Dqk) accumulator, zeroed, that the dK/dV kernel adds into
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else placeholder

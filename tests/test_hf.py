@@ -197,7 +197,7 @@ def test_register_without_transformers_says_what_to_install(monkeypatch):
 
 @pytest.mark.hf
 def test_register_both_interfaces_twice(hf):
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     first = fm_hf.register()
@@ -206,7 +206,7 @@ def test_register_both_interfaces_twice(hf):
     assert set(first) == {f"fmaps_{n}" for n in flashmaps.names()} >= {"fmaps_softmax", "fmaps_topk"}
     for name in first:
         assert name in ALL_ATTENTION_FUNCTIONS.valid_keys()
-        assert ALL_MASK_ATTENTION_FUNCTIONS[name] is sdpa_mask
+        assert ALL_MASK_ATTENTION_FUNCTIONS[name] is fm_hf.sliding_mask
     assert ALL_ATTENTION_FUNCTIONS["fmaps_entmax15"].normalizer == fn.normalizer == flashmaps.Entmax15()
     assert fm_hf.register("fmaps_top2", "topk:2") == ["fmaps_top2"]
     assert fm_hf.register("fmaps_top2", flashmaps.TopK(2)) == ["fmaps_top2"]
@@ -409,6 +409,61 @@ def test_static_cache_generate_identical_tokens(hf):
         set_impl(model, "fmaps_softmax")
         out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(out, ref)
+
+
+def _sliding_rows(L=10, S=10, w=4):
+    """transformers' mask-function arguments of a sliding layer: (kwargs without the padding mask)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    return dict(batch_size=2, q_length=L, kv_length=S, q_offset=S - L, kv_offset=0,
+                mask_function=sliding_window_causal_mask_function(w), local_size=w, allow_is_causal_skip=True)
+
+
+@pytest.mark.hf
+def test_sliding_mask_marks_only_plain_last_position_windows(hf):
+    """The mask function returns transformers' own mask and marks it for the native window only when it is
+    a plain causal window with the queries at the last key positions."""
+    from transformers.masking_utils import causal_mask_function, or_masks, sdpa_mask
+
+    pad = torch.ones(2, 10, dtype=torch.bool)
+    pad[1, :3] = False
+    cases = {
+        "no-padding": (_sliding_rows(), (4, True)),
+        "padding": (dict(_sliding_rows(), attention_mask=pad), (4, False)),
+        "decode": (_sliding_rows(L=1), (4, True)),
+        "static-cache": (dict(_sliding_rows(L=3), q_offset=2), None),        # queries not at the last positions
+        "full-layer": (dict(_sliding_rows(), mask_function=causal_mask_function, local_size=None), None),
+        "pattern": (dict(_sliding_rows(), allow_is_causal_skip=False), None),
+        "not-a-window": (dict(_sliding_rows(), mask_function=or_masks(causal_mask_function,
+                                                                      lambda b, h, q, kv: kv == 0)), None),
+    }
+    for name, (kw, want) in cases.items():
+        got = fm_hf.sliding_mask(**kw)
+        ref = sdpa_mask(**kw)
+        assert (got is None) == (ref is None) and (ref is None or torch.equal(got, ref)), name
+        assert fm_hf._NATIVE_WINDOW.get(got) == want, name
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 4, 9)], ids=["no-padding", "left-padded"])
+def test_sliding_layers_run_the_native_window(hf, pads, monkeypatch):
+    """Mistral (sliding_window=6) at 14 tokens: every layer runs flashmaps' native window (whole tiles
+    outside it skipped), without the mask when nothing is padded, and the logits equal SDPA's."""
+    model, ref_impl = tiny(hf, "mistral-window")
+    ids, mask = left_padded(pads=pads)
+    real = mask.bool()
+    calls = []
+    inner = fm_hf.attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("window"), kwargs.get("attn_mask") is None, kwargs.get("causal")))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(fm_hf, "attention", spy)
+    ref = logits(model, ref_impl, ids, mask)
+    out = logits(model, "fmaps_softmax", ids, mask)
+    assert rel_err(out[real], ref[real]) < 1e-5
+    assert calls == [((5, 0), not any(pads), "lower_right")] * model.config.num_hidden_layers
 
 
 @pytest.mark.hf

@@ -241,9 +241,14 @@ def test_deterministic_default_follows_torch(monkeypatch):
         for flag, arg in ((False, None), (True, None), (True, False), (False, True)):
             torch.use_deterministic_algorithms(flag)
             grads(lambda *x: triton_attention(*x, "softmax", deterministic=arg), q, k, v, dout)
+        # the process-wide override (the benchmarks' knob) wins over torch's flag, not over an explicit argument
+        torch.use_deterministic_algorithms(False)
+        for knob, arg in ((True, None), (False, None), (True, False)):
+            monkeypatch.setattr(flashmaps.functional, "DETERMINISTIC", knob)
+            grads(lambda *x: triton_attention(*x, "softmax", deterministic=arg), q, k, v, dout)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
-    assert seen == [False, True, False, True]
+    assert seen == [False, True, False, True, True, False, False]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
     register("fmaps_top8", "topk:8")          # any other normalizer under a name of your choice
 
 Nothing is patched: each name is registered in transformers' ``AttentionInterface`` (the attention
-function below) and in its ``AttentionMaskInterface`` (transformers' own ``sdpa_mask``: a bool
+function below) and in its ``AttentionMaskInterface`` (transformers' own ``sdpa_mask``, wrapped: a bool
 ``(B, 1, L, S)`` mask, True = may attend, or ``None`` where a plain causal mask suffices). Without the mask
 function a custom name would silently get no mask at all (no padding, no causality, no sliding window).
 
@@ -28,11 +28,16 @@ The attention function follows transformers' calling convention and the rules of
   (prefill into an empty static cache: the mask function skipped the mask because the cache is empty),
   the keys beyond the first L are empty slots, so K/V are cropped to L and the mask is upper-left causal,
   exactly what SDPA's ``is_causal`` computes there. With a mask, the mask alone decides.
-* ``sliding_window``: the masks from the mask function already contain the window; when no mask is
-  given the window is applied here as flashmaps' native window (``attention(window=)``: tiles outside it
-  are never computed), as transformers' mask functions define it (causal: a query at position t sees keys
-  t - sliding_window < j <= t; bidirectional: |t - j| <= sliding_window), with the queries aligned to the
-  last L key positions.
+* ``sliding_window`` runs as flashmaps' native window (``attention(window=)``: tiles outside it are never
+  computed), as transformers' mask functions define it (causal: a query at position t sees keys
+  t - sliding_window < j <= t; bidirectional: |t - j| <= sliding_window). The registered mask function
+  (:func:`sliding_mask`, transformers' ``sdpa_mask`` plus a check) recognises a sliding layer's mask that
+  is plain causal-window, with the queries at the last L key positions (``q_offset + L == kv_offset + S``),
+  and no other pattern; the attention function then runs the native lower-right causal window and drops
+  the mask when the batch has no padding, or keeps the mask beside the window (the mask for the padding,
+  the window to skip tiles) when it has. Any other mask (a static cache whose queries do not sit at the
+  last positions, custom or packed patterns, a mask the model sliced) is applied as given: exact, no tile
+  skipped. With no mask at all the ``sliding_window`` argument is applied natively the same way.
 * packed batches (``DataCollatorWithFlattening``: batch 1 with the ``cu_seq_lens_q/k`` and
   ``max_length_q/k`` kwargs) run through :func:`flashmaps.attention_varlen`, each sequence on its own keys
   (causal within it), without the block-diagonal mask.
@@ -47,14 +52,40 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import warnings
+import weakref
 
 import torch
 
 from ..functional import attention
 from ..normalizers import Normalizer, parse, registry
 
-__all__ = ["register", "attention_forward", "names", "config_attr", "TOPK_CONFIG_ATTR", "TOPK_DEFAULT_K"]
+__all__ = ["register", "attention_forward", "names", "config_attr", "sliding_mask", "TOPK_CONFIG_ATTR",
+           "TOPK_DEFAULT_K"]
+
+
+
+class _MaskNotes:
+    """Masks from :func:`sliding_mask` known to be plain causal-window with the queries at the last key
+    positions: mask -> (sliding_window, whether the batch has no padding). Keyed by identity (tensors have no
+    usable equality) with a weak reference: a freed mask leaves by itself, a new tensor at its address does
+    not inherit its note."""
+
+    def __init__(self):
+        self._notes: dict[int, tuple] = {}
+
+    def __setitem__(self, mask: torch.Tensor, note: tuple) -> None:
+        key = id(mask)
+        self._notes[key] = (weakref.ref(mask), note)
+        weakref.finalize(mask, self._notes.pop, key, None)
+
+    def get(self, mask) -> "tuple | None":
+        entry = self._notes.get(id(mask))
+        return entry[1] if entry is not None and entry[0]() is mask else None
+
+
+_NATIVE_WINDOW = _MaskNotes()
 
 #: the model-config attribute that sets k for "fmaps_topk" (``config_attr("topk", "k")``)
 TOPK_CONFIG_ATTR = "fmaps_topk_k"
@@ -162,6 +193,10 @@ def attention_forward(
         )
     norm = normalizer(module) if callable(normalizer) and not isinstance(normalizer, Normalizer) else normalizer
     L, S = query.shape[2], key.shape[2]
+    native = _NATIVE_WINDOW.get(attention_mask) if isinstance(attention_mask, torch.Tensor) else None
+    if native is not None and attention_mask.shape[-1] == S:
+        return _native_window_forward(module, query, key, value, attention_mask, native, norm, dropout, scaling,
+                                      softcap, sinks, kwargs), None
     mask = attention_mask
     if mask is not None and mask.shape[-1] > S:
         mask = mask[..., :S]  # static caches may hand a longer mask
@@ -209,6 +244,78 @@ def attention_forward(
         **({} if sinks is None else {"sinks": sinks}),
     )  # (B, Hq, L, Dv)
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
+
+
+def _native_window_forward(module, query, key, value, mask, native, norm, dropout, scaling, softcap, sinks, kwargs):
+    """A :func:`sliding_mask` mask (plain causal window, queries at the last key positions): the native
+    lower-right causal window, with the mask only for the padding. (B, Hq, L, D) -> (B, L, Hq, Dv)."""
+    sliding_window, no_padding = native
+    L, S = query.shape[2], key.shape[2]
+    mask = None if no_padding else mask
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        mask = position_bias if mask is None else torch.where(mask, position_bias, float("-inf"))
+    out = attention(
+        query, key, value, norm,
+        causal="lower_right" if L > 1 else False,
+        attn_mask=mask,
+        scale=scaling,
+        softcap=softcap,
+        enable_gqa=query.shape[1] != key.shape[1],
+        dropout_p=float(dropout) if getattr(module, "training", False) else 0.0,
+        window=(sliding_window - 1, 0) if S > sliding_window else None,
+        **({} if sinks is None else {"sinks": sinks}),
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def sliding_mask(*args, **kwargs):
+    """The mask function registered with every name: transformers' ``sdpa_mask(**kwargs)``, and when it is a
+    sliding layer's plain causal-window mask with the queries at the last key positions (checked from the
+    arguments alone: ``local_size`` given, ``allow_is_causal_skip`` (transformers clears it for any extra
+    pattern), ``q_offset + q_length == kv_offset + kv_length``, and ``mask_function`` probed on a few
+    positions), the mask is remembered so that the attention function runs the native window instead
+    (module docstring). The padding check reads the 2-D padding mask once per call (transformers' own skip
+    test does the same); nothing is remembered while compiling or with transformers < 5 (no ``q_offset``)."""
+    sdpa_mask = _interfaces()[2]
+    out = sdpa_mask(*args, **kwargs)
+    if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+        try:
+            named = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+        except TypeError:
+            return out
+        named.update(named.pop("kwargs", {}))
+        native = _plain_causal_window(**named)
+        if native is not None:
+            _NATIVE_WINDOW[out] = native
+    return out
+
+
+def _plain_causal_window(*, q_length=None, kv_length=None, q_offset=None, kv_offset=0, mask_function=None,
+                         attention_mask=None, local_size=None, allow_is_causal_skip=True, **_):
+    """(local_size, no_padding) when sdpa_mask's arguments describe a plain causal window with the queries
+    at the last key positions, else None."""
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (q_length, kv_length, q_offset, kv_offset))
+    if (local_size is None or not allow_is_causal_skip or not ints or mask_function is None
+            or q_offset + q_length != kv_offset + kv_length or torch.compiler.is_compiling()):
+        return None
+    w = int(local_size)
+    t = torch.tensor([0, 1, w - 1, w, 2 * w + 1, 3 * w + 5])[:, None]       # query positions
+    j = torch.arange(0, 3 * w + 8)[None, :]                                  # key positions
+    try:
+        got = torch.as_tensor(mask_function(torch.tensor(0), torch.tensor(0), t, j)).expand(t.shape[0], j.shape[1])
+    except Exception:          # a mask function that is not index-arithmetic: leave the mask as it is
+        return None
+    if not torch.equal(got.bool(), (j <= t) & (j > t - w)):
+        return None
+    if attention_mask is None:
+        return w, True
+    pad = attention_mask
+    if pad.dim() != 2:
+        return None
+    if pad.shape[-1] > kv_length:
+        pad = pad[:, kv_offset:kv_offset + kv_length]
+    return w, bool(pad.all())
 
 
 def _packed_lengths(kwargs, query, key, position_bias):
@@ -316,7 +423,8 @@ def register(name: str | None = None, normalizer: str | Normalizer | None = None
     (the latest normalizer wins).
 
     Each name goes into ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface``
-    (transformers' ``sdpa_mask``), after which ``from_pretrained(..., attn_implementation=name)`` and
+    (:func:`sliding_mask`: transformers' ``sdpa_mask``, plus the native-window check), after which
+    ``from_pretrained(..., attn_implementation=name)`` and
     ``model.set_attn_implementation(name)`` work.
 
     Raises:
@@ -341,6 +449,6 @@ def register(name: str | None = None, normalizer: str | Normalizer | None = None
     attn_interface, mask_interface, sdpa_mask = _interfaces()
     for n, norm in todo.items():
         attn_interface.register(n, _named_forward(n, norm))
-        mask_interface.register(n, sdpa_mask)
+        mask_interface.register(n, sliding_mask)
     return list(todo)
 
