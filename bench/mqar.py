@@ -29,6 +29,7 @@ where Zoology trains epochs over a fixed set); the test sets come from a fixed s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -203,20 +204,39 @@ def _lr_at(step: int, steps: int, lr: float, warmup: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
 
 
+@contextlib.contextmanager
+def _pinned_torch(threads: int | None, dev: torch.device):
+    """torch's thread count and deterministic mode for one run, restored afterwards (a run inside a test or a
+    notebook must not leave the whole process deterministic: that would also switch flashmaps' own
+    ``deterministic=None`` default for every later call)."""
+    was = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads or 1)
+    torch.use_deterministic_algorithms(True, warn_only=dev.type != "cpu")  # CUDA: some ops have no such mode
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was[0])
+        torch.use_deterministic_algorithms(was[1], warn_only=was[2])
+
+
 def train_run(normalizer: str, lr: float, seed: int, preset: Preset, *, device: str = "cpu",
               threads: int | None = None, steps: int | None = None, test=None, on_step=None) -> dict:
     """Train one model and evaluate it. Returns a dict: normalizer (the spec), lr, seed, accuracy
     {(T, pairs): test accuracy}, curve {step, loss, accuracy}, grad-norm statistics, wall_s, zero fractions.
 
     Deterministic for a given (normalizer, lr, seed, preset, threads) on the CPU: ``torch.manual_seed``,
-    deterministic algorithms, and a fixed thread count (``threads``; default 1)."""
+    deterministic algorithms, and a fixed thread count (``threads``; default 1), both restored on return."""
+    dev = torch.device(device)
+    with _pinned_torch(threads, dev):
+        return _train_run(normalizer, lr, seed, preset, dev, steps, test, on_step)
+
+
+def _train_run(normalizer, lr, seed, preset, dev, steps, test, on_step) -> dict:
     from flashmaps.normalizers import parse
 
     norm = parse(normalizer, argname="normalizer")
     steps = preset.steps if steps is None else steps
-    dev = torch.device(device)
-    torch.set_num_threads(threads or 1)
-    torch.use_deterministic_algorithms(True, warn_only=dev.type != "cpu")  # CUDA: some ops have no such mode
     torch.manual_seed(seed)
     max_len = max(T for T, _ in preset.settings)
     model = TinyLM(preset.vocab, max_len, preset.d_model, preset.heads, preset.layers, norm).to(dev)
@@ -284,7 +304,6 @@ def _runs_in_pool(tasks: list, jobs: int, progress: bool) -> list[dict]:
     """train_run over ``tasks`` [(normalizer, lr, seed, preset, kwargs)], in ``jobs`` spawned processes when
     ``jobs > 1`` (each run seeds and fixes its own threads), with a progress bar over the runs; the results
     come in the order of ``tasks`` whatever the timing."""
-    import contextlib
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 

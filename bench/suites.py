@@ -106,7 +106,8 @@ def goals(plan: Plan) -> list[dict]:
     dims, seqs = plan.dims or (128, 64), plan.lengths or (1024, 4096, 16384)
     jobs = []
     # the two-kernel deterministic backward beside the default atomic-dQ one (issue 17 item 3)
-    det = [with_options(flashmaps_provider("softmax", "triton"), knobs={"flashmaps.functional.DETERMINISTIC": True})]
+    det = [with_options(flashmaps_provider("softmax", "triton"), knobs={"flashmaps.functional.DETERMINISTIC": True})
+           for n in plan.normalizers if n == "softmax"]
     for mode in plan.modes or ("fwd", "fwd+bwd"):
         provs = fm + sdpa + [get_provider("flex")] if mode == "fwd" else fm + det + sdpa[:1]
         jobs += _grid(plan, provs, dims=dims, seqs=seqs, modes=[mode])

@@ -225,6 +225,9 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     pid_n = tl.program_id(0)
     Hkv = dims.Hq // dims.group
     pid_bh = head_program(dims.B * Hkv)
+    if ST.ATOMIC_DQ:      # a program that redoes the last head (tiles.head_program) would add its dQ twice
+        if tl.program_id(1) + tl.program_id(2) * tl.num_programs(1) >= dims.B * Hkv:
+            return
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     start_n = pid_n * BN

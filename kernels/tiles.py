@@ -199,7 +199,8 @@ def head_grid(n_heads: int) -> tuple[int, int]:
 @triton.jit
 def head_program(n_heads):
     """The (batch, head) index of a program on a grid (blocks, *head_grid(n_heads)). The few programs past
-    n_heads - 1 (when axis 2 is used) redo the last one: they store the same values."""
+    n_heads - 1 (when axis 2 is used) redo the last one: they store the same values (a kernel that adds with
+    atomics returns early there instead: the atomic-dQ dK/dV kernel)."""
     return tl.minimum(tl.program_id(1) + tl.program_id(2) * tl.num_programs(1), n_heads - 1)
 
 

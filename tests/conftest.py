@@ -27,3 +27,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state_restored():
+    """A test must leave torch's process-wide switches as it found them: deterministic mode also decides
+    flashmaps' ``deterministic=None`` (the atomic-dQ backward or not), so a leak would silently move every
+    later test in the worker onto the other backward."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    yield
+    after = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    assert after == before, f"torch's (deterministic mode, threads) went from {before} to {after} in this test"

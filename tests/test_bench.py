@@ -543,12 +543,14 @@ def test_suite_h100_goals():
     specs = {n.spec for n in defaults()}
     fwd = {j["provider"] for j in jobs if j["mode"] == "fwd"}
     assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex"}
-    assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa"}
+    det = "flashmaps-softmax-triton[flashmaps.functional.DETERMINISTIC=True]"   # the two-kernel backward too
+    assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {
+        "sdpa", det}
     assert {j["mode"] for j in jobs} == {"fwd", "fwd+bwd"} and {j["dtype"] for j in jobs} == {"bfloat16"}
     assert {(j["Dqk"], j["Hq"]) for j in jobs} == {(128, 16), (64, 32)}
     assert {j["L"] for j in jobs} == {1024, 4096, 16384} and all(j["B"] * j["L"] == 16384 for j in jobs)
-    n = len(specs)  # fwd: every normalizer and 4 SDPA/flex providers; fwd+bwd: every normalizer and SDPA
-    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * ((n + 4) + (n + 1))
+    n = len(specs)  # fwd: every normalizer and 4 SDPA/flex providers; fwd+bwd: every normalizer, det and SDPA
+    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * ((n + 4) + (n + 2))
     assert all(bool(j.get("check")) == (j["mode"] == "fwd" and j["L"] <= 4096) for j in jobs)
     assert all(j["suite"] == "h100-goals" for j in jobs)
     # case by case: the first case's providers all come before the next case
@@ -672,7 +674,7 @@ def test_gpucheck_baseline_tree_side_by_side(tmp_path, capsys, base_tree):
 
     out = tmp_path / "ab"
     args = ["gpu-check", "--cpu-smoke", str(out), "--no-tests", "--prewarm", "0", "--suites", "h100-goals",
-            "--providers", "flashmaps-softmax-*", "--baseline-tree", str(base_tree), "--baseline-sha", "old",
+            "--providers", "flashmaps-softmax-triton", "--baseline-tree", str(base_tree), "--baseline-sha", "old",
             "--no-progress"]
     assert main(args) == 0
     text = capsys.readouterr().out
