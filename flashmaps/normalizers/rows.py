@@ -194,7 +194,7 @@ class TwoPhaseRoot:
     two_phase = True
 
     def threshold_candidates(self, s):
-        tau = self.torch_stats(s, True)["tau"]
+        tau = self.torch_stats(s.detach(), True)["tau"]          # (only compared: the candidates are s itself)
         return compact_candidates(s, self._x(s) > tau)
 
     def candidate_threshold(self, c):
