@@ -382,7 +382,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
     The normalizer's ``torch_native_forward`` first (softmax: torch's CPU flash op where it computes exactly
     our softmax), else the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``).
     ``threshold``: a two-phase unit's phase 2 (``Normalizer.torch_at_threshold``) at the union's threshold
-    {name: (B, Hq, L)} (forward only: no backward for it)."""
+    {name: (B, Hq, L)} (its backward: :func:`backward_at_threshold`)."""
     extras = torch.empty(0, dtype=torch.float32, device=q.device)
     native = None if threshold is not None else normalizer.torch_native_forward(
         q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap, dropout_p=dropout_p)
