@@ -39,17 +39,21 @@ def _inputs(shape, seed, parts):
 
 def _merged(q, k, v, norm, idx, backend, mask=None, **kw):
     """The two-phase protocol over the key parts ``idx`` (each a k[:, :, i], v[:, :, i] slice; ``mask`` (L, S) sliced
-    alike) -> the merged output."""
+    alike) -> the merged (output, statistics)."""
     ks, vs = [k[:, :, i] for i in idx], [v[:, :, i] for i in idx]
     ms = [None if mask is None else mask[:, i].to(q.device) for i in idx]
     thr = flashmaps.global_threshold(norm, [flashmaps.threshold_candidates(q, kp, norm, attn_mask=m, enable_gqa=True,
                                                                            **kw) for kp, m in zip(ks, ms)])
     parts = [flashmaps.attention(q, kp, vp, norm, attn_mask=m, enable_gqa=True, threshold=thr, return_stats=True,
                                  backend=backend, **kw) for kp, vp, m in zip(ks, vs, ms)]
-    return flashmaps.merge(norm, [o for o, _ in parts], [s for _, s in parts], threshold=thr)[0]
+    return flashmaps.merge(norm, [o for o, _ in parts], [s for _, s in parts], threshold=thr)
 
 
-def _check(norm, backend, shape, seed, parts, tol, *, causal=None, mask_kind="none", softcap=None):
+def _finite(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype))
+
+
+def _check(norm, backend, shape, seed, parts, tol, *, causal=None, mask_kind="none", softcap=None, stat_loss=False):
     q, k, v, dout, idx = _inputs(shape, seed, parts)
     L, S = shape[3], shape[4]
     mask = mask_for(mask_kind, shape, torch.float64)
@@ -59,11 +63,21 @@ def _check(norm, backend, shape, seed, parts, tol, *, causal=None, mask_kind="no
         mask = band if mask is None else torch.where(band, mask, float("-inf"))
     dtype, device = (torch.float64, "cpu") if backend == "torch" else (torch.float32, KERNEL_DEVICE)
     leaves = [x.to(dtype=dtype, device=device).requires_grad_() for x in (q, k, v)]
-    out = _merged(*leaves, norm, idx, backend, mask=mask, softcap=softcap)
-    got = torch.autograd.grad(out, leaves, dout.to(out))
+    out, st = _merged(*leaves, norm, idx, backend, mask=mask, softcap=softcap)
     r = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = reference.attention(*r, norm, attn_mask=mask, softcap=softcap, enable_gqa=True)
-    want = torch.autograd.grad(ref, r, dout)
+    loss, ref_loss = (out.double() * dout.to(out.device)).sum(), (ref * dout).sum()
+    if stat_loss:       # the merged statistics too (the union's tau; top-k's lse), against the reference's
+        nrm = flashmaps.parse(norm)
+        s, allowed = reference.scores_and_allowed(*r[:2], attn_mask=mask, softcap=softcap, enable_gqa=True,
+                                                  normalizer=nrm)
+        g = torch.Generator().manual_seed(seed + 100)
+        for name, want in nrm.reference_stats(s, allowed).items():
+            w = torch.randn(want.shape, generator=g, dtype=torch.float64)
+            loss = loss + (_finite(st[name].double().cpu()) * w).sum()
+            ref_loss = ref_loss + (_finite(want) * w).sum()
+    got = torch.autograd.grad(loss, leaves)
+    want = torch.autograd.grad(ref_loss, r)
     assert rel_err(out, ref) < tol
     for name, a, b in zip("qkv", got, want):
         assert grad_err(a, b) < tol, (f"d{name}", grad_err(a, b))
@@ -72,10 +86,10 @@ def _check(norm, backend, shape, seed, parts, tol, *, causal=None, mask_kind="no
 @pytest.mark.parametrize("case", ["gqa-lower_right-3parts", "upper_left-softcap-floatmask-2parts"])
 @pytest.mark.parametrize("norm", TWO_PHASE)
 def test_merged_gradients_equal_the_full_call_torch(norm, case):
-    """Torch path, float64: GQA with lower-right causal over 3 parts (Dqk != Dv), and upper-left causal with a
-    softcap and a float mask with an empty row over 2 parts: to 1e-10."""
+    """Torch path, float64: GQA with lower-right causal over 3 parts (Dqk != Dv; a loss on the merged statistics
+    too), and upper-left causal with a softcap and a float mask with an empty row over 2 parts: to 1e-10."""
     if case.startswith("gqa"):
-        _check(norm, "torch", GQA, 1, 3, 1e-10, causal="lower_right")
+        _check(norm, "torch", GQA, 1, 3, 1e-10, causal="lower_right", stat_loss=True)
     else:
         _check(norm, "torch", MHA, 2, 2, 1e-10, causal="upper_left", mask_kind="float-inf-min-emptyrow", softcap=4.0)
 
