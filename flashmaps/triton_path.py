@@ -74,7 +74,8 @@ class Forward(NamedTuple):
                 stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against; with a
                 given threshold, phase 2 of the two-phase protocol, the one it ran at: top-k's cut * LOG2E),
       ``sum_g`` (B, Hq, L) and ``o2`` (B, Hq, L, Dv): normalizers with a second weighted sum (entmax15)
-                with ``save_extras=True`` only.
+                with ``save_extras=True`` only (at a given threshold ``sum_g`` is the raw sum of g, which the
+                threshold's gradient needs: ``Normalizer.kernel_at_threshold_grad``).
       (views into ``extras``)
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
     extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
