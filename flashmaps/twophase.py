@@ -13,7 +13,7 @@ the threshold gives ``dtau/dc_j = a u_j / sum u`` over the candidates, which hol
 sets are piecewise constant, the parts' lse carry the softmax statistic gradient (``dlse/ds_j = p_j``).
 
 These are autograd.Functions over the backends' entry points (not custom ops: torch.compile breaks the graph
-there). Phase 1 always computes on the torch path (one matmul per chunk of rows), and so does its backward.
+there), once differentiable (a double backward raises). Phase 1 always computes on the torch path (one matmul per chunk of rows), and so does its backward.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .normalizers import Normalizer
 
@@ -51,6 +52,7 @@ class _Candidates(torch.autograd.Function):
                                                softcap=call.softcap)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         from . import torch_path
 
@@ -71,6 +73,7 @@ class _GlobalThreshold(torch.autograd.Function):
         return tuple(x.clone() for x in vals)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         c, *vals = ctx.saved_tensors
         g = {n: x[..., None] for n, x in zip(ctx.names, grads) if x is not None}
@@ -104,6 +107,7 @@ class _AtThreshold(torch.autograd.Function):
         return (out, *(x for n, x in zip(norm.stats, st) if n not in threshold))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, *g_own):
         call = ctx.call
         norm, n_thr = call.norm, len(call.names)
