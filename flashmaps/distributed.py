@@ -38,9 +38,10 @@ Layouts (the ``layout`` argument; :func:`shard` and :func:`unshard` must use the
   (a causal rank that skipped the last blocks anchors them to its output with a zero gradient). The sparse
   units (a global threshold) run the two-phase protocol (``Normalizer.two_phase``): K (and kpm) go around the
   ring once for the union's threshold (each step's candidates merged into the running ones), then K, V at that
-  threshold, summed (top-k: log-sum-exp); K travels twice. That protocol is forward-only (the union's
-  threshold depends on every block's scores): training a sparse unit on the ring raises a ValueError, as does
-  training with a merge rule whose statistics carry no gradient (a user unit without ``stat_delta``).
+  threshold, summed (top-k: log-sum-exp); K travels twice. Its gradients are exact (``flashmaps.twophase``: the
+  threshold is differentiable w.r.t. every block's candidates, so K's gradient also travels back around the
+  first ring); training with a merge rule whose statistics carry no gradient (a user unit without
+  ``stat_delta``), or a two-phase unit without ``Normalizer.has_threshold_grads``, raises a ValueError.
   Normalizers with neither a merge rule nor the protocol raise a ValueError.
 
 Communication per attention call and rank, with b the bytes per element (derivation in the README,
@@ -387,10 +388,9 @@ def _check_ring(norm: Normalizer, q, k, v) -> None:
             "(a sparse normalizer's threshold is global over all keys); use layout='allgather' or 'zigzag', "
             "which are exact for every normalizer"
         )
-    if norm.stats and not norm.has_stat_grads and torch.is_grad_enabled() and any(
-            x.requires_grad for x in (q, k, v)):
-        why = ("the two-phase protocol of a sparse unit has no gradient (the union's threshold depends on every "
-               "block's scores)" if norm.two_phase else
+    grads = norm.has_threshold_grads if norm.two_phase else norm.has_stat_grads
+    if norm.stats and not grads and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        why = ("its two-phase protocol has no gradients (Normalizer.has_threshold_grads)" if norm.two_phase else
                "its row statistics carry no gradient (Normalizer.stat_delta), which the merge of the partial "
                "results needs")
         raise ValueError(
@@ -452,9 +452,6 @@ def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) ->
     tail = [kpm.to(torch.uint8)] if kpm is not None else []
     thr = _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) if norm.two_phase else None
     out = stats = None
-    tail = [kpm.to(torch.uint8)] if kpm is not None else []
-    thr = _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) if norm.two_phase else None
-    out = stats = None
     used, last = True, None
     for src, block in _ring_steps([k.contiguous(), v.contiguous()] + tail, group, world, rank):
         used, last = not (causal and src > rank), block
@@ -473,16 +470,21 @@ def _ring(q, k, v, norm, kpm, causal: bool, group, world: int, rank: int, kw) ->
 
 
 def _ring_threshold(q, k, norm, tail, causal, group, world, rank, kw) -> dict:
-    """Phase 1 of the two-phase protocol over the ring: the union's threshold {name: (B, Hq, Sl)}."""
+    """Phase 1 of the two-phase protocol over the ring: the union's threshold {name: (B, Hq, Sl)} (differentiable:
+    the candidates are scores, the re-compaction picks among them; ``functional.global_threshold``)."""
     cand = None
+    used, last = True, None
     for src, block in _ring_steps([k.contiguous()] + tail, group, world, rank):
-        if not (causal and src > rank):
+        used, last = not (causal and src > rank), block
+        if used:
             mask = None if not tail else block[1].bool()[:, None, None, :]  # (B, 1, 1, Sl)
             c = functional.threshold_candidates(q, block[0], norm, attn_mask=mask, scale=kw["scale"],
                                                 causal="upper_left" if causal and src == rank else False,
                                                 softcap=kw["softcap"], enable_gqa=kw["enable_gqa"])
             cand = c if cand is None else norm.threshold_candidates(torch.cat([cand, c], -1))
-    return {n: x[..., 0] for n, x in norm.candidate_threshold(cand).items()}
+    if not used and last[0].requires_grad:   # the last block's ring steps must run backward here too
+        cand = _Anchor.apply(cand, last[0])
+    return functional.global_threshold(norm, [cand])
 
 
 def _ring_steps(block, group, world: int, rank: int):

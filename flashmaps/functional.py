@@ -279,8 +279,11 @@ def attention(
         threshold: None, or a sparse unit's threshold over a UNION of key sets, {name: (B, Hq, L)} from
             :func:`global_threshold`: phase 2 of the two-phase protocol (see :func:`merge`). The weights of these
             keys at that threshold (entmax family: ``sum_j p_j v_j`` not divided by this part's mass; top-k: the
-            softmax over this part's kept keys, with its ``lse``); the stats report the given ``tau``. Forward
-            only (gradients raise: the union's tau depends on every part's scores); no dropout, no sinks.
+            softmax over this part's kept keys, with its ``lse``); the stats report the given ``tau``. With
+            gradients (units with ``Normalizer.has_threshold_grads``: all the built-in ones) the threshold is an
+            input too: its gradient flows back through ``global_threshold`` and ``threshold_candidates`` to every
+            part's scores, so the merged output has exactly the gradients of the call over the union. No dropout,
+            no sinks.
 
     Returns:
         out (B, Hq, L, Dv) in v's dtype, or (out, stats) if return_stats. A row with no allowed key
@@ -329,7 +332,7 @@ def attention(
     causal_mode = band
     if threshold is not None:
         return _at_threshold(backend_name, q, k, v, norm, threshold, mask=mask, causal=causal_mode, scale=scale_f,
-                             softcap=softcap_f, return_stats=return_stats)
+                             softcap=softcap_f, return_stats=return_stats, deterministic=deterministic)
     if choice.form == "linear":
         return linear.attention(q, k, v, norm, mask=mask, causal=causal_mode, scale=scale_f, return_stats=return_stats,
                                 backend=backend_name)
@@ -372,7 +375,12 @@ def merge(normalizer: str | Normalizer, outs, stats, threshold: dict | None = No
         out, stats = flashmaps.merge(norm, [o for o, _ in parts], [s for _, s in parts], threshold=thr)
 
     ``threshold`` is required for them (and refused for the others); every part must report the given ``tau``
-    (a part computed independently does not, and raises). Forward only for them.
+    (a part computed independently does not, and raises). Gradients are exact (``flashmaps.twophase``): the
+    threshold is a tensor of the autograd graph, and a loss on the merged output has the gradients w.r.t. q and
+    every part's k, v of the call over the union: each part's backward at the fixed threshold, plus the
+    threshold's own gradient (entmax family: ``dtau/ds_j = a u_j / sum u`` by the implicit function of
+    ``sum p = 1``, ``u = dp/dx``; top-k: the parts' lse as for softmax), which reaches the scores through the
+    candidates. Summed, ``dS_j = u_j (dP_j - sum_all u dP / sum_all u)``: the backward of the full call.
     """
     norm = parse(normalizer)
     if isinstance(outs, torch.Tensor) or not isinstance(outs, (list, tuple)) or not outs:
@@ -416,7 +424,8 @@ def threshold_candidates(q, k, normalizer: str | Normalizer, *, causal=False, at
     (B, Hq, L, m) scores (natural units, float32; float64 for float64 inputs; -inf padding) that hold every key
     of this part that can be in the union's support (entmax family: the local support ``{x > tau_part}``,
     m = the widest row's support, at worst S for flat rows; top-k: the k + 1 largest). Scores are computed with
-    torch ops (one matmul per chunk of rows, on any device); no gradient."""
+    torch ops (one matmul per chunk of rows, on any device); differentiable w.r.t. q and k (the candidates are
+    scores: their backward recomputes them chunk by chunk) for units with ``Normalizer.has_threshold_grads``."""
     _check_qkv(q, k, k, enable_gqa, names=("q", "k", "k"))
     norm = parse(normalizer)
     B, Hq, L, Dqk = q.shape
@@ -432,6 +441,13 @@ def threshold_candidates(q, k, normalizer: str | Normalizer, *, causal=False, at
         return torch.full((B, Hq, L, 1), float("-inf"), dtype=acc, device=q.device)
     from . import torch_path
 
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and norm.has_threshold_grads:
+        if norm.score != "dot":
+            raise ValueError(f"threshold_candidates: gradients of {norm.spec!r}'s candidates are provided for the "
+                             "dot-product score only; detach q and k")
+        from . import twophase
+
+        return twophase.candidates(q, k, norm, mask=mask, causal=band, scale=scale_f, softcap=softcap_f)
     with torch.no_grad():
         return torch_path.threshold_candidates(q, k, norm, mask=mask, causal=band, scale=scale_f, softcap=softcap_f)
 
@@ -439,7 +455,8 @@ def threshold_candidates(q, k, normalizer: str | Normalizer, *, causal=False, at
 def global_threshold(normalizer: str | Normalizer, candidates) -> dict:
     """The union's threshold from the parts' :func:`threshold_candidates` (a list of (B, Hq, L, m_i) tensors):
     {name: (B, Hq, L)} (``tau``; top-k also ``cut``, the value phase 2 compares against), for
-    ``attention(..., threshold=)`` and ``merge(..., threshold=)``."""
+    ``attention(..., threshold=)`` and ``merge(..., threshold=)``. Differentiable w.r.t. the candidates (units with
+    ``Normalizer.has_threshold_grads``)."""
     norm = parse(normalizer)
     if not norm.two_phase:
         raise ValueError(f"global_threshold: {norm.spec!r} has no two-phase protocol")
@@ -449,6 +466,11 @@ def global_threshold(normalizer: str | Normalizer, candidates) -> dict:
         if not isinstance(c, torch.Tensor) or c.dim() != 4 or c.shape[:3] != candidates[0].shape[:3]:
             raise ValueError(f"global_threshold: candidates[{i}] must be a (B, Hq, L, m) tensor like candidates[0]")
     c = torch.cat(candidates, -1)                          # (type promotion as torch.cat's)
+    if torch.is_grad_enabled() and c.requires_grad:
+        _check_threshold_grads(norm, "global_threshold")
+        from . import twophase
+
+        return twophase.global_threshold(norm, c)
     return {n: x[..., 0] for n, x in norm.candidate_threshold(c).items()}
 
 
@@ -463,17 +485,33 @@ def _check_threshold(norm, threshold, shape, device, inputs=(), dropout_p=0.0, s
             raise ValueError(f"threshold[{name!r}] must be a float (B, Hq, L) = {tuple(shape)} tensor")
         if x.device != device:
             raise ValueError(f"threshold[{name!r}] is on {x.device}, the inputs on {device}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        raise ValueError("threshold: gradients through the two-phase protocol are not provided (the union's tau "
-                         "depends on every part's scores); run phase 2 under torch.no_grad() or detach q, k, v")
     if dropout_p > 0 or sinks is not None:
         raise ValueError("threshold: phase 2 of the two-phase protocol takes no dropout_p and no sinks")
+    if _needs_grad(*inputs, *threshold.values()):
+        _check_threshold_grads(norm, "threshold")
 
 
-def _at_threshold(backend, q, k, v, norm, threshold, *, mask, causal, scale, softcap, return_stats):
-    """Phase 2 on a backend (forward only): out (B, Hq, L, Dv) [, stats reporting the given tau]."""
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _check_threshold_grads(norm, argname: str) -> None:
+    if not norm.has_threshold_grads:
+        raise ValueError(f"{argname}: gradients through the two-phase protocol are not provided for {norm.spec!r} "
+                         "(it lacks Normalizer.candidate_threshold_grad, torch_dscores_at_threshold, "
+                         "kernel_at_threshold_grad); run it under torch.no_grad() or detach q, k, v")
+
+
+def _at_threshold(backend, q, k, v, norm, threshold, *, mask, causal, scale, softcap, return_stats, deterministic):
+    """Phase 2 on a backend: out (B, Hq, L, Dv) [, stats reporting the given tau]; with gradients through
+    ``flashmaps.twophase``."""
     try:
-        if backend == "torch":
+        if _needs_grad(q, k, v, *threshold.values()):
+            from . import twophase
+
+            out, stats = twophase.at_threshold(backend, q, k, v, norm, threshold, mask=mask, causal=causal,
+                                               scale=scale, softcap=softcap, deterministic=deterministic)
+        elif backend == "torch":
             from . import torch_path
 
             out, st, _ = torch_path.forward(q, k, v, norm, mask=mask, causal=causal, scale=scale, softcap=softcap,

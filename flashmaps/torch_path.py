@@ -292,7 +292,22 @@ def _forward(pb: _Problem, norm: Normalizer, dropout_p: float, seed: int | None,
     return out5, stats
 
 
-def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout, shift=None):
+class _AtThreshold(NamedTuple):
+    """The two-phase protocol's phase 2 in `_backward` ({name: (B, Hkv, G, L)} each): the union's threshold, the
+    gradients of the part's own statistics (``Normalizer.torch_dscores_at_threshold``), and the threshold's
+    gradients (zeros, filled by the chunk loop)."""
+
+    thr: dict
+    g_st: dict
+    dthr: dict
+
+
+def _rows_of(val: torch.Tensor, c: _Chunk) -> torch.Tensor:
+    """The chunk's rows [bb, hc, G, bl, 1] of a (B, Hkv, G, L) row tensor."""
+    return val[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None]
+
+
+def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout, shift=None, at=None):
     B, Hkv, G, L, D = pb.q5.shape
     S, Dv = pb.k.shape[2], pb.v.shape[3]
     dev = pb.q5.device
@@ -308,7 +323,11 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout, shift=None):
         st = {name: val[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None] for name, val in stats.items()}
         if bad is not None:
             st = {name: val.masked_fill(bad, 0.0) for name, val in st.items()}
-        p = hn.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
+        if at is None:
+            p = hn.torch_weights(s, st, masked)  # [bb, hc, G, bl, S']
+        else:  # phase 2 of the two-phase protocol: the weights at the union's threshold
+            thr = {n: _rows_of(val, c) for n, val in at.thr.items()}
+            st, p = hn.torch_at_threshold(s, thr, masked)
         if bad is not None:
             p = p.masked_fill(bad, float("nan"))
         kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
@@ -322,7 +341,11 @@ def _backward(pb: _Problem, norm, dropout_p, seed, stats, dout, shift=None):
             pd = p * keep
         dv[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(pd.view(bb, hc, G * bl, c.sk - c.k0).transpose(-1, -2),
                                                                   doc)
-        if shift is None:
+        if at is not None:  # the threshold counts as an input: its gradient per row (Normalizer hook)
+            ds, dthr = hn.torch_dscores_at_threshold(s, p, dp, thr, st, {n: _rows_of(g, c) for n, g in at.g_st.items()})
+            for name, x in dthr.items():
+                _rows_of(at.dthr[name], c).copy_(x)
+        elif shift is None:
             ds = hn.torch_dscores(s, p, dp, st)  # [bb, hc, G, bl, S'], 0 off the support
         else:  # the row term less the shift: one extra key with s = 0, p = 1, dp = -shift (Normalizer.stat_delta)
             sh = shift[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, None]
@@ -359,7 +382,7 @@ def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dr
     The normalizer's ``torch_native_forward`` first (softmax: torch's CPU flash op where it computes exactly
     our softmax), else the chunk loop. ``seed`` fixes the dropout mask (unused when ``dropout_p == 0``).
     ``threshold``: a two-phase unit's phase 2 (``Normalizer.torch_at_threshold``) at the union's threshold
-    {name: (B, Hq, L)} (forward only: no backward for it)."""
+    {name: (B, Hq, L)} (its backward: :func:`backward_at_threshold`)."""
     extras = torch.empty(0, dtype=torch.float32, device=q.device)
     native = None if threshold is not None else normalizer.torch_native_forward(
         q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap, dropout_p=dropout_p)
@@ -413,6 +436,50 @@ def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask,
     shift = None if delta_shift is None else delta_shift.to(pb.acc).reshape(B, Hkv, G, L)
     dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), dropout_p, seed, st, dout, shift)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def backward_at_threshold(dout, q, k, v, normalizer: Normalizer, threshold: dict, stat_grads: dict, *, mask, causal,
+                          scale, softcap):
+    """Gradients of phase 2 of the two-phase protocol (``forward(..., threshold=)``) with the threshold as an input:
+    (dq, dk, dv, {name: (B, Hq, L)} the gradients of ``threshold``'s entries). ``stat_grads``: {name: (B, Hq, L)}
+    the gradients of the part's own statistics (those ``threshold`` does not give; top-k's lse). Recomputes each
+    chunk's weights at the threshold (``Normalizer.torch_at_threshold``); the rule is
+    ``Normalizer.torch_dscores_at_threshold``."""
+    pb = _prepare(q, k, v, mask, causal, scale, softcap, normalizer)
+    B, Hkv, G, L, _ = pb.q5.shape
+    rows = {n: x.to(pb.acc).reshape(B, Hkv, G, L) for n, x in threshold.items()}
+    at = _AtThreshold(rows, {n: g.to(pb.acc).reshape(B, Hkv, G, L) for n, g in stat_grads.items() if g is not None},
+                      {n: torch.zeros_like(x) for n, x in rows.items()})
+    dq, dk, dv = _backward(pb, normalizer.for_keys(k.shape[2]), 0.0, 0, {}, dout, at=at)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), {n: x.view(B, Hkv * G, L) for n, x in at.dthr.items()}
+
+
+def threshold_candidates_backward(grad, q, k, normalizer: Normalizer, *, mask, causal, scale, softcap):
+    """The gradient of :func:`threshold_candidates` (the dot-product score): (dq, dk) from ``grad`` (B, Hq, L, m)
+    w.r.t. its candidates. Each chunk's candidates are recomputed from its scores under autograd (the unit's
+    ``threshold_candidates`` is torch ops: values picked from the scores), then dq, dk as in the backward."""
+    pb = _prepare(q, k, k[..., :1], mask, causal, scale, softcap, normalizer)
+    B, Hkv, G, L, D = pb.q5.shape
+    S = k.shape[2]
+    g5 = grad.to(pb.acc).reshape(B, Hkv, G, L, -1)
+    dq5 = torch.zeros(B, Hkv, G, L, D, dtype=pb.acc, device=q.device)
+    dk = torch.zeros(B, Hkv, S, D, dtype=pb.acc, device=q.device)
+    norm = normalizer.for_keys(S)
+    for c in _chunks(B, Hkv, G, L, S, pb.causal):
+        bb, hc, bl = c.b1 - c.b0, c.h1 - c.h0, c.i1 - c.i0
+        s, _, qc, capgrad = _scores(pb, c, want_capgrad=True)
+        with torch.enable_grad():
+            leaf = s.detach().requires_grad_()
+            cand = norm.for_heads(c.h0 * G, c.h1 * G).threshold_candidates(leaf)   # [bb, hc, G, bl, m_c]
+            g = g5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1, : cand.shape[-1]]
+            ds = torch.autograd.grad(cand, leaf, g)[0] if cand.requires_grad else torch.zeros_like(s)
+        if capgrad is not None:
+            ds = ds * capgrad
+        ds = ds.view(bb, hc, G * bl, c.sk - c.k0)
+        kc = pb.k[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk]  # [bb, hc, S', D]
+        dq5[c.b0 : c.b1, c.h0 : c.h1, :, c.i0 : c.i1] = (torch.matmul(ds, kc) * pb.scale).view(bb, hc, G, bl, D)
+        dk[c.b0 : c.b1, c.h0 : c.h1, c.k0 : c.sk] += torch.matmul(ds.transpose(-1, -2), qc)
+    return dq5.view(B, Hkv * G, L, D).to(q.dtype), dk.to(k.dtype)
 
 
 def attention(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, return_stats,

@@ -74,7 +74,8 @@ class Forward(NamedTuple):
                 stats["tau"]; topk: tau_k * LOG2E, exactly the value the kernel compared s >= against; with a
                 given threshold, phase 2 of the two-phase protocol, the one it ran at: top-k's cut * LOG2E),
       ``sum_g`` (B, Hq, L) and ``o2`` (B, Hq, L, Dv): normalizers with a second weighted sum (entmax15)
-                with ``save_extras=True`` only.
+                with ``save_extras=True`` only (at a given threshold ``sum_g`` is the raw sum of g, which the
+                threshold's gradient needs: ``Normalizer.kernel_at_threshold_grad``).
       (views into ``extras``)
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
     extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
@@ -322,8 +323,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     instead of autotuning (CUDA) or the interpreter's small blocks. ``splits``: the number of key splits
     (split-KV; default :func:`split_plan` for normalizers that can merge independent parts or run the two-phase
     protocol, else 1). ``threshold``: a two-phase unit's phase 2 at the union's threshold {name: (B, Hq, L)}
-    (``Normalizer.kernel_threshold``, Static.GIVEN_THR; forward only): the statistics named there are reported
-    as given."""
+    (``Normalizer.kernel_threshold``, Static.GIVEN_THR; with ``save_extras`` for units with
+    ``Normalizer.has_threshold_grads``: `backward_at_threshold`): the statistics named there are reported as given."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     dev = q.device
@@ -334,9 +335,10 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
             "bwd_dscores in its kernels module); use backend='torch' for gradients"
         )
-    if threshold is not None and (save_extras or not (normalizer.two_phase and c.hooks.has_prepass)):
+    if threshold is not None and (not (normalizer.two_phase and c.hooks.has_prepass) or
+                                  (save_extras and not normalizer.has_threshold_grads)):
         raise ValueError(f"threshold: {normalizer.spec!r} has no two-phase protocol, or gradients were asked for "
-                         "(phase 2 is forward only)")
+                         "and it has none through it (Normalizer.has_threshold_grads)")
     if splits is None:
         splits = split_plan(B, Hq, L, S, _sm_count(dev)) if _can_split(normalizer, c.hooks, save_extras) else 1
     elif splits > 1 and not _can_split(normalizer, c.hooks, save_extras):
@@ -473,6 +475,20 @@ def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask,
     return launch_backward(dout, q, k, v, out, stats, extras, normalizer, mask=mask, causal=causal,
                            scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, config=config,
                            delta_shift=delta_shift, deterministic=deterministic)
+
+
+def backward_at_threshold(dout, q, k, v, out, stats, extras, normalizer: Normalizer, stat_grads: dict, *, mask,
+                          causal, scale, softcap, deterministic: Optional[bool] = None):
+    """Gradients of phase 2 of the two-phase protocol (``launch_forward(..., threshold=, save_extras=True)``) with
+    the threshold as an input: (dq, dk, dv, {name: (B, Hq, L)} the threshold's gradients). ``stats``: the forward's
+    statistics in ``normalizer.stats`` order; ``stat_grads``: the gradients of the part's own statistics (top-k's
+    lse). The ordinary backward kernels (their weights at the saved threshold) with the row-term shift of
+    ``Normalizer.kernel_at_threshold_grad``."""
+    saved = unpack_extras(extras, normalizer, q, v, True, k.shape[2])
+    shift, dthr = normalizer.kernel_at_threshold_grad(dout, saved, dict(zip(normalizer.stats, stats)), stat_grads)
+    dq, dk, dv = launch_backward(dout, q, k, v, out, stats, extras, normalizer, mask=mask, causal=causal, scale=scale,
+                                 softcap=softcap, delta_shift=shift, deterministic=deterministic)
+    return dq, dk, dv, dthr
 
 
 def dropout_keep_mask(seed: int, shape, dropout_p: float, device=None) -> torch.Tensor:

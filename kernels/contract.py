@@ -180,6 +180,7 @@ class Static(NamedTuple):
                              # summation order varies run to run). False: the deterministic two-kernel backward
     GIVEN_THR: bool = False  # the two-phase protocol's second phase (sparse units): no pre-pass, thr is LOADED from
                              # RowOut.thr (kernel units, (B, Hq, L)), and with Hooks.given_final out = acc (no 1/l)
+                             # and g_sum = sum g itself (its backward's threshold gradient needs the raw sum)
     RAW_SCORES: bool = False # the output pass hands NORM.update_raw the unscaled tile q.k (see Hooks, `raw_scores_ok`)
 
     @classmethod

@@ -197,6 +197,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
         tl.store(rows.thr + row_base + offs_m, thr, mask=row_ok)
     if NORM.has_g:
         inv_g, g_sum = NORM.g_finalize(l_i, l_g)
+        if ST.GIVEN_THR and NORM.given_final:         # final weights: the raw sum of g (phase 2's tau gradient)
+            g_sum = l_g
         if ST.DROPOUT:
             inv_g = inv_g * drop.scale
         tl.store(rows.g_sum + row_base + offs_m, g_sum, mask=row_ok)

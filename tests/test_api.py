@@ -1,5 +1,7 @@
 """The public API: argument checking (every bad input class) and sdpa()'s drop-in semantics vs torch."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -477,6 +479,11 @@ def test_two_phase_merge_is_exact_in_float64(norm):
             torch.testing.assert_close(st[name], want, rtol=1e-12, atol=1e-12)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TopKWithoutThresholdGrads(flashmaps.TopK):
+    candidate_threshold_grad = flashmaps.Normalizer.candidate_threshold_grad
+
+
 def test_two_phase_rejects_bad_input():
     """The two-phase protocol's errors name the argument and say what to do."""
     q, k, v = qkv(L=5, S=12)
@@ -490,8 +497,12 @@ def test_two_phase_rejects_bad_input():
         flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"]})
     with pytest.raises(ValueError, match=r"threshold\['tau'\] must be"):
         flashmaps.attention(q, k, v, "topk:3", threshold={"tau": thr["tau"][:, :, :2], "cut": thr["cut"]})
-    with pytest.raises(ValueError, match="gradients"):
-        flashmaps.attention(q.requires_grad_(), k, v, "topk:3", threshold=thr)
+    no_grads = _TopKWithoutThresholdGrads(3)       # a two-phase unit without the gradient hooks: refused clearly
+    assert flashmaps.parse("topk:3").has_threshold_grads and not no_grads.has_threshold_grads
+    with pytest.raises(ValueError, match="gradients through the two-phase protocol are not provided"):
+        flashmaps.attention(q.requires_grad_(), k, v, no_grads, threshold=thr)
+    with pytest.raises(ValueError, match="gradients through the two-phase protocol are not provided"):
+        flashmaps.global_threshold(no_grads, [thr["tau"][..., None].clone().requires_grad_()])
     with pytest.raises(ValueError, match="dropout"):
         flashmaps.attention(q.detach(), k, v, "topk:3", threshold=thr, dropout_p=0.1)
     with pytest.raises(TypeError, match="non-empty list"):

@@ -1,8 +1,8 @@
 """flashmaps.distributed: context-parallel attention on 2 and 3 gloo processes equals the single-process call.
 
 One spawn of 3 processes (the world, and a subgroup of 2) runs every case (every registered normalizer's examples x causal or not x layout x
-key padding mask or not; the ring for the units with a merge rule, and forward only for the sparse units'
-two-phase protocol) and saves each rank's local output and
+key padding mask or not; the ring for the units with a merge rule or the sparse units' two-phase protocol, with
+gradients) and saves each rank's local output and
 gradients; the parent computes the single-process ``flashmaps.attention`` on the full sequence, cuts it with
 the same layout and compares.
 """
@@ -66,8 +66,10 @@ def _forward_backward(attn, q, k, v, dout):
 
 
 def _forward_only(case) -> bool:
-    """The ring runs a sparse unit by the two-phase protocol, which has no gradient (training raises)."""
-    return case[2] == "ring" and flashmaps.parse(case[0]).two_phase
+    """The ring runs a sparse unit by the two-phase protocol: forward only for a unit without its gradients (none
+    in the registry: training one raises, `_bad_setups`)."""
+    nrm = flashmaps.parse(case[0])
+    return case[2] == "ring" and nrm.two_phase and not nrm.has_threshold_grads
 
 
 def _run_cases(group):
@@ -91,6 +93,12 @@ def _run_cases(group):
     return results
 
 
+class _NoThresholdGrad(flashmaps.Entmax15):
+    """entmax15's two-phase protocol without its gradients (a user unit without the threshold-gradient hooks)."""
+
+    candidate_threshold_grad = flashmaps.Normalizer.candidate_threshold_grad
+
+
 class _NoStatGrad(flashmaps.Softmax):
     """softmax's merge rule without gradients through its statistics (a user unit without stat_delta)."""
 
@@ -105,7 +113,7 @@ def _bad_setups(group, rank):
         "disagree": lambda: cp.attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], group=group, enable_gqa=True),
         "ring_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, _NoStatGrad(), group=group,
                                           layout="ring", enable_gqa=True),
-        "ring_sparse_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, "entmax15", group=group,
+        "ring_sparse_grad": lambda: cp.attention(q.clone().requires_grad_(), k, v, _NoThresholdGrad(), group=group,
                                                  layout="ring", enable_gqa=True),
         "zigzag_odd": lambda: cp.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], group=group, causal=True,
                                            layout="zigzag", enable_gqa=True),

@@ -14,7 +14,8 @@ in ``flashmaps/normalizers/<name>.py``, their Triton hooks in ``flashmaps/kernel
 * its Triton hooks (``triton(S)``, from its kernels module's ``HOOKS`` / ``configure``);
 * its rule for combining results over disjoint key sets (``merge``), or why there is none; a sparse unit's
   two-phase protocol (``two_phase``: ``threshold_candidates``, ``candidate_threshold``, ``torch_at_threshold``,
-  ``kernel_threshold``, ``merge_at_threshold``);
+  ``kernel_threshold``, ``merge_at_threshold``; its gradients: ``candidate_threshold_grad``,
+  ``torch_dscores_at_threshold``, ``kernel_at_threshold_grad``);
 * optionally its score form (``score = "distance"``: ``-(n/2) ln(max(scale ||q - k||^2, tiny))`` instead of
   ``scale q.k``, honoured by every backend and the reference) and per-score noise (``stochastic`` and
   ``score_noise``: the call draws a seed like dropout's; the reference takes it as ``noise_seed``).
@@ -247,7 +248,8 @@ class Normalizer:
     #      entries; the full score row is a valid candidate set);
     #   3. each part computes its output AT that threshold (``torch_at_threshold``; the Triton forward with
     #      ``Static.GIVEN_THR`` loads ``kernel_threshold``) and reports the given threshold as its statistic;
-    #   4. ``merge_at_threshold`` combines the parts (a sum, or log-sum-exp for top-k).
+    #   4. ``merge_at_threshold`` combines the parts (a sum, or log-sum-exp for top-k);
+#   5. optionally gradients through all of it (``has_threshold_grads``, the hooks at the end of this section).
 
     #: True if the unit implements the two-phase protocol below (the sparse units)
     two_phase: ClassVar[bool] = False
@@ -273,6 +275,41 @@ class Normalizer:
     def merge_at_threshold(self, outs: list, stats: list, thr: dict) -> tuple[torch.Tensor, dict]:
         """Phase 2 -> union: combine the parts' results at the union's threshold ``thr`` ({name: (B, Hq, L)})."""
         raise NotImplementedError(f"the normalizer {self.spec!r} has no two-phase protocol")
+
+    # Gradients through the protocol (optional; ``has_threshold_grads``): the merged output's gradients w.r.t. q
+    # and every part's k, v equal those of the call over the union. The threshold is an ordinary tensor of the
+    # autograd graph: ``flashmaps.threshold_candidates`` differentiates its candidates (scores of the part's keys,
+    # recomputed under autograd: ``threshold_candidates`` must be torch ops), ``global_threshold`` its threshold
+    # (``candidate_threshold_grad``), phase 2 its output w.r.t. q, k, v AND the threshold (the two hooks below,
+    # one per backend), and the merge is torch ops. ``g_st`` holds the gradients of the part's own statistics
+    # (those ``thr`` does not give: top-k's lse; None when unused); the shapes are [..., 1] rows in the torch hooks.
+
+    def candidate_threshold_grad(self, c: torch.Tensor, thr: dict, g_thr: dict) -> torch.Tensor:
+        """The gradient [..., M] w.r.t. the candidates ``c`` of a loss whose gradients w.r.t. the entries of
+        ``thr = candidate_threshold(c)`` are ``g_thr`` ({name: [..., 1]}, only the entries that have one)."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no gradients through its two-phase protocol")
+
+    def torch_dscores_at_threshold(self, s, p, dp, thr: dict, st: dict, g_st: dict):
+        """Phase 2's backward rule on the torch path: (dL/ds [..., S'], {name: dL/dthr[name] [..., 1]}) of a part
+        with scores ``s``, weights ``p`` and statistics ``st`` from ``torch_at_threshold(s, thr)``, and ``dp =
+        dL/dp``, counting the threshold as an input (the implicit dependence of the union's threshold on the
+        scores is the candidates' gradient, not this part's)."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no gradients through its two-phase protocol")
+
+    def kernel_at_threshold_grad(self, dout, saved: dict, st: dict, g_st: dict):
+        """Phase 2's backward on the Triton path: from dO (B, Hq, L, Dv), the forward's saved extras (``saved``:
+        ``triton_path.Forward.saved`` with ``save_extras=True``) and the part's statistics ``st`` {name:
+        (B, Hq, L)} -> (``delta_shift`` (B, Hq, L) or None for ``launch_backward``, which then gives the direct
+        dq, dk, dv at the fixed threshold; {name: dL/dthr[name] (B, Hq, L)})."""
+        raise NotImplementedError(f"the normalizer {self.spec!r} has no gradients through its two-phase protocol")
+
+    @property
+    def has_threshold_grads(self) -> bool:
+        """Whether gradients flow through the two-phase protocol (the unit overrides the three hooks above)."""
+        cls = type(self)
+        return self.two_phase and all(getattr(cls, n) is not getattr(Normalizer, n) for n in
+                                      ("candidate_threshold_grad", "torch_dscores_at_threshold",
+                                       "kernel_at_threshold_grad"))
 
     # -------------------------------------------------------------------------------- per-head tensors
 

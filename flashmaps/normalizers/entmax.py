@@ -53,7 +53,8 @@ class Entmax(TwoPhaseRoot, Normalizer):
     threshold of the concatenated candidates; 3. each part's output at that tau, ``sum_j p_j v_j`` with
     ``p_j = max(x_j - tau, 0)^e`` NOT divided by the part's mass (the weights at the union's tau are final); 4. the merge
     sums the outputs (the masses sum to 1 up to the rounding of tau). Split-KV decoding runs the same protocol.
-    Gradients through it are not provided (tau depends on every part's scores).
+    Gradients through it are exact (``rows.TwoPhaseRoot``): phase 2's backward at the fixed tau plus tau's own
+    gradient, which reaches every part's scores through the candidates (implicit function of sum p = 1).
     """
 
     alpha: float | torch.Tensor = 1.25
@@ -68,13 +69,16 @@ class Entmax(TwoPhaseRoot, Normalizer):
     formula: ClassVar[str] = ("`max((alpha-1) s_j - tau, 0)^(1/(alpha-1))`, `tau` such that `sum_j p_j = 1`, "
                               "1 < alpha <= 2 (Peters et al. 2019)")
     merge_rule: ClassVar[str] = ("two-phase: local supports -> global `tau` -> sum of the parts' outputs at `tau` "
-                                 "(`merge(..., threshold=)`)")
+                                 "(`merge(..., threshold=)`); exact gradients")
 
     def _x(self, s):                             # the two-phase protocol (rows.TwoPhaseRoot)
         return s * self._a(s)
 
     def _w(self, d):
         return d.pow(1.0 / self._a(d))
+
+    def _u(self, d):
+        return torch.where(d > 0, d.pow(1.0 / self._a(d) - 1.0), torch.zeros_like(d))   # p^(2 - alpha)
 
     def __post_init__(self):
         a = self.alpha

@@ -30,7 +30,8 @@ class Entmax15(TwoPhaseRoot, Normalizer):
     threshold of the concatenated candidates; 3. each part's output at that tau, ``sum_j p_j v_j`` with
     ``p_j = max(z_j - tau, 0)^2`` NOT divided by the part's mass (the weights at the union's tau are final); 4. the merge
     sums the outputs (the masses sum to 1 up to the rounding of tau). Split-KV decoding runs the same protocol.
-    Gradients through it are not provided (tau depends on every part's scores).
+    Gradients through it are exact (``rows.TwoPhaseRoot``): phase 2's backward at the fixed tau plus tau's own
+    gradient, which reaches every part's scores through the candidates (implicit function of sum p = 1).
     """
 
     name: ClassVar[str] = "entmax15"
@@ -41,13 +42,16 @@ class Entmax15(TwoPhaseRoot, Normalizer):
     order: ClassVar[int] = 20
     formula: ClassVar[str] = "`max(s_j/2 - tau, 0)^2`, `tau` such that `sum_j p_j = 1` (as `entmax.entmax15`)"
     merge_rule: ClassVar[str] = ("two-phase: local supports -> global `tau` -> sum of the parts' outputs at `tau` "
-                                 "(`merge(..., threshold=)`)")
+                                 "(`merge(..., threshold=)`); exact gradients")
 
     def _x(self, s):                             # the two-phase protocol (rows.TwoPhaseRoot)
         return s * 0.5
 
     def _w(self, d):
         return d.square()
+
+    def _u(self, d):
+        return d
 
     def reference_weights(self, s, allowed):
         tau = entmax15_threshold(s, allowed)

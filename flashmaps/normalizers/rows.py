@@ -169,8 +169,10 @@ def sum_parts(outs: list) -> torch.Tensor:
 
 class TwoPhaseRoot:
     """The two-phase protocol of a unit whose tau is the root of a decreasing ``F(tau) = sum_j w(x_j - tau) - 1``
-    with ``x = unit * s`` (entmax15: 1/2, sparsemax: 1, entmax: alpha - 1), mixed into the unit's class; the unit
-    supplies ``_x(s)`` (x from s) and ``_w(d)`` (the unnormalized weights of ``d = x - tau``).
+    with ``x = a s`` (a = entmax15: 1/2, sparsemax: 1, entmax: alpha - 1), mixed into the unit's class; the unit
+    supplies ``_x(s)`` (x from s), ``_w(d)`` (the unnormalized weights of ``d = x - tau``) and ``_u(d)`` (``u =
+    a w'(d)``, the weight of its backward ``dS = u (dP - sum u dP / sum u)``: entmax15 d, sparsemax [d > 0],
+    entmax d^(1/a - 1)).
 
     Phase 1: the local support ``{x > tau_part}`` (adding keys never lowers tau, so the union's support lies in
     the union of the local supports, and F over those candidates has the union's root). Phase 2: ``p_j = w(x_j -
@@ -180,12 +182,19 @@ class TwoPhaseRoot:
 
     Size: the candidates are as wide as the widest local support, usually a few dozen keys; the worst case is
     a flat row (a fresh model's scores, all within 1 of the max), whose support is the whole part: phase 1 then
-    moves as many numbers as that part's score rows (no safeguard beyond that: it stays exact)."""
+    moves as many numbers as that part's score rows (no safeguard beyond that: it stays exact).
+
+    Gradients (exact; ``Normalizer.has_threshold_grads``): a part's output at a fixed tau has ``dS_j = u_j dP_j``
+    (its ordinary backward with the row term 0) and ``dL/dtau = -sum_j w'(d_j) dP_j = -N / a`` with ``N = sum_j
+    u_j dP_j`` over the part's keys; the implicit function ``sum_j w(x_j - tau) = 1`` over the union gives
+    ``dtau/ds_j = a u_j / sum u`` for the union's keys, all of them among the candidates (so
+    ``candidate_threshold_grad`` is ``g_tau a u(c) / sum u(c)``). Summed over the parts: ``dS_j = u_j (dP_j -
+    sum_all u dP / sum_all u)``, the backward of the call over the union."""
 
     two_phase = True
 
     def threshold_candidates(self, s):
-        tau = self.torch_stats(s, True)["tau"]
+        tau = self.torch_stats(s.detach(), True)["tau"]          # (only compared: the candidates are s itself)
         return compact_candidates(s, self._x(s) > tau)
 
     def candidate_threshold(self, c):
@@ -199,3 +208,24 @@ class TwoPhaseRoot:
 
     def merge_at_threshold(self, outs, stats, thr):
         return sum_parts(outs), {"tau": thr["tau"]}
+
+    def _slope(self, t):
+        """a = dx/ds, broadcast like the rows t [..., 1] (per head for a per-head alpha)."""
+        return self._x(torch.ones_like(t))
+
+    def _u_at(self, s, tau):
+        return self._u(torch.clamp(self._x(s) - tau, min=0))         # -inf scores and +inf tau give 0
+
+    def candidate_threshold_grad(self, c, thr, g_thr):
+        u = self._u_at(c, thr["tau"])
+        return g_thr["tau"] * self._slope(thr["tau"]) * safe_div(u, rowsum(u))
+
+    def torch_dscores_at_threshold(self, s, p, dp, thr, st, g_st):
+        ds = self._u_at(s, thr["tau"]) * dp
+        return ds, {"tau": -rowsum(ds) / self._slope(thr["tau"])}
+
+    def kernel_at_threshold_grad(self, dout, saved, st, g_st):
+        # the forward's second sum at the given tau: O2 = sum_j u_j v_j / sum_j u_j and sum_g = sum_j u_j (raw)
+        delta = (dout.float() * saved["o2"]).sum(-1)                          # N / sum u
+        tau = st["tau"][..., None]
+        return delta, {"tau": -(delta * saved["sum_g"]) / self._slope(tau)[..., 0]}

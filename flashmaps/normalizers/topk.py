@@ -33,8 +33,10 @@ class TopK(Normalizer):
     with ``s >= tau_k`` even when a part recomputes its scores with other rounding (a key AT the threshold is
     the k-th largest itself; a plain ``s >= tau_k`` would drop it half of the time); ``cut = tau_k`` when no
     candidate lies below (ties); 3. each part's softmax over its kept keys (output and ``lse``), reporting the
-    given ``tau``; 4. the log-sum-exp merge. Split-KV decoding runs the same protocol. Gradients through it
-    are not provided.
+    given ``tau``; 4. the log-sum-exp merge. Split-KV decoding runs the same protocol. Gradients through it are
+    exact: the kept sets are piecewise constant in the scores (``cut`` gets none), each part's backward is the
+    softmax rule on its kept keys with its ``lse``'s gradient as the row-term shift (``dlse/ds_j = p_j``, as
+    softmax's ``stat_delta``), and ``tau`` (the k-th largest candidate) passes its gradient to that candidate.
     """
 
     k: int = 64
@@ -47,7 +49,7 @@ class TopK(Normalizer):
     order: ClassVar[int] = 30
     formula: ClassVar[str] = "softmax over the keys with `s_j >= tau_k`, the k-th largest score (ties kept)"
     merge_rule: ClassVar[str] = ("two-phase: local top-(k+1) -> global `tau_k` -> log-sum-exp merge of the parts' "
-                                 "kept keys (`merge(..., threshold=)`)")
+                                 "kept keys (`merge(..., threshold=)`); exact gradients")
     two_phase: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -148,6 +150,26 @@ class TopK(Normalizer):
         from .softmax import merge_lse
         out, st = merge_lse(outs, [x["lse"] for x in stats])
         return out, {"tau": thr["tau"], "lse": st["lse"]}
+
+    def candidate_threshold_grad(self, c, thr, g_thr):
+        with torch.enable_grad():                # candidate_threshold is sorts and selections: autograd through it
+            leaf = c.detach().requires_grad_()
+            out = self.candidate_threshold(leaf)
+            names = [n for n in g_thr if out[n].requires_grad]
+            if not names:                        # (at most k candidates: tau = -inf, no dependence)
+                return torch.zeros_like(c)
+            return torch.autograd.grad([out[n] for n in names], leaf, [g_thr[n] for n in names])[0]
+
+    def torch_dscores_at_threshold(self, s, p, dp, thr, st, g_st):
+        from .softmax import lse_stat_delta
+        g = g_st.get("lse")
+        delta = rowsum(p * dp) - (0 if g is None else lse_stat_delta(st["lse"], g))
+        return p * (dp - delta), {}
+
+    def kernel_at_threshold_grad(self, dout, saved, st, g_st):
+        from .softmax import lse_stat_delta
+        g = g_st.get("lse")
+        return (None if g is None else lse_stat_delta(st["lse"], g)), {}
 
     def sink_stats(self, stats, sinks):          # attention sinks (flashmaps.sinks): one more kept logit
         from ..sinks import lse_sink_stats
