@@ -79,6 +79,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
     Returns:
         out (total_q, Hq, Dv) in v's dtype [, stats]. Equal to running each sequence separately.
+
+    The Triton backend runs ONE launch per kernel over every sequence (`flashmaps.triton_varlen`; with gradients
+    through the statistics as :func:`flashmaps.attention`); dropout, the stochastic units and a unit whose options
+    depend on the key count (sigmoid's default b) run one call per sequence, as does the torch (CPU) backend.
+    The checks of cu_seqlens read 8 flags from the device (one tiny copy), with no per-sequence host loop.
     """
     norm = parse(normalizer)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -122,6 +127,8 @@ def _one_launch(q, k, v, cq, ck, max_q, max_k, norm, causal, window, scale, soft
     :func:`flashmaps.attention` makes."""
     fn._check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], True)
     fn._check_head_tensor(norm.head_params(), q.shape[1], q.device, f"{norm.name}'s per-head parameters")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     band = encode_window(fn._check_causal(causal), check_window(window))
     out, stats = triton_varlen.attention(q, k, v, cq, ck, max_q, max_k, norm, causal=band,
                                          scale=fn._check_scale(scale, q.shape[2]), softcap=fn._check_softcap(softcap),

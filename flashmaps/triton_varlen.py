@@ -16,7 +16,8 @@ configuration is correct for any S <= that (top-k's modes, the threshold engine'
 OPTIONS depend on the key count (``Normalizer.for_keys``, sigmoid's default b = -log S) is not run here
 (:func:`supported`). Not here either: dropout and score noise (their counters are the per-sequence calls'
 (head, row) of a batch of one), split-KV, a given threshold; :mod:`flashmaps.inference` runs those per sequence.
-The backward's non-finite rule (NaN dk/dv of a head with a NaN row) is not applied here.
+The backward's non-finite rule (`flashmaps.ops`: a row with a NaN statistic gets a NaN dq row, and its sequence's
+kv head NaN dk, dv) is applied per sequence with a few device-side passes (`_nonfinite_grads`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,21 @@ def launch_backward(dout, q, k, v, out, stats, extras, cu_q, cu_k, max_q: int, m
     return dq, dk, dv
 
 
+def _nonfinite_grads(dq, dk, dv, bad, cu_q, cu_k):
+    """The non-finite rule of `flashmaps.ops._nonfinite_grads` per packed sequence: ``bad`` (Hq, total_q) marks the
+    rows whose forward met a NaN or +inf score; their dq rows, and dk, dv of (their sequence, their kv head), are NaN.
+    Device-side only (no host read)."""
+    total_q, Hq = dq.shape[:2]
+    Hkv = dk.shape[1]
+    nan = dq.new_full((), float("nan"))
+    dq = torch.where(bad.t()[..., None], nan, dq)
+    seq_q = torch.searchsorted(cu_q, torch.arange(total_q, device=dq.device, dtype=cu_q.dtype), right=True) - 1
+    seq_k = torch.searchsorted(cu_k, torch.arange(dk.shape[0], device=dq.device, dtype=cu_k.dtype), right=True) - 1
+    head = torch.zeros(cu_q.numel() - 1, Hq, device=dq.device).index_add_(0, seq_q, bad.t().float()) > 0   # (B, Hq)
+    kv_bad = head.view(-1, Hkv, Hq // Hkv).any(-1)[seq_k][..., None]                                   # (total_k, Hkv, 1)
+    return dq, torch.where(kv_bad, nan.to(dk.dtype), dk), torch.where(kv_bad, nan.to(dv.dtype), dv)
+
+
 class _Varlen(torch.autograd.Function):
     """out (total_q, Hq, Dv) and the stats (n_stats, Hq, total_q); gradients through the stats for the units with
     ``Normalizer.stat_delta`` (as `flashmaps.ops`)."""
@@ -174,6 +190,8 @@ class _Varlen(torch.autograd.Function):
         dq, dk, dv = launch_backward(dout, q, k, v, out, list(stats.unbind(0)), extras, cu_q, cu_k, max_q, max_k,
                                      norm, causal=causal, scale=scale, softcap=softcap, delta_shift=shift,
                                      deterministic=deterministic)
+        bad = stats.isnan().any(0) if stats.numel() else out.sum(-1).isnan().t()         # (Hq, total_q)
+        dq, dk, dv = _nonfinite_grads(dq, dk, dv, bad, cu_q, cu_k)
         return dq, dk, dv, *([None] * 9)
 
 

@@ -30,6 +30,10 @@ Kernels:
 * ``attn_bwd_dq``           grid (cdiv(L, BM), B*Hq): a program owns BM query rows and loops over the
                             key tiles like the forward (``tiles.key_bounds``).
 
+With ST.VARLEN (packed sequences, `flashmaps.triton_varlen`) the dK/dV and dQ grids span max_seqlen_k / _q and
+a program works on its sequence's Dims and rows (`tiles.varlen_dims`), exiting past them; the preprocess runs
+unchanged over the (1, Hq, total_q) rows.
+
 With ST.ATOMIC_DQ the dK/dV kernel also computes each visited tile's dQ = sm_scale * dS @ K (the dQ kernel's
 chain, `_dq_product`) and adds it into DQA, an fp32 (B, Hq, L, HEAD_D) contiguous buffer zeroed by the
 launcher, with ``tl.atomic_add``; the dQ kernel is then not launched. Matrix products per (query tile, key

@@ -107,7 +107,9 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     `contract.RowOut`; dims: `contract.Dims`; scale: `contract.ScoreScale`; args: the normalizer's runtime
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
     scratch has L_PAD >= every row index a program touches rows per (batch, head). HP: the (Hq,) fp32 head
-    parameters with NORM.head_param (`contract.Hooks`), else a placeholder."""
+    parameters with NORM.head_param (`contract.Hooks`), else a placeholder. ST.VARLEN: packed sequences, grid
+    (cdiv(max_seqlen_q, BM), B * Hq); a program of sequence b works on its Dims (`tiles.varlen_dims`) and exits
+    when its block starts past L_b; the scratch stays (B, Hq, L_PAD) with L_PAD from max_seqlen_q."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     pid_bh = off_b * dims.Hq + off_h
     if ST.SPLIT:                                       # axis 0 is (query block, split)
@@ -144,7 +146,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     head_rows = pid_bh.to(tl.int64) * dims.L           # the head's row counter base (dropout, score noise)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
                 dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows)
-    row_base = rows_base(dims, off_b_out, off_h, ST.VARLEN)   # (B, Hq, L) contiguous row outputs
+    row_base = rows_base(dims, off_b_out, off_h, ST.VARLEN)   # (B, Hq, L) row outputs ((Hq, total_q) VARLEN)
 
     if NORM.head_param:                                # one parameter per query head: hooks get (thr, hp)
         hp = tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32)                    # [BM]

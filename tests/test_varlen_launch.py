@@ -74,12 +74,12 @@ def _loss_grads(out, st, q, k, v, stat_grad: bool):
 
 def _compare(got, want, tol):
     (out, st, grads), (out2, st2, grads2) = got, want
-    torch.testing.assert_close(out, out2, atol=tol, rtol=tol)
+    torch.testing.assert_close(out, out2, atol=tol, rtol=tol, equal_nan=True)
     assert st.keys() == st2.keys()
     for name in st:
         torch.testing.assert_close(st[name], st2[name], atol=tol, rtol=tol, equal_nan=True)
     for a, b in zip(grads, grads2):
-        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol, equal_nan=True)
 
 
 def _both(monkeypatch, spy, q, k, v, cq, ck, norm, stat_grad=False, **kw):
@@ -162,6 +162,21 @@ def test_fallbacks(monkeypatch):
     empty = torch.zeros(3, dtype=torch.int32, device=KERNEL_DEVICE)
     out = flashmaps.attention_varlen(q[:0], k, v, empty, ck, 0, 9, backend="triton")
     assert out.shape == (0, 2, 16)
+
+
+def test_nonfinite_rule_per_sequence(monkeypatch):
+    """A NaN query row: its dq row and its own sequence's dk, dv of its kv head are NaN, as in the per-sequence
+    calls (sparsemax: its threshold comparisons would drop the NaN without the rule); the other sequences'
+    gradients are unchanged."""
+    spy = _Launches(monkeypatch)
+    q, k, v, cq, ck = _packed([4, 0, 6], [9, 3, 2], 2, 1, 16, 16)
+    with torch.no_grad():
+        q[5, 1, 0] = float("nan")                      # sequence 2, head 1
+    got, (_, calls), want, _ = _both(monkeypatch, spy, q, k, v, cq, ck, "sparsemax")
+    assert calls == 0
+    _compare(got, want, 1e-5)
+    dq, dk, dv = got[2]
+    assert dq[5, 1].isnan().all() and not dq[:4].isnan().any() and dk[12:].isnan().all() and not dk[:12].isnan().any()
 
 
 def test_bad_cu_seqlens_messages():
