@@ -94,20 +94,27 @@ def _both(monkeypatch, spy, q, k, v, cq, ck, norm, stat_grad=False, **kw):
     return got, launches, want, spy.take()
 
 
-@pytest.mark.parametrize("norm, causal, window, Hq, Hkv, deterministic", [
-    ("softmax", True, None, 4, 2, False),                 # upper-left, GQA, gradients through lse
-    ("softmax", "lower_right", (3, 2), 2, 2, True),       # a window, lower-right; the dQ kernel
-    ("entmax15", "lower_right", None, 2, 1, False),       # sparse, MQA
-    ("taylor", False, (4, 0), 2, 1, False),               # a causal window (lower-right aligned)
-    ("topk:5", True, None, 2, 2, True),                   # the pre-pass (scratch per sequence)
+@pytest.mark.parametrize("norm, causal, window, Hq, Hkv, deterministic, extra", [
+    ("softmax", True, None, 4, 2, False, "strided"),      # upper-left, GQA, gradients through lse, strided q, k, v
+    ("softmax", "lower_right", (3, 2), 2, 2, True, ""),   # a window, lower-right; the dQ kernel
+    ("entmax15", "lower_right", None, 2, 1, False, ""),   # sparse, MQA
+    ("taylor", False, (4, 0), 2, 1, False, "int64"),      # a causal window (lower-right aligned), int64 cu_seqlens
+    ("topk:5", True, None, 2, 2, True, "softcap"),        # the pre-pass (scratch per sequence), softcap and scale
 ], ids=lambda x: str(x))
-def test_one_launch_equals_each_sequence(monkeypatch, norm, causal, window, Hq, Hkv, deterministic):
+def test_one_launch_equals_each_sequence(monkeypatch, norm, causal, window, Hq, Hkv, deterministic, extra):
     spy = _Launches(monkeypatch)
     q, k, v, cq, ck = _packed(LENS_Q, LENS_K, Hq, Hkv, 16, 8)
+    if extra == "strided":                             # every other head dim of wider tensors
+        q, k, v = (torch.stack([x, x], -1).flatten(-2)[..., ::2].detach().requires_grad_() for x in (q, k, v))
+        assert q.stride(2) == 2
+    if extra == "int64":
+        cq, ck = cq.long(), ck.long()
+    kw = dict(softcap=5.0, scale=0.4) if extra == "softcap" else {}
     torch.use_deterministic_algorithms(deterministic)
     try:
         got, (kernels, calls), want, (_, loop_calls) = _both(monkeypatch, spy, q, k, v, cq, ck, norm,
-                                                              stat_grad=norm == "softmax", causal=causal, window=window)
+                                                              stat_grad=norm == "softmax", causal=causal, window=window,
+                                                              **kw)
     finally:
         torch.use_deterministic_algorithms(False)
     bwd = ["attn_bwd_dkdv", "attn_bwd_dq"] if deterministic else ["attn_bwd_dkdv"]
