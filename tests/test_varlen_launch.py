@@ -130,7 +130,7 @@ def test_registry_one_launch(monkeypatch, norm):
     """Every normalizer at one small shape, forward and backward: the one launch where `triton_varlen.supported`,
     else the per-sequence loop (stochastic units, sigmoid's key-count default): equal to the loop either way."""
     spy = _Launches(monkeypatch)
-    lens_q, lens_k = [3, 0, 17], [20, 2, 17]
+    lens_q, lens_k = [3, 0, 17, 2], [20, 2, 17, 0]
     q, k, v, cq, ck = _packed(lens_q, lens_k, 2, 1, 16, 16, seed=2)
     torch.manual_seed(0)
     got = _run(q, k, v, cq, ck, norm, causal="lower_right")
