@@ -192,6 +192,8 @@ class Static(NamedTuple):
     VARLEN: bool = False     # packed variable-length sequences in one launch (Dims.cu_q ...): Q, O, DQ are (1, Hq,
                              # total_q, D) views and K, V, DK, DV (1, Hkv, total_k, D) (batch stride 0); a program
                              # of sequence b works on `tiles.varlen_dims`'s Dims and views rebased by `tiles.at_row`
+                             # (not combined with a mask, DROPOUT, score noise, SPLIT or GIVEN_THR: their row counters
+                             # and layouts are the (B, Hq, L) ones; `flashmaps.triton_varlen.supported`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
