@@ -7,13 +7,16 @@
         q (B, L, Hq, D); caches (B, S_max, Hkv, D), or (num_blocks, block_size, Hkv, D) with
         block_table (B, max_blocks) (a paged cache); optional in-place append of the new k, v (B, L_new, Hkv, D).
 
-Both run every registered normalizer through :func:`flashmaps.attention` (both backends, gradients, GQA,
-windows): varlen as one call per sequence on views of the packed tensors (no padding, no mask, no copy of
-q, k or v), the KV cache as one call over the cache with a key-length mask per sequence, lower-right
+Varlen on the Triton backend is ONE launch per kernel over all the sequences (`flashmaps.triton_varlen`: the
+forward, and the backward's preprocess, dK/dV and dQ, or the atomic-dQ pair), equal to running each sequence
+separately; it falls back to one :func:`flashmaps.attention` call per sequence (views of the packed tensors: no
+padding, no mask, no copy of q, k or v) for what the one launch does not do (`triton_varlen.supported`: dropout,
+the stochastic units' noise, a unit whose options depend on the key count such as sigmoid's default b) and on
+the torch (CPU) path. Validating cu_seqlens costs one tiny device->host read (8 flags), no per-sequence loop.
+Both run every registered normalizer (both backends, gradients, GQA, windows); the KV cache as one call over the cache with a key-length mask per sequence, lower-right
 aligned (the last query row is the newest key). A decoding step (L <= 16 query rows) takes the Triton
 forward's split-KV path (``triton_path.split_plan``: the cache's keys split across programs, merged by the
-unit's rule, or its two-phase protocol for the sparse units). What they do not do yet: one kernel launch over
-all the sequences of a varlen batch (the loop launches per sequence, and reads ``cu_seqlens`` on the host).
+unit's rule, or its two-phase protocol for the sparse units).
 """
 
 from __future__ import annotations
@@ -22,29 +25,43 @@ import torch
 
 from . import functional as fn
 from .normalizers import Normalizer, parse
-from .window import check_window
+from . import triton_varlen
+from .window import check_window, encode as encode_window
 
 __all__ = ["attention_varlen", "attention_with_kvcache"]
 
 
-def _check_cu(cu, total: int, argname: str) -> list[int]:
+def _check_cu_type(cu, argname: str) -> None:
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{argname} must be a 1-D int32/int64 tensor of sequence starts (batch + 1 entries)")
     if cu.numel() < 2:
         raise ValueError(f"{argname} must have at least 2 entries (batch + 1), got {cu.numel()}")
-    vals = [int(x) for x in cu.tolist()]
-    if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])):
-        raise ValueError(f"{argname} must start at 0 and be non-decreasing, got {vals[:8]}...")
-    if vals[-1] != total:
-        raise ValueError(f"{argname} must end at the number of packed rows ({total}), got {vals[-1]}")
-    return vals
 
 
-def _check_max(m, lens: list[int], argname: str) -> None:
+def _check_max_type(m, argname: str) -> None:
     if isinstance(m, bool) or not isinstance(m, int):
         raise TypeError(f"{argname} must be an int, got {type(m).__name__}")
-    if m < max(lens, default=0):
-        raise ValueError(f"{argname} = {m} is less than the longest sequence ({max(lens)})")
+
+
+def _check_cu(cq, ck, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """The values of cu_seqlens_q / _k (start at 0, non-decreasing, end at the packed total) and the max lengths,
+    with tensor ops and ONE device->host read of 8 flags (CUDA: one tiny copy and sync; no per-sequence loop)."""
+    flags = []
+    for cu, total, m in ((cq, total_q, max_q), (ck, total_k, max_k)):
+        d = cu[1:] - cu[:-1]
+        flags += [cu[0] != 0, (d < 0).any(), cu[-1] != total, d.max() > m]
+    bad = torch.stack(flags).tolist()
+    for at, (cu, total, m, argname) in enumerate(((cq, total_q, max_q, "cu_seqlens_q"),
+                                                  (ck, total_k, max_k, "cu_seqlens_k"))):
+        vals = cu.tolist() if any(bad[4 * at: 4 * at + 4]) else None       # (error paths only)
+        if bad[4 * at] or bad[4 * at + 1]:
+            raise ValueError(f"{argname} must start at 0 and be non-decreasing, got {vals[:8]}...")
+        if bad[4 * at + 2]:
+            raise ValueError(f"{argname} must end at the number of packed rows ({total}), got {vals[-1]}")
+        if bad[4 * at + 3]:
+            longest = max(b - a for a, b in zip(vals, vals[1:]))
+            name = "max_seqlen_" + argname[-1]
+            raise ValueError(f"{name} = {m} is less than the longest sequence ({longest})")
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -62,6 +79,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
 
     Returns:
         out (total_q, Hq, Dv) in v's dtype [, stats]. Equal to running each sequence separately.
+
+    The Triton backend runs ONE launch per kernel over every sequence (`flashmaps.triton_varlen`; with gradients
+    through the statistics as :func:`flashmaps.attention`); dropout, the stochastic units and a unit whose options
+    depend on the key count (sigmoid's default b) run one call per sequence, as does the torch (CPU) backend.
+    The checks of cu_seqlens read 8 flags from the device (one tiny copy), with no per-sequence host loop.
     """
     norm = parse(normalizer)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -70,12 +92,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             raise ValueError(f"attention_varlen: {name} must be (total, heads, head_dim), got shape {tuple(x.shape)}")
     if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
         raise ValueError(f"attention_varlen: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same total and heads")
-    cq = _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    ck = _check_cu(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-    if len(cq) != len(ck):
-        raise ValueError(f"cu_seqlens_q has {len(cq) - 1} sequences and cu_seqlens_k {len(ck) - 1}; they must match")
-    _check_max(max_seqlen_q, [b - a for a, b in zip(cq, cq[1:])], "max_seqlen_q")
-    _check_max(max_seqlen_k, [b - a for a, b in zip(ck, ck[1:])], "max_seqlen_k")
+    _check_cu_type(cu_seqlens_q, "cu_seqlens_q")
+    _check_cu_type(cu_seqlens_k, "cu_seqlens_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} sequences and cu_seqlens_k "
+                         f"{cu_seqlens_k.numel() - 1}; they must match")
+    _check_max_type(max_seqlen_q, "max_seqlen_q")
+    _check_max_type(max_seqlen_k, "max_seqlen_k")
+    _check_cu(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    dropout_p = fn._check_dropout(dropout_p)
+    if fn._choose_backend(backend, q.device, q.dtype) == "triton" and q.shape[0] and k.shape[0] and \
+            triton_varlen.supported(norm, max_seqlen_k, dropout_p):
+        return _one_launch(q, k, v, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), max_seqlen_q, max_seqlen_k,
+                           norm, causal, window, scale, softcap, return_stats)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, stats = [], []
     for b in range(len(cq) - 1):
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)          # (1, Hq, L_b, D) views
@@ -90,6 +120,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     if not return_stats:
         return out
     return out, {name: torch.cat([st[name][0] for st in stats], 1) for name in norm.stats}
+
+
+def _one_launch(q, k, v, cq, ck, max_q, max_k, norm, causal, window, scale, softcap, return_stats):
+    """The Triton path's one launch over every sequence (`flashmaps.triton_varlen`), after the checks that
+    :func:`flashmaps.attention` makes."""
+    fn._check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], True)
+    fn._check_head_tensor(norm.head_params(), q.shape[1], q.device, f"{norm.name}'s per-head parameters")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    band = encode_window(fn._check_causal(causal), check_window(window))
+    out, stats = triton_varlen.attention(q, k, v, cq, ck, max_q, max_k, norm, causal=band,
+                                         scale=fn._check_scale(scale, q.shape[2]), softcap=fn._check_softcap(softcap),
+                                         deterministic=torch.are_deterministic_algorithms_enabled())
+    return (out, stats) if return_stats else out
 
 
 def _cache_lengths(cache_seqlens, B: int, S_max: int, device) -> torch.Tensor:

@@ -30,6 +30,10 @@ Kernels:
 * ``attn_bwd_dq``           grid (cdiv(L, BM), B*Hq): a program owns BM query rows and loops over the
                             key tiles like the forward (``tiles.key_bounds``).
 
+With ST.VARLEN (packed sequences, `flashmaps.triton_varlen`) the dK/dV and dQ grids span max_seqlen_k / _q and
+a program works on its sequence's Dims and rows (`tiles.varlen_dims`), exiting past them; the preprocess runs
+unchanged over the (1, Hq, total_q) rows.
+
 With ST.ATOMIC_DQ the dK/dV kernel also computes each visited tile's dQ = sm_scale * dS @ K (the dQ kernel's
 chain, `_dq_product`) and adds it into DQA, an fp32 (B, Hq, L, HEAD_D) contiguous buffer zeroed by the
 launcher, with ``tl.atomic_add``; the dQ kernel is then not launched. Matrix products per (query tile, key
@@ -53,7 +57,8 @@ import triton.language as tl
 from .contract import Keys
 from .dropout import dropout_keep
 from .tiles import (add_noise, head_base, head_program, key_bounds, left_bounds, left_query_bounds, load_tile, log_distance,
-                    mask_rows, mask_scores, mma, query_bounds, query_program, scale_scores)
+                    mask_rows, mask_scores, mma, query_bounds, query_program, scale_scores, at_row, rows_base,
+                    varlen_dims)
 
 
 class _Rows(NamedTuple):
@@ -130,7 +135,7 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
     rows = tl.arange(0, BM)
     offs_m = start_m + rows                                                            # [BM]
     row_ok = offs_m < dims.L
-    row_base = (off_b * dims.Hq + off_h).to(tl.int64) * dims.L
+    row_base = rows_base(dims, off_b, off_h, ST.VARLEN)
     q = load_tile(head_base(Q, off_b, off_h), start_m, rows, tl.arange(0, ST.BD), dims.L, ST.HEAD_D, Q.sr, Q.sc,
                   True, ST.PAD_D)                                                      # [BM, BD]
     do = load_tile(head_base(DO, off_b, off_h), start_m, rows, tl.arange(0, ST.BDV), dims.L, ST.HEAD_DV,
@@ -231,6 +236,12 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
     start_n = pid_n * BN
+    if ST.VARLEN:                                      # packed sequence off_b: its Dims, its rows and keys
+        dims, k0 = varlen_dims(dims, off_b)
+        if start_n >= dims.S:
+            return
+        Q, DO, K, V = at_row(Q, dims.q0), at_row(DO, dims.q0), at_row(K, k0), at_row(V, k0)
+        DK, DV = at_row(DK, k0), at_row(DV, k0)
     keys_n = tl.arange(0, BN)
     offs_d = tl.arange(0, ST.BD)
     offs_dv = tl.arange(0, ST.BDV)
@@ -293,6 +304,11 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
                 BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
     """dQ of BM query rows of one query head; grid (cdiv(L, BM), B * Hq). Arguments as attn_bwd_dkdv."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
+    if ST.VARLEN:                                      # packed sequence off_b: its Dims, its rows and keys
+        dims, k0 = varlen_dims(dims, off_b)
+        if pid_m * BM >= dims.L:
+            return
+        Q, DO, DQ, K, V = at_row(Q, dims.q0), at_row(DO, dims.q0), at_row(DQ, dims.q0), at_row(K, k0), at_row(V, k0)
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                                                # [BM]
     offs_d = tl.arange(0, ST.BD)

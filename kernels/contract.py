@@ -25,7 +25,8 @@ Runtime argument bundles (named tuples: Triton passes their fields as kernel arg
 
     View        a 4-D tensor (batch, head, row, col): pointer and its four strides
     Dims        Hq, group (= Hq // Hkv), L, S, causal_off (0 upper-left, S - L lower-right; a window's right
-                bound: off + right), left_off (a window's left bound: off - left; `flashmaps.window`)
+                bound: off + right), left_off (a window's left bound: off - left; `flashmaps.window`); with
+                Static.VARLEN also the packed sequences' cu_q, cu_k, alignment and row stride
     ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
     Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
                 pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
@@ -106,6 +107,13 @@ class Dims(NamedTuple):
     causal_off: Any
     left_off: Any     # window: key j is allowed for row i only if j >= i + left_off (read when ST.LEFT)
     split_keys: Any   # split-KV (ST.SPLIT): keys per split, a multiple of every BN; 0 otherwise
+    # packed variable-length sequences (ST.VARLEN; 0 otherwise): B sequences, grid axis 1 = (sequence, head);
+    # `tiles.varlen_dims` turns these into ONE sequence's Dims (L, S, offsets of that sequence, q0 its first row)
+    cu_q: Any = 0        # (B + 1,) int32 first packed query row of each sequence, then total_q
+    cu_k: Any = 0        # (B + 1,) int32 first packed key of each sequence, then total_k
+    align: Any = 0       # 1: causal_off / left_off are lower-right aligned per sequence (+ S_b - L_b), 0: upper-left
+    row_stride: Any = 0  # total_q: the row outputs (stats, thr, g_sum, g_out, BwdRows, DQA) are (Hq, total_q)
+    q0: Any = 0          # (inside the kernels) the sequence's first packed row
 
 
 class ScoreScale(NamedTuple):
@@ -182,15 +190,21 @@ class Static(NamedTuple):
                              # RowOut.thr (kernel units, (B, Hq, L)), and with Hooks.given_final out = acc (no 1/l)
                              # and g_sum = sum g itself (its backward's threshold gradient needs the raw sum)
     RAW_SCORES: bool = False # the output pass hands NORM.update_raw the unscaled tile q.k (see Hooks, `raw_scores_ok`)
+    VARLEN: bool = False     # packed variable-length sequences in one launch (Dims.cu_q ...): Q, O, DQ are (1, Hq,
+                             # total_q, D) views and K, V, DK, DV (1, Hkv, total_k, D) (batch stride 0); a program
+                             # of sequence b works on `tiles.varlen_dims`'s Dims and views rebased by `tiles.at_row`
+                             # (not combined with a mask, DROPOUT, score noise, SPLIT or GIVEN_THR: their row counters
+                             # and layouts are the (B, Hq, L) ones; `flashmaps.triton_varlen.supported`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
-             atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False) -> "Static":
+             atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False,
+             varlen: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
                    BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr),
-                   bool(raw_scores))
+                   bool(raw_scores), bool(varlen))
 
 
 class RowOut(NamedTuple):

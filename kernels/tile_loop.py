@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .contract import Block, Keys
 from .dropout import dropout_keep
-from .tiles import fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program
+from .tiles import (at_row, fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program,
+                    rows_base, varlen_dims)
 
 
 class _Values(NamedTuple):
@@ -106,13 +107,20 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     `contract.RowOut`; dims: `contract.Dims`; scale: `contract.ScoreScale`; args: the normalizer's runtime
     bundle; drop: `contract.Dropout` (ST.DROPOUT only). L_BUCKET, S_BUCKET: autotune keys only. The
     scratch has L_PAD >= every row index a program touches rows per (batch, head). HP: the (Hq,) fp32 head
-    parameters with NORM.head_param (`contract.Hooks`), else a placeholder."""
+    parameters with NORM.head_param (`contract.Hooks`), else a placeholder. ST.VARLEN: packed sequences, grid
+    (cdiv(max_seqlen_q, BM), B * Hq); a program of sequence b works on its Dims (`tiles.varlen_dims`) and exits
+    when its block starts past L_b; the scratch stays (B, Hq, L_PAD) with L_PAD from max_seqlen_q."""
     pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
     pid_bh = off_b * dims.Hq + off_h
     if ST.SPLIT:                                       # axis 0 is (query block, split)
         n_split = tl.cdiv(dims.S, dims.split_keys)
         split = pid_m % n_split
         pid_m = pid_m // n_split
+    if ST.VARLEN:                                      # packed sequence off_b: its Dims, its rows and keys
+        dims, k0 = varlen_dims(dims, off_b)
+        if pid_m * BM >= dims.L:
+            return
+        Q, O, K, V = at_row(Q, dims.q0), at_row(O, dims.q0), at_row(K, k0), at_row(V, k0)
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)
@@ -138,7 +146,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     head_rows = pid_bh.to(tl.int64) * dims.L           # the head's row counter base (dropout, score noise)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
                 dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows)
-    row_base = (off_b_out * dims.Hq + off_h).to(tl.int64) * dims.L   # (B, Hq, L) contiguous row outputs
+    row_base = rows_base(dims, off_b_out, off_h, ST.VARLEN)   # (B, Hq, L) row outputs ((Hq, total_q) VARLEN)
 
     if NORM.head_param:                                # one parameter per query head: hooks get (thr, hp)
         hp = tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32)                    # [BM]

@@ -9,7 +9,7 @@ overflow int32.
 import triton
 import triton.language as tl
 
-from .contract import LOG2E, MASK_BOOL, MASK_FLOAT
+from .contract import LOG2E, MASK_BOOL, MASK_FLOAT, Dims, View
 
 # ---------------------------------------------------------------------------------------------------
 # scalar math
@@ -217,6 +217,36 @@ def query_program(dims, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def rows_base(dims, off_b, off_h, VARLEN: tl.constexpr):
+    """The int64 offset of row 0 of head (off_b, off_h) in the row outputs: (B, Hq, L) contiguous, or with
+    Static.VARLEN (Hq, total_q) at the sequence's first packed row (dims from `varlen_dims`)."""
+    if VARLEN:
+        return off_h.to(tl.int64) * dims.row_stride + dims.q0
+    else:
+        return (off_b * dims.Hq + off_h).to(tl.int64) * dims.L
+
+
+@triton.jit
+def varlen_dims(dims, off_b):
+    """Static.VARLEN: (the Dims of packed sequence off_b, its first key k0). L, S become the sequence's lengths
+    L_b, S_b, the band offsets are shifted by S_b - L_b when lower-right aligned (dims.align), q0 is its first
+    packed query row: `key_bounds` and the masks then work per sequence as in a call on that sequence alone."""
+    q0 = tl.load(dims.cu_q + off_b)
+    k0 = tl.load(dims.cu_k + off_b)
+    L = tl.load(dims.cu_q + off_b + 1) - q0
+    S = tl.load(dims.cu_k + off_b + 1) - k0
+    shift = dims.align * (S - L)
+    return Dims(dims.B, dims.Hq, dims.group, L, S, dims.causal_off + shift, dims.left_off + shift, dims.split_keys,
+                dims.cu_q, dims.cu_k, dims.align, dims.row_stride, q0), k0
+
+
+@triton.jit
+def at_row(view, r):
+    """``view`` (a contract.View) with its row 0 moved to row r (a packed sequence's first row, Static.VARLEN)."""
+    return View(view.ptr + r.to(tl.int64) * view.sr, view.sb, view.sh, view.sr, view.sc)
+
+
+@triton.jit
 def key_bounds(start_m, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
                IS_CAUSAL: tl.constexpr, ALL_MASKED: tl.constexpr):
     """Key tiles visited by the query rows [start_m, start_m + BM) (forward and dQ kernels).
@@ -341,4 +371,4 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
            "scale_scores", "mask_scores", "qk_tile", "score_tile", "log_distance", "add_noise", "key_bounds", "query_bounds", "query_program",
            "left_bounds", "left_query_bounds",
-           "fold_keys"]
+           "fold_keys", "rows_base", "varlen_dims", "at_row"]

@@ -53,3 +53,18 @@ def test_taylor_linear_kernels_compile_for_sm90_without_forward_spills():
     stack = {name: int(next(w for w in r if w.startswith("STACK:")).split(":")[1]) for name, r in rows.items()}
     assert all(int(r[5]) <= H100_SMEM for r in rows.values()), rows
     assert stack["lin-fwd"] == stack["lin-piece"] == stack["lin-row-piece"] == 0 and stack["lin-bwd"] <= 512, stack
+
+
+def test_varlen_kernels_compile_for_sm90():
+    """The one-launch packed-sequence kernels (Static.VARLEN, `sm90-compile --varlen`: the early exits of programs
+    past their sequence, the per-sequence Dims) build for sm_90 with an unserialized wgmma pipeline; a lower-right
+    window covers the causal and the left-bound code."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "sm90-compile"), "--norms", "softmax", "--dims", "64", "--varlen",
+           "--window", "64,0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:] if ln.strip()]
+    assert {(r[0], r[2]) for r in rows} == {("softmax", k) for k in ("fwd", "bwd-pre", "bwd-dkdv", "bwd-dq")}, proc.stdout
+    for r in rows:
+        assert int(r[5]) <= H100_SMEM and r[-1] != "wgmma-serialized", r
