@@ -140,6 +140,7 @@ class Keys(NamedTuple):
     left_off: Any     # Dims.left_off
     seed: Any         # the call's seed (score noise, Hooks.has_noise)
     row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
+    kd: Any = None    # Static.TMA: K's tensor descriptor at (batch, kv head) (`tiles.kv_desc`), else None
 
 
 class Block(NamedTuple):
@@ -181,15 +182,18 @@ class Static(NamedTuple):
     GIVEN_THR: bool = False  # the two-phase protocol's second phase (sparse units): no pre-pass, thr is LOADED from
                              # RowOut.thr (kernel units, (B, Hq, L)), and with Hooks.given_final out = acc (no 1/l)
     RAW_SCORES: bool = False # the output pass hands NORM.update_raw the unscaled tile q.k (see Hooks, `raw_scores_ok`)
+    TMA: bool = False        # the forward reads its K and V tiles through tensor descriptors (TMA on sm_90,
+                             # `tiles.kv_desc`); the launcher sets it (`triton_path.TMA_KV`, `tma_ok`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
-             atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False) -> "Static":
+             atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False,
+             tma: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
                    BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr),
-                   bool(raw_scores))
+                   bool(raw_scores), bool(tma))
 
 
 class RowOut(NamedTuple):
