@@ -108,8 +108,11 @@ def goals(plan: Plan) -> list[dict]:
     # the two-kernel deterministic backward beside the default atomic-dQ one (issue 17 item 3)
     det = [with_options(flashmaps_provider("softmax", "triton"), knobs={"flashmaps.functional.DETERMINISTIC": True})
            for n in plan.normalizers if n == "softmax"]
+    # K and V through TMA descriptors beside the pointer loads (issue 17 item 6; off by default until timed)
+    tma = [with_options(flashmaps_provider(n, "triton"), knobs={"flashmaps.triton_path.TMA_KV": True})
+           for n in plan.normalizers if n in ("softmax", "entmax15")]
     for mode in plan.modes or ("fwd", "fwd+bwd"):
-        provs = fm + sdpa + [get_provider("flex")] if mode == "fwd" else fm + det + sdpa[:1]
+        provs = fm + tma + sdpa + [get_provider("flex")] if mode == "fwd" else fm + det + sdpa[:1]
         jobs += _grid(plan, provs, dims=dims, seqs=seqs, modes=[mode])
     for j in jobs:  # the forward against the float64 reference where one head of it fits
         if j["mode"] == "fwd" and j["L"] <= 4096:

@@ -63,6 +63,12 @@ SPLIT_KEY_BLOCK = 256
 DEFAULT_SM_COUNT = 132
 #: at most this many query rows for a split-KV forward (decoding, speculative decoding, short chunks)
 SPLIT_MAX_L = 16
+#: issue 17 item 6: the forward reads K and V through tensor descriptors (TMA on sm_90; Static.TMA) where
+#: `tma_ok` allows. Off by default until a GPU times it against the pointer loads (a benchmark knob:
+#: ``flashmaps.triton_path.TMA_KV=True``); the interpreter runs the same descriptor loads on the CPU.
+TMA_KV = False
+#: a TMA descriptor's base address and row strides are multiples of this many bytes
+_TMA_ALIGN = 16
 
 
 class Forward(NamedTuple):
@@ -190,6 +196,36 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
                             -0.5 * normalizer.score_power if distance else 0.0), mask_view, drop,
                  int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv,
                  _head_params(normalizer, hooks, Hq, placeholder))
+
+
+def tma_ok(*views: torch.Tensor) -> bool:
+    """Whether the (B, H, S, D) tensors can be read through TMA descriptors of one (batch, head) each: unit
+    stride along D, every (batch, head) base and row 16-byte aligned (`kernels.tiles.kv_desc`)."""
+    for x in views:
+        size = x.element_size()
+        if x.stride(3) != 1 or x.data_ptr() % _TMA_ALIGN:
+            return False
+        if any((x.stride(d) * size) % _TMA_ALIGN for d in range(3) if x.shape[d] > 1):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_static(static: Static, k, v) -> Static:
+    """``static`` with TMA set when :data:`TMA_KV` is on and `tma_ok` allows. On CUDA, device-side descriptors
+    need Triton's global-scratch allocator: installed (torch's caching allocator) when the calling context has
+    none (it is a context variable: per thread), never replacing one the user set."""
+    if not TMA_KV or not tma_ok(k, v):
+        return static
+    if k.is_cuda:
+        from triton.runtime import _allocation
+
+        if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+            triton.set_allocator(_scratch)
+    return static._replace(TMA=True)
 
 
 def _head_params(normalizer, hooks, Hq, placeholder):
@@ -330,6 +366,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     dev = q.device
     placeholder = torch.empty(1, dtype=torch.float32, device=dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
+    c = c._replace(static=_tma_static(c.static, k, v))
     if save_extras and not c.hooks.has_backward:
         raise NotImplementedError(
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "

@@ -148,6 +148,7 @@ class Keys(NamedTuple):
     left_off: Any     # Dims.left_off
     seed: Any         # the call's seed (score noise, Hooks.has_noise)
     row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
+    kd: Any = None    # Static.TMA: K's tensor descriptor at (batch, kv head) (`tiles.kv_desc`), else None
 
 
 class Block(NamedTuple):
@@ -195,16 +196,18 @@ class Static(NamedTuple):
                              # of sequence b works on `tiles.varlen_dims`'s Dims and views rebased by `tiles.at_row`
                              # (not combined with a mask, DROPOUT, score noise, SPLIT or GIVEN_THR: their row counters
                              # and layouts are the (B, Hq, L) ones; `flashmaps.triton_varlen.supported`)
+    TMA: bool = False        # the forward reads its K and V tiles through tensor descriptors (TMA on sm_90,
+                             # `tiles.kv_desc`); the launcher sets it (`triton_path.TMA_KV`, `tma_ok`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
              atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False,
-             varlen: bool = False) -> "Static":
+             varlen: bool = False, tma: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
                    BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr),
-                   bool(raw_scores), bool(varlen))
+                   bool(raw_scores), bool(varlen), bool(tma))
 
 
 class RowOut(NamedTuple):

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from .contract import Block, Keys
 from .dropout import dropout_keep
-from .tiles import (at_row, fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program,
-                    rows_base, varlen_dims)
+from .tiles import (at_row, fold_keys, head_base, key_bounds, kv_desc, left_bounds, load_tile, mask_rows, mma,
+                    query_program, rows_base, varlen_dims)
 
 
 class _Values(NamedTuple):
@@ -53,6 +53,7 @@ class _Values(NamedTuple):
     drop_base: Any    # (b * Hq + h) * L, int64: the dropout counter base of the head
     drop_p: Any
     qk_scale: Any     # ScoreScale.qk_scale (ST.RAW_SCORES: NORM.update_raw scales the raw tiles)
+    vd: Any = None    # ST.TMA: V's tensor descriptor at (batch, kv head) (`tiles.kv_desc`)
 
 
 @triton.jit
@@ -85,8 +86,11 @@ def _accumulate_live(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr
     if ST.DROPOUT:
         keep = dropout_keep(vals.seed, vals.drop_base, vals.i, (start_n + offs_n)[None, :], vals.S, vals.drop_p)
         p = tl.where(keep, p, 0.0)
-    v = load_tile(vals.v, start_n, offs_n, tl.arange(0, ST.BDV), vals.S, ST.HEAD_DV, vals.sn, vals.sd,
-                  MASKED, ST.PAD_DV)                                                   # [BN, BDV]
+    if ST.TMA:
+        v = vals.vd.load([start_n, 0])                                                 # [BN, BDV]
+    else:
+        v = load_tile(vals.v, start_n, offs_n, tl.arange(0, ST.BDV), vals.S, ST.HEAD_DV, vals.sn, vals.sd,
+                      MASKED, ST.PAD_DV)                                               # [BN, BDV]
     if NORM.rescale:
         acc = acc * alpha[:, None]
     acc = mma(p.to(v.dtype), v, acc, ST)                                     # [BM, BDV]
@@ -144,8 +148,14 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
         off_b_out = off_b
     blk = Block(q, offs_m, offs_m[:, None], full_end, hi, lo, full_lo)
     head_rows = pid_bh.to(tl.int64) * dims.L           # the head's row counter base (dropout, score noise)
+    if ST.TMA:                                         # K and V tiles through TMA (`tiles.kv_desc`)
+        kd = kv_desc(head_base(K, off_b, off_hk), dims.S, K.sr, BN, ST.BD, ST.HEAD_D)
+        vd = kv_desc(head_base(V, off_b, off_hk), dims.S, V.sr, BN, ST.BDV, ST.HEAD_DV)
+    else:
+        kd = None
+        vd = None
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
-                dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows)
+                dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows, kd)
     row_base = rows_base(dims, off_b_out, off_h, ST.VARLEN)   # (B, Hq, L) row outputs ((Hq, total_q) VARLEN)
 
     if NORM.head_param:                                # one parameter per query head: hooks get (thr, hp)
@@ -174,7 +184,7 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
     vals = _Values(thr_h, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p,
-                   scale.qk_scale)
+                   scale.qk_scale, vd)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
                                           NORM)
 

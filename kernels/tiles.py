@@ -126,10 +126,21 @@ def mask_scores(s, i, j, keys, ST: tl.constexpr):
 
 
 @triton.jit
+def kv_desc(base, n, sn, BN: tl.constexpr, BD: tl.constexpr, HEAD: tl.constexpr):
+    """Static.TMA: a tensor descriptor over the [n, HEAD] rows at ``base`` (row stride sn, column stride 1)
+    whose [BN, BD] tiles TMA loads, zero outside [0, n) x [0, HEAD): the same tile as `load_tile` with both
+    checks, so masked and unmasked tiles read alike (the launcher checks strides and alignment: `tma_ok`)."""
+    return tl.make_tensor_descriptor(base, shape=[n, HEAD], strides=[sn, 1], block_shape=[BN, BD])
+
+
+@triton.jit
 def qk_tile(q, keys, start_n, BN: tl.constexpr, ST: tl.constexpr, MASKED: tl.constexpr):
     """Raw dot products q k^T [BM, BN] of the query tile q [BM, BD] with keys [start_n, start_n + BN)."""
-    k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
-                  MASKED, ST.PAD_D)                                                    # [BN, BD]
+    if ST.TMA:
+        k = keys.kd.load([start_n, 0])                                                 # [BN, BD]
+    else:
+        k = load_tile(keys.k, start_n, tl.arange(0, BN), tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
+                      MASKED, ST.PAD_D)                                                # [BN, BD]
     return mma(q, tl.trans(k), None, ST)
 
 
@@ -371,4 +382,4 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
            "scale_scores", "mask_scores", "qk_tile", "score_tile", "log_distance", "add_noise", "key_bounds", "query_bounds", "query_program",
            "left_bounds", "left_query_bounds",
-           "fold_keys", "rows_base", "varlen_dims", "at_row"]
+           "fold_keys", "rows_base", "varlen_dims", "at_row", "kv_desc"]
