@@ -18,8 +18,10 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
   the k largest scores seen so far in a [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
   theta = min(buffer) is the running k-th largest. Per tile, the candidates are the scores > theta;
   while any row of the block has one, its largest candidate replaces that row's minimum slot (one
-  argmax over the tile and one argmin over the buffer per step). Sort-free; a tile costs
-  (1 + insertions) steps, and on data in random order insertions get rare (k ln(S/k) per row).
+  argmax over the tile and one argmin over the buffer per step). A tile costs (1 + insertions) steps, and
+  on data in random order insertions get rare (k ln(S/k) per row). A row's first tile with an allowed key
+  fills its empty buffer at once with the tile's k largest scores (`_tile_top`: one ``tl.topk``) instead of
+  min(k, BN) insertion steps.
 * SELECT (larger k): exact count-based selection, the bracket method of the threshold engine
   (`threshold.search` with the rule `RULE`). One pass for max, min and n; then passes at NP
   interior points t of [lo, hi] counting c(t) = #{s >= t} with the smallest counted and largest
@@ -80,14 +82,39 @@ class Args(NamedTuple):
 
 
 @triton.jit
+def _tile_top(s, buf):
+    """An empty row's buffer [BM, KP] filled from its first score tile s [BM, BN] at once (the multiset of the
+    tile's k largest scores, what the insertion steps would put there): the slots < k (-inf in an empty buffer)
+    take the KP largest scores in descending order (``tl.topk``), the slots >= k stay +inf. When KP > BN
+    (then k > BN: every score of the tile is kept) slots [0, BN) take the tile and [BN, k) stay -inf.
+    NaN scores (never inserted) become -inf (an empty slot)."""
+    BM: tl.constexpr = s.shape[0]
+    BN: tl.constexpr = s.shape[1]
+    KP: tl.constexpr = buf.shape[1]
+    x = tl.where(s == s, s, float("-inf"))                                              # NaN -> -inf
+    if KP <= BN:
+        top = tl.topk(x, KP, dim=1)                                                      # [BM, KP] descending
+    else:
+        R: tl.constexpr = KP // BN
+        r = tl.arange(0, R)[None, :, None]                                               # [1, R, 1]
+        top = tl.reshape(tl.where(r == 0, x[:, None, :], float("-inf")), [BM, KP])      # [BM, R, BN] -> [BM, KP]
+    return tl.where(buf == float("inf"), float("inf"), top)
+
+
+@triton.jit
 def _buffer_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                  MASKED: tl.constexpr):
     """Merge one score tile into the buffer [BM, KP] (theta = its row minimum)."""
     buf, theta, n = state
     cols_n = tl.arange(0, BN)
     cols_k = tl.arange(0, buf.shape[1])
-    n = count_allowed(n, s, BN, MASKED)
     cand = tl.where(s > theta[:, None], s, float("-inf"))                                # [BM, BN]
+    first = n == 0                                    # [BM] rows whose buffer is still empty (no allowed key yet)
+    if tl.max(first.to(tl.int32)) > 0:               # their buffer is this tile's top k: no insertion steps
+        buf = tl.where(first[:, None], _tile_top(s, buf), buf)
+        theta = tl.min(buf, 1)
+        cand = tl.where(first[:, None], float("-inf"), cand)
+    n = count_allowed(n, s, BN, MASKED)
     while tl.max(cand) > float("-inf"):
         x, ix = tl.max(cand, 1, return_indices=True)                                     # [BM]
         _, slot = tl.min(buf, 1, return_indices=True)                                    # [BM]
