@@ -365,6 +365,18 @@ def test_root_collect_mode_and_overflow(norm, causal, monkeypatch):
     run_case(torch.zeros_like(q), k, v, norm, causal=causal, stats_tol=2e-5)
 
 
+@pytest.mark.parametrize("norm", ["entmax15", "sparsemax"])
+def test_root_points_per_pass(norm, monkeypatch):
+    """The bracket method at NPTS = 1 (the default: the Newton iterate alone; a row without a feasible point
+    bisects, `threshold.miss_point`), 2 and 4 points per pass: the same exact tau, causal, over 19 tiles."""
+    mod = importlib.import_module(flashmaps.parse(norm).kernels)
+    q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=18, spread=1.5)
+    for npts in (1, 2, 4):
+        monkeypatch.setattr(mod, "NPTS", npts)
+        assert flashmaps.parse(norm).triton(300)[0].rule.points == npts
+        run_case(q, k, v, norm, causal="lower_right", stats_tol=2e-5)
+
+
 def test_topk_select_long_rows(monkeypatch):
     """The count-based select over many tiles (k > KMAX), with causal diagonal tiles and a bool mask."""
     q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=13)
