@@ -290,13 +290,17 @@ def test_block_bounds(causal, L, S, all_masked):
 # ----------------------------------------------------------------------------------------------------
 # top-k: every k, ties, every pre-pass mode
 
-TOPK_MODES = ["collect", "buffer", "select"]
+#: buffer: the default (a tile with more than MERGE_AT[KP] candidates in some row merged at once, insertion
+#: steps otherwise); merge: every tile merged (MERGE_AT 0)
+TOPK_MODES = ["collect", "buffer", "merge", "select"]
 
 
 def _topk_mode(mode, monkeypatch):
     monkeypatch.setattr(topk_kernels, "COLLECT", mode == "collect")
     if mode == "select":
         monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    if mode == "merge":
+        monkeypatch.setattr(topk_kernels, "MERGE_AT", dict.fromkeys(topk_kernels.MERGE_AT, 0))
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
