@@ -8,7 +8,8 @@ Scores arrive as z = s_nat / 2 (score unit 1/2). With n allowed keys::
 Pre-pass (scores only, no V), per row:
 
 1. one pass: zmax and n; bracket lo = zmax - 1 (F(lo) >= 0), hi = zmax - n^(-1/2).
-2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate): for each point the
+2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate; NP = NPTS = 1: the
+   iterate alone): for each point the
    support moments c = #{z > t}, s1 = sum (z - t)_+, s2 = sum (z - t)_+^2 and zmin = min{z : z > t}.
    With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau):
    * exact polish: if the support were {z > t_a}, tau solves c y^2 - 2 s1 y + (s2 - 1) = 0 (y = tau -
@@ -43,15 +44,19 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
-                        support_zero)
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, miss_point, root_hooks, sorted_bound,
+                        support_fold, support_zero)
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES = 40
 #: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
-#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is.
-NPTS = 2
+#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms): the passes' arithmetic,
+#: not their Q K^T, sets the cost. 1 point (the Newton iterate alone; a row with no feasible point bisects,
+#: `threshold.miss_point`): offline sm_90 SASS per pre-pass tile 745 -> 419 (D = 64) and 1429 -> 779 (D = 128)
+#: for one bracket pass more per block (5 instead of 4, L = S = 512): predicted about 25 % fewer forward
+#: instructions (bench/TUNING.md, "Issue 17 item 4, the remainder"); GPU validation pending.
+NPTS = 1
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
@@ -94,7 +99,7 @@ def _step(br, t, acc, args):
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)
     up = tl.maximum(up, lo)
-    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
+    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), miss_point(lo, up, t))
     narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
     tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
     done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)

@@ -165,6 +165,18 @@ def feasible_point(f, t, br):
 
 
 @triton.jit
+def miss_point(lo, up, t):
+    """The next pass's first point of a row where no point t [BM, NP] was feasible (rounding put them all above
+    tau): the bracket's lower end lo (the NP points then bisect [lo, up]), or with one point per pass its
+    midpoint (the one point at lo would repeat the same Newton iterate)."""
+    NP: tl.constexpr = t.shape[1]
+    if NP == 1:
+        return lo + 0.5 * (up - lo)
+    else:
+        return lo
+
+
+@triton.jit
 def finalize_tau(m_i, l_i, thr):
     """The finalize hook of a normalizer whose one statistic is its threshold: out = acc / sum p, stat tau."""
     return safe_inv(l_i), thr, thr

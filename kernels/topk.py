@@ -18,8 +18,11 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
   the k largest scores seen so far in a [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
   theta = min(buffer) is the running k-th largest. Per tile, the candidates are the scores > theta;
   while any row of the block has one, its largest candidate replaces that row's minimum slot (one
-  argmax over the tile and one argmin over the buffer per step). Sort-free; a tile costs
-  (1 + insertions) steps, and on data in random order insertions get rare (k ln(S/k) per row).
+  argmax over the tile and one argmin over the buffer per step). A tile costs (1 + insertions) steps, and
+  on data in random order insertions get rare (k ln(S/k) per row). A tile in which some row has more than
+  MERGE_AT[KP] candidates (the first tiles: every allowed score is one while the buffer fills) is merged in one
+  data-independent step instead (`_merge_tile`: the buffer sorted ascending against the tile's KP largest
+  descending, elementwise max: the KP largest of the union).
 * SELECT (larger k): exact count-based selection, the bracket method of the threshold engine
   (`threshold.search` with the rule `RULE`). One pass for max, min and n; then passes at NP
   interior points t of [lo, hi] counting c(t) = #{s >= t} with the smallest counted and largest
@@ -51,6 +54,12 @@ KMAX = 128
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
+#: BUFFER: a tile in which some row has more than MERGE_AT[KP] candidates (scores above its running k-th
+#: largest) is merged into the buffer in one step (`_merge_tile`) instead of one insertion step per candidate.
+#: The thresholds are the merge's cost in insertion steps, from the offline sm_90 SASS at D = 64 (BN = 64;
+#: bench/TUNING.md, "Issue 17 item 4, the remainder"): per tile, a merge took about 2.3, 3.3, 4.5, 5.9, 7.4 and
+#: 10.7 insertion steps at KP = 2, 8, 16, 32, 64, 128 (KP = 4 interpolated).
+MERGE_AT = {2: 2, 4: 3, 8: 3, 16: 4, 32: 6, 64: 7, 128: 11}
 #: points per select pass (power of two)
 SELECT_POINTS = 8
 MAX_PASSES = 64
@@ -68,6 +77,7 @@ class Consts(NamedTuple):
     KP: int       # buffer slots (BUFFER, COLLECT): the next power of two >= k
     GS: int       # keys per group (COLLECT)
     KC: int       # scratch slots per row (COLLECT): 2 KP
+    MERGE_AT: int = 8     # BUFFER: merge a tile with more candidates than this in some row (MERGE_AT[KP])
 
 
 class Args(NamedTuple):
@@ -80,14 +90,43 @@ class Args(NamedTuple):
 
 
 @triton.jit
+def _tile_desc(s, KP: tl.constexpr):
+    """The KP largest scores of the tile s [BM, BN] in descending order [BM, KP] (-inf past BN when KP > BN);
+    NaN scores (never inserted) count as -inf (an empty slot)."""
+    BM: tl.constexpr = s.shape[0]
+    BN: tl.constexpr = s.shape[1]
+    x = tl.where(s == s, s, float("-inf"))                                              # NaN -> -inf
+    if KP <= BN:
+        return tl.topk(x, KP, dim=1)                                                     # [BM, KP]
+    else:
+        r = tl.arange(0, KP // BN)[None, :, None]                                        # [1, R, 1]
+        pad = tl.reshape(tl.where(r == 0, x[:, None, :], float("-inf")), [BM, KP])      # [BM, R, BN] -> [BM, KP]
+        return tl.sort(pad, 1, descending=True)
+
+
+@triton.jit
+def _merge_tile(buf, s):
+    """The KP largest of the multiset union of buf [BM, KP] and the tile s [BM, BN], in one data-independent
+    step (the bitonic top-k step): buf in ascending order against the tile's KP largest in descending order,
+    elementwise max. The +inf slots (>= k) stay (nothing exceeds them), so the k others take the k largest
+    of the buffer's k and the tile: the multiset the insertion steps would leave (ties included)."""
+    return tl.maximum(tl.sort(buf, 1), _tile_desc(s, buf.shape[1]))
+
+
+@triton.jit
 def _buffer_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                  MASKED: tl.constexpr):
     """Merge one score tile into the buffer [BM, KP] (theta = its row minimum)."""
     buf, theta, n = state
     cols_n = tl.arange(0, BN)
     cols_k = tl.arange(0, buf.shape[1])
-    n = count_allowed(n, s, BN, MASKED)
     cand = tl.where(s > theta[:, None], s, float("-inf"))                                # [BM, BN]
+    if tl.max(tl.sum((cand > float("-inf")).to(tl.int32), 1)) > NORM.consts.MERGE_AT:
+        # many candidates (a row's first tiles): one merge instead of up to that many insertion steps
+        buf = _merge_tile(buf, s)
+        theta = tl.min(buf, 1)
+        cand = tl.full([buf.shape[0], BN], float("-inf"), tl.float32)
+    n = count_allowed(n, s, BN, MASKED)
     while tl.max(cand) > float("-inf"):
         x, ix = tl.max(cand, 1, return_indices=True)                                     # [BM]
         _, slot = tl.min(buf, 1, return_indices=True)                                    # [BM]
@@ -279,7 +318,7 @@ def configure(normalizer, S: int):
         consts = Consts(MODE_ALL.value, kp, 8, 0)
     elif k <= KMAX:
         mode = MODE_COLLECT.value if COLLECT else MODE_BUFFER.value
-        consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp)               # about 4k groups
+        consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp, MERGE_AT[kp])  # about 4k groups
     else:
         consts = Consts(MODE_SELECT.value, kp, 8, 0)
     hooks = HOOKS._replace(consts=consts, rule=RULE._replace(points=SELECT_POINTS))

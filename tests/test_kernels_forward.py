@@ -290,13 +290,17 @@ def test_block_bounds(causal, L, S, all_masked):
 # ----------------------------------------------------------------------------------------------------
 # top-k: every k, ties, every pre-pass mode
 
-TOPK_MODES = ["collect", "buffer", "select"]
+#: buffer: the default (a tile with more than MERGE_AT[KP] candidates in some row merged at once, insertion
+#: steps otherwise); merge: every tile merged (MERGE_AT 0)
+TOPK_MODES = ["collect", "buffer", "merge", "select"]
 
 
 def _topk_mode(mode, monkeypatch):
     monkeypatch.setattr(topk_kernels, "COLLECT", mode == "collect")
     if mode == "select":
         monkeypatch.setattr(topk_kernels, "KMAX", 0)
+    if mode == "merge":
+        monkeypatch.setattr(topk_kernels, "MERGE_AT", dict.fromkeys(topk_kernels.MERGE_AT, 0))
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
@@ -363,6 +367,18 @@ def test_root_collect_mode_and_overflow(norm, causal, monkeypatch):
     run_case(q, k, v, norm, causal=causal, stats_tol=2e-5)
     run_case(q * 0.02, k, v, norm, causal=causal, stats_tol=2e-5)
     run_case(torch.zeros_like(q), k, v, norm, causal=causal, stats_tol=2e-5)
+
+
+@pytest.mark.parametrize("norm", ["entmax15", "sparsemax"])
+def test_root_points_per_pass(norm, monkeypatch):
+    """The bracket method at NPTS = 1 (the default: the Newton iterate alone; a row without a feasible point
+    bisects, `threshold.miss_point`), 2 and 4 points per pass: the same exact tau, causal, over 19 tiles."""
+    mod = importlib.import_module(flashmaps.parse(norm).kernels)
+    q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=18, spread=1.5)
+    for npts in (1, 2, 4):
+        monkeypatch.setattr(mod, "NPTS", npts)
+        assert flashmaps.parse(norm).triton(300)[0].rule.points == npts
+        run_case(q, k, v, norm, causal="lower_right", stats_tol=2e-5)
 
 
 def test_topk_select_long_rows(monkeypatch):
