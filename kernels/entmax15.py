@@ -8,8 +8,7 @@ Scores arrive as z = s_nat / 2 (score unit 1/2). With n allowed keys::
 Pre-pass (scores only, no V), per row:
 
 1. one pass: zmax and n; bracket lo = zmax - 1 (F(lo) >= 0), hi = zmax - n^(-1/2).
-2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate; NP = NPTS = 1: the
-   iterate alone): for each point the
+2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate): for each point the
    support moments c = #{z > t}, s1 = sum (z - t)_+, s2 = sum (z - t)_+^2 and zmin = min{z : z > t}.
    With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau):
    * exact polish: if the support were {z > t_a}, tau solves c y^2 - 2 s1 y + (s2 - 1) = 0 (y = tau -
@@ -51,12 +50,11 @@ from .tiles import pick_row, safe_inv
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES = 40
 #: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
-#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms): the passes' arithmetic,
-#: not their Q K^T, sets the cost. 1 point (the Newton iterate alone; a row with no feasible point bisects,
-#: `threshold.miss_point`): offline sm_90 SASS per pre-pass tile 745 -> 419 (D = 64) and 1429 -> 779 (D = 128)
-#: for one bracket pass more per block (5 instead of 4, L = S = 512): predicted about 25 % fewer forward
-#: instructions (bench/TUNING.md, "Issue 17 item 4, the remainder"); GPU validation pending.
-NPTS = 1
+#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is. 1 point (the
+#: Newton iterate alone; sparsemax's default) halves the pass's SASS (745 -> 419 per tile at D = 64) for one
+#: pass more, but a dense row then missed the exact simplex (sum p off by 1.2e-5 > 1e-5 in
+#: test_entmax15_threshold[None-0.3]; likely the polish from a point far below tau in fp32, not verified).
+NPTS = 2
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
