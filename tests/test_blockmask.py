@@ -96,3 +96,19 @@ def test_dead_tiles_are_skipped(monkeypatch, spec):
         assert on["out"] < off["out"], (on, off)
     else:
         assert on["out"] == off["out"], (on, off)
+
+
+def test_harness_reports_block_sparsity_on_structured_inputs():
+    """A checked bench job on structured inputs reports the dead 64 x 64 tiles of its weights (`bench.worker`),
+    equal to the count from the float64 reference, and a nonzero one (the generator's point)."""
+    from flashmaps.bench import worker
+
+    job = dict(provider="entmax15-dense", mode="fwd", B=1, Hq=1, Hkv=1, L=128, S=192, Dqk=16, Dv=16, causal=None,
+               dtype="float32", device="cpu", min_run_time=0.01, check=True, max_ref_elems=1 << 20,
+               inputs="structured")
+    row = worker.run_job(job)
+    assert row["status"] == "ok" and row["err"] < 1e-5, row
+    q, k, v = worker.make_inputs(row)
+    _, p = reference.attention(q, k, v, "entmax15", return_weights=True)
+    live = exact_live_cells(p, cell=worker.BLOCK_TILE)
+    assert 0 < row["block_sparsity"] == pytest.approx(1 - live.double().mean().item(), abs=1e-12)
