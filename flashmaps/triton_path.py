@@ -68,6 +68,9 @@ SPLIT_MAX_L = 16
 #: runs without it
 BLOCK_MASK = True
 BLOCK_MASK_MAX_BYTES = 1 << 28
+#: tests: fill the block mask with this before the forward (None: leave the buffer as allocated; 0 checks that
+#: the cells no forward program writes never matter)
+_BLOCK_MASK_FILL = None
 
 
 class Forward(NamedTuple):
@@ -373,8 +376,9 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
     live = block_mask_view(saved, B, Hq, L, S) if splits == 1 and thr_k is None else None
-    if live is not None:                                       # every cell live until a writer proves it dead
-        live.fill_(1)
+    if live is not None:                           # written by the kernel (kernels.blockmask: no fill here)
+        if _BLOCK_MASK_FILL is not None:
+            live.fill_(_BLOCK_MASK_FILL)
         c = c._replace(static=c.static._replace(BLOCK_MASK=True))
     if thr_k is not None and "thr" in saved:                   # phase 2: the kernel-unit threshold it ran at
         saved["thr"].copy_(thr_k)

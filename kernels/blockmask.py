@@ -21,9 +21,11 @@ Writers and readers (all exact or conservative: a live cell is never marked dead
     backward (dK/dV, dQ, atomic dQ)           skip a (query tile, key tile) pair whose cells are all 0 before
                                               loading its query rows or computing Q K^T
 
-The launcher fills the mask with ones (``triton_path``): cells no writer reaches (a pre-pass without bracket
-passes, e.g. top-k's running buffer; ragged padding) stay live and are simply computed. A NaN score or
-threshold marks its cell live, so the non-finite rule still sees it.
+Each forward program first marks live every cell of the tiles it visits (`reset_cells`; the launcher does not
+fill the buffer): cells the pre-pass does not reach (one without bracket passes, e.g. top-k's running buffer)
+stay live and are simply computed. Cells no forward program visits hold whatever the buffer held: they are
+fully masked (causal, window) or past L / S, so a backward tile skipped because of them (with its other cells
+dead) has no weight either. A NaN score or threshold marks its cell live, so the non-finite rule still sees it.
 """
 
 import triton
@@ -59,6 +61,16 @@ def _tile_cells(base, start_n, S, BM: tl.constexpr, BN: tl.constexpr):
 def tile_marked(base, start_n, S, BM: tl.constexpr, BN: tl.constexpr):
     """Scalar bool: some cell of the tile is live (False: skip the tile before its Q K^T)."""
     return tl.max(tl.load(_tile_cells(base, start_n, S, BM, BN)).to(tl.int32)) != 0
+
+
+@triton.jit
+def reset_cells(base, lo, hi, S, BM: tl.constexpr, BN: tl.constexpr):
+    """Mark live the cells of the block's tiles over keys [lo, hi) (lo a multiple of BN): the forward's first
+    step, so that every cell a program visits holds this call's value whatever the buffer held (no fill by the
+    launcher; reruns of the autotuner see no stale marks)."""
+    ones = tl.full([BM // MASK_BLOCK, BN // MASK_BLOCK], 1, tl.int8)
+    for start_n in range(lo, hi, BN):
+        tl.store(_tile_cells(base, start_n, S, BM, BN), ones)
 
 
 @triton.jit
@@ -99,4 +111,4 @@ def floor_identity(thr):
     return thr
 
 
-__all__ = ["mask_cols", "cell_row", "tile_marked", "mark_tile", "row_floor", "marking_fold", "floor_identity"]
+__all__ = ["mask_cols", "cell_row", "tile_marked", "reset_cells", "mark_tile", "row_floor", "marking_fold", "floor_identity"]

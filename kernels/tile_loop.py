@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .blockmask import cell_row, mark_tile, row_floor
+from .blockmask import cell_row, mark_tile, reset_cells, row_floor
 from .contract import Block, Keys
 from .dropout import dropout_keep
 from .tiles import fold_keys, head_base, key_bounds, left_bounds, load_tile, mask_rows, mma, query_program
@@ -144,8 +144,10 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     blk = Block(q, offs_m, offs_m[:, None], full_end, hi, lo, full_lo)
     head_rows = pid_bh.to(tl.int64) * dims.L           # the head's row counter base (dropout, score noise)
     live = 0
-    if ST.BLOCK_MASK:                                  # the block mask at this block's cell rows
+    if ST.BLOCK_MASK:                                  # the block mask at this block's cell rows: all live first
         live = cell_row(rows.live, pid_bh, start_m, dims.L, dims.S)
+        reset_cells(live, lo, hi, dims.S, BM, BN)
+        tl.debug_barrier()
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
                 dims.S, dims.causal_off, scale, dims.left_off, seed, head_rows, live)
     row_base = (off_b_out * dims.Hq + off_h).to(tl.int64) * dims.L   # (B, Hq, L) contiguous row outputs
