@@ -63,10 +63,10 @@ SPLIT_KEY_BLOCK = 256
 DEFAULT_SM_COUNT = 132
 #: at most this many query rows for a split-KV forward (decoding, speculative decoding, short chunks)
 SPLIT_MAX_L = 16
-#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it: False turns it off
-#: (benchmarks compare both); a call whose mask would pass BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head)
-#: runs without it
-BLOCK_MASK = True
+#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it: False (or the environment
+#: variable FLASHMAPS_BLOCK_MASK=0) turns it off, e.g. to compare both on a GPU; a call whose mask would pass
+#: BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
+BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "1") != "0"
 BLOCK_MASK_MAX_BYTES = 1 << 28
 #: tests: fill the block mask with this before the forward (None: leave the buffer as allocated; 0 checks that
 #: the cells no forward program writes never matter)
