@@ -55,6 +55,6 @@ def exact_live_cells(p: torch.Tensor, cell: int = 16) -> torch.Tensor:
 
 def block_sparsity(live: torch.Tensor, L: int, S: int, cell: int = 16) -> float:
     """Fraction of dead cells among the in-range cells (rows < L, keys < S) of an int8/bool block mask
-    (B, Hq, R, C) (`flashmaps.triton_path.block_mask_view`): cells no writer reached count as live."""
+    (B, Hq, R, C) (`flashmaps.triton_path.Forward.live`): cells no writer reached count as live."""
     cells = live[:, :, : -(-L // cell), : -(-S // cell)]
     return 1.0 - cells.ne(0).float().mean().item() if cells.numel() else 0.0

@@ -87,6 +87,7 @@ class Forward(NamedTuple):
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
     extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
     stats_all: the stats as one (n_stats, B, Hq, L) buffer (``stats`` are its views), or None (split-KV).
+    live: the block mask (int8 (B, Hq, R, C), `kernels.blockmask`; a view at the end of ``extras``), or None.
     """
 
     out: torch.Tensor
@@ -95,6 +96,7 @@ class Forward(NamedTuple):
     score_unit: float
     extras: torch.Tensor
     stats_all: Optional[torch.Tensor] = None
+    live: Optional[torch.Tensor] = None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -133,12 +135,12 @@ def _block_mask(hooks, B: int, Hq: int, L: int, S: int) -> bool:
     return BLOCK_MASK and block_mask_ok(hooks) and math.prod(block_mask_shape(B, Hq, L, S)) <= BLOCK_MASK_MAX_BYTES
 
 
-def block_mask_view(saved: dict, B: int, Hq: int, L: int, S: int):
-    """The int8 (B, Hq, R, C) block mask inside ``saved["live"]`` (`Forward.saved`), or None."""
-    if "live" not in saved:
+def block_mask_view(views: dict, B: int, Hq: int, L: int, S: int):
+    """The int8 (B, Hq, R, C) block mask inside ``views["live"]`` (`_unpack` with S), or None."""
+    if "live" not in views:
         return None
     shape = block_mask_shape(B, Hq, L, S)
-    return saved["live"].view(torch.int8)[: math.prod(shape)].view(shape)
+    return views["live"].view(torch.int8)[: math.prod(shape)].view(shape)
 
 
 def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
@@ -376,6 +378,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
     live = block_mask_view(saved, B, Hq, L, S) if splits == 1 and thr_k is None else None
+    saved.pop("live", None)                        # (Forward.live; `saved` keeps what unpack_extras(S=1) gives)
     if live is not None:                           # written by the kernel (kernels.blockmask: no fill here)
         if _BLOCK_MASK_FILL is not None:
             live.fill_(_BLOCK_MASK_FILL)
@@ -397,14 +400,14 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
 
     if splits > 1:
         out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config, threshold)
-        return Forward(out, stats, saved, c.hooks.unit, extras_buf)
+        return Forward(out, stats, saved, c.hooks.unit, extras_buf, None, live)
     args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     stats = dict(zip(normalizer.stats, stats_t))
     if threshold is not None:                              # phase 2 reports the union's threshold
         stats.update({n: x for n, x in threshold.items() if n in stats})
-    return Forward(out, stats, saved, c.hooks.unit, extras_buf, stats_all)
+    return Forward(out, stats, saved, c.hooks.unit, extras_buf, stats_all, live)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
