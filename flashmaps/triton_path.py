@@ -68,9 +68,6 @@ SPLIT_MAX_L = 16
 #: BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
 BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "1") != "0"
 BLOCK_MASK_MAX_BYTES = 1 << 28
-#: tests: fill the block mask with this before the forward (None: leave the buffer as allocated; 0 checks that
-#: the cells no forward program writes never matter)
-_BLOCK_MASK_FILL = None
 
 
 class Forward(NamedTuple):
@@ -379,9 +376,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
     live = block_mask_view(saved, B, Hq, L, S) if splits == 1 and thr_k is None else None
     saved.pop("live", None)                        # (Forward.live; `saved` keeps what unpack_extras(S=1) gives)
-    if live is not None:                           # written by the kernel (kernels.blockmask: no fill here)
-        if _BLOCK_MASK_FILL is not None:
-            live.fill_(_BLOCK_MASK_FILL)
+    if live is not None:      # zeros: the cells no program visits (never read as deciding) are deterministic
+        live.zero_()
         c = c._replace(static=c.static._replace(BLOCK_MASK=True))
     if thr_k is not None and "thr" in saved:                   # phase 2: the kernel-unit threshold it ran at
         saved["thr"].copy_(thr_k)

@@ -21,11 +21,11 @@ Writers and readers (all exact or conservative: a live cell is never marked dead
     backward (dK/dV, dQ, atomic dQ)           skip a (query tile, key tile) pair whose cells are all 0 before
                                               loading its query rows or computing Q K^T
 
-Each forward program first marks live every cell of the tiles it visits (`reset_cells`; the launcher does not
-fill the buffer): cells the pre-pass does not reach (one without bracket passes, e.g. top-k's running buffer)
-stay live and are simply computed. Cells no forward program visits hold whatever the buffer held: they are
-fully masked (causal, window) or past L / S, so a backward tile skipped because of them (with its other cells
-dead) has no weight either. A NaN score or threshold marks its cell live, so the non-finite rule still sees it.
+Each forward program first marks live every cell of the tiles it visits (`reset_cells`: no stale marks when
+the autotuner reruns a launch): cells the pre-pass does not reach (one without bracket passes, e.g. top-k's
+running buffer) stay live and are simply computed. Cells no forward program visits keep the launcher's zeros
+(dead): they are fully masked (causal, window) or past L / S, so a backward tile skipped because of them (with
+its other cells dead) has no weight either. A NaN score or threshold marks its cell live, so the non-finite rule still sees it.
 """
 
 import triton
