@@ -11,8 +11,8 @@ so that with the default scale 1/sqrt(D) a query scores about ``gap`` (natural u
 keys of its own direction than against the others: with gap >= 4 entmax15 / sparsemax / top-k give the
 other key blocks zero weight, and the block sparsity is about 1 - 1/n_dirs.
 
-`block_sparsity` is the fraction of dead 16 x 16 cells among those the forward visited (the kernels' block
-mask, `flashmaps.kernels.blockmask`).
+`block_sparsity` is the fraction of dead 16 x 16 cells of the kernels' block mask (`flashmaps.kernels.blockmask`),
+`exact_live_cells` the cells of given weights that hold a nonzero one.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def exact_live_cells(p: torch.Tensor, cell: int = 16) -> torch.Tensor:
 
 
 def block_sparsity(live: torch.Tensor, L: int, S: int, cell: int = 16) -> float:
-    """Fraction of dead cells among the in-range cells (rows < L, keys < S) of an int8/bool block mask
-    (B, Hq, R, C) (`flashmaps.triton_path.Forward.live`): cells no writer reached count as live."""
+    """Fraction of dead (0) cells among the in-range cells (rows < L, keys < S) of an int8/bool block mask
+    (B, Hq, R, C) (`flashmaps.triton_path.Forward.live`); cells no forward program visits (fully masked: causal,
+    window) are 0 and count as dead."""
     cells = live[:, :, : -(-L // cell), : -(-S // cell)]
     return 1.0 - cells.ne(0).float().mean().item() if cells.numel() else 0.0

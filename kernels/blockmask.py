@@ -66,8 +66,8 @@ def tile_marked(base, start_n, S, BM: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def reset_cells(base, lo, hi, S, BM: tl.constexpr, BN: tl.constexpr):
     """Mark live the cells of the block's tiles over keys [lo, hi) (lo a multiple of BN): the forward's first
-    step, so that every cell a program visits holds this call's value whatever the buffer held (no fill by the
-    launcher; reruns of the autotuner see no stale marks)."""
+    step, so that a pre-pass that marks nothing leaves them live (the launcher zeroes the buffer) and reruns
+    of a launch by the autotuner see no stale marks."""
     ones = tl.full([BM // MASK_BLOCK, BN // MASK_BLOCK], 1, tl.int8)
     for start_n in range(lo, hi, BN):
         tl.store(_tile_cells(base, start_n, S, BM, BN), ones)

@@ -28,7 +28,8 @@ Runtime argument bundles (named tuples: Triton passes their fields as kernel arg
                 bound: off + right), left_off (a window's left bound: off - left; `flashmaps.window`)
     ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
     Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
-                pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
+                pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs),
+                and the block mask at the program's cell rows (Static.BLOCK_MASK)
     Block       one program's query block: q tile [BM, BD], row indices, and the key bounds
                 (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read; with
                 a window's left bound, ST.LEFT: [lo, full_lo) masked, [full_lo, full_end) unmasked, < lo never read)
