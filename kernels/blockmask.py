@@ -12,9 +12,10 @@ Glossary (besides `contract`'s)::
 
 Writers and readers (all exact or conservative: a live cell is never marked dead)::
 
-    threshold engine (``threshold.search``)   every bracket pass marks each tile's cells against the bracket's
-                                              lower end lo <= tau (floor(lo) <= floor(tau)): the last pass's
-                                              marks are the tightest
+    threshold engine (``threshold.search``)   the first bracket pass marks each tile's cells against the
+                                              bracket's lower end lo <= tau (floor(lo) <= floor(tau); entmax:
+                                              max z - 1): one marking pass, not one per pass (the later, tighter
+                                              brackets gained no tile on the structured inputs, bench/TUNING.md)
     output pass (``tile_loop``)               skips a tile whose cells are all 0 BEFORE its Q K^T, and marks the
                                               cells of the tiles it computes against the final threshold (the
                                               exact mask the backward reads)

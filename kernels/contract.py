@@ -47,8 +47,8 @@ Block mask (Static.BLOCK_MASK; `kernels.blockmask`): one int8 liveness bit per C
 MASK_BLOCK keys, (B, Hq, cdiv(L, MASK_PAD) * MASK_PAD / MASK_BLOCK, cdiv(S, MASK_PAD) * MASK_PAD / MASK_BLOCK)
 contiguous, padded so that every tile of every config (BM, BN: multiples of MASK_BLOCK dividing MASK_PAD)
 covers whole cells in bounds. 0 = dead: every key of the cell has zero weight for every row of the cell
-(s < Hooks.live_floor(thr), or not allowed). Written by the forward (the threshold engine's passes against
-the bracket's lower end, then the output pass against the final threshold), read by the output pass and both
+(s < Hooks.live_floor(thr), or not allowed). Written by the forward (the threshold engine's first bracket pass
+against the bracket's lower end, then the output pass against the final threshold), read by the output pass and both
 backward kernels, which skip a tile whose cells are all 0 before its Q K^T product.
 """
 

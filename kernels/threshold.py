@@ -105,10 +105,13 @@ def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr
     passes = tl.full([], 0, tl.int32)
     while (tl.max(tl.where(br.done, 0, 1)) > 0) & (passes < NORM.rule.max_passes):
         t = br.t0[:, None] + (br.t1 - br.t0)[:, None] * frac[None, :]                    # [BM, NP]
-        if ST.BLOCK_MASK:                              # also mark the block mask against lo <= tau (blockmask)
-            acc = fold_keys(NORM.rule.zero(t), marking_fold, (_rule_ctx(t, args, NORM), keys.live,
-                            row_floor(_with_param(br.lo, args, NORM), blk.offs_m, keys.L, NORM), keys.S),
-                            blk, keys, BN, ST, NORM)
+        if ST.BLOCK_MASK:
+            if passes == 0:                            # the first bracket pass also marks the block mask, against
+                acc = fold_keys(NORM.rule.zero(t), marking_fold, (_rule_ctx(t, args, NORM), keys.live,   # lo <= tau
+                                row_floor(_with_param(br.lo, args, NORM), blk.offs_m, keys.L, NORM), keys.S),
+                                blk, keys, BN, ST, NORM)
+            else:
+                acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, _rule_ctx(t, args, NORM), blk, keys, BN, ST, NORM)
         elif NORM.rule.fold_args:
             acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, (t, args), blk, keys, BN, ST, NORM)
         else:
