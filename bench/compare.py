@@ -25,12 +25,14 @@ DEFAULTS = {
 
 def compare_jobs(*, device: str, normalizers=None, backend: str | None = None, B: int, H: int,
                  Hkv: int | None = None, L: int, D: int, dtype: str, causal=None, modes=("fwd",),
-                 max_ref_elems: int, min_run_time: float | None, baselines=(BASELINE, "entmax15-dense")) -> list[dict]:
-    """The jobs of one comparison: every normalizer and baseline at one shape, forward jobs checked."""
+                 max_ref_elems: int, min_run_time: float | None, baselines=(BASELINE, "entmax15-dense"),
+                 inputs: str = "random") -> list[dict]:
+    """The jobs of one comparison: every normalizer and baseline at one shape, forward jobs checked; ``inputs``
+    "random" (N(0, 1)) or "structured" (`flashmaps.bench.structured`: real block sparsity)."""
     backend = backend or ("triton" if device == "cuda" else "torch")
     normalizers = default_normalizers() if normalizers is None else normalizers
     provs = [flashmaps_provider(n, backend) for n in normalizers] + [get_provider(b) for b in baselines]
-    extra = {"check": True, "max_ref_elems": max_ref_elems}
+    extra = {"check": True, "max_ref_elems": max_ref_elems, "inputs": inputs}
     if min_run_time is not None:
         extra["min_run_time"] = min_run_time
     return sweep(device=device, providers=provs, seqs=[L], modes=modes, batches=[B], heads=[H], kv_heads=[Hkv],
@@ -60,6 +62,7 @@ def _display(r: dict) -> dict:
     d["mem_s"] = fmt_bytes(r.get("peak_mem_bytes"))
     d["mvs_s"] = None if r.get("mem_vs_sdpa") is None else f"{r['mem_vs_sdpa']:.2f}x"
     d["sp_s"] = None if r.get("sparsity") is None else f"{100 * r['sparsity']:.1f}%"
+    d["bsp_s"] = None if r.get("block_sparsity") is None else f"{100 * r['block_sparsity']:.1f}%"
     d["status_s"] = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"[:70]
     return d
 
@@ -68,6 +71,7 @@ def table(rows: list[dict]) -> str:
     """The terminal table of a comparison (one block per mode)."""
     cols = [("provider", "provider"), ("normalizer", "normalizer"), ("rel err", "err_s"), ("ms", "time_s"),
             ("20-80%", "spread_s"), ("time/SDPA", "tvs_s"), ("extra peak", "mem_s"), ("mem/SDPA", "mvs_s"), ("zeros", "sp_s"),
+            ("dead 64x64", "bsp_s"),
             ("status", "status_s")]
     blocks = []
     for mode in dict.fromkeys(r["mode"] for r in rows):

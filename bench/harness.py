@@ -65,7 +65,7 @@ ROW_FIELDS = (
     "provider", "family", "normalizer", "backend", "mode", "B", "Hq", "Hkv", "L", "S", "Dqk", "Dv", "causal",
     "dtype", "status", "message", "time_ms", "time_q20_ms", "time_q80_ms", "n_runs", "flops", "tflops",
     "gbps", "peak_mem_bytes", "err", "err_note", "sparsity", "suite", "config", "knobs", "tree", "tuned",
-    "cudagraph_ms",
+    "cudagraph_ms", "block_sparsity", "inputs",
 )
 FAILED = ("oom", "timeout", "crash")
 

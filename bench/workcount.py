@@ -1,9 +1,12 @@
 """Work per query block of every registered normalizer, counted under the Triton interpreter.
 
     TRITON_INTERPRET=1 python -m flashmaps.bench.workcount [--L 1024] [--D 64] [--norms softmax,entmax15]
+                                                           [--inputs random,structured] [--no-block-mask]
 
-Runs the Triton forward and backward once per normalizer (its default spec) on N(0, 1) inputs (fp32, B = 1,
-H = 1, L = S, seed 0, the GPU's first autotune candidate at D: BM, BN as an H100 would run them) and counts,
+Runs the Triton forward and backward once per normalizer (its default spec) on N(0, 1) inputs and on structured
+ones (`flashmaps.bench.structured`: q, k from 4 strong directions per 64-row / 64-key block, gap 6, seed 0;
+fp32, B = 1, H = 1, L = S, seed 0, the GPU's first autotune candidate at D: BM, BN as an H100 would run them),
+with the block mask of the sparse units (``triton_path.BLOCK_MASK``; ``--no-block-mask``: without) and counts,
 by wrapping the kernels' own jit functions in Python counters (the interpreter runs them as Python, so the
 wrapper sees every call of every program):
 
@@ -14,13 +17,20 @@ wrapper sees every call of every program):
 - fwd P V tiles: calls of ``tile_loop._accumulate_live`` (tiles whose P @ V product runs: the output pass
   minus the tiles ``tile_live`` skipped);
 - bwd dQ tiles per query block, bwd dK/dV tiles per key block: calls of ``backward._tile_weights`` inside
-  ``_dq_loop`` / ``_dkdv_loop`` (score recomputations; the skipped ones still count, their dP product not).
+  ``_dq_loop`` / ``_dkdv_loop`` (score recomputations: the pairs the block mask skips do not count; those the
+  per-tile ``tile_live`` test skips after Q K^T still count, their dP product not);
+- block sparsity: the fraction of the forward's BM x BN tiles holding an allowed key whose weights are all 0,
+  from the float64 reference weights (what a block mask could skip at best, independent of the kernels).
+
+The output pass's tiles (``passes``' denominator) are the visited ones: calls of ``tiles.tile_marked`` with the
+block mask (one per visited tile, skipped or not), else of ``tile_loop._accumulate``.
 
 Prints a Markdown table; ``x softmax`` is the forward score tiles relative to softmax's in the same run."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -39,9 +49,9 @@ def _wrap(module, name: str, key, counter: Counter):
     setattr(module, name, counted)
 
 
-def count(spec: str, L: int, D: int, causal) -> dict:
+def count(spec: str, L: int, D: int, causal, inputs: str = "random") -> dict:
     """Counts of one normalizer: {"fwd": score tiles, "pv": P V tiles, "dq": dQ tiles, "dkdv": dK/dV tiles,
-    "q_blocks", "k_blocks", "bn", ...}."""
+    "q_blocks", "k_blocks", "bn", "sparsity", ...} on ``inputs`` "random" or "structured"."""
     import torch
 
     import flashmaps
@@ -53,8 +63,9 @@ def count(spec: str, L: int, D: int, causal) -> dict:
     originals = [(m, n, getattr(m, n)) for m, n in ((tiles, "score_tile"), (tile_loop, "_accumulate"),
                                                      (tile_loop, "_accumulate_live"),
                                                      (backward, "_tile_weights"), (backward, "_dq_loop"),
-                                                     (backward, "_dkdv_loop"))]
+                                                     (backward, "_dkdv_loop"), (tiles, "tile_marked"))]
     _wrap(tiles, "score_tile", lambda: "fwd", counter)
+    _wrap(tiles, "tile_marked", lambda: "visited", counter)
     _wrap(tile_loop, "_accumulate", lambda: "out", counter)
     _wrap(tile_loop, "_accumulate_live", lambda: "pv", counter)
     _wrap(backward, "_tile_weights", lambda: mode[0], counter)
@@ -77,6 +88,10 @@ def count(spec: str, L: int, D: int, causal) -> dict:
         dq = triton_configs.BWD_CONFIGS_BY_DIM["dq"][cls][0]
         gen = torch.Generator().manual_seed(0)
         q, k, v, dout = (torch.randn(1, 1, L, D, generator=gen) for _ in range(4))
+        if inputs == "structured":
+            from .structured import structured_qkv
+
+            q, k, v = structured_qkv(1, 1, L, L, D, n_dirs=4, block=64, gap=6.0, seed=0)
         norm = flashmaps.parse(spec)
         t0 = time.time()
         res = triton_path.launch_forward(q, k, v, norm, causal=causal, save_extras=True, splits=1,
@@ -90,9 +105,31 @@ def count(spec: str, L: int, D: int, causal) -> dict:
         for m, n, fn in originals:
             setattr(m, n, fn)
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
-    return {**counter, "q_blocks": cdiv(L, bm), "bm": bm, "bn": bn, "dq_blocks": cdiv(L, dq[0]),
+    if not counter["visited"]:
+        counter["visited"] = counter["out"]
+    return {**counter, "sparsity": _tile_sparsity(q, k, v, norm, causal, bm, bn), "q_blocks": cdiv(L, bm), "bm": bm, "bn": bn, "dq_blocks": cdiv(L, dq[0]),
             "dkdv_blocks": cdiv(L, dk[1]), "dq_tile": f"{dq[0]} x {dq[1]}", "dkdv_tile": f"{dk[0]} x {dk[1]}",
             "seconds": seconds}
+
+
+def _tile_sparsity(q, k, v, norm, causal, bm: int, bn: int) -> float:
+    """Fraction of the BM x BN tiles with an allowed key whose float64 reference weights are all 0."""
+    import torch
+
+    from flashmaps import reference
+
+    s, allowed = reference.scores_and_allowed(q, k, causal=causal or False, normalizer=norm)
+    p = norm.reference_weights(s, allowed)[0, 0]                                               # (L, S)
+    L, S = p.shape
+    R, C = -(-L // bm), -(-S // bn)
+
+    def tiles(x):
+        pad = torch.zeros(R * bm, C * bn, dtype=torch.bool)
+        pad[:L, :S] = x
+        return pad.view(R, bm, C, bn).any(3).any(1)
+
+    has_key, live = tiles(allowed[0, 0].expand(L, S)), tiles(p != 0)
+    return 1.0 - live.sum().item() / max(1, has_key.sum().item())
 
 
 def main(argv=None) -> int:
@@ -100,30 +137,37 @@ def main(argv=None) -> int:
     ap.add_argument("--L", type=int, default=512, help="L = S")
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--norms", default=None, help="specs (default: every registered normalizer's default)")
+    ap.add_argument("--inputs", default="random,structured", help="random (N(0, 1)) and/or structured inputs")
+    ap.add_argument("--no-block-mask", action="store_true", help="the sparse units without the block mask")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("workcount: set TRITON_INTERPRET=1 (the counters wrap the interpreted kernels)", file=sys.stderr)
         return 2
     import flashmaps
+    from flashmaps import triton_path
 
+    triton_path.BLOCK_MASK = not args.no_block_mask
     norms = args.norms.split(",") if args.norms else [n.spec for n in flashmaps.defaults() if n.has_triton]
-    print(f"L = S = {args.L}, D = {args.D}, N(0, 1) fp32 inputs (seed 0), default scale; per query block of the "
+    print(f"L = S = {args.L}, D = {args.D}, fp32 inputs (seed 0): N(0, 1) (random) or `bench/structured.py` "
+          f"(structured), default scale; block mask {'off' if args.no_block_mask else 'on'}; per query block of the "
           "forward (dQ), per key block of the dK/dV kernel; `passes`: forward score tiles / output-pass tiles "
-          "(how many times a block streams K). Method: `python -m flashmaps.bench.workcount` "
+          "visited (how many times a block streams K); `block sparsity`: dead BM x BN tiles / tiles with an "
+          "allowed key (float64 reference). Method: `python -m flashmaps.bench.workcount` "
           "(bench/workcount.py: counters around the interpreted jit functions).\n")
-    print("| normalizer | mask | fwd BM x BN | fwd score tiles | passes | x softmax | P V tiles | dQ tiles | "
-          "dK/dV tiles |")
-    print("|" + "---|" * 9)
+    print("| normalizer | mask | inputs | block sparsity | fwd BM x BN | fwd score tiles | passes | x softmax | "
+          "P V tiles | dQ tiles | dK/dV tiles |")
+    print("|" + "---|" * 11)
     t0 = time.time()
-    for causal in (None, "lower_right"):
+    for inputs, causal in itertools.product(args.inputs.split(","), (None, "lower_right")):
         soft = None
         for spec in norms:
-            c = count(spec, args.L, args.D, causal)
+            c = count(spec, args.L, args.D, causal, inputs)
             fwd = c.get("fwd", 0) / c["q_blocks"]
             if spec == "softmax":
                 soft = fwd
-            print(f"| {spec} | {'causal' if causal else 'full'} | {c['bm']} x {c['bn']} | {fwd:.1f} | "
-                  f"{c.get('fwd', 0) / max(1, c.get('out', 0)):.2f} | {f'{fwd / soft:.2f}' if soft else '-'} | "
+            print(f"| {spec} | {'causal' if causal else 'full'} | {inputs} | {100 * c['sparsity']:.1f}% | "
+                  f"{c['bm']} x {c['bn']} | {fwd:.1f} | "
+                  f"{c.get('fwd', 0) / max(1, c.get('visited', 0)):.2f} | {f'{fwd / soft:.2f}' if soft else '-'} | "
                   f"{c.get('pv', 0) / c['q_blocks']:.1f} | {c.get('dq', 0) / c['dq_blocks']:.1f} ({c['dq_tile']}) | "
                   f"{c.get('dkdv', 0) / c['dkdv_blocks']:.1f} ({c['dkdv_tile']}) |", flush=True)
     print(f"workcount: {time.time() - t0:.0f} s in the interpreter", file=sys.stderr)

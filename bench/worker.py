@@ -244,8 +244,16 @@ def _tuned_since(before: dict) -> dict | None:
 
 
 def make_inputs(job: dict, requires_grad: bool = False):
-    """Deterministic q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) for ``job``."""
+    """Deterministic q (B, Hq, L, Dqk), k (B, Hkv, S, Dqk), v (B, Hkv, S, Dv) for ``job``: N(0, 1), or with
+    ``job["inputs"] == "structured"`` q, k from a few strong directions per 64-row / 64-key block, where block
+    sparsity is real (`flashmaps.bench.structured`)."""
     dev, dt = job["device"], _DTYPES[job["dtype"]]
+    if job.get("inputs", "random") == "structured":
+        from .structured import structured_qkv
+
+        qkv = structured_qkv(job["B"], job["Hq"], job["L"], job["S"], job["Dqk"], Hkv=job["Hkv"], Dv=job["Dv"],
+                             block=BLOCK_TILE, seed=job.get("seed", 0))
+        return [x.to(device=dev, dtype=dt).requires_grad_(requires_grad) for x in qkv]
     g = torch.Generator(device="cpu").manual_seed(job.get("seed", 0))
     shapes = (
         (job["B"], job["Hq"], job["L"], job["Dqk"]),
@@ -353,17 +361,26 @@ def check_error(fn, q, k, v, job: dict, norm_spec: str, max_elems: int) -> dict:
     if parse(norm_spec).sparse:
         try:
             with torch.no_grad():
-                res["sparsity"] = _sparsity(fn, q, k, job)
+                res["sparsity"] = _sparsity(fn, q, k, job, res)
         except Exception as exc:  # noqa: BLE001
             res["err_note"] = (res["err_note"] + f"; sparsity failed: {type(exc).__name__}: {exc}")[:300]
     return res
 
 
-def _sparsity(fn, q, k, job: dict) -> float | None:
+#: the tile of the block sparsity (`_sparsity`): the forward tile the H100 runs the sparse units with
+BLOCK_TILE = 64
+
+
+def _sparsity(fn, q, k, job: dict, res: dict | None = None) -> float | None:
     """Fraction of exact zeros among the allowed weights of batch 0, query head 0, read from ``fn`` itself:
     with ``v`` = a block of columns of the identity, ``out = P @ v`` IS that block of the weights. Blocks of
-    ``job["Dv"]`` columns keep every call at a head dim the provider is being benchmarked at anyway."""
+    ``job["Dv"]`` columns keep every call at a head dim the provider is being benchmarked at anyway.
+    ``res`` (a dict) also gets ``block_sparsity``: the fraction of the BLOCK_TILE x BLOCK_TILE tiles holding an
+    allowed key whose weights are all 0 (what a block mask can skip)."""
     L, S = job["L"], job["S"]
+    n_r, n_c = -(-L // BLOCK_TILE), -(-S // BLOCK_TILE)
+    tile_live = torch.zeros(n_r, n_c, dtype=torch.bool, device=q.device)
+    tile_allowed = torch.zeros(n_r, n_c, dtype=torch.bool, device=q.device)
     width = max(1, min(S, job["Dv"]))
     allowed_total, zeros = 0, 0
     qs, ks = q[:1, :1], k[:1, :1]  # (1, 1, L, D), (1, 1, S, D)
@@ -379,6 +396,15 @@ def _sparsity(fn, q, k, job: dict) -> float | None:
             allowed = j <= i + (0 if job["causal"] == "upper_left" else S - L)
         allowed_total += int(allowed.sum())
         zeros += int(((p == 0) & allowed).sum())
+        rows_t, cols_t = i[:, 0] // BLOCK_TILE, j[0] // BLOCK_TILE                      # (L,), (w,)
+        for name, x in (("live", (p != 0) & allowed), ("allowed", allowed)):
+            grid = tile_live if name == "live" else tile_allowed
+            hit = torch.zeros(n_r, n_c, dtype=torch.int32, device=q.device)
+            hit.index_put_((rows_t[:, None].expand(L, w), cols_t[None, :].expand(L, w)), x.to(torch.int32),
+                           accumulate=True)
+            grid |= hit > 0
+    if res is not None and int(tile_allowed.sum()):
+        res["block_sparsity"] = 1.0 - int(tile_live.sum()) / int(tile_allowed.sum())
     return zeros / allowed_total if allowed_total else None
 
 

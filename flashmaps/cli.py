@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwd+bwd (default fwd on CPU, fwd fwd+bwd on CUDA)")
     c.add_argument("--backend", choices=("torch", "triton"), default=None,
                    help="flashmaps backend (default: triton on CUDA, torch on CPU)")
+    c.add_argument("--inputs", choices=("random", "structured"), default="random",
+                   help="N(0, 1) inputs (default), or q, k from a few strong directions per 64-block, where whole "
+                   "64 x 64 tiles of the sparse normalizers are dead (column 'dead 64x64')")
     from .bench.tasks import add_arguments as add_task_arguments  # --task mqar / drift and their options
 
     add_task_arguments(c)
@@ -320,6 +323,7 @@ def cmd_compare(args) -> int:
         B=args.batch or d["B"], H=H, Hkv=args.kv_heads, L=L, D=args.head_dim or d["D"], dtype=dtypes[0],
         causal=args.causal, modes=modes, max_ref_elems=d["max_ref_elems"],
         min_run_time=args.min_run_time if args.min_run_time is not None else d["min_run_time"],
+        inputs=getattr(args, "inputs", "random"),
     )
     out = _out_dir(args, kind)
     meta = tags(kind)

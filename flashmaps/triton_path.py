@@ -35,7 +35,7 @@ import triton
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from .kernels.contract import (MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
-                               Static, View, fold_score_unit, raw_scores_ok)
+                               Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
@@ -69,6 +69,11 @@ SPLIT_MAX_L = 16
 TMA_KV = False
 #: a TMA descriptor's base address and row strides are multiples of this many bytes
 _TMA_ALIGN = 16
+#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it: False (or the environment
+#: variable FLASHMAPS_BLOCK_MASK=0) turns it off, e.g. to compare both on a GPU; a call whose mask would pass
+#: BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
+BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "1") != "0"
+BLOCK_MASK_MAX_BYTES = 1 << 28
 
 
 class Forward(NamedTuple):
@@ -86,6 +91,7 @@ class Forward(NamedTuple):
     score_unit: the factor u of the kernel's scores (s_kernel = u * s_natural; see kernels.contract).
     extras: the packed 1-D fp32 buffer holding ``saved`` (see `unpack_extras`).
     stats_all: the stats as one (n_stats, B, Hq, L) buffer (``stats`` are its views), or None (split-KV).
+    live: the block mask (int8 (B, Hq, R, C), `kernels.blockmask`; a view at the end of ``extras``), or None.
     """
 
     out: torch.Tensor
@@ -94,6 +100,7 @@ class Forward(NamedTuple):
     score_unit: float
     extras: torch.Tensor
     stats_all: Optional[torch.Tensor] = None
+    live: Optional[torch.Tensor] = None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -115,36 +122,52 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def _extras_parts(hooks, B: int, Hq: int, L: int, Dv: int, need_grad: bool) -> list:
+def _extras_parts(hooks, B: int, Hq: int, L: int, Dv: int, need_grad: bool, S: int = 0) -> list:
     """[(name, shape)] of the packed extras buffer, in order: "thr" (normalizers with a pre-pass), then
-    "sum_g" and "o2" (normalizers with a second weighted sum, when gradients are needed)."""
+    "sum_g" and "o2" (normalizers with a second weighted sum, when gradients are needed), then "live" (the
+    block mask's int8 cells packed 4 to a float, `_block_mask`; it needs the key length S)."""
     parts = [("thr", (B, Hq, L))] if hooks.has_prepass else []
     if need_grad and hooks.has_g:
         parts += [("sum_g", (B, Hq, L)), ("o2", (B, Hq, L, Dv))]
+    if S and _block_mask(hooks, B, Hq, L, S):
+        parts += [("live", (-(-math.prod(block_mask_shape(B, Hq, L, S)) // 4),))]
     return parts
+
+
+def _block_mask(hooks, B: int, Hq: int, L: int, S: int) -> bool:
+    """Whether an unsplit call with a computed threshold gets the block mask (`BLOCK_MASK`, `contract.block_mask_ok`)."""
+    return BLOCK_MASK and block_mask_ok(hooks) and math.prod(block_mask_shape(B, Hq, L, S)) <= BLOCK_MASK_MAX_BYTES
+
+
+def block_mask_view(views: dict, B: int, Hq: int, L: int, S: int):
+    """The int8 (B, Hq, R, C) block mask inside ``views["live"]`` (`_unpack` with S), or None."""
+    if "live" not in views:
+        return None
+    shape = block_mask_shape(B, Hq, L, S)
+    return views["live"].view(torch.int8)[: math.prod(shape)].view(shape)
 
 
 def extras_shape(normalizer: Normalizer, q, k, v, need_grad: bool) -> tuple[int, ...]:
     """Shape of the packed extras tensor returned by :func:`forward`: (total elements,)."""
-    return (_extras_size(normalizer.triton(k.shape[2])[0], q, v, need_grad),)
+    return (_extras_size(normalizer.triton(k.shape[2])[0], q, v, need_grad, k.shape[2]),)
 
 
-def _extras_size(hooks, q, v, need_grad: bool) -> int:
+def _extras_size(hooks, q, v, need_grad: bool, S: int = 0) -> int:
     B, Hq, L = q.shape[:3]
-    return sum(math.prod(shape) for _, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad))
+    return sum(math.prod(shape) for _, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S))
 
 
 def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad: bool, S: int = 1) -> dict:
     """The named contiguous views of a packed extras buffer: {"thr": (B, Hq, L), "sum_g": (B, Hq, L),
-    "o2": (B, Hq, L, Dv)}, as present (see `Forward.saved` for their meaning). ``S``: the key length (the
-    layout does not depend on it; ``Normalizer.triton`` takes it)."""
-    return _unpack(extras, normalizer.triton(S)[0], q, v, need_grad)
+    "o2": (B, Hq, L, Dv)}, as present (see `Forward.saved` for their meaning), and "live" (the block mask,
+    `block_mask_view`) when the true key length ``S`` is given."""
+    return _unpack(extras, normalizer.triton(S)[0], q, v, need_grad, S if S > 1 else 0)
 
 
-def _unpack(extras: torch.Tensor, hooks, q, v, need_grad: bool) -> dict:
+def _unpack(extras: torch.Tensor, hooks, q, v, need_grad: bool, S: int = 0) -> dict:
     B, Hq, L = q.shape[:3]
     views, at = {}, 0
-    for name, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad):
+    for name, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S):
         n = math.prod(shape)
         views[name] = extras[at: at + n].view(shape)
         at += n
@@ -387,9 +410,14 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     out = torch.empty((B, Hq, L, DV), dtype=v.dtype, device=dev)
     stats_all = torch.empty((len(normalizer.stats), B, Hq, L), dtype=torch.float32, device=dev)
     stats_t = list(stats_all.unbind(0))       # one buffer: the op returns it as is (no torch.stack)
-    extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras),
+    extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras, S),
                           dtype=torch.float32, device=dev)
-    saved = _unpack(extras_buf, c.hooks, q, v, save_extras)
+    saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
+    live = block_mask_view(saved, B, Hq, L, S) if splits == 1 and thr_k is None else None
+    saved.pop("live", None)                        # (Forward.live; `saved` keeps what unpack_extras(S=1) gives)
+    if live is not None:      # zeros: the cells no program visits (never read as deciding) are deterministic
+        live.zero_()
+        c = c._replace(static=c.static._replace(BLOCK_MASK=True))
     if thr_k is not None and "thr" in saved:                   # phase 2: the kernel-unit threshold it ran at
         saved["thr"].copy_(thr_k)
     l_pad = _cdiv(L, SCRATCH_ROW_BLOCK) * SCRATCH_ROW_BLOCK      # every row a program may touch
@@ -397,7 +425,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     scratch = torch.empty((B * Hq * l_pad, kc), dtype=torch.float32, device=dev) if kc else placeholder
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
                   saved.get("thr", placeholder) if thr_k is None else thr_k, saved.get("sum_g", placeholder),
-                  saved.get("o2", placeholder), scratch)
+                  saved.get("o2", placeholder), scratch, placeholder if live is None else live)
     norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
 
     def args_of(o, st, dims, static):
@@ -407,14 +435,14 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
 
     if splits > 1:
         out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config, threshold)
-        return Forward(out, stats, saved, c.hooks.unit, extras_buf)
+        return Forward(out, stats, saved, c.hooks.unit, extras_buf, None, live)
     args, meta = args_of(out, stats_t, c.dims, c.static)
     _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
             lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
     stats = dict(zip(normalizer.stats, stats_t))
     if threshold is not None:                              # phase 2 reports the union's threshold
         stats.update({n: x for n, x in threshold.items() if n in stats})
-    return Forward(out, stats, saved, c.hooks.unit, extras_buf, stats_all)
+    return Forward(out, stats, saved, c.hooks.unit, extras_buf, stats_all, live)
 
 
 def forward(q, k, v, normalizer: Normalizer, *, mask, causal, scale, softcap, dropout_p, seed, need_grad,
@@ -458,7 +486,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     if not c.hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
-    views = _unpack(extras, c.hooks, q, v, True)
+    views = _unpack(extras, c.hooks, q, v, True, S)
+    live = block_mask_view(views, B, Hq, L, S)         # the forward's block mask (it ran unsplit: gradients)
+    if live is not None:
+        c = c._replace(static=c.static._replace(BLOCK_MASK=True))
     if c.hooks.has_g and "o2" not in views:
         raise ValueError("launch_backward: extras lacks the backward extras (entmax15's O2); run the forward "
                          "with need_grad=True")
@@ -469,7 +500,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     norm = c.hooks.with_consts(())                         # consts are forward-only: one backward per hooks
 
     # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
-    rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0))
+    rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0),
+                 placeholder if live is None else live)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)

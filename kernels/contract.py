@@ -29,7 +29,8 @@ Runtime argument bundles (named tuples: Triton passes their fields as kernel arg
                 Static.VARLEN also the packed sequences' cu_q, cu_k, alignment and row stride
     ScoreScale  qk_scale, cap_mult, bias_mult (= u), mask_min (float masks: entries <= it exclude)
     Keys        one program's key side, built in the kernel: k base pointer and strides, the mask
-                pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs)
+                pointer of each query row, lengths and the ScoreScale (everything `tiles.score_tile` needs),
+                and the block mask at the program's cell rows (Static.BLOCK_MASK)
     Block       one program's query block: q tile [BM, BD], row indices, and the key bounds
                 (keys [0, full_end) unmasked whole tiles, [full_end, hi) masked tiles, >= hi never read; with
                 a window's left bound, ST.LEFT: [lo, full_lo) masked, [full_lo, full_end) unmasked, < lo never read)
@@ -39,8 +40,17 @@ not compile, a whole tuple as a constexpr does)::
 
     Static      the flags of a call: head dims and their padded blocks, causal, mask kind, softcap,
                 dot precision, dropout, dtype (the autotuner keys on it), window, split-KV, distance form, and
-                the backward's atomic dQ (ATOMIC_DQ: every normalizer gets it through the one dK/dV kernel)
+                the backward's atomic dQ (ATOMIC_DQ: every normalizer gets it through the one dK/dV kernel),
+                and the block mask (BLOCK_MASK, below)
     Hooks       the normalizer: its ``@triton.jit`` functions and flags (see the class)
+
+Block mask (Static.BLOCK_MASK; `kernels.blockmask`): one int8 liveness bit per CELL of MASK_BLOCK query rows x
+MASK_BLOCK keys, (B, Hq, cdiv(L, MASK_PAD) * MASK_PAD / MASK_BLOCK, cdiv(S, MASK_PAD) * MASK_PAD / MASK_BLOCK)
+contiguous, padded so that every tile of every config (BM, BN: multiples of MASK_BLOCK dividing MASK_PAD)
+covers whole cells in bounds. 0 = dead: every key of the cell has zero weight for every row of the cell
+(s < Hooks.live_floor(thr), or not allowed). Written by the forward (the threshold engine's first bracket pass
+against the bracket's lower end, then the output pass against the final threshold), read by the output pass and both
+backward kernels, which skip a tile whose cells are all 0 before its Q K^T product.
 """
 
 from __future__ import annotations
@@ -64,6 +74,11 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 MASK_NONE: tl.constexpr = tl.constexpr(0)
 MASK_BOOL: tl.constexpr = tl.constexpr(1)
 MASK_FLOAT: tl.constexpr = tl.constexpr(2)
+
+#: block mask (Static.BLOCK_MASK): query rows and keys per cell (the smallest BM, BN of any config)
+MASK_BLOCK: tl.constexpr = tl.constexpr(16)
+#: the block mask's rows and columns are padded to a multiple of this many rows / keys (the largest BM, BN)
+MASK_PAD: tl.constexpr = tl.constexpr(128)
 
 
 def fold_score_unit(scale: float, softcap: Optional[float], unit: float) -> tuple[float, float]:
@@ -148,6 +163,7 @@ class Keys(NamedTuple):
     left_off: Any     # Dims.left_off
     seed: Any         # the call's seed (score noise, Hooks.has_noise)
     row_base: Any     # (b * Hq + h) * L, int64 (as dropout's): the noise's head index is row_base // L
+    live: Any = 0     # Static.BLOCK_MASK: the block mask's int8 pointer at the block's first cell row (blockmask)
     kd: Any = None    # Static.TMA: K's tensor descriptor at (batch, kv head) (`tiles.kv_desc`), else None
 
 
@@ -198,16 +214,18 @@ class Static(NamedTuple):
                              # and layouts are the (B, Hq, L) ones; `flashmaps.triton_varlen.supported`)
     TMA: bool = False        # the forward reads its K and V tiles through tensor descriptors (TMA on sm_90,
                              # `tiles.kv_desc`); the launcher sets it (`triton_path.TMA_KV`, `tma_ok`)
+    BLOCK_MASK: bool = False # the block mask (module docstring): the forward writes it (Keys.live) and skips dead
+                             # tiles before Q K^T, the backward reads it (BwdRows.live); `block_mask_ok`
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
              dtype: str, left: bool = False, split: bool = False, distance: bool = False,
              atomic_dq: bool = False, given_thr: bool = False, raw_scores: bool = False,
-             varlen: bool = False, tma: bool = False) -> "Static":
+             varlen: bool = False, tma: bool = False, block_mask: bool = False) -> "Static":
         BD, BDV = max(16, next_pow2(D)), max(16, next_pow2(Dv))
         return cls(D, Dv, BD, BDV, bool(causal), int(getattr(mask_kind, "value", mask_kind)), bool(softcap), dot_prec, bool(dropout), dtype,
                    BD != D, BDV != Dv, bool(left), bool(split), bool(distance), bool(atomic_dq), bool(given_thr),
-                   bool(raw_scores), bool(varlen), bool(tma))
+                   bool(raw_scores), bool(varlen), bool(tma), bool(block_mask))
 
 
 class RowOut(NamedTuple):
@@ -221,6 +239,7 @@ class RowOut(NamedTuple):
     g_sum: Any
     g_out: Any
     scratch: Any
+    live: Any = 0     # Static.BLOCK_MASK: the block mask (int8, see the module docstring), written by the forward
 
 
 class BwdRows(NamedTuple):
@@ -230,6 +249,7 @@ class BwdRows(NamedTuple):
     delta: Any
     w0: Any
     w1: Any
+    live: Any = 0     # Static.BLOCK_MASK: the forward's block mask (int8, see the module docstring)
 
 
 class NoArgs(NamedTuple):
@@ -352,6 +372,16 @@ class Hooks(NamedTuple):
             when ``Static.RAW_SCORES``, which the launcher sets only where s is that product
             (`raw_scores_ok`: no softcap, no float-mask bias, no noise, the dot-product score, qk_scale > 0)
             and nothing else of the output pass reads s (no pre-pass, ``tile_live`` or ``g_weights``).
+
+    Block mask (``live_floor``, optional; the sparse units')::
+
+        live_floor(thr) -> floor [BM]       a per-row score level in kernel units below which every weight is
+                                            exactly 0 (rounding included): p_ij = 0 whenever s_ij < floor_i
+                                            (entmax15, sparsemax, topk: thr itself; alpha-entmax: tau / (alpha - 1),
+                                            lowered by a few ulps). Also given the threshold engine's lower bound
+                                            of thr (the bracket's lo), so it must be nondecreasing in thr. A unit
+                                            with it (and a pre-pass and ``tile_live``) gets Static.BLOCK_MASK
+                                            (`block_mask_ok`); without it nothing changes.
     """
 
     name: str
@@ -380,6 +410,7 @@ class Hooks(NamedTuple):
     head_param: bool = False
     given_final: bool = False
     update_raw: Any = None
+    live_floor: Any = None
 
     def with_consts(self, consts) -> "Hooks":
         return self._replace(consts=consts)
@@ -391,7 +422,8 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
                bwd_rows: Optional[Callable] = None, bwd_weights: Optional[Callable] = None,
                bwd_dscores: Optional[Callable] = None, consts: tuple = (), rule: Any = None,
                noise: Optional[Callable] = None, grad_mult: float = 1.0,
-               head_param: bool = False, given_final: bool = False, update_raw: Optional[Callable] = None) -> Hooks:
+               head_param: bool = False, given_final: bool = False, update_raw: Optional[Callable] = None,
+               live_floor: Optional[Callable] = None) -> Hooks:
     """A normalizer's `Hooks`; the optional parts get no-op defaults and their flags."""
     if not 0 <= n_stats <= 2:
         raise ValueError(f"make_hooks({name!r}): n_stats must be 0, 1 or 2, got {n_stats}")
@@ -407,15 +439,16 @@ def make_hooks(*, name: str, unit: float, n_stats: int, update: Callable, finali
     for field, fn in fns.items():
         if not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    for field, fn in (("noise", noise), ("update_raw", update_raw)):
+    for field, fn in (("noise", noise), ("update_raw", update_raw), ("live_floor", live_floor)):
         if fn is not None and not _is_jit(fn):
             raise TypeError(f"make_hooks({name!r}): {field} must be a @triton.jit function, got {fn!r}")
-    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + [f for f in (noise, update_raw) if f is not None]
+    rule_fns = [f for f in (rule or ()) if _is_jit(f)] + [f for f in (noise, update_raw, live_floor) if f is not None]
     return Hooks(name=name, src_key=_src_key([*fns.values(), *rule_fns]), unit=float(unit), n_stats=n_stats,
                  rescale=bool(rescale), has_prepass=prepass is not None, skip_dead=tile_live is not None,
                  has_g=g_weights is not None, has_backward=bwd_dscores is not None, consts=consts,
                  rule=rule, **fns, has_noise=noise is not None, noise=noise, grad_mult=float(grad_mult),
-                 head_param=bool(head_param), given_final=bool(given_final), update_raw=update_raw)
+                 head_param=bool(head_param), given_final=bool(given_final), update_raw=update_raw,
+                 live_floor=live_floor)
 
 
 def raw_scores_ok(hooks: Hooks, *, softcap: bool, mask_kind: int, distance: bool, qk_scale: float) -> bool:
@@ -425,6 +458,19 @@ def raw_scores_ok(hooks: Hooks, *, softcap: bool, mask_kind: int, distance: bool
     return (hooks.update_raw is not None and not softcap and int(getattr(mask_kind, "value", mask_kind)) != MASK_FLOAT.value
             and not distance and not hooks.has_noise and qk_scale > 0 and not hooks.has_prepass
             and not hooks.skip_dead and not hooks.has_g)
+
+
+def block_mask_ok(hooks: Hooks, *, split: bool = False, given_thr: bool = False) -> bool:
+    """Whether a call gets the block mask (``Static.BLOCK_MASK``): the unit has ``live_floor``, a pre-pass and
+    ``tile_live``, and the call is neither split-KV nor a given threshold (phase 2: forward only, no pre-pass)."""
+    return (hooks.live_floor is not None and hooks.has_prepass and hooks.skip_dead and not split
+            and not given_thr)
+
+
+def block_mask_shape(B: int, Hq: int, L: int, S: int) -> tuple:
+    """(B, Hq, rows, cols) of the block mask of a call (module docstring: padded cells)."""
+    pad, blk = int(MASK_PAD.value), int(MASK_BLOCK.value)
+    return B, Hq, -(-L // pad) * pad // blk, -(-S // pad) * pad // blk
 
 
 def _is_jit(fn) -> bool:

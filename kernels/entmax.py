@@ -159,6 +159,15 @@ def tile_live(s, thr):
 
 
 @triton.jit
+def live_floor(thr):
+    """The block mask's floor: p > 0 needs s a - tau > 0, i.e. s > tau / a; lowered by 1e-5 relative so that the
+    rounding of s a - tau never keeps a score below it (+inf stays +inf: rows without an allowed key)."""
+    tau, a = thr
+    f = tau / a
+    return tl.where(f == float("inf"), f, f - (tl.abs(f) * 1e-5 + 1e-30))
+
+
+@triton.jit
 def g_weights(s, thr):
     """u = (x - tau)_+^(e - 1) = p^(2 - alpha)."""
     tau, a = thr
@@ -199,7 +208,7 @@ def bwd_dscores(p, s, dp, delta, w0, w1):
 HOOKS = make_hooks(name="entmax", unit=1.0, n_stats=1, update=update, finalize=finalize, prepass=root_prepass,
                    tile_live=tile_live, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows,
                    bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=RULE, head_param=True,
-                   given_final=True)
+                   given_final=True, live_floor=live_floor)
 
 
 def configure(normalizer, S: int):

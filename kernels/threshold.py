@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 import triton
 import triton.language as tl
 
+from .blockmask import floor_identity, marking_fold, row_floor
 from .contract import NoArgs, make_hooks, next_pow2
 from .tiles import count_allowed, fold_keys, pick_row, safe_inv
 
@@ -104,13 +105,38 @@ def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr
     passes = tl.full([], 0, tl.int32)
     while (tl.max(tl.where(br.done, 0, 1)) > 0) & (passes < NORM.rule.max_passes):
         t = br.t0[:, None] + (br.t1 - br.t0)[:, None] * frac[None, :]                    # [BM, NP]
-        if NORM.rule.fold_args:
+        if ST.BLOCK_MASK:
+            if passes == 0:                            # the first bracket pass also marks the block mask, against
+                acc = fold_keys(NORM.rule.zero(t), marking_fold, (_rule_ctx(t, args, NORM), keys.live,   # lo <= tau
+                                row_floor(_with_param(br.lo, args, NORM), blk.offs_m, keys.L, NORM), keys.S),
+                                blk, keys, BN, ST, NORM)
+            else:
+                acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, _rule_ctx(t, args, NORM), blk, keys, BN, ST, NORM)
+        elif NORM.rule.fold_args:
             acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, (t, args), blk, keys, BN, ST, NORM)
         else:
             acc = fold_keys(NORM.rule.zero(t), NORM.rule.fold, t, blk, keys, BN, ST, NORM)
         br = NORM.rule.step(br, t, acc, args)
         passes += 1
     return br.tau, n
+
+
+@triton.jit
+def _rule_ctx(t, args, NORM: tl.constexpr):
+    """The context of NORM.rule.fold: (t, args) with ``fold_args``, else t."""
+    if NORM.rule.fold_args:
+        return (t, args)
+    else:
+        return t
+
+
+@triton.jit
+def _with_param(x, args, NORM: tl.constexpr):
+    """x [BM] as the hooks take a threshold: (x, hp) with NORM.head_param (the pre-pass gets args = (args, hp))."""
+    if NORM.head_param:
+        return (x, args[1])
+    else:
+        return x
 
 
 @triton.jit
@@ -227,11 +253,13 @@ def root_prepass(blk, keys, args, scr, BM: tl.constexpr, BN: tl.constexpr, ST: t
 def root_hooks(*, name: str, unit: float, rule: ThresholdRule, update, g_weights, g_finalize, bwd_weights,
                bwd_dscores):
     """The `contract.Hooks` of an F-root normalizer (one statistic, its threshold tau): the pre-pass
-    `root_prepass`, `finalize_tau`, `live_above` and `bwd_rows_tau`, with the normalizer's own weights. At a given
+    `root_prepass`, `finalize_tau`, `live_above`, `bwd_rows_tau` and the block mask's floor tau itself
+    (`blockmask.floor_identity`), with the normalizer's own weights. At a given
     global threshold (``Static.GIVEN_THR``) the weights are final (``given_final``: no 1/l)."""
     return make_hooks(name=name, unit=unit, n_stats=1, update=update, finalize=finalize_tau, prepass=root_prepass,
                       tile_live=live_above, g_weights=g_weights, g_finalize=g_finalize, bwd_rows=bwd_rows_tau,
-                      bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule, given_final=True)
+                      bwd_weights=bwd_weights, bwd_dscores=bwd_dscores, rule=rule, given_final=True,
+                      live_floor=floor_identity)
 
 
 def configure_root(hooks, S: int, *, collect: bool, points: int, kc: int = 128):

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
+from .blockmask import floor_identity
 from .contract import LN2, LOG2E, make_hooks, next_pow2
 from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 from .threshold import Bracket, ThresholdRule, collect_group_size, collect_search, point_columns, search
@@ -307,6 +308,7 @@ HOOKS = make_hooks(
     bwd_weights=bwd_weights,
     bwd_dscores=bwd_dscores,
     rule=RULE,
+    live_floor=floor_identity,     # the block mask: s < tau_k has weight 0
 )
 
 
