@@ -301,6 +301,7 @@ def _topk_mode(mode, monkeypatch):
         monkeypatch.setattr(topk_kernels, "KMAX", 0)
     if mode == "merge":
         monkeypatch.setattr(topk_kernels, "MERGE_AT", dict.fromkeys(topk_kernels.MERGE_AT, 0))
+        monkeypatch.setattr(topk_kernels, "INTERPRET_MERGE_FEWER", False)
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
