@@ -61,8 +61,8 @@ COLLECT = False
 #: bench/TUNING.md, "Issue 17 item 4, the remainder"): per tile, a merge took about 2.3, 3.3, 4.5, 5.9, 7.4 and
 #: 10.7 insertion steps at KP = 2, 8, 16, 32, 64, 128 (KP = 4 interpolated).
 MERGE_AT = {2: 2, 4: 3, 8: 3, 16: 4, 32: 6, 64: 7, 128: 11}
-#: under the interpreter merge only tiles with more than KP candidates (see `configure`)
-INTERPRET_MERGE_FEWER = True
+#: under the interpreter no merges (insertion steps only; see `configure`)
+INTERPRET_NO_MERGE = True
 #: points per select pass (power of two)
 SELECT_POINTS = 8
 MAX_PASSES = 64
@@ -321,11 +321,10 @@ def configure(normalizer, S: int):
         consts = Consts(MODE_ALL.value, kp, 8, 0)
     elif k <= KMAX:
         mode = MODE_COLLECT.value if COLLECT else MODE_BUFFER.value
-        # under the interpreter a merge (numpy's bitonic sorts) costs far more than an insertion step: merge
-        # only tiles with more candidates than the buffer has slots (the first ones), which keeps both paths
-        # and their interplay in the tests at main's test time (the merge-every-tile mode tests the merge alone)
-        slow_sort = INTERPRET_MERGE_FEWER and os.environ.get("TRITON_INTERPRET") == "1"
-        merge_at = max(MERGE_AT[kp], kp) if slow_sort else MERGE_AT[kp]
+        # under the interpreter a merge (numpy's bitonic sorts) costs far more than an insertion step: none by
+        # default, at main's test time (the top-k grids' "merge" mode runs the GPU's rule, MERGE_AT[KP])
+        slow_sort = INTERPRET_NO_MERGE and os.environ.get("TRITON_INTERPRET") == "1"
+        merge_at = 1 << 30 if slow_sort else MERGE_AT[kp]
         consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp, merge_at)          # about 4k groups
     else:
         consts = Consts(MODE_SELECT.value, kp, 8, 0)
