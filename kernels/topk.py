@@ -38,6 +38,7 @@ s >= tau2 against scores recomputed exactly as the forward computed them), w1 = 
 p = exp2(s - lse2) where s >= tau2 (else 0), dS = p * (dP - delta).
 """
 
+import os
 from typing import Any, NamedTuple
 
 import triton
@@ -61,6 +62,8 @@ COLLECT = False
 #: bench/TUNING.md, "Issue 17 item 4, the remainder"): per tile, a merge took about 2.3, 3.3, 4.5, 5.9, 7.4 and
 #: 10.7 insertion steps at KP = 2, 8, 16, 32, 64, 128 (KP = 4 interpolated).
 MERGE_AT = {2: 2, 4: 3, 8: 3, 16: 4, 32: 6, 64: 7, 128: 11}
+#: under the interpreter no merges (insertion steps only; see `configure`)
+INTERPRET_NO_MERGE = True
 #: points per select pass (power of two)
 SELECT_POINTS = 8
 MAX_PASSES = 64
@@ -320,7 +323,11 @@ def configure(normalizer, S: int):
         consts = Consts(MODE_ALL.value, kp, 8, 0)
     elif k <= KMAX:
         mode = MODE_COLLECT.value if COLLECT else MODE_BUFFER.value
-        consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp, MERGE_AT[kp])  # about 4k groups
+        # under the interpreter a merge (numpy's bitonic sorts) costs far more than an insertion step: none by
+        # default, at main's test time (the top-k grids' "merge" mode runs the GPU's rule, MERGE_AT[KP])
+        slow_sort = INTERPRET_NO_MERGE and os.environ.get("TRITON_INTERPRET") == "1"
+        merge_at = 1 << 30 if slow_sort else MERGE_AT[kp]
+        consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp, merge_at)          # about 4k groups
     else:
         consts = Consts(MODE_SELECT.value, kp, 8, 0)
     hooks = HOOKS._replace(consts=consts, rule=RULE._replace(points=SELECT_POINTS))

@@ -290,8 +290,8 @@ def test_block_bounds(causal, L, S, all_masked):
 # ----------------------------------------------------------------------------------------------------
 # top-k: every k, ties, every pre-pass mode
 
-#: buffer: the default (a tile with more than MERGE_AT[KP] candidates in some row merged at once, insertion
-#: steps otherwise); merge: every tile merged (MERGE_AT 0)
+#: buffer: the interpreter's default (insertion steps only); merge: the GPU's rule (a tile with more than
+#: MERGE_AT[KP] candidates in some row merged at once, insertion steps otherwise: both paths and their interplay)
 TOPK_MODES = ["collect", "buffer", "merge", "select"]
 
 
@@ -300,7 +300,7 @@ def _topk_mode(mode, monkeypatch):
     if mode == "select":
         monkeypatch.setattr(topk_kernels, "KMAX", 0)
     if mode == "merge":
-        monkeypatch.setattr(topk_kernels, "MERGE_AT", dict.fromkeys(topk_kernels.MERGE_AT, 0))
+        monkeypatch.setattr(topk_kernels, "INTERPRET_NO_MERGE", False)
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
