@@ -545,13 +545,14 @@ def test_suite_h100_goals():
     tma = {f"flashmaps-{s}-triton[flashmaps.triton_path.TMA_KV=True]" for s in ("softmax", "entmax15")}
     assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex"} | tma
     det = "flashmaps-softmax-triton[flashmaps.functional.DETERMINISTIC=True]"   # the two-kernel backward too
+    nomask = "flashmaps-entmax15-triton[flashmaps.triton_path.BLOCK_MASK=False]"   # and entmax15 without the mask
     assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {
-        "sdpa", det}
+        "sdpa", det, nomask}
     assert {j["mode"] for j in jobs} == {"fwd", "fwd+bwd"} and {j["dtype"] for j in jobs} == {"bfloat16"}
     assert {(j["Dqk"], j["Hq"]) for j in jobs} == {(128, 16), (64, 32)}
     assert {j["L"] for j in jobs} == {1024, 4096, 16384} and all(j["B"] * j["L"] == 16384 for j in jobs)
-    n = len(specs)  # fwd: every normalizer, 2 TMA and 4 SDPA/flex providers; fwd+bwd: every normalizer, det and SDPA
-    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * ((n + 6) + (n + 2))
+    n = len(specs)  # fwd: every normalizer, 2 TMA and 4 SDPA/flex providers; fwd+bwd: every normalizer, det, nomask, SDPA
+    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * ((n + 6) + (n + 3))
     assert all(bool(j.get("check")) == (j["mode"] == "fwd" and j["L"] <= 4096) for j in jobs)
     assert all(j["suite"] == "h100-goals" for j in jobs)
     # case by case: the first case's providers all come before the next case
