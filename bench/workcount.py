@@ -1,12 +1,12 @@
 """Work per query block of every registered normalizer, counted under the Triton interpreter.
 
     TRITON_INTERPRET=1 python -m flashmaps.bench.workcount [--L 1024] [--D 64] [--norms softmax,entmax15]
-                                                           [--inputs random,structured] [--no-block-mask]
+                                                           [--inputs random,structured] [--block-mask on|off]
 
 Runs the Triton forward and backward once per normalizer (its default spec) on N(0, 1) inputs and on structured
 ones (`flashmaps.bench.structured`: q, k from 4 strong directions per 64-row / 64-key block, gap 6, seed 0;
 fp32, B = 1, H = 1, L = S, seed 0, the GPU's first autotune candidate at D: BM, BN as an H100 would run them),
-with the block mask of the sparse units (``triton_path.BLOCK_MASK``; ``--no-block-mask``: without) and counts,
+with the block mask of the sparse units (``triton_path.BLOCK_MASK``; ``--block-mask off``: without) and counts,
 by wrapping the kernels' own jit functions in Python counters (the interpreter runs them as Python, so the
 wrapper sees every call of every program):
 
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--norms", default=None, help="specs (default: every registered normalizer's default)")
     ap.add_argument("--inputs", default="random,structured", help="random (N(0, 1)) and/or structured inputs")
-    ap.add_argument("--no-block-mask", action="store_true", help="the sparse units without the block mask")
+    ap.add_argument("--block-mask", choices=("on", "off"), default="on", help="the sparse units with (default here, "
+                    "to count what it skips) or without the block mask (the library's default: off)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("workcount: set TRITON_INTERPRET=1 (the counters wrap the interpreted kernels)", file=sys.stderr)
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
     import flashmaps
     from flashmaps import triton_path
 
-    triton_path.BLOCK_MASK = not args.no_block_mask
+    triton_path.BLOCK_MASK = args.block_mask == "on"
     norms = args.norms.split(",") if args.norms else [n.spec for n in flashmaps.defaults() if n.has_triton]
     print(f"L = S = {args.L}, D = {args.D}, fp32 inputs (seed 0): N(0, 1) (random) or `bench/structured.py` "
-          f"(structured), default scale; block mask {'off' if args.no_block_mask else 'on'}; per query block of the "
+          f"(structured), default scale; block mask {args.block_mask} (the library's default: off); per query block of the "
           "forward (dQ), per key block of the dK/dV kernel; `passes`: forward score tiles / output-pass tiles "
           "visited (how many times a block streams K); `block sparsity`: dead BM x BN tiles / tiles with an "
           "allowed key (float64 reference). Method: `python -m flashmaps.bench.workcount` "

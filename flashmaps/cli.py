@@ -212,7 +212,7 @@ def _add_gpucheck(sub) -> None:
         "(worker processes, do_bench medians and quantiles), as OUTDIR/gpu-check-<time>.json/.csv with logs; a "
         "ratio table is printed last, with the seconds of each phase.\n\nsuites:\n  h100-goals  bf16, D 128 "
         "and 64, L = S 1k 4k 16k, causal and not, fwd and fwd+bwd: flashmaps (softmax's fwd+bwd also with the "
-        "deterministic backward, entmax15's without the block mask; softmax's and entmax15's fwd also through TMA), "
+        "deterministic backward, entmax15's with the block mask; softmax's and entmax15's fwd also through TMA), "
         "SDPA (default, flash, cudnn), "
         "flex\n  long        L = S = 128k, every normalizer, fwd and fwd+bwd, sampled-row error\n  tune        "
         "block configs of the forward and backward kernels and the pre-pass variants at L = S = 8k\n  "

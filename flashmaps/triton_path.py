@@ -69,10 +69,12 @@ SPLIT_MAX_L = 16
 TMA_KV = False
 #: a TMA descriptor's base address and row strides are multiples of this many bytes
 _TMA_ALIGN = 16
-#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it: False (or the environment
-#: variable FLASHMAPS_BLOCK_MASK=0) turns it off, e.g. to compare both on a GPU; a call whose mask would pass
-#: BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
-BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "1") != "0"
+#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it. Off by default until a GPU
+#: times it: offline, its marking in the output pass costs every sparse forward 23-38 % more SASS per score tile
+#: on inputs where nothing is dead, and its branch takes a pipeline stage from the backward (bench/TUNING.md,
+#: issue 17 item 5). True (or the environment variable FLASHMAPS_BLOCK_MASK=1) turns it on; a call whose mask
+#: would pass BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
+BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "0") == "1"
 BLOCK_MASK_MAX_BYTES = 1 << 28
 
 

@@ -37,6 +37,12 @@ def _inputs(seed=0):
     return q, k, v, dout
 
 
+@pytest.fixture(autouse=True)
+def _block_mask_on(monkeypatch):
+    """The library's default is off (until a GPU times it); these tests are about the mask."""
+    monkeypatch.setattr(triton_path, "BLOCK_MASK", True)
+
+
 def _run(spec, causal, deterministic, q, k, v, dout):
     n = flashmaps.parse(spec)
     res = triton_path.launch_forward(q, k, v, n, causal=causal, save_extras=True, config=FWD[causal])
