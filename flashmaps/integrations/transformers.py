@@ -194,9 +194,8 @@ def attention_forward(
     norm = normalizer(module) if callable(normalizer) and not isinstance(normalizer, Normalizer) else normalizer
     L, S = query.shape[2], key.shape[2]
     native = _NATIVE_WINDOW.get(attention_mask) if isinstance(attention_mask, torch.Tensor) else None
-    if native is not None and attention_mask.shape[-1] == S:
-        return _native_window_forward(module, query, key, value, attention_mask, native, norm, dropout, scaling,
-                                      softcap, sinks, kwargs), None
+    if native is not None and attention_mask.shape[-1] != S:
+        native = None
     mask = attention_mask
     if mask is not None and mask.shape[-1] > S:
         mask = mask[..., :S]  # static caches may hand a longer mask
@@ -205,19 +204,28 @@ def attention_forward(
     # the is_causal rule of transformers' sdpa_attention_forward
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    causal = bool(is_causal) and L > 1 and mask is None
-    if causal and S > L:
-        # no mask and more keys than queries: prefill into an empty static cache, keys L.. are empty slots
-        key, value = key[:, :, :L], value[:, :, :L]  # (B, Hkv, L, D)
-        if position_bias is not None:
-            position_bias = position_bias[..., :L]
-        S = L
-    window = None
-    if mask is None and sliding_window is not None and S > sliding_window:
-        # transformers' windows (causal: t - w < j <= t; bidirectional: |t - j| <= w), queries at the last L
-        # key positions: flashmaps' native window (lower-right), whole tiles outside it never computed
-        sw = int(sliding_window)
-        window = (sw - 1, 0) if is_causal else (sw, sw)
+    if native is not None:
+        # a `sliding_mask` mask: plain causal window, queries at the last key positions. The native lower-right
+        # causal window, with the mask only for the padding
+        sw, no_padding = native
+        mask = None if no_padding else mask
+        causal_kind = "lower_right" if L > 1 else False
+        window = (sw - 1, 0) if S > sw else None
+    else:
+        causal = bool(is_causal) and L > 1 and mask is None
+        if causal and S > L:
+            # no mask and more keys than queries: prefill into an empty static cache, keys L.. are empty slots
+            key, value = key[:, :, :L], value[:, :, :L]  # (B, Hkv, L, D)
+            if position_bias is not None:
+                position_bias = position_bias[..., :L]
+            S = L
+        causal_kind = "upper_left" if causal else False
+        window = None
+        if mask is None and sliding_window is not None and S > sliding_window:
+            # transformers' windows (causal: t - w < j <= t; bidirectional: |t - j| <= w), queries at the last L
+            # key positions: flashmaps' native window (lower-right), whole tiles outside it never computed
+            sw = int(sliding_window)
+            window = (sw - 1, 0) if is_causal else (sw, sw)
     if position_bias is not None:
         if mask is None:
             mask = position_bias
@@ -234,7 +242,7 @@ def attention_forward(
                                float(dropout) if training else 0.0), None
     out = attention(
         query, key, value, norm,
-        causal="upper_left" if causal else False,
+        causal=causal_kind,
         attn_mask=mask,
         scale=scaling,
         softcap=softcap,
@@ -246,29 +254,6 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None  # (B, L, Hq, Dv)
 
 
-def _native_window_forward(module, query, key, value, mask, native, norm, dropout, scaling, softcap, sinks, kwargs):
-    """A :func:`sliding_mask` mask (plain causal window, queries at the last key positions): the native
-    lower-right causal window, with the mask only for the padding. (B, Hq, L, D) -> (B, L, Hq, Dv)."""
-    sliding_window, no_padding = native
-    L, S = query.shape[2], key.shape[2]
-    mask = None if no_padding else mask
-    position_bias = kwargs.get("position_bias")
-    if position_bias is not None:
-        mask = position_bias if mask is None else torch.where(mask, position_bias, float("-inf"))
-    out = attention(
-        query, key, value, norm,
-        causal="lower_right" if L > 1 else False,
-        attn_mask=mask,
-        scale=scaling,
-        softcap=softcap,
-        enable_gqa=query.shape[1] != key.shape[1],
-        dropout_p=float(dropout) if getattr(module, "training", False) else 0.0,
-        window=(sliding_window - 1, 0) if S > sliding_window else None,
-        **({} if sinks is None else {"sinks": sinks}),
-    )
-    return out.transpose(1, 2).contiguous()
-
-
 def sliding_mask(*args, **kwargs):
     """The mask function registered with every name: transformers' ``sdpa_mask(**kwargs)``, and when it is a
     sliding layer's plain causal-window mask with the queries at the last key positions (checked from the
@@ -277,11 +262,12 @@ def sliding_mask(*args, **kwargs):
     positions), the mask is remembered so that the attention function runs the native window instead
     (module docstring). The padding check reads the 2-D padding mask once per call (transformers' own skip
     test does the same); nothing is remembered while compiling or with transformers < 5 (no ``q_offset``)."""
-    sdpa_mask = _interfaces()[2]
+    from transformers.masking_utils import sdpa_mask      # (registration checked the version)
+
     out = sdpa_mask(*args, **kwargs)
     if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
         try:
-            named = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+            named = _signature(sdpa_mask).bind(*args, **kwargs).arguments
         except TypeError:
             return out
         named.update(named.pop("kwargs", {}))
@@ -289,6 +275,11 @@ def sliding_mask(*args, **kwargs):
         if native is not None:
             _NATIVE_WINDOW[out] = native
     return out
+
+
+@functools.cache
+def _signature(fn):
+    return inspect.signature(fn)
 
 
 def _plain_causal_window(*, q_length=None, kv_length=None, q_offset=None, kv_offset=0, mask_function=None,
