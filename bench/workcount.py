@@ -18,7 +18,8 @@ wrapper sees every call of every program):
   minus the tiles ``tile_live`` skipped);
 - bwd dQ tiles per query block, bwd dK/dV tiles per key block: calls of ``backward._tile_weights`` inside
   ``_dq_loop`` / ``_dkdv_loop`` (score recomputations: the pairs the block mask skips do not count; those the
-  per-tile ``tile_live`` test skips after Q K^T still count, their dP product not);
+  per-tile ``tile_live`` test skips after Q K^T still count, their dP product not). With the atomic-dQ backward
+  (the default unless deterministic) there is no dQ kernel: its products run inside the dK/dV tiles;
 - block sparsity: the fraction of the forward's BM x BN tiles holding an allowed key whose weights are all 0,
   from the float64 reference weights (what a block mask could skip at best, independent of the kernels).
 
@@ -56,6 +57,7 @@ def count(spec: str, L: int, D: int, causal, inputs: str = "random") -> dict:
 
     import flashmaps
     from flashmaps import triton_configs, triton_path
+    from flashmaps.functional import default_deterministic
     from flashmaps.kernels import backward, tile_loop, tiles
 
     counter: Counter = Counter()
@@ -109,7 +111,7 @@ def count(spec: str, L: int, D: int, causal, inputs: str = "random") -> dict:
         counter["visited"] = counter["out"]
     return {**counter, "sparsity": _tile_sparsity(q, k, v, norm, causal, bm, bn), "q_blocks": cdiv(L, bm), "bm": bm, "bn": bn, "dq_blocks": cdiv(L, dq[0]),
             "dkdv_blocks": cdiv(L, dk[1]), "dq_tile": f"{dq[0]} x {dq[1]}", "dkdv_tile": f"{dk[0]} x {dk[1]}",
-            "seconds": seconds}
+            "seconds": seconds, "atomic_dq": not default_deterministic()}
 
 
 def _tile_sparsity(q, k, v, norm, causal, bm: int, bn: int) -> float:
@@ -169,10 +171,18 @@ def main(argv=None) -> int:
             print(f"| {spec} | {'causal' if causal else 'full'} | {inputs} | {100 * c['sparsity']:.1f}% | "
                   f"{c['bm']} x {c['bn']} | {fwd:.1f} | "
                   f"{c.get('fwd', 0) / max(1, c.get('visited', 0)):.2f} | {f'{fwd / soft:.2f}' if soft else '-'} | "
-                  f"{c.get('pv', 0) / c['q_blocks']:.1f} | {c.get('dq', 0) / c['dq_blocks']:.1f} ({c['dq_tile']}) | "
+                  f"{c.get('pv', 0) / c['q_blocks']:.1f} | {dq_cell(c)} | "
                   f"{c.get('dkdv', 0) / c['dkdv_blocks']:.1f} ({c['dkdv_tile']}) |", flush=True)
     print(f"workcount: {time.time() - t0:.0f} s in the interpreter", file=sys.stderr)
     return 0
+
+
+def dq_cell(c: dict) -> str:
+    """The dQ column: tiles per query block of the dQ kernel, or where dQ is computed when there is none (the
+    atomic-dQ backward adds it from the dK/dV kernel, whose column counts those tiles once)."""
+    if c["atomic_dq"]:
+        return "in dK/dV (atomic)"
+    return f"{c.get('dq', 0) / c['dq_blocks']:.1f} ({c['dq_tile']})"
 
 
 if __name__ == "__main__":
