@@ -511,12 +511,12 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     atomic = not deterministic
     # delta = rowsum(dO * O_bwd) - delta_shift; (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each,
     # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
-    rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * Hq, q.shape[-1], atomic, dev,
+    rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic, dev,
                                   placeholder if live is None else live)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),
-        NORM=norm, HP=c.hp, SHIFT=shift_rows(delta_shift, (B, Hq, L), dev), DQA=dq_acc)
+        NORM=norm, HP=c.hp, SHIFT=shift_rows(delta_shift, (B, Hq, L), dev), DQA=dq_acc, GROUP=Hq // c.Hkv)
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
@@ -541,8 +541,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
 
 def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, dev, live):
     """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
-    head dim ``head_d``: delta, w0, w1 (uninitialized), the non-finite rule's flags (head_bad: ``heads`` = B * Hq
-    (b, query head) flags, zeroed; row_bad without the atomic dQ) and with ``atomic`` the zeroed fp32 dQ
+    head dim ``head_d``: delta, w0, w1 (uninitialized), the non-finite rule's flags (head_bad: ``heads`` = B * Hkv
+    (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with ``atomic`` the zeroed fp32 dQ
     accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and head_bad."""
     n = math.prod(rows_shape)
     rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev)

@@ -123,12 +123,13 @@ def launch_backward(dout, q, k, v, out, stats, extras, cu_q, cu_k, max_q: int, m
     # the preprocess is row-wise: one launch over the packed rows as a (1, Hq, total_q) call; the non-finite rule's
     # head flags per (sequence, head) (CU_Q)
     atomic = not deterministic
-    rb, dq_acc = bwd_rows_buffers((Hq, total_q), c.B * Hq, q.shape[2], atomic, dev, placeholder)
+    rb, dq_acc = bwd_rows_buffers((Hq, total_q), c.B * c.Hkv, q.shape[2], atomic, dev, placeholder)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(total_q, pre_bm), *head_grid(Hq))](
         View.of(o_bwd), View.of(_as4(dout)), rows, rb, 1, Hq, total_q, BM=pre_bm,
         ST=c.static._replace(VARLEN=False, ATOMIC_DQ=atomic), NORM=norm, HP=c.hp,
-        SHIFT=shift_rows(delta_shift, (Hq, total_q), dev), DQA=dq_acc, CU_Q=c.dims.cu_q, N_SEQ=c.B)
+        SHIFT=shift_rows(delta_shift, (Hq, total_q), dev), DQA=dq_acc, CU_Q=c.dims.cu_q, N_SEQ=c.B,
+        GROUP=Hq // c.Hkv)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     Q, K, V, DO = _packed(q), _packed(k), _packed(v), _packed(dout)

@@ -45,7 +45,7 @@ so DQA gets the same terms as the dQ kernel sums, in an order that varies betwee
 The non-finite rule (as `flashmaps.ops._nonfinite_grads` on the torch path): a row whose forward met a NaN or
 +inf score has NaN statistics; its dq row and its kv head's dk, dv are NaN, whatever the normalizer (a
 threshold's comparisons or a guarded 1/Z would drop the NaN). The preprocess finds the bad rows and flags
-them (rb.head_bad per (b, query head); the dq row: NaN in DQA or rb.row_bad), the dK/dV and dQ kernels' epilogues
+them (rb.head_bad per (b, kv head); the dq row: NaN in DQA or rb.row_bad), the dK/dV and dQ kernels' epilogues
 store NaN where flagged: no pass over the gradients after the kernels.
 
 With ST.BLOCK_MASK (`kernels.blockmask`: the forward's int8 liveness cells, BwdRows.live) both kernels (and the
@@ -163,17 +163,17 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
 
 @triton.jit
 def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, HP,
-                        SHIFT=None, DQA=None, CU_Q=None, N_SEQ=1):
+                        SHIFT=None, DQA=None, CU_Q=None, N_SEQ=1, GROUP=1):
     """delta = rowsum(dO * O_bwd) (minus SHIFT[row] when given: the statistics' gradients, ``delta_shift``) and
     (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb (`contract.BwdRows`), all (B, Hq, L) fp32
     contiguous. O (= O_bwd), DO: `contract.View`; rows: the forward's `contract.RowOut`; HP: the head parameters
     with NORM.head_param (bwd_rows gets (thr, hp)).
 
     The non-finite rule (see the module docstring): a bad row (a NaN statistic; NORM.n_stats == 0: a NaN row sum
-    of O_bwd) sets its head's flag rb.head_bad[b * Hq + h] = 1 (zeroed by the launcher) and marks its dq row:
-    NaN into DQA's row (ST.ATOMIC_DQ; DQA zeroed, the atomic adds keep it NaN), else rb.row_bad[row] = 1 (0 for
-    the other rows). CU_Q (int32, N_SEQ + 1): packed sequences run as one (1, Hq, total_q) call; the flag's b is
-    then the row's sequence."""
+    of O_bwd) sets its kv head's flag rb.head_bad[b * Hkv + h // GROUP] = 1 (zeroed by the launcher; GROUP =
+    Hq / Hkv) and marks its dq row: NaN into DQA's row (ST.ATOMIC_DQ; DQA zeroed, the atomic adds keep it NaN),
+    else rb.row_bad[row] = NaN (-0.0 for the other rows: the dQ kernel adds it). CU_Q (int32, N_SEQ + 1): packed
+    sequences run as one (1, Hq, total_q) call; the flag's b is then the row's sequence."""
     pid_bh = head_program(B * Hq)
     off_b = pid_bh // Hq
     off_h = pid_bh % Hq
@@ -204,19 +204,20 @@ def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.cons
     tl.store(rb.delta + row, delta, mask=row_ok)
     tl.store(rb.w0 + row, w0, mask=row_ok)
     tl.store(rb.w1 + row, w1, mask=row_ok)
-    flag = pid_bh + tl.zeros([BM], dtype=tl.int32)
+    flag = off_b * (Hq // GROUP) + off_h // GROUP + tl.zeros([BM], dtype=tl.int32)
     if CU_Q is not None:                        # packed: the row's sequence
         seq = tl.zeros([BM], dtype=tl.int32)
         for n in range(1, N_SEQ):
             seq += (offs_m >= tl.load(CU_Q + n)).to(tl.int32)
-        flag = seq * Hq + off_h
+        flag = seq * (Hq // GROUP) + off_h // GROUP
     tl.store(rb.head_bad + flag, tl.full([BM], 1.0, tl.float32), mask=bad)
     if ST.ATOMIC_DQ:
         offs_d = tl.arange(0, ST.BD)
-        tl.store(DQA + row[:, None] * ST.HEAD_D + offs_d[None, :], tl.full([BM, ST.BD], float("nan"), tl.float32),
+        nan = tl.full([BM, ST.BD], float("nan"), tl.float32)
+        tl.store(DQA + row[:, None] * ST.HEAD_D + offs_d[None, :], nan,
                  mask=bad[:, None] & (offs_d < ST.HEAD_D)[None, :])
     else:
-        tl.store(rb.row_bad + row, bad.to(tl.float32), mask=row_ok)
+        tl.store(rb.row_bad + row, tl.where(bad, float("nan"), -0.0), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,12 +316,11 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     key_ok = (start_n + keys_n) < dims.S
     dk_ptrs = head_base(DK, off_b, off_hk) + (start_n + keys_n)[:, None] * DK.sr + offs_d[None, :] * DK.sc
     dv_ptrs = head_base(DV, off_b, off_hk) + (start_n + keys_n)[:, None] * DV.sr + offs_dv[None, :] * DV.sc
-    head_bad = 0.0                                     # the non-finite rule: a bad row of the group's heads
-    for g in range(0, dims.group):
-        head_bad = tl.maximum(head_bad, tl.load(rb.head_bad + (off_b * dims.Hq + off_hk * dims.group + g)))
-    tl.store(dk_ptrs, tl.where(head_bad > 0, float("nan"), dk * sm_scale).to(DK.ptr.dtype.element_ty),
+    # the non-finite rule: + NaN if the kv head has a bad row, else + -0.0 (x + -0.0 is x, -0.0 included)
+    nan_head = tl.where(tl.load(rb.head_bad + (off_b * Hkv + off_hk)) > 0, float("nan"), -0.0)
+    tl.store(dk_ptrs, (dk * sm_scale + nan_head).to(DK.ptr.dtype.element_ty),
              mask=key_ok[:, None] & (offs_d < ST.HEAD_D)[None, :])
-    tl.store(dv_ptrs, tl.where(head_bad > 0, float("nan"), dv).to(DV.ptr.dtype.element_ty),
+    tl.store(dv_ptrs, (dv + nan_head).to(DV.ptr.dtype.element_ty),
              mask=key_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :])
 
 
@@ -386,6 +386,7 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_lo, full_end, BN, ST, NORM, False)
     dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_end, hi, BN, ST, NORM, True)
     dq_ptrs = head_base(DQ, off_b, off_h) + offs_m[:, None] * DQ.sr + offs_d[None, :] * DQ.sc
-    row_bad = tl.load(rb.row_bad + rw.drop_base + offs_m, mask=offs_m < dims.L, other=0.0)   # the non-finite rule
-    tl.store(dq_ptrs, tl.where(row_bad[:, None] > 0, float("nan"), dq * sm_scale).to(DQ.ptr.dtype.element_ty),
+    nan_row = tl.load(rb.row_bad + rows_base(dims, off_b, off_h, ST.VARLEN) + offs_m, mask=offs_m < dims.L,
+                      other=0.0)                   # the non-finite rule: NaN for a bad row, -0.0 (x + -0.0 = x) else
+    tl.store(dq_ptrs, (dq * sm_scale + nan_row[:, None]).to(DQ.ptr.dtype.element_ty),
              mask=(offs_m < dims.L)[:, None] & (offs_d < ST.HEAD_D)[None, :])
