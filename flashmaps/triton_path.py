@@ -511,8 +511,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     atomic = not deterministic
     # delta = rowsum(dO * O_bwd) - delta_shift; (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each,
     # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
-    rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic, dev,
-                                  placeholder if live is None else live)
+    rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic,
+                                  placeholder if live is None else live, placeholder)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),
@@ -539,19 +539,19 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     return dq, dk, dv
 
 
-def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, dev, live):
+def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder):
     """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
-    head dim ``head_d``: delta, w0, w1 (uninitialized), the non-finite rule's flags (head_bad: ``heads`` = B * Hkv
-    (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with ``atomic`` the zeroed fp32 dQ
-    accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and head_bad."""
+    head dim ``head_d``: delta, w0, w1 (uninitialized), ``live`` (the block mask or a placeholder), the non-finite
+    rule's flags (head_bad: ``heads`` = B * Hkv (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with
+    ``atomic`` the zeroed fp32 dQ accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and
+    head_bad."""
     n = math.prod(rows_shape)
-    rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev)
+    dev = placeholder.device
+    rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev).unbind(0)
     if atomic:
         zeroed = torch.zeros(n * head_d + heads, dtype=torch.float32, device=dev)
-        dq_acc, head_bad, row_bad = zeroed[:n * head_d], zeroed[n * head_d:], live
-    else:
-        dq_acc, head_bad, row_bad = live, torch.zeros(heads, dtype=torch.float32, device=dev), rows[3]
-    return BwdRows(rows[0], rows[1], rows[2], live, head_bad, row_bad), dq_acc
+        return BwdRows(*rows, live, zeroed[n * head_d:], placeholder), zeroed[:n * head_d]
+    return BwdRows(*rows[:3], live, torch.zeros(heads, dtype=torch.float32, device=dev), rows[3]), placeholder
 
 
 def shift_rows(delta_shift: Optional[torch.Tensor], rows_shape, dev) -> Optional[torch.Tensor]:

@@ -123,7 +123,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, cu_q, cu_k, max_q: int, m
     # the preprocess is row-wise: one launch over the packed rows as a (1, Hq, total_q) call; the non-finite rule's
     # head flags per (sequence, head) (CU_Q)
     atomic = not deterministic
-    rb, dq_acc = bwd_rows_buffers((Hq, total_q), c.B * c.Hkv, q.shape[2], atomic, dev, placeholder)
+    rb, dq_acc = bwd_rows_buffers((Hq, total_q), c.B * c.Hkv, q.shape[2], atomic, placeholder, placeholder)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(total_q, pre_bm), *head_grid(Hq))](
         View.of(o_bwd), View.of(_as4(dout)), rows, rb, 1, Hq, total_q, BM=pre_bm,
