@@ -10,8 +10,8 @@ path may run off CUDA, as under ``TRITON_INTERPRET=1``, and that ``backend="auto
 stay compiled-mode ``JITFunction`` objects, so the autotuned launch path is the GPU's). Timed is everything
 flashmaps does per call: argument checks, backend choice, the autograd.Function, the op plumbing, the launch
 setup (hooks, bundles, buffers), the autotuner lookup, and the torch ops between the launches (which on the
-CPU compute: the backward's non-finite rule, three ``torch.where`` over dq, dk, dv, is most of fwd+bwd here,
-a few launches on CUDA); not Triton's own argument binding and driver launch (unchanged by flashmaps).
+CPU compute: the backward's zeroed dQ accumulator and its cast are most of fwd+bwd's arithmetic here, a few
+launches on CUDA); not Triton's own argument binding and driver launch (unchanged by flashmaps).
 "aten ops" counts the torch ops one call dispatches (each a launch or an allocation on CUDA).
 ``--device meta`` runs on meta tensors instead (no arithmetic at all, but torch's meta versions of stack,
 where and any are Python code, slower than the CPU's): a data-dependent host sync (``.item()``) fails there.
