@@ -10,11 +10,15 @@ path may run off CUDA, as under ``TRITON_INTERPRET=1``, and that ``backend="auto
 stay compiled-mode ``JITFunction`` objects, so the autotuned launch path is the GPU's). Timed is everything
 flashmaps does per call: argument checks, backend choice, the autograd.Function, the op plumbing, the launch
 setup (hooks, bundles, buffers), the autotuner lookup, and the torch ops between the launches (which on the
-CPU compute: the backward's non-finite rule, three ``torch.where`` over dq, dk, dv, is most of fwd+bwd here,
-a few launches on CUDA); not Triton's own argument binding and driver launch (unchanged by flashmaps).
+CPU compute: the backward's zeroed dQ accumulator and its cast are most of fwd+bwd's arithmetic here, a few
+launches on CUDA); not Triton's own argument binding and driver launch (unchanged by flashmaps).
 "aten ops" counts the torch ops one call dispatches (each a launch or an allocation on CUDA).
 ``--device meta`` runs on meta tensors instead (no arithmetic at all, but torch's meta versions of stack,
 where and any are Python code, slower than the CPU's): a data-dependent host sync (``.item()``) fails there.
+``--python-only`` excludes the aten ops' execution (the CPU arithmetic, and torch's C++ dispatch with it): a
+dispatch mode times each op and the per-call figure is the CPU time minus the ops' time minus the mode's own
+overhead per op (calibrated on a trivial op, `_mode_overhead_ns`), i.e. the Python frames of flashmaps, of the
+autograd.Function and of torch's Python layer; on CUDA add about one launch per "aten ops".
 
 Cases at B=1, H=8, L=S=1024, D=64, bf16, for softmax and entmax15:
 
@@ -33,6 +37,7 @@ Writes JSON (device, versions, git sha, date, load average, per-case figures) to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import json
@@ -123,40 +128,79 @@ def make_case(norm: str, mode: str, device: str = "cpu", dtype=torch.bfloat16):
     return call
 
 
-def measure(cases: dict, rounds: int, calls: int) -> dict:
+def _aten_timer():
+    """A dispatch mode that sums the CPU time of the aten ops run under it (``.ns``) and counts them (``.n``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    clock = time.thread_time_ns
+
+    class AtenTimer(TorchDispatchMode):
+        ns = 0
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = clock()
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                AtenTimer.ns += clock() - t0
+                AtenTimer.n += 1
+
+    return AtenTimer
+
+
+def _mode_overhead_ns(reps: int = 20000) -> float:
+    """The CPU time `_aten_timer`'s mode adds to one aten op (its Python frame and clock reads): a trivial op
+    timed with and without the mode."""
+    x = torch.zeros(1)
+    best = []
+    for _ in range(3):
+        t0 = time.thread_time_ns()
+        for _ in range(reps):
+            x.view(-1)
+        plain = time.thread_time_ns() - t0
+        with _aten_timer()():
+            t0 = time.thread_time_ns()
+            for _ in range(reps):
+                x.view(-1)
+            moded = time.thread_time_ns() - t0
+        best.append((moded - plain) / reps)
+    return min(best)
+
+
+def measure(cases: dict, rounds: int, calls: int, python_only: bool = False) -> dict:
     """{name: [us per call, one per round]}, the cases interleaved round by round (after two warm-up calls).
     The time is this thread's CPU time (torch runs on one thread here): on a shared machine the other
-    processes' load lengthens the wall time of a call, not the CPU time it uses."""
+    processes' load lengthens the wall time of a call, not the CPU time it uses. ``python_only``: minus the
+    aten ops' own time and the timing mode's overhead per op (see the module docstring)."""
     for fn in cases.values():
         fn()
         fn()
+    overhead = _mode_overhead_ns() if python_only else 0.0
     times = {name: [] for name in cases}
     for r in range(rounds):
         for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
             fn = cases[name]
             gc.collect()
-            t0 = time.thread_time_ns()
-            for _ in range(calls):
-                fn()
-            times[name].append((time.thread_time_ns() - t0) / calls / 1e3)
+            timer = _aten_timer() if python_only else None
+            with timer() if python_only else contextlib.nullcontext():
+                t0 = time.thread_time_ns()
+                for _ in range(calls):
+                    fn()
+                ns = time.thread_time_ns() - t0
+            if python_only:
+                ns -= timer.ns + timer.n * overhead
+            times[name].append(ns / calls / 1e3)
     return times
 
 
 def count_ops(fn) -> int:
     """The aten ops one call dispatches (each one a kernel launch or an allocation on CUDA, some
     microseconds of host time there)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    timer = _aten_timer()
+    with timer():
         fn()
-    return Count.n
+    return timer.n
 
 
 def profile(fn, calls: int, top: int = 30) -> str:
@@ -213,6 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "meta"),
                     help="the inputs' device: cpu (default; the torch ops between the launches compute) or meta "
                     "(no arithmetic, but torch implements some meta ops in Python: stack, where, any)")
+    ap.add_argument("--python-only", action="store_true",
+                    help="exclude the aten ops' execution (CPU arithmetic and C++ dispatch): the Python frames only")
     ap.add_argument("--label", default="", help="a note stored in the results (e.g. 'before')")
     args = ap.parse_args(argv)
     setup()
@@ -226,18 +272,19 @@ def main(argv=None) -> int:
     cases = {f"{n} {m}": make_case(n, m, args.device) for n in args.normalizers for m in args.modes}
     meta = harness.tags("cpu")
     ops = {name: count_ops(fn) for name, fn in cases.items()}
-    rows = summarize(measure(cases, args.rounds, args.calls), ops)
+    rows = summarize(measure(cases, args.rounds, args.calls, args.python_only), ops)
     base = None
     if args.baseline:
         base = {r["case"]: r for r in json.loads(args.baseline.read_text())["rows"]}
     print(f"host cost per call, B={SHAPE['B']} H={SHAPE['H']} L=S={SHAPE['L']} D={SHAPE['D']} bf16, launches "
-          f"stubbed, {args.device} tensors; {args.rounds} rounds x {args.calls} calls; {meta['device']}, load "
+          f"stubbed, {args.device} tensors{', aten ops excluded' if args.python_only else ''}; {args.rounds} rounds x "
+          f"{args.calls} calls; {meta['device']}, load "
           f"{meta.get('load_avg_1min')}")
     print(table(rows, base))
     out = args.out or harness.results_root() / "host.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta.update(label=args.label, tensors=args.device, shape=SHAPE, dtype="bfloat16", rounds=args.rounds,
-                calls=args.calls,
+    meta.update(label=args.label, tensors=args.device, python_only=args.python_only, shape=SHAPE, dtype="bfloat16",
+                rounds=args.rounds, calls=args.calls,
                 method="launches stubbed (JITFunction.run no-op), Triton backend path as on CUDA; "
                        "per-call us = the thread's CPU time of a round / calls; median and min over rounds")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -119,6 +119,8 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
         **_call_kwargs(mask, seed, causal, scale, softcap, dropout_p, norm.stochastic), delta_shift=delta_shift,
         deterministic=deterministic,
     )
+    if backend == "triton":                 # its kernels apply the non-finite rule (kernels.backward)
+        return _like(dq, q), _like(dk, k), _like(dv, v)
     if stats.numel():
         dq, dk, dv = _nonfinite_grads(dq, dk, dv, stats)
     elif len(stats) == 0 and out.numel():  # no row statistic (sigmoid): the forward's NaN output rows mark them
@@ -129,7 +131,8 @@ def _bwd_impl(dout, q, k, v, out, stats, extras, mask, seed, backend, normalizer
 def _nonfinite_grads(dq, dk, dv, stats):
     """The non-finite rule in the backward: a row whose forward met a NaN or +inf score has NaN statistics;
     its dq row and its head's dk and dv become NaN, whatever the normalizer (a threshold's comparisons, or a
-    guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors."""
+    guarded 1/Z, would otherwise drop the NaN). A few elementwise passes over q-, k- and v-sized tensors: the
+    torch path's (the Triton backward's kernels flag the rows and heads themselves, `kernels.backward`)."""
     bad = stats.isnan().any(0)                                    # (B, Hq, L)
     nan = dq.new_full((), float("nan"))          # a fill on the device, no host copy (CUDA-graph capturable)
     dq = torch.where(bad[..., None], nan, dq)
@@ -140,6 +143,8 @@ def _nonfinite_grads(dq, dk, dv, stats):
 
 def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad`` with the dtype and strides of ``torch.empty_like(x)`` (what the fake op promises)."""
+    if grad.dtype == x.dtype and x.is_contiguous() and grad.stride() == x.stride():
+        return grad                 # empty_like of a contiguous x has its strides: no allocation to compare
     want = torch.empty_like(x)
     if grad.dtype == want.dtype and grad.stride() == want.stride():
         return grad

@@ -475,8 +475,9 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     over query blocks, both recomputing scores and weights tile by tile. ``config`` pins the blocks of both
     kernels (as in launch_forward) instead of autotuning (CUDA) or the interpreter's small blocks, or of each kernel:
     ``{"dkdv": {...}, "dq": {...}}`` (a kernel left out is autotuned). ``delta_shift``: None or (B, Hq, L),
-    subtracted from delta after the preprocess kernel (gradients through the row statistics,
-    ``Normalizer.stat_delta``).
+    subtracted from delta by the preprocess kernel (gradients through the row statistics,
+    ``Normalizer.stat_delta``). The kernels apply the non-finite rule (a row with a NaN statistic: its dq row and
+    its kv head's dk, dv are NaN; `kernels.backward`).
 
     ``deterministic`` False: two launches; the dK/dV kernel also adds each tile's dQ into an fp32 buffer with
     atomics (``Static.ATOMIC_DQ``: 5 matrix products per tile pair instead of 7, no dQ kernel; the fp32
@@ -503,22 +504,20 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     o_bwd = views["o2"] if c.hooks.has_g else out      # the row term is taken against O2 for entmax15
     norm = c.hooks.with_consts(())                         # consts are forward-only: one backward per hooks
 
-    # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
-    rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0),
-                 placeholder if live is None else live)
-    pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
-    attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
-        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)
-    if delta_shift is not None:
-        rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
-
     if deterministic is None:
         from .functional import default_deterministic
 
         deterministic = default_deterministic()
     atomic = not deterministic
-    # atomic dQ: an fp32 (B, Hq, L, Dqk) accumulator, zeroed, that the dK/dV kernel adds into
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else placeholder
+    # delta = rowsum(dO * O_bwd) - delta_shift; (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each,
+    # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
+    rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic,
+                                  placeholder if live is None else live, placeholder)
+    pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
+    attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),
+        NORM=norm, HP=c.hp, SHIFT=shift_rows(delta_shift, (B, Hq, L), dev), DQA=dq_acc, GROUP=Hq // c.Hkv)
+
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     Q, K, V, DO = View.of(q), View.of(k), View.of(v), View.of(dout)
@@ -533,11 +532,33 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
             dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
     if atomic:
-        return dq_acc.to(q.dtype), dk, dv
+        return dq_acc.view(q.shape).to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
             lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), (Q, K, V, DO, c.mask, View.of(dq), *tail), meta)
     return dq, dk, dv
+
+
+def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder):
+    """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
+    head dim ``head_d``: delta, w0, w1 (uninitialized), ``live`` (the block mask or a placeholder), the non-finite
+    rule's flags (head_bad: ``heads`` = B * Hkv (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with
+    ``atomic`` the zeroed fp32 dQ accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and
+    head_bad."""
+    n = math.prod(rows_shape)
+    dev = placeholder.device
+    rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev).unbind(0)
+    if atomic:
+        zeroed = torch.zeros(n * head_d + heads, dtype=torch.float32, device=dev)
+        return BwdRows(*rows, live, zeroed[n * head_d:], placeholder), zeroed[:n * head_d]
+    return BwdRows(*rows[:3], live, torch.zeros(heads, dtype=torch.float32, device=dev), rows[3]), placeholder
+
+
+def shift_rows(delta_shift: Optional[torch.Tensor], rows_shape, dev) -> Optional[torch.Tensor]:
+    """``delta_shift`` as the preprocess kernel's SHIFT: fp32 contiguous of rows_shape, or None."""
+    if delta_shift is None:
+        return None
+    return delta_shift.to(device=dev, dtype=torch.float32).expand(rows_shape).contiguous()
 
 
 def backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *, mask, causal, scale, softcap,

@@ -17,7 +17,8 @@ OPTIONS depend on the key count (``Normalizer.for_keys``, sigmoid's default b = 
 (:func:`supported`). Not here either: dropout and score noise (their counters are the per-sequence calls'
 (head, row) of a batch of one), split-KV, a given threshold; :mod:`flashmaps.inference` runs those per sequence.
 The backward's non-finite rule (`flashmaps.ops`: a row with a NaN statistic gets a NaN dq row, and its sequence's
-kv head NaN dk, dv) is applied per sequence with a few device-side passes (`_nonfinite_grads`).
+kv head NaN dk, dv) is applied per sequence by the kernels (`kernels.backward`; the preprocess flags (sequence,
+head) through CU_Q).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import torch
 
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .kernels.contract import BwdRows, Dims, RowOut, View
+from .kernels.contract import Dims, RowOut, View
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
 from .normalizers import Normalizer
 from .triton_path import (_INTERPRET, _PRE_BM, INTERPRET_CONFIG, SCRATCH_ROW_BLOCK, Forward, _bucket, _cdiv,
-                          _extras_size, _launch, _setup, _unpack)
+                          _extras_size, _launch, _setup, _unpack, bwd_rows_buffers, shift_rows)
 from .window import bounds
 
 __all__ = ["supported", "launch_forward", "launch_backward", "attention"]
@@ -119,16 +120,16 @@ def launch_backward(dout, q, k, v, out, stats, extras, cu_q, cu_k, max_q: int, m
                   views.get("thr", placeholder), views.get("sum_g", placeholder), placeholder, placeholder)
     o_bwd = views["o2"] if c.hooks.has_g else _as4(out)
     norm = c.hooks.with_consts(())
-    # the preprocess is row-wise: one launch over the packed rows as a (1, Hq, total_q) call
-    rb = BwdRows(*torch.empty((3, Hq, total_q), dtype=torch.float32, device=dev).unbind(0))
+    # the preprocess is row-wise: one launch over the packed rows as a (1, Hq, total_q) call; the non-finite rule's
+    # head flags per (sequence, head) (CU_Q)
+    atomic = not deterministic
+    rb, dq_acc = bwd_rows_buffers((Hq, total_q), c.B * c.Hkv, q.shape[2], atomic, placeholder, placeholder)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(total_q, pre_bm), *head_grid(Hq))](
-        View.of(o_bwd), View.of(_as4(dout)), rows, rb, 1, Hq, total_q, BM=pre_bm, ST=c.static._replace(VARLEN=False),
-        NORM=norm, HP=c.hp)
-    if delta_shift is not None:
-        rb.delta.sub_(delta_shift.to(device=dev, dtype=torch.float32))
-    atomic = not deterministic
-    dq_acc = torch.zeros((Hq, total_q, q.shape[2]), dtype=torch.float32, device=dev) if atomic else placeholder
+        View.of(o_bwd), View.of(_as4(dout)), rows, rb, 1, Hq, total_q, BM=pre_bm,
+        ST=c.static._replace(VARLEN=False, ATOMIC_DQ=atomic), NORM=norm, HP=c.hp,
+        SHIFT=shift_rows(delta_shift, (Hq, total_q), dev), DQA=dq_acc, CU_Q=c.dims.cu_q, N_SEQ=c.B,
+        GROUP=Hq // c.Hkv)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     Q, K, V, DO = _packed(q), _packed(k), _packed(v), _packed(dout)
@@ -140,27 +141,12 @@ def launch_backward(dout, q, k, v, out, stats, extras, cu_q, cu_k, max_q: int, m
             (Q, K, V, DO, c.mask, _packed(dk), _packed(dv), *tail),
             dict(ST=c.static._replace(ATOMIC_DQ=atomic), NORM=norm, DQA=dq_acc))
     if atomic:
-        return dq_acc.transpose(0, 1).to(q.dtype).contiguous(), dk, dv
+        return dq_acc.view(Hq, total_q, q.shape[2]).transpose(0, 1).to(q.dtype).contiguous(), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     _launch(attn_bwd_dq, triton_configs.attn_bwd_dq_tuned, per_kernel.get("dq"),
             lambda META: (_cdiv(max_q, META["BM"]), *head_grid(c.B * Hq)),
             (Q, K, V, DO, c.mask, _packed(dq), *tail), dict(ST=c.static, NORM=norm))
     return dq, dk, dv
-
-
-def _nonfinite_grads(dq, dk, dv, bad, cu_q, cu_k):
-    """The non-finite rule of `flashmaps.ops._nonfinite_grads` per packed sequence: ``bad`` (Hq, total_q) marks the
-    rows whose forward met a NaN or +inf score; their dq rows, and dk, dv of (their sequence, their kv head), are NaN.
-    Device-side only (no host read)."""
-    total_q, Hq = dq.shape[:2]
-    Hkv = dk.shape[1]
-    nan = dq.new_full((), float("nan"))
-    dq = torch.where(bad.t()[..., None], nan, dq)
-    seq_q = torch.searchsorted(cu_q, torch.arange(total_q, device=dq.device, dtype=cu_q.dtype), right=True) - 1
-    seq_k = torch.searchsorted(cu_k, torch.arange(dk.shape[0], device=dq.device, dtype=cu_k.dtype), right=True) - 1
-    head = torch.zeros(cu_q.numel() - 1, Hq, device=dq.device).index_add_(0, seq_q, bad.t().float()) > 0   # (B, Hq)
-    kv_bad = head.view(-1, Hkv, Hq // Hkv).any(-1)[seq_k][..., None]                                   # (total_k, Hkv, 1)
-    return dq, torch.where(kv_bad, nan.to(dk.dtype), dk), torch.where(kv_bad, nan.to(dv.dtype), dv)
 
 
 class _Varlen(torch.autograd.Function):
@@ -190,8 +176,6 @@ class _Varlen(torch.autograd.Function):
         dq, dk, dv = launch_backward(dout, q, k, v, out, list(stats.unbind(0)), extras, cu_q, cu_k, max_q, max_k,
                                      norm, causal=causal, scale=scale, softcap=softcap, delta_shift=shift,
                                      deterministic=deterministic)
-        bad = stats.isnan().any(0) if stats.numel() else out.sum(-1).isnan().t()         # (Hq, total_q)
-        dq, dk, dv = _nonfinite_grads(dq, dk, dv, bad, cu_q, cu_k)
         return dq, dk, dv, *([None] * 9)
 
 

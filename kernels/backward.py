@@ -21,7 +21,7 @@ Glossary (besides `contract`'s: i, j, s in kernel units, allowed, masked tile)::
 
 Kernels:
 
-* ``attn_bwd_preprocess``   grid (cdiv(L, BM), B*Hq): delta, w0, w1.
+* ``attn_bwd_preprocess``   grid (cdiv(L, BM), B*Hq): delta, w0, w1, the non-finite rule's flags.
 * ``attn_bwd_dkdv``         grid (cdiv(S, BN), B*Hkv): a program owns BN keys of one kv head and loops over
                             the query tiles of its group's query heads, one flat loop over (head, tile) in a
                             fixed order (GQA without atomics: deterministic).
@@ -41,6 +41,12 @@ tile) pair: forward 2 (QK^T, PV); backward 7 with the two kernels (dK/dV: QK^T, 
 QK^T, dO V^T, dS K), 5 with ATOMIC_DQ (the dQ kernel's QK^T and dO V^T recompute is gone). The pairs the
 dK/dV kernel skips (fully masked, above the diagonal, outside a window, dead with NORM.skip_dead) have dS = 0,
 so DQA gets the same terms as the dQ kernel sums, in an order that varies between runs (fp32 rounding only).
+
+The non-finite rule (as `flashmaps.ops._nonfinite_grads` on the torch path): a row whose forward met a NaN or
++inf score has NaN statistics; its dq row and its kv head's dk, dv are NaN, whatever the normalizer (a
+threshold's comparisons or a guarded 1/Z would drop the NaN). The preprocess finds the bad rows and flags
+them (rb.head_bad per (b, kv head); the dq row: NaN in DQA or rb.row_bad), the dK/dV and dQ kernels' epilogues
+store NaN where flagged: no pass over the gradients after the kernels.
 
 With ST.BLOCK_MASK (`kernels.blockmask`: the forward's int8 liveness cells, BwdRows.live) both kernels (and the
 atomic dQ with them) skip a (query tile, key tile) pair whose cells are all dead before loading its rows or
@@ -156,10 +162,18 @@ def _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM: tl.constexpr, ST: tl.
 
 
 @triton.jit
-def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, HP):
-    """delta = rowsum(dO * O_bwd) and (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb
-    (`contract.BwdRows`), all (B, Hq, L) fp32 contiguous. O (= O_bwd), DO: `contract.View`; rows: the
-    forward's `contract.RowOut`; HP: the head parameters with NORM.head_param (bwd_rows gets (thr, hp))."""
+def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, HP,
+                        SHIFT=None, DQA=None, CU_Q=None, N_SEQ=1, GROUP=1):
+    """delta = rowsum(dO * O_bwd) (minus SHIFT[row] when given: the statistics' gradients, ``delta_shift``) and
+    (w0, w1) = NORM.bwd_rows(stat0, stat1, thr, g_sum) into rb (`contract.BwdRows`), all (B, Hq, L) fp32
+    contiguous. O (= O_bwd), DO: `contract.View`; rows: the forward's `contract.RowOut`; HP: the head parameters
+    with NORM.head_param (bwd_rows gets (thr, hp)).
+
+    The non-finite rule (see the module docstring): a bad row (a NaN statistic; NORM.n_stats == 0: a NaN row sum
+    of O_bwd) sets its kv head's flag rb.head_bad[b * Hkv + h // GROUP] = 1 (zeroed by the launcher; GROUP =
+    Hq / Hkv) and marks its dq row: NaN into DQA's row (ST.ATOMIC_DQ; DQA zeroed, the atomic adds keep it NaN),
+    else rb.row_bad[row] = NaN (-0.0 for the other rows: the dQ kernel adds it). CU_Q (int32, N_SEQ + 1): packed
+    sequences run as one (1, Hq, total_q) call; the flag's b is then the row's sequence."""
     pid_bh = head_program(B * Hq)
     off_b = pid_bh // Hq
     off_h = pid_bh % Hq
@@ -176,12 +190,34 @@ def attn_bwd_preprocess(O, DO, rows, rb, B, Hq, L, BM: tl.constexpr, ST: tl.cons
     stat1 = tl.load(rows.stat1 + row, mask=row_ok, other=0.0)
     thr = tl.load(rows.thr + row, mask=row_ok, other=0.0)
     extras = tl.load(rows.g_sum + row, mask=row_ok, other=0.0)
+    if NORM.n_stats > 0:
+        bad = (stat0 != stat0) | (stat1 != stat1)
+    else:                                       # no row statistic (sigmoid): the forward's NaN output rows
+        o_sum = tl.sum(o.to(tl.float32), 1)
+        bad = o_sum != o_sum
+    bad = bad & row_ok                                                                 # [BM]
     if NORM.head_param:
         thr = (thr, tl.load(HP + off_h) + tl.zeros([BM], dtype=tl.float32))
     w0, w1 = NORM.bwd_rows(stat0, stat1, thr, extras)
+    if SHIFT is not None:
+        delta -= tl.load(SHIFT + row, mask=row_ok, other=0.0)
     tl.store(rb.delta + row, delta, mask=row_ok)
     tl.store(rb.w0 + row, w0, mask=row_ok)
     tl.store(rb.w1 + row, w1, mask=row_ok)
+    flag = off_b * (Hq // GROUP) + off_h // GROUP + tl.zeros([BM], dtype=tl.int32)
+    if CU_Q is not None:                        # packed: the row's sequence
+        seq = tl.zeros([BM], dtype=tl.int32)
+        for n in range(1, N_SEQ):
+            seq += (offs_m >= tl.load(CU_Q + n)).to(tl.int32)
+        flag = seq * (Hq // GROUP) + off_h // GROUP
+    tl.store(rb.head_bad + flag, tl.full([BM], 1.0, tl.float32), mask=bad)
+    if ST.ATOMIC_DQ:
+        offs_d = tl.arange(0, ST.BD)
+        nan = tl.full([BM, ST.BD], float("nan"), tl.float32)
+        tl.store(DQA + row[:, None] * ST.HEAD_D + offs_d[None, :], nan,
+                 mask=bad[:, None] & (offs_d < ST.HEAD_D)[None, :])
+    else:
+        tl.store(rb.row_bad + row, tl.where(bad, float("nan"), -0.0), mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,9 +316,12 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     key_ok = (start_n + keys_n) < dims.S
     dk_ptrs = head_base(DK, off_b, off_hk) + (start_n + keys_n)[:, None] * DK.sr + offs_d[None, :] * DK.sc
     dv_ptrs = head_base(DV, off_b, off_hk) + (start_n + keys_n)[:, None] * DV.sr + offs_dv[None, :] * DV.sc
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.ptr.dtype.element_ty),
+    # the non-finite rule: + NaN if the kv head has a bad row, else + -0.0 (x + -0.0 is x, -0.0 included)
+    nan_head = tl.where(tl.load(rb.head_bad + (off_b * Hkv + off_hk)) > 0, float("nan"), -0.0)
+    tl.store(dk_ptrs, (dk * sm_scale + nan_head).to(DK.ptr.dtype.element_ty),
              mask=key_ok[:, None] & (offs_d < ST.HEAD_D)[None, :])
-    tl.store(dv_ptrs, dv.to(DV.ptr.dtype.element_ty), mask=key_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :])
+    tl.store(dv_ptrs, (dv + nan_head).to(DV.ptr.dtype.element_ty),
+             mask=key_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,5 +386,7 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_lo, full_end, BN, ST, NORM, False)
     dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_end, hi, BN, ST, NORM, True)
     dq_ptrs = head_base(DQ, off_b, off_h) + offs_m[:, None] * DQ.sr + offs_d[None, :] * DQ.sc
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.ptr.dtype.element_ty),
+    nan_row = tl.load(rb.row_bad + rows_base(dims, off_b, off_h, ST.VARLEN) + offs_m, mask=offs_m < dims.L,
+                      other=0.0)                   # the non-finite rule: NaN for a bad row, -0.0 (x + -0.0 = x) else
+    tl.store(dq_ptrs, (dq * sm_scale + nan_row[:, None]).to(DQ.ptr.dtype.element_ty),
              mask=(offs_m < dims.L)[:, None] & (offs_d < ST.HEAD_D)[None, :])

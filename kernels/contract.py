@@ -250,6 +250,9 @@ class BwdRows(NamedTuple):
     w0: Any
     w1: Any
     live: Any = 0     # Static.BLOCK_MASK: the forward's block mask (int8, see the module docstring)
+    # the non-finite rule (`backward`'s docstring), written by the preprocess (fp32)
+    head_bad: Any = 0  # (B * Hkv,) zeroed by the launcher: (b, kv head) has a bad row (its dk, dv are NaN)
+    row_bad: Any = 0   # (B, Hq, L) like delta, without ST.ATOMIC_DQ: NaN for a bad row (its dq row NaN), else -0.0
 
 
 class NoArgs(NamedTuple):

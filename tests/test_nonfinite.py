@@ -48,14 +48,14 @@ def _expected(q, k, causal, mask, scale):
     return bad, finite, top
 
 
-def _check(norm, q, k, v, causal, mask, backend, backward=True):
+def _check(norm, q, k, v, causal, mask, backend, backward=True, **kw):
     spec = flashmaps.parse(norm)
     scale = 1 / math.sqrt(q.shape[-1])
     bad, finite, top = _expected(q, k, causal, mask, scale)
     q, k, v = (x.clone().requires_grad_(backward) for x in (q, k, v))
     before = [x.detach().clone() for x in (q, k, v)]
     out, stats = flashmaps.attention(q, k, v, norm, causal=causal, attn_mask=mask, enable_gqa=True,
-                                     backend=backend, return_stats=True)
+                                     backend=backend, return_stats=True, **kw)
     assert all(torch.equal(a, b, ) or (a.isnan() == b.isnan()).all() for a, b in zip(before, (q, k, v)))
     assert out[bad].isnan().all(), "a row with a NaN or +inf score must be NaN"
     for name, val in stats.items():
@@ -71,6 +71,7 @@ def _check(norm, q, k, v, causal, mask, backend, backward=True):
         G = q.shape[1] // k.shape[1]
         heads = bad.any(-1).view(bad.shape[0], k.shape[1], G).any(-1)               # [B, Hkv]
         assert k.grad[heads].isnan().all() and v.grad[heads].isnan().all(), "dk, dv of a NaN row's head"
+    return q, k, v
 
 
 def _huge(dtype):
@@ -106,6 +107,18 @@ def test_nonfinite_rule(norm, dtype, case, backend):
     q, k, v = _inputs(dtype)
     INJECT[case](q, k)
     _check(norm, q, k, v, causal=case == "k-nan", mask=None, backend=backend)
+
+
+@pytest.mark.parametrize("norm", ["sparsemax", "topk:5"])
+def test_nonfinite_rule_deterministic(norm):
+    """The Triton backward's other kernel set (deterministic=True: the dQ kernel, no atomic dQ) applies the rule
+    too (its row flags; the above run the default atomic dQ): units whose weights would drop the NaN."""
+    q, k, v = _inputs(torch.float32, B=2, Hq=4, Hkv=2)
+    q[1, 2, 4, 2] = NAN                               # batch 1, kv head 1: the other heads' gradients stay finite
+    q, k, v = _check(norm, q, k, v, causal=False, mask=None, backend="triton", deterministic=True)
+    assert torch.isfinite(q.grad[0]).all() and torch.isfinite(q.grad[1, :2]).all(), "dq of the other heads"
+    assert torch.isfinite(k.grad[0]).all() and torch.isfinite(k.grad[1, 0]).all(), "dk of the other kv heads"
+    assert torch.isfinite(v.grad[0]).all() and torch.isfinite(v.grad[1, 0]).all(), "dv of the other kv heads"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
