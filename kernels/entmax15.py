@@ -49,16 +49,22 @@ from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES = 40
-#: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
-#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is. 1 point (the
-#: Newton iterate alone; sparsemax's default) halves the pass's SASS (745 -> 419 per tile at D = 64) for one
-#: pass more, but a dense row then missed the exact simplex (sum p off by 1.2e-5 > 1e-5 in
-#: test_entmax15_threshold[None-0.3]; likely the polish from a point far below tau in fp32, not verified).
-NPTS = 2
+#: points evaluated per refinement pass (power of two). 1 (the Newton iterate alone) since issue 17 item 4: a
+#: bracket pass costs 419 SASS per tile at D = 64 (779 at D = 128) against 745 (1429) at 2 points, for about one
+#: pass more (work counter, L = S = 512: 7 passes per query block against 6), so about 28 % fewer pre-pass
+#: instructions per K tile (bench/TUNING.md, "Issue 17 item 4: entmax15 at one point per pass"). 1 point lost
+#: accuracy before POLISH_FMAX (below): the first pass, at max z - 1, polished from far below tau. H100, bf16,
+#: 16k: the whole entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms).
+NPTS = 1
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
+#: the exact polish is taken only from a point t_a with F(t_a) <= POLISH_FMAX. Its fp32 error in sum p is about
+#: a few ulps times F(t_a) (disc = s1^2 - c F(t_a) cancels: both terms grow as (t_a - mean z)^2 while disc does
+#: not), so from t = max z - 1 in a dense row (F ~ 70 at 90 keys) sum p missed 1 by 1.2e-5. A row whose polish
+#: is refused takes the Newton iterate (close below tau) and polishes there one pass later.
+POLISH_FMAX: tl.constexpr = tl.constexpr(1.0)
 
 
 # ------------------------------------------------------------------ the bracket rule (threshold engine)
@@ -87,7 +93,7 @@ def _step(br, t, acc, args):
     disc = s1_a * s1_a - c_a * f_a
     r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
     has_r = found & (disc >= 0)
-    exact = has_r & (r < zmin_a)
+    exact = has_r & (r < zmin_a) & (f_a <= POLISH_FMAX)                # from a point close to tau only
     # Newton on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+, convex and decreasing like F, linear in t for
     # equal scores): from below it never overshoots and takes fewer passes than Newton on F (a replay:
     # bench/replays/entmax15_bracket_passes.py --newton G)
