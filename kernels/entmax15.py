@@ -43,8 +43,8 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, miss_point, root_hooks, sorted_bound,
-                        support_fold, support_zero)
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
+                        support_zero)
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
@@ -71,10 +71,12 @@ POLISH_FMAX: tl.constexpr = tl.constexpr(1.0)
 
 
 @triton.jit
-def _init(zmax, zmin, n, args, NP: tl.constexpr):
-    """tau in [max z - 1, max z - n^(-1/2)]; exact (= max z - 1) for a row with one key."""
+def _init(zmax, zmin, n, args, NP: tl.constexpr, z2):
+    """tau in [lo, max z - n^(-1/2)] with lo = the threshold of the two largest scores alone (<= tau: F of a subset
+    is at most F; max z - 1 when z2 <= max z - 1); exact (= max z - 1) for a row with one key."""
     ztop = tl.where(n == 0, 0.0, zmax)
-    lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
+    h = 0.5 * (ztop - tl.where(n >= 2.0, z2, ztop - 2.0))                # half the gap; >= 0.5: z2 is not in it
+    lo = ztop - tl.where(h < 0.5, h + tl.sqrt(tl.maximum(0.5 - h * h, 0.0)), 1.0)          # F(lo) >= 0
     up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
     return Bracket(lo, up, lo, up, lo, n <= 1.0)
 
@@ -99,11 +101,19 @@ def _step(br, t, acc, args):
     # bench/replays/entmax15_bracket_passes.py --newton G)
     r1 = tl.sqrt(tl.maximum(f_a + 1.0, 1.0))                                              # G(t_a) + 1
     newton = t_a + f_a * r1 / ((r1 + 1.0) * tl.maximum(s1_a, 1e-30))                  # <= tau
-    lo = tl.where(found, tl.maximum(br.lo, t_a), br.lo)
+    # no feasible point (all above tau): the same smaller root from the lowest point t_0, whose support {z > t_0} lies
+    # inside tau's, is a lower bound (the support's quadratic Q <= F below t_0, so Q(tau) <= 0), and exact unless a
+    # key lies in (root, t_0]: without cancellation (F(t_0) < 0), and the next point
+    sel0 = tl.arange(0, t.shape[1])[None, :] == 0
+    c_0 = pick_row(cnt, sel0)
+    s1_0 = pick_row(s1, sel0)
+    f_0 = pick_row(s2, sel0) - 1.0
+    below = pick_row(t, sel0) + f_0 / tl.maximum(s1_0 + tl.sqrt(tl.maximum(s1_0 * s1_0 - c_0 * f_0, 0.0)), 1e-30)
+    lo = tl.where(found, tl.maximum(br.lo, t_a), tl.maximum(br.lo, below))
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)
     up = tl.maximum(up, lo)
-    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), miss_point(lo, up, t))
+    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
     narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
     tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
     done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
@@ -131,7 +141,7 @@ def sorted_threshold(srt, cnt, args):
 
 
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
-                     step=_step, bound=sorted_bound, sorted=sorted_threshold, squares=True)
+                     step=_step, bound=sorted_bound, sorted=sorted_threshold, squares=True, second=True)
 
 
 # ------------------------------------------------------------------ output pass and backward
