@@ -7,18 +7,22 @@ Scores arrive as z = s_nat / 2 (score unit 1/2). With n allowed keys::
 
 Pre-pass (scores only, no V), per row:
 
-1. one pass: zmax and n; bracket lo = zmax - 1 (F(lo) >= 0), hi = zmax - n^(-1/2).
+1. one pass: zmax, the second-largest z2 and n; bracket lo = the threshold of {zmax, z2} alone (F(lo) >= 0: F
+   of a subset is at most F; zmax - 1 if z2 <= zmax - 1), hi = zmax - n^(-1/2).
 2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate): for each point the
    support moments c = #{z > t}, s1 = sum (z - t)_+, s2 = sum (z - t)_+^2 and zmin = min{z : z > t}.
    With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau):
    * exact polish: if the support were {z > t_a}, tau solves c y^2 - 2 s1 y + (s2 - 1) = 0 (y = tau -
      t_a, the smaller root, y = (s2 - 1) / (s1 + sqrt(s1^2 - c (s2 - 1)))), which is tau - the mean
      minus sqrt(1/c - variance) form - computed relative to t_a for accuracy. The candidate r = t_a + y
-     is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound.
+     is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound. Taken
+     only from a point with F(t_a) <= POLISH_FMAX (fp32: its error grows with F(t_a)).
    * Newton from t_a on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+ minus 1: convex and decreasing, and
      linear in t for equal scores): t_a + (s2 - sqrt(s2)) / s1 <= tau (as (s2 - 1) r / ((r + 1) s1), r = sqrt(s2)),
      the next t0.
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
+   * no feasible point (rounding put the Newton iterate above tau): the smaller root of the lowest point's
+     support quadratic is a lower bound, the next point.
    The block repeats passes until every row is exact (or its bracket is a few ulps wide).
    Steps 1-2 are the bracket method of the threshold engine (`threshold.search`) with the rule `RULE`.
    COLLECT mode (``COLLECT = True``; experimental, off by default: exact and CPU-tested, not validated on
@@ -50,11 +54,12 @@ from .tiles import pick_row, safe_inv
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES = 40
 #: points evaluated per refinement pass (power of two). 1 (the Newton iterate alone) since issue 17 item 4: a
-#: bracket pass costs 419 SASS per tile at D = 64 (779 at D = 128) against 745 (1429) at 2 points, for about one
-#: pass more (work counter, L = S = 512: 7 passes per query block against 6), so about 28 % fewer pre-pass
-#: instructions per K tile (bench/TUNING.md, "Issue 17 item 4: entmax15 at one point per pass"). 1 point lost
-#: accuracy before POLISH_FMAX (below): the first pass, at max z - 1, polished from far below tau. H100, bf16,
-#: 16k: the whole entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms).
+#: bracket pass costs 419 SASS per tile at D = 64 (779 at D = 128) against 745 (1429) at 2 points. With the start
+#: from the two largest scores (`_init`) a query block takes as many passes as main's 2 points did (work counter,
+#: L = S = 512: 6; the replay: 4 bracket passes at S = 512 and 1024, 5 at 8192 against 4-5): the pre-pass costs
+#: 38 % fewer instructions per K tile (bench/TUNING.md, "Issue 17 item 4: entmax15 at one point per pass"). One
+#: point had lost accuracy before POLISH_FMAX (below): the first pass polished from max z - 1, far below tau.
+#: H100, bf16, 16k, main's rule: the whole forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax 5.2).
 NPTS = 1
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly

@@ -1,7 +1,7 @@
 """Float32 numpy replay of kernels/entmax15.py's bracket pre-pass (the rule `_step`): bracket passes per row and
 per 128-row block, and how exact the final tau is (|sum p - 1| in float64 against the float32 scores).
 
-Usage: python entmax15_bracket_passes.py S NP [spread] [--newton F|G] [--fmax X] [--near X] [--first lo|top2]
+Usage: python entmax15_bracket_passes.py S NP [spread] [--newton F|G] [--fmax X] [--near X] [--first lo|topK]
        [--miss mid|below] [--rows R] [--seed N]      (the defaults are the kernel's rule)
 
 --newton F: Newton on F = sum (z - t)_+^2 - 1 (the step before issue 17); G (default): on G = sqrt(F + 1) - 1.
@@ -9,7 +9,8 @@ Usage: python entmax15_bracket_passes.py S NP [spread] [--newton F|G] [--fmax X]
 inf = accept from any feasible point, the rule before issue 17 item 4's one point per pass).
 --near X: also accept the polish r when the keys it wrongly counts (those in (t_a, r], each at least zmin_a) move
 sum p by at most X: c_a (r - zmin_a)^2 <= X (0 = off, the rule before).
---first: the first point max z - 1 (lo, the rule before) or the threshold of the two largest scores (top2).
+--first: the first point max z - 1 (lo, the rule before) or the threshold of the k largest scores alone (topK; the
+kernel: top2, the range pass keeps the second largest).
 --miss: a pass without a feasible point continues from the midpoint of the bracket at NP = 1 (mid; its lower end
 at NP > 1, the rule before) or from the smaller root of the lowest point's support quadratic (below: a lower
 bound).
@@ -41,9 +42,13 @@ def passes(z, NP=2, newton="G", fmax=1.0, near=0.0, first="top2", miss="below"):
     zmax = zs[:, 0]
     n = np.full(R, S, f32)
     lo = zmax - f32(1)
-    if first == "top2":                  # the threshold of {z1, z2}: max z - 1 when z2 <= max z - 1
-        h = f32(0.5) * (zmax - zs[:, 1])
-        lo = zmax - np.where(h < 0.5, h + np.sqrt(np.maximum(f32(0.5) - h * h, f32(0))), f32(1))
+    if first.startswith("top"):          # the threshold of the k largest alone (<= tau); top2: the kernel's
+        k = int(first[3:])
+        w = zs[:, :k] - zmax[:, None]
+        c1, c2, m = np.cumsum(w, 1), np.cumsum(w * w, 1), np.arange(1, k + 1, dtype=f32)
+        tm = (c1 - np.sqrt(np.maximum(c1 * c1 - m * (c2 - f32(1)), f32(0)))) / m
+        msz = np.max(np.where(tm < w, np.arange(1, k + 1), 0), 1)
+        lo = np.maximum(lo, zmax + tm[np.arange(R), msz - 1])
     up = zmax - f32(1) / np.sqrt(n)
     t0, t1, tau = lo.copy(), up.copy(), lo.copy()
     done = n <= 1
