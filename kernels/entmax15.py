@@ -107,8 +107,8 @@ def _step(br, t, acc, args):
     r1 = tl.sqrt(tl.maximum(f_a + 1.0, 1.0))                                              # G(t_a) + 1
     newton = t_a + f_a * r1 / ((r1 + 1.0) * tl.maximum(s1_a, 1e-30))                  # <= tau
     # no feasible point (all above tau): the same smaller root from the lowest point t_0, whose support {z > t_0} lies
-    # inside tau's, is a lower bound (the support's quadratic Q <= F below t_0, so Q(tau) <= 0), and exact unless a
-    # key lies in (root, t_0]: without cancellation (F(t_0) < 0), and the next point
+    # inside tau's, is a lower bound (the support's quadratic Q <= F below t_0, so Q(tau) <= 0; tau itself unless a
+    # key lies in (root, t_0]), computed without cancellation (F(t_0) < 0); it is the next point
     sel0 = tl.arange(0, t.shape[1])[None, :] == 0
     c_0 = pick_row(cnt, sel0)
     s1_0 = pick_row(s1, sel0)
