@@ -7,18 +7,22 @@ Scores arrive as z = s_nat / 2 (score unit 1/2). With n allowed keys::
 
 Pre-pass (scores only, no V), per row:
 
-1. one pass: zmax and n; bracket lo = zmax - 1 (F(lo) >= 0), hi = zmax - n^(-1/2).
+1. one pass: zmax, the second-largest z2 and n; bracket lo = the threshold of {zmax, z2} alone (F(lo) >= 0: F
+   of a subset is at most F; zmax - 1 if z2 <= zmax - 1), hi = zmax - n^(-1/2).
 2. passes at NP points t_0 < ... < t_{NP-1} in [t0, hi) (t0 = the Newton iterate): for each point the
    support moments c = #{z > t}, s1 = sum (z - t)_+, s2 = sum (z - t)_+^2 and zmin = min{z : z > t}.
    With a = the largest point where F(t_a) = s2 - 1 >= 0 (so t_a <= tau):
    * exact polish: if the support were {z > t_a}, tau solves c y^2 - 2 s1 y + (s2 - 1) = 0 (y = tau -
      t_a, the smaller root, y = (s2 - 1) / (s1 + sqrt(s1^2 - c (s2 - 1)))), which is tau - the mean
      minus sqrt(1/c - variance) form - computed relative to t_a for accuracy. The candidate r = t_a + y
-     is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound.
+     is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound. Taken
+     only from a point with F(t_a) <= POLISH_FMAX (fp32: its error grows with F(t_a)).
    * Newton from t_a on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+ minus 1: convex and decreasing, and
      linear in t for equal scores): t_a + (s2 - sqrt(s2)) / s1 <= tau (as (s2 - 1) r / ((r + 1) s1), r = sqrt(s2)),
      the next t0.
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
+   * no feasible point (rounding put the Newton iterate above tau): the smaller root of the lowest point's
+     support quadratic is a lower bound, the next point.
    The block repeats passes until every row is exact (or its bracket is a few ulps wide).
    Steps 1-2 are the bracket method of the threshold engine (`threshold.search`) with the rule `RULE`.
    COLLECT mode (``COLLECT = True``; experimental, off by default: exact and CPU-tested, not validated on
@@ -43,32 +47,41 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, miss_point, root_hooks, sorted_bound,
-                        support_fold, support_zero)
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
+                        support_zero)
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
 MAX_PASSES = 40
-#: points evaluated per refinement pass (power of two). H100, bf16, B=1, H=16, L=S=16k, D=128: the whole
-#: entmax15 forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax: 5.2 ms); 2 it is. 1 point (the
-#: Newton iterate alone; sparsemax's default) halves the pass's SASS (745 -> 419 per tile at D = 64) for one
-#: pass more, but a dense row then missed the exact simplex (sum p off by 1.2e-5 > 1e-5 in
-#: test_entmax15_threshold[None-0.3]; likely the polish from a point far below tau in fp32, not verified).
-NPTS = 2
+#: points evaluated per refinement pass (power of two). 1 (the Newton iterate alone) since issue 17 item 4: a
+#: bracket pass costs 419 SASS per tile at D = 64 (779 at D = 128) against 745 (1429) at 2 points. With the start
+#: from the two largest scores (`_init`) a query block takes as many passes as main's 2 points did (work counter,
+#: L = S = 512: 6; the replay: 4 bracket passes at S = 512 and 1024, 5 at 8192 against 4-5): the pre-pass costs
+#: 38 % fewer instructions per K tile (bench/TUNING.md, "Issue 17 item 4: entmax15 at one point per pass"). One
+#: point had lost accuracy before POLISH_FMAX (below): the first pass polished from max z - 1, far below tau.
+#: H100, bf16, 16k, main's rule: the whole forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax 5.2).
+NPTS = 1
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
+#: the exact polish is taken only from a point t_a with F(t_a) <= POLISH_FMAX. Its fp32 error in sum p is about
+#: a few ulps times F(t_a) (disc = s1^2 - c F(t_a) cancels: both terms grow as (t_a - mean z)^2 while disc does
+#: not), so from t = max z - 1 in a dense row (F ~ 70 at 90 keys) sum p missed 1 by 1.2e-5. A row whose polish
+#: is refused takes the Newton iterate (close below tau) and polishes there one pass later.
+POLISH_FMAX: tl.constexpr = tl.constexpr(1.0)
 
 
 # ------------------------------------------------------------------ the bracket rule (threshold engine)
 
 
 @triton.jit
-def _init(zmax, zmin, n, args, NP: tl.constexpr):
-    """tau in [max z - 1, max z - n^(-1/2)]; exact (= max z - 1) for a row with one key."""
+def _init(zmax, zmin, n, args, NP: tl.constexpr, z2):
+    """tau in [lo, max z - n^(-1/2)] with lo = the threshold of the two largest scores alone (<= tau: F of a subset
+    is at most F; max z - 1 when z2 <= max z - 1); exact (= max z - 1) for a row with one key."""
     ztop = tl.where(n == 0, 0.0, zmax)
-    lo = ztop - 1.0                                     # F(lo) >= 0: confirmed lower bound
+    h = 0.5 * (ztop - tl.where(n >= 2.0, z2, ztop - 2.0))                # half the gap; >= 0.5: z2 is not in it
+    lo = ztop - tl.where(h < 0.5, h + tl.sqrt(tl.maximum(0.5 - h * h, 0.0)), 1.0)          # F(lo) >= 0
     up = ztop - tl.rsqrt(tl.maximum(n, 1.0))            # F(up) <= 0: upper bound
     return Bracket(lo, up, lo, up, lo, n <= 1.0)
 
@@ -87,17 +100,25 @@ def _step(br, t, acc, args):
     disc = s1_a * s1_a - c_a * f_a
     r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
     has_r = found & (disc >= 0)
-    exact = has_r & (r < zmin_a)
+    exact = has_r & (r < zmin_a) & (f_a <= POLISH_FMAX)                # from a point close to tau only
     # Newton on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+, convex and decreasing like F, linear in t for
     # equal scores): from below it never overshoots and takes fewer passes than Newton on F (a replay:
     # bench/replays/entmax15_bracket_passes.py --newton G)
     r1 = tl.sqrt(tl.maximum(f_a + 1.0, 1.0))                                              # G(t_a) + 1
     newton = t_a + f_a * r1 / ((r1 + 1.0) * tl.maximum(s1_a, 1e-30))                  # <= tau
-    lo = tl.where(found, tl.maximum(br.lo, t_a), br.lo)
+    # no feasible point (all above tau): the same smaller root from the lowest point t_0, whose support {z > t_0} lies
+    # inside tau's, is a lower bound (the support's quadratic Q <= F below t_0, so Q(tau) <= 0; tau itself unless a
+    # key lies in (root, t_0]), computed without cancellation (F(t_0) < 0); it is the next point
+    sel0 = tl.arange(0, t.shape[1])[None, :] == 0
+    c_0 = pick_row(cnt, sel0)
+    s1_0 = pick_row(s1, sel0)
+    f_0 = pick_row(s2, sel0) - 1.0
+    below = pick_row(t, sel0) + f_0 / tl.maximum(s1_0 + tl.sqrt(tl.maximum(s1_0 * s1_0 - c_0 * f_0, 0.0)), 1e-30)
+    lo = tl.where(found, tl.maximum(br.lo, t_a), tl.maximum(br.lo, below))
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)
     up = tl.maximum(up, lo)
-    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), miss_point(lo, up, t))
+    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
     narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
     tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
     done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)
@@ -125,7 +146,7 @@ def sorted_threshold(srt, cnt, args):
 
 
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
-                     step=_step, bound=sorted_bound, sorted=sorted_threshold, squares=True)
+                     step=_step, bound=sorted_bound, sorted=sorted_threshold, squares=True, second=True)
 
 
 # ------------------------------------------------------------------ output pass and backward

@@ -12,7 +12,8 @@ whose support is already tau's). Passes repeat until every row of the block is d
 ``max_passes``). The normalizer supplies the rule (`ThresholdRule`, carried in its `Hooks` as
 ``NORM.rule``)::
 
-    init(smax, smin, n, args, NP) -> Bracket  the first bracket from the row's range and count
+    init(smax, smin, n, args, NP) -> Bracket  the first bracket from the row's range and count (with
+                                              ``second``, one more argument: the row's second-largest score)
     zero(t) -> acc                            the statistics' zeros at the points t [BM, NP] (a tuple)
     fold(acc, s, start_n, t, BN, ST, NORM, MASKED) -> acc     a `tiles.fold_keys` fold: one tile's statistics
     step(br, t, acc, args) -> Bracket         the next bracket (and tau where the row is done)
@@ -61,6 +62,7 @@ class ThresholdRule(NamedTuple):
     sorted: Optional[Any] = None
     squares: bool = False
     fold_args: bool = False     # `fold` gets the context (t, args) instead of t (a rule with runtime arguments)
+    second: bool = False        # the range pass also keeps each row's second-largest score: `init` gets it last
 
 
 class RootConsts(NamedTuple):
@@ -97,10 +99,28 @@ def row_range(blk, keys, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, N
 
 
 @triton.jit
+def _second_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """`_range_fold` and the row's second-largest score (the largest below the max: a tied max counts once, so it
+    may be lower than the second largest of the multiset; -inf without one)."""
+    smax, smin, n, snd = state
+    m = tl.max(s, 1)
+    snd = tl.maximum(tl.maximum(snd, tl.max(tl.where(s < m[:, None], s, float("-inf")), 1)), tl.minimum(smax, m))
+    smax, smin, n = _range_fold((smax, smin, n), s, start_n, ctx, BN, ST, NORM, MASKED)
+    return smax, smin, n, snd
+
+
+@triton.jit
 def search(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
     """(tau [BM], n [BM]) by the bracket method with the rule NORM.rule; n counts each row's allowed keys."""
-    smax, smin, n = row_range(blk, keys, BM, BN, ST, NORM)
-    br = NORM.rule.init(smax, smin, n, args, NORM.rule.points)
+    if NORM.rule.second:
+        ninf = tl.full([BM], float("-inf"), tl.float32)
+        smax, smin, n, snd = fold_keys((ninf, tl.full([BM], float("inf"), tl.float32), tl.zeros([BM], tl.float32),
+                                        ninf), _second_fold, 0, blk, keys, BN, ST, NORM)
+        br = NORM.rule.init(smax, smin, n, args, NORM.rule.points, snd)
+    else:
+        smax, smin, n = row_range(blk, keys, BM, BN, ST, NORM)
+        br = NORM.rule.init(smax, smin, n, args, NORM.rule.points)
     frac = tl.arange(0, NORM.rule.points).to(tl.float32) / NORM.rule.points                  # [NP]
     passes = tl.full([], 0, tl.int32)
     while (tl.max(tl.where(br.done, 0, 1)) > 0) & (passes < NORM.rule.max_passes):
