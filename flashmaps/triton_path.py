@@ -415,8 +415,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras, S),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
-    # (phase 2 of the two-phase protocol, thr_k given, runs no pre-pass: its output pass marks the cells against
-    # the given threshold, the exact mask its backward reads)
+    # (phase 2 of the two-phase protocol, thr_k given, runs no pre-pass: its cells stay live, nothing is skipped)
     live = block_mask_view(saved, B, Hq, L, S) if splits == 1 else None
     saved.pop("live", None)                        # (Forward.live; `saved` keeps what unpack_extras(S=1) gives)
     if live is not None:      # zeros: the cells no program visits (never read as deciding) are deterministic

@@ -16,15 +16,18 @@ Writers and readers (all exact or conservative: a live cell is never marked dead
                                               bracket's lower end lo <= tau (floor(lo) <= floor(tau); entmax:
                                               max z - 1): one marking pass, not one per pass (the later, tighter
                                               brackets gained no tile on the structured inputs, bench/TUNING.md)
-    output pass (``tile_loop``)               skips a tile whose cells are all 0 BEFORE its Q K^T, and marks the
-                                              cells of the tiles it computes against the final threshold (the
-                                              exact mask the backward reads)
+    top-k's running buffer (``topk``)        marks each tile against the buffer's running k-th largest after
+                                              the tile's merge (it only grows: <= tau_k)
+    output pass (``tile_loop``)               neither reads nor marks it: marking the computed tiles cost every
+                                              input 23-38 % SASS per score tile, and skipping dead ones took a
+                                              pipeline stage (top-k) or 6 % SASS (entmax15, D = 128) for a few
+                                              tiles saved (bench/TUNING.md "Issue 17 item 5, the marking cost")
     backward (dK/dV, dQ, atomic dQ)           skip a (query tile, key tile) pair whose cells are all 0 before
                                               loading its query rows or computing Q K^T
 
 Each forward program first marks live every cell of the tiles it visits (`reset_cells`: no stale marks when
-the autotuner reruns a launch): cells the pre-pass does not reach (one without bracket passes, e.g. top-k's
-running buffer) stay live and are simply computed. Cells no forward program visits keep the launcher's zeros
+the autotuner reruns a launch): cells the pre-pass does not mark (no bracket pass, e.g. GIVEN_THR or top-k's
+COLLECT mode) stay live and are simply computed. Cells no forward program visits keep the launcher's zeros
 (dead): they are fully masked (causal, window) or past L / S, so a backward tile skipped because of them (with
 its other cells dead) has no weight either. A NaN score or threshold marks its cell live, so the non-finite rule still sees it.
 """
