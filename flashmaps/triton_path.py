@@ -34,7 +34,7 @@ import triton
 
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .kernels.contract import (MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
+from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
                                Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
@@ -491,8 +491,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
     views = _unpack(extras, c.hooks, q, v, True, S)
     live = block_mask_view(views, B, Hq, L, S)         # the forward's block mask (it ran unsplit: gradients)
-    if live is not None:
-        c = c._replace(static=c.static._replace(BLOCK_MASK=True))
+    if live is not None and (Hq // c.Hkv) * _cdiv(L, MASK_BLOCK) < 1 << 15 and _cdiv(S, MASK_BLOCK) < 1 << 15:
+        c = c._replace(static=c.static._replace(BLOCK_MASK=True))    # (else its int16 tile lists could overflow)
+    else:
+        live = None
     if c.hooks.has_g and "o2" not in views:
         raise ValueError("launch_backward: extras lacks the backward extras (entmax15's O2); run the forward "
                          "with need_grad=True")
@@ -504,7 +506,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
 
     # delta = rowsum(dO * O_bwd); (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each
     rb = BwdRows(*torch.empty((3, B, Hq, L), dtype=torch.float32, device=dev).unbind(0),
-                 placeholder if live is None else live)
+                 placeholder if live is None else live,
+                 placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static, NORM=norm, HP=c.hp)

@@ -251,6 +251,10 @@ class BwdRows(NamedTuple):
     w0: Any
     w1: Any
     live: Any = 0     # Static.BLOCK_MASK: the forward's block mask (int8, see the module docstring)
+    lists: Any = 0    # Static.BLOCK_MASK: int16 scratch, a slot per backward program for its list of live tiles
+                      # (`blockmask.live_tiles`); as many elements as the block mask (any BM, BN >= MASK_BLOCK).
+                      # int16, not int32: an int32 index load is pipelined (cp.async) and costs the loads that
+                      # depend on it a stage; the launcher keeps the indices < 2**15
 
 
 class NoArgs(NamedTuple):
