@@ -69,12 +69,12 @@ SPLIT_MAX_L = 16
 TMA_KV = False
 #: a TMA descriptor's base address and row strides are multiples of this many bytes
 _TMA_ALIGN = 16
-#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it. Off by default until a GPU
-#: times it: offline, its marking in the output pass costs every sparse forward 23-38 % more SASS per score tile
-#: on inputs where nothing is dead, and its branch takes a pipeline stage from the backward (bench/TUNING.md,
-#: issue 17 item 5). True (or the environment variable FLASHMAPS_BLOCK_MASK=1) turns it on; a call whose mask
-#: would pass BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
-BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "0") == "1"
+#: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it. On by default since its
+#: marking left the output pass (the forward's hot loop is main's, offline sm_90) and the backward loops over lists
+#: of live tiles (its pipeline stages are main's): bench/TUNING.md, "Issue 17 item 5, the marking cost". False (or
+#: the environment variable FLASHMAPS_BLOCK_MASK=0) turns it off; a call whose mask would pass
+#: BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
+BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "1") == "1"
 BLOCK_MASK_MAX_BYTES = 1 << 28
 
 

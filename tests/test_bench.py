@@ -545,7 +545,7 @@ def test_suite_h100_goals():
     tma = {f"flashmaps-{s}-triton[flashmaps.triton_path.TMA_KV=True]" for s in ("softmax", "entmax15")}
     assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex"} | tma
     det = "flashmaps-softmax-triton[flashmaps.functional.DETERMINISTIC=True]"   # the two-kernel backward too
-    nomask = "flashmaps-entmax15-triton[flashmaps.triton_path.BLOCK_MASK=True]"   # and entmax15 with the mask
+    nomask = "flashmaps-entmax15-triton[flashmaps.triton_path.BLOCK_MASK=False]"   # and entmax15 without the mask
     assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {
         "sdpa", det, nomask}
     assert {j["mode"] for j in jobs} == {"fwd", "fwd+bwd"} and {j["dtype"] for j in jobs} == {"bfloat16"}

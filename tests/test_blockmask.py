@@ -39,7 +39,7 @@ def _inputs(seed=0):
 
 @pytest.fixture(autouse=True)
 def _block_mask_on(monkeypatch):
-    """The library's default is off (until a GPU times it); these tests are about the mask."""
+    """These tests are about the mask: on whatever the library's default (FLASHMAPS_BLOCK_MASK)."""
     monkeypatch.setattr(triton_path, "BLOCK_MASK", True)
 
 
