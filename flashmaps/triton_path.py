@@ -491,8 +491,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
     views = _unpack(extras, c.hooks, q, v, True, S)
     live = block_mask_view(views, B, Hq, L, S)         # the forward's block mask (it ran unsplit: gradients)
-    if live is not None and (Hq // c.Hkv) * _cdiv(L, MASK_BLOCK) < 1 << 15 and _cdiv(S, MASK_BLOCK) < 1 << 15:
-        c = c._replace(static=c.static._replace(BLOCK_MASK=True))    # (else its int16 tile lists could overflow)
+    # (the int16 tile lists hold every tile index; one list slot per (head, block): no program that redoes a head)
+    if (live is not None and (Hq // c.Hkv) * _cdiv(L, MASK_BLOCK) < 1 << 15 and _cdiv(S, MASK_BLOCK) < 1 << 15
+            and head_grid(B * Hq)[1] == 1):
+        c = c._replace(static=c.static._replace(BLOCK_MASK=True))
     else:
         live = None
     if c.hooks.has_g and "o2" not in views:

@@ -76,6 +76,7 @@ def live_tiles(lst, live, bh, row0, col0, dm, dn, per_head, total, L, S, BM: tl.
     r = tl.arange(0, BM // MASK_BLOCK)
     c = tl.arange(0, BN // MASK_BLOCK)
     cnt = tl.sum(tl.zeros([CH], tl.int32), 0)
+    tl.debug_barrier()                                 # every thread is done reading the slot's previous list
     for t0 in range(0, total, CH):
         t = t0 + tl.arange(0, CH)                                                       # [CH]
         h = t // per_head
