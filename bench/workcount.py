@@ -23,8 +23,8 @@ wrapper sees every call of every program):
 - block sparsity: the fraction of the forward's BM x BN tiles holding an allowed key whose weights are all 0,
   from the float64 reference weights (what a block mask could skip at best, independent of the kernels).
 
-The output pass's tiles (``passes``' denominator) are the visited ones: calls of ``tiles.tile_marked`` with the
-block mask (one per visited tile, skipped or not), else of ``tile_loop._accumulate``.
+The output pass's tiles (``passes``' denominator) are the calls of ``tile_loop._accumulate`` (the output pass
+visits every tile, with the block mask too).
 
 Prints a Markdown table; ``x softmax`` is the forward score tiles relative to softmax's in the same run."""
 
@@ -65,9 +65,8 @@ def count(spec: str, L: int, D: int, causal, inputs: str = "random") -> dict:
     originals = [(m, n, getattr(m, n)) for m, n in ((tiles, "score_tile"), (tile_loop, "_accumulate"),
                                                      (tile_loop, "_accumulate_live"),
                                                      (backward, "_tile_weights"), (backward, "_dq_loop"),
-                                                     (backward, "_dkdv_loop"), (tiles, "tile_marked"))]
+                                                     (backward, "_dkdv_loop"))]
     _wrap(tiles, "score_tile", lambda: "fwd", counter)
-    _wrap(tiles, "tile_marked", lambda: "visited", counter)
     _wrap(tile_loop, "_accumulate", lambda: "out", counter)
     _wrap(tile_loop, "_accumulate_live", lambda: "pv", counter)
     _wrap(backward, "_tile_weights", lambda: mode[0], counter)
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", default=None, help="specs (default: every registered normalizer's default)")
     ap.add_argument("--inputs", default="random,structured", help="random (N(0, 1)) and/or structured inputs")
     ap.add_argument("--block-mask", choices=("on", "off"), default="on", help="the sparse units with (default here, "
-                    "to count what it skips) or without the block mask (the library's default: off)")
+                    "to count what it skips) or without the block mask (the library's default: on)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("workcount: set TRITON_INTERPRET=1 (the counters wrap the interpreted kernels)", file=sys.stderr)
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     triton_path.BLOCK_MASK = args.block_mask == "on"
     norms = args.norms.split(",") if args.norms else [n.spec for n in flashmaps.defaults() if n.has_triton]
     print(f"L = S = {args.L}, D = {args.D}, fp32 inputs (seed 0): N(0, 1) (random) or `bench/structured.py` "
-          f"(structured), default scale; block mask {args.block_mask} (the library's default: off); per query block of the "
+          f"(structured), default scale; block mask {args.block_mask} (the library's default: on); per query block of the "
           "forward (dQ), per key block of the dK/dV kernel; `passes`: forward score tiles / output-pass tiles "
           "visited (how many times a block streams K); `block sparsity`: dead BM x BN tiles / tiles with an "
           "allowed key (float64 reference). Method: `python -m flashmaps.bench.workcount` "

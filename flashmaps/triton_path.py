@@ -34,7 +34,7 @@ import triton
 
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .kernels.contract import (MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
+from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
                                Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
@@ -70,10 +70,13 @@ TMA_KV = False
 #: a TMA descriptor's base address and row strides are multiples of this many bytes
 _TMA_ALIGN = 16
 #: the block mask (kernels.blockmask, Static.BLOCK_MASK) for the units that support it. Off by default until a GPU
-#: times it: offline, its marking in the output pass costs every sparse forward 23-38 % more SASS per score tile
-#: on inputs where nothing is dead, and its branch takes a pipeline stage from the backward (bench/TUNING.md,
-#: issue 17 item 5). True (or the environment variable FLASHMAPS_BLOCK_MASK=1) turns it on; a call whose mask
-#: would pass BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per head) runs without it
+#: times it: its marking left the output pass and the backward loops over lists of live tiles (offline sm_90: the
+#: forward's hot loop and the backward's pipeline stages are main's), but on random inputs, where nothing is dead,
+#: the marking bracket pass still costs about 5.6 % of entmax15's forward instructions per key tile and the list
+#: loops up to 8 % per backward tile, and the lists (global scratch read back after a barrier) have never run
+#: compiled: bench/TUNING.md, "Issue 17 item 5, the marking cost". True (or the environment variable
+#: FLASHMAPS_BLOCK_MASK=1) turns it on; a call whose mask would pass BLOCK_MASK_MAX_BYTES (L * S / 256 bytes per
+#: head) runs without it
 BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "0") == "1"
 BLOCK_MASK_MAX_BYTES = 1 << 28
 
@@ -415,8 +418,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     extras_buf = torch.empty(_extras_size(c.hooks, q, v, save_extras, S),
                           dtype=torch.float32, device=dev)
     saved = _unpack(extras_buf, c.hooks, q, v, save_extras, S)
-    # (phase 2 of the two-phase protocol, thr_k given, runs no pre-pass: its output pass marks the cells against
-    # the given threshold, the exact mask its backward reads)
+    # (phase 2 of the two-phase protocol, thr_k given, runs no pre-pass: its cells stay live, nothing is skipped)
     live = block_mask_view(saved, B, Hq, L, S) if splits == 1 else None
     saved.pop("live", None)                        # (Forward.live; `saved` keeps what unpack_extras(S=1) gives)
     if live is not None:      # zeros: the cells no program visits (never read as deciding) are deterministic
@@ -493,8 +495,12 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
     views = _unpack(extras, c.hooks, q, v, True, S)
     live = block_mask_view(views, B, Hq, L, S)         # the forward's block mask (it ran unsplit: gradients)
-    if live is not None:
+    # (the int16 tile lists hold every tile index; one list slot per (head, block): no program that redoes a head)
+    if (live is not None and (Hq // c.Hkv) * _cdiv(L, MASK_BLOCK) < 1 << 15 and _cdiv(S, MASK_BLOCK) < 1 << 15
+            and head_grid(B * Hq)[1] == 1):
         c = c._replace(static=c.static._replace(BLOCK_MASK=True))
+    else:
+        live = None
     if c.hooks.has_g and "o2" not in views:
         raise ValueError("launch_backward: extras lacks the backward extras (entmax15's O2); run the forward "
                          "with need_grad=True")
@@ -513,6 +519,8 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
     rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic,
                                   placeholder if live is None else live, placeholder)
+    # the block mask's per-program lists of live tiles (int16: see `BwdRows.lists`)
+    rb = rb._replace(lists=placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),

@@ -50,7 +50,9 @@ store NaN where flagged: no pass over the gradients after the kernels.
 
 With ST.BLOCK_MASK (`kernels.blockmask`: the forward's int8 liveness cells, BwdRows.live) both kernels (and the
 atomic dQ with them) skip a (query tile, key tile) pair whose cells are all dead before loading its rows or
-computing Q K^T: 0 of the 7 (5) products instead of the 2 the NORM.skip_dead test below still spends.
+computing Q K^T: 0 of the 7 (5) products instead of the 2 the NORM.skip_dead test below still spends. Each loop
+first lists its pairs with a live cell (`blockmask.live_tiles`, into the program's slot of BwdRows.lists) and
+then runs over the list: no branch around the loads and Q K^T, so the loop keeps its pipeline stages.
 
 Scores are recomputed in the forward's orientation (q @ k^T, the same tiles under the interpreter) so
 that top-k's comparison s >= tau2 sees the values the forward saw. With NORM.skip_dead a tile whose
@@ -64,7 +66,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .blockmask import cell_row, tile_marked
+from .blockmask import LIST_CHUNK, cell_row, live_tiles
 from .contract import Keys
 from .dropout import dropout_keep
 from .tiles import (add_noise, head_base, head_program, key_bounds, left_bounds, left_query_bounds, load_tile, log_distance,
@@ -233,38 +235,52 @@ def _dkdv_loop(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, of
     (B, Hq, L, HEAD_D) contiguous)."""
     n_tiles = tl.cdiv(end - start, BM)
     BN: tl.constexpr = k.shape[0]
-    start_n = tl.program_id(0) * BN                     # the kernel's key block
     if n_tiles > 0:                                     # (guarded: see tiles._fold_range)
-        for t in range(0, dims.group * n_tiles):
-            g = t // n_tiles
-            start_m = start + (t - g * n_tiles) * BM
-            off_h = off_hk * dims.group + g                 # GQA: the query heads reading this kv head
-            marked = True
-            if ST.BLOCK_MASK:                           # the block mask: a dead pair costs one small load
-                marked = tile_marked(cell_row(rb.live, off_b * dims.Hq + off_h, start_m, dims.L, dims.S),
-                                     start_n, dims.S, BM, BN)
-            if marked:
-                rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
-                keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
-                            dims.causal_off, scale, dims.left_off, seed, rw.drop_base, 0)   # (no key pointer: the k tile is resident)
-                s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
-                live = True
-                if NORM.skip_dead:
-                    live = tl.max(p) > 0
-                if live:
-                    p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, dims.S, seed, drop, ST, NORM)
-                    dv = mma(tl.trans(p_d).to(rw.do.dtype), rw.do, dv, ST)          # [BN, BDV]
-                    if ST.DISTANCE:                 # dK_j += sum_i c_ij (k_j - q_i), c = ds (see tiles.log_distance)
-                        dk = mma(tl.trans(-ds).to(rw.q.dtype), rw.q, dk, ST) + k.to(tl.float32) * tl.sum(ds, 0)[:, None]
-                    else:
-                        dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)         # [BN, BD]
-                    if ST.ATOMIC_DQ:
-                        if ST.DISTANCE:     # the keys j >= S of a ragged unmasked tile (zeros) have dS != 0: their
-                            ds = tl.where(j < dims.S, ds, 0.0)      # dS K is 0 but their dS q_i is not
-                        offs_d = tl.arange(0, ST.BD)[None, :]
-                        tl.atomic_add(DQA + (rw.drop_base + rw.i) * ST.HEAD_D + offs_d,
-                                      _dq_product(None, ds, k, rw.q, ST) * sm_scale,               # [BM, BD]
-                                      mask=(rw.i < dims.L) & (offs_d < ST.HEAD_D), sem="relaxed")
+        if ST.BLOCK_MASK:                               # only the pairs with a live cell, listed first: no branch
+            start_n = tl.program_id(0) * BN             # the kernel's key block
+            kv_bh = off_b * (dims.Hq // dims.group) + off_hk   # this program's list slot in rb.lists
+            slot = kv_bh.to(tl.int64) * tl.cdiv(dims.S, BN) + tl.program_id(0)
+            lst = rb.lists + slot * (dims.group * tl.cdiv(dims.L, BM))
+            cnt = live_tiles(lst, rb.live, off_b * dims.Hq + off_hk * dims.group, start, start_n, BM, 0, n_tiles,
+                             dims.group * n_tiles, dims.L, dims.S, BM, BN, LIST_CHUNK)
+            for i in range(0, cnt):
+                dk, dv = _dkdv_pair(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, start,
+                                    n_tiles, tl.load(lst + i).to(tl.int32), BM, ST, NORM, MASKED, DQA, sm_scale)
+        else:
+            for t in range(0, dims.group * n_tiles):
+                dk, dv = _dkdv_pair(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, start,
+                                    n_tiles, t, BM, ST, NORM, MASKED, DQA, sm_scale)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_pair(dk, dv, k, v, j, Q, DO, M, rb, dims, scale, seed, drop, off_b, off_hk, start, n_tiles, t,
+               BM: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, MASKED: tl.constexpr, DQA, sm_scale):
+    """`_dkdv_loop`'s step t: query head off_hk * group + t // n_tiles, query tile t % n_tiles from start."""
+    g = t // n_tiles
+    start_m = start + (t - g * n_tiles) * BM
+    off_h = off_hk * dims.group + g                     # GQA: the query heads reading this kv head
+    rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
+    keys = Keys(0, 0, 0, mask_rows(M, off_b, off_h, start_m + tl.arange(0, BM)), M.sc, dims.L, dims.S,
+                dims.causal_off, scale, dims.left_off, seed, rw.drop_base, 0)   # (no key pointer: the k tile is resident)
+    s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
+    live = True
+    if NORM.skip_dead:
+        live = tl.max(p) > 0
+    if live:
+        p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, dims.S, seed, drop, ST, NORM)
+        dv = mma(tl.trans(p_d).to(rw.do.dtype), rw.do, dv, ST)                      # [BN, BDV]
+        if ST.DISTANCE:                 # dK_j += sum_i c_ij (k_j - q_i), c = ds (see tiles.log_distance)
+            dk = mma(tl.trans(-ds).to(rw.q.dtype), rw.q, dk, ST) + k.to(tl.float32) * tl.sum(ds, 0)[:, None]
+        else:
+            dk = mma(tl.trans(ds).to(rw.q.dtype), rw.q, dk, ST)                     # [BN, BD]
+        if ST.ATOMIC_DQ:
+            if ST.DISTANCE:     # the keys j >= S of a ragged unmasked tile (zeros) have dS != 0: their
+                ds = tl.where(j < dims.S, ds, 0.0)      # dS K is 0 but their dS q_i is not
+            offs_d = tl.arange(0, ST.BD)[None, :]
+            tl.atomic_add(DQA + (rw.drop_base + rw.i) * ST.HEAD_D + offs_d,
+                          _dq_product(None, ds, k, rw.q, ST) * sm_scale,                           # [BM, BD]
+                          mask=(rw.i < dims.L) & (offs_d < ST.HEAD_D), sem="relaxed")
     return dk, dv
 
 
@@ -330,29 +346,42 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
 
 @triton.jit
 def _dq_loop(dq, rw, keys, v_base, V, seed, drop, start, end, BN: tl.constexpr, ST: tl.constexpr,
-             NORM: tl.constexpr, MASKED: tl.constexpr):
+             NORM: tl.constexpr, MASKED: tl.constexpr, lst=0):
     """Accumulate the key tiles [start, end) into dq [BM, BD] (unscaled); with ST.BLOCK_MASK keys.live is the
-    block mask at the block's cell rows."""
+    block mask at the block's cell rows, and only the tiles with a live cell are visited, listed first into
+    lst (the program's slot of BwdRows.lists; no branch in the loop)."""
     BM: tl.constexpr = rw.q.shape[0]
-    keys_n = tl.arange(0, BN)
     if start < end:                                     # (guarded: see tiles._fold_range)
-        for start_n in range(start, end, BN):
-            marked = True
-            if ST.BLOCK_MASK:                           # the block mask: a dead pair costs one small load
-                marked = tile_marked(keys.live, start_n, keys.S, BM, BN)
-            if marked:
-                k = load_tile(keys.k, start_n, keys_n, tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
-                              MASKED, ST.PAD_D)                                                # [BN, BD]
-                j = (start_n + keys_n)[None, :]                                                # [1, BN]
-                s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
-                live = True
-                if NORM.skip_dead:
-                    live = tl.max(p) > 0
-                if live:
-                    v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
-                                  MASKED, ST.PAD_DV)                                           # [BN, BDV]
-                    p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
-                    dq = _dq_product(dq, ds, k, rw.q, ST)                                      # [BM, BD]
+        if ST.BLOCK_MASK:
+            n_tiles = tl.cdiv(end - start, BN)
+            cnt = live_tiles(lst, keys.live, 0, 0, start, 0, BN, n_tiles, n_tiles, keys.L, keys.S, BM, BN,
+                             LIST_CHUNK)
+            for i in range(0, cnt):
+                start_n = start + tl.load(lst + i).to(tl.int32) * BN
+                dq = _dq_pair(dq, rw, keys, v_base, V, seed, drop, start_n, BN, ST, NORM, MASKED)
+        else:
+            for start_n in range(start, end, BN):
+                dq = _dq_pair(dq, rw, keys, v_base, V, seed, drop, start_n, BN, ST, NORM, MASKED)
+    return dq
+
+
+@triton.jit
+def _dq_pair(dq, rw, keys, v_base, V, seed, drop, start_n, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+             MASKED: tl.constexpr):
+    """`_dq_loop`'s step: the key tile [start_n, start_n + BN)."""
+    keys_n = tl.arange(0, BN)
+    k = load_tile(keys.k, start_n, keys_n, tl.arange(0, ST.BD), keys.S, ST.HEAD_D, keys.sn, keys.sd,
+                  MASKED, ST.PAD_D)                                                            # [BN, BD]
+    j = (start_n + keys_n)[None, :]                                                            # [1, BN]
+    s, dcap, p = _tile_weights(rw, k, j, keys, ST, NORM, MASKED)
+    live = True
+    if NORM.skip_dead:
+        live = tl.max(p) > 0
+    if live:
+        v = load_tile(v_base, start_n, keys_n, tl.arange(0, ST.BDV), keys.S, ST.HEAD_DV, V.sr, V.sc,
+                      MASKED, ST.PAD_DV)                                                       # [BN, BDV]
+        p_d, ds = _tile_dscores(rw, s, dcap, p, v, j, keys.S, seed, drop, ST, NORM)
+        dq = _dq_product(dq, ds, k, rw.q, ST)                                                  # [BM, BD]
     return dq
 
 
@@ -371,8 +400,10 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     offs_d = tl.arange(0, ST.BD)
     rw = _load_rows(Q, DO, rb, off_b, off_h, start_m, dims, BM, ST)
     live = 0
-    if ST.BLOCK_MASK:                                  # the block mask at this block's cell rows
+    lst = 0
+    if ST.BLOCK_MASK:                                  # the block mask at this block's cell rows, its list slot
         live = cell_row(rb.live, off_b * dims.Hq + off_h, start_m, dims.L, dims.S)
+        lst = rb.lists + ((off_b * dims.Hq + off_h).to(tl.int64) * tl.cdiv(dims.L, BM) + pid_m) * tl.cdiv(dims.S, BN)
     keys = Keys(head_base(K, off_b, off_hk), K.sr, K.sc, mask_rows(M, off_b, off_h, offs_m), M.sc, dims.L,
                 dims.S, dims.causal_off, scale, dims.left_off, seed, rw.drop_base, live)
     v_base = head_base(V, off_b, off_hk)
@@ -382,9 +413,9 @@ def attn_bwd_dq(Q, K, V, DO, M, DQ, rb, dims, scale, sm_scale, drop, seed, L_BUC
     BD: tl.constexpr = ST.BD                           # (shapes take constexprs, not bundle fields)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     if ST.LEFT:
-        dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, lo, full_lo, BN, ST, NORM, True)
-    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_lo, full_end, BN, ST, NORM, False)
-    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_end, hi, BN, ST, NORM, True)
+        dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, lo, full_lo, BN, ST, NORM, True, lst)
+    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_lo, full_end, BN, ST, NORM, False, lst)
+    dq = _dq_loop(dq, rw, keys, v_base, V, seed, drop, full_end, hi, BN, ST, NORM, True, lst)
     dq_ptrs = head_base(DQ, off_b, off_h) + offs_m[:, None] * DQ.sr + offs_d[None, :] * DQ.sc
     nan_row = tl.load(rb.row_bad + rows_base(dims, off_b, off_h, ST.VARLEN) + offs_m, mask=offs_m < dims.L,
                       other=0.0)                   # the non-finite rule: NaN for a bad row, -0.0 (x + -0.0 = x) else

@@ -16,15 +16,19 @@ Writers and readers (all exact or conservative: a live cell is never marked dead
                                               bracket's lower end lo <= tau (floor(lo) <= floor(tau); entmax:
                                               max z - 1): one marking pass, not one per pass (the later, tighter
                                               brackets gained no tile on the structured inputs, bench/TUNING.md)
-    output pass (``tile_loop``)               skips a tile whose cells are all 0 BEFORE its Q K^T, and marks the
-                                              cells of the tiles it computes against the final threshold (the
-                                              exact mask the backward reads)
-    backward (dK/dV, dQ, atomic dQ)           skip a (query tile, key tile) pair whose cells are all 0 before
-                                              loading its query rows or computing Q K^T
+    top-k's running buffer (``topk``)        marks each tile against the buffer's running k-th largest after
+                                              the tile's merge (it only grows: <= tau_k)
+    output pass (``tile_loop``)               neither reads nor marks it: marking the computed tiles cost every
+                                              input 23-38 % SASS per score tile, and skipping dead ones took a
+                                              pipeline stage (top-k) or 6 % SASS (entmax15, D = 128) for a few
+                                              tiles saved (bench/TUNING.md "Issue 17 item 5, the marking cost")
+    backward (dK/dV, dQ, atomic dQ)           each program first lists its (query tile, key tile) pairs with a
+                                              live cell (`live_tiles`, into BwdRows.lists) and loops over that
+                                              list: a dead pair costs no load, no Q K^T and no branch
 
 Each forward program first marks live every cell of the tiles it visits (`reset_cells`: no stale marks when
-the autotuner reruns a launch): cells the pre-pass does not reach (one without bracket passes, e.g. top-k's
-running buffer) stay live and are simply computed. Cells no forward program visits keep the launcher's zeros
+the autotuner reruns a launch): cells the pre-pass does not mark (no bracket pass, e.g. GIVEN_THR or top-k's
+COLLECT mode) stay live and are simply computed. Cells no forward program visits keep the launcher's zeros
 (dead): they are fully masked (causal, window) or past L / S, so a backward tile skipped because of them (with
 its other cells dead) has no weight either. A NaN score or threshold marks its cell live, so the non-finite rule still sees it.
 """
@@ -33,6 +37,9 @@ import triton
 import triton.language as tl
 
 from .contract import MASK_BLOCK, MASK_PAD
+
+#: tiles `live_tiles` tests per step
+LIST_CHUNK = tl.constexpr(32)
 
 
 @triton.jit
@@ -59,9 +66,29 @@ def _tile_cells(base, start_n, S, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def tile_marked(base, start_n, S, BM: tl.constexpr, BN: tl.constexpr):
-    """Scalar bool: some cell of the tile is live (False: skip the tile before its Q K^T)."""
-    return tl.max(tl.load(_tile_cells(base, start_n, S, BM, BN)).to(tl.int32)) != 0
+def live_tiles(lst, live, bh, row0, col0, dm, dn, per_head, total, L, S, BM: tl.constexpr, BN: tl.constexpr,
+               CH: tl.constexpr):
+    """Compact into lst (int16) the indices t in [0, total), ascending, of the tiles with a live cell, and return
+    their count (a scalar). Tile t: head bh + t // per_head (bh = b * Hq + h), query rows row0 + u dm +
+    [0, BM) and keys col0 + u dn + [0, BN) with u = t % per_head (row0, col0, dm, dn multiples of MASK_BLOCK).
+    The backward loops over the list instead of testing each tile: no branch around Q K^T, so the loop keeps
+    its software-pipeline stages (bench/TUNING.md "Issue 17 item 5, the marking cost"). CH tiles per step."""
+    r = tl.arange(0, BM // MASK_BLOCK)
+    c = tl.arange(0, BN // MASK_BLOCK)
+    cnt = tl.sum(tl.zeros([CH], tl.int32), 0)
+    tl.debug_barrier()                                 # every thread is done reading the slot's previous list
+    for t0 in range(0, total, CH):
+        t = t0 + tl.arange(0, CH)                                                       # [CH]
+        h = t // per_head
+        u = t - h * per_head
+        base = cell_row(live, bh + h, row0 + u * dm, L, S) + (col0 + u * dn) // MASK_BLOCK
+        cells = base[:, None, None] + r[None, :, None] * mask_cols(S) + c[None, None, :]  # [CH, BM / 16, BN / 16]
+        x = tl.load(cells, mask=(t < total)[:, None, None], other=0).to(tl.int32)
+        on = (tl.max(tl.max(x, 2), 1) != 0).to(tl.int32)                               # [CH]
+        tl.store(lst + cnt + tl.cumsum(on, 0) - 1, t, mask=on != 0)
+        cnt += tl.sum(on, 0)
+    tl.debug_barrier()                                 # the list, stored by other threads of the program
+    return cnt
 
 
 @triton.jit
@@ -112,4 +139,4 @@ def floor_identity(thr):
     return thr
 
 
-__all__ = ["mask_cols", "cell_row", "tile_marked", "reset_cells", "mark_tile", "row_floor", "marking_fold", "floor_identity"]
+__all__ = ["mask_cols", "cell_row", "live_tiles", "reset_cells", "mark_tile", "row_floor", "marking_fold", "floor_identity"]

@@ -48,9 +48,10 @@ Block mask (Static.BLOCK_MASK; `kernels.blockmask`): one int8 liveness bit per C
 MASK_BLOCK keys, (B, Hq, cdiv(L, MASK_PAD) * MASK_PAD / MASK_BLOCK, cdiv(S, MASK_PAD) * MASK_PAD / MASK_BLOCK)
 contiguous, padded so that every tile of every config (BM, BN: multiples of MASK_BLOCK dividing MASK_PAD)
 covers whole cells in bounds. 0 = dead: every key of the cell has zero weight for every row of the cell
-(s < Hooks.live_floor(thr), or not allowed). Written by the forward (the threshold engine's first bracket pass
-against the bracket's lower end, then the output pass against the final threshold), read by the output pass and both
-backward kernels, which skip a tile whose cells are all 0 before its Q K^T product.
+(s < Hooks.live_floor(thr), or not allowed). Written by the forward's pre-pass only, against a lower bound of the
+final threshold (the threshold engine's first bracket pass: the bracket's lower end; top-k's running buffer: its
+running k-th largest), so conservative; read by both backward kernels, which skip a tile pair whose cells are
+all 0 before its Q K^T product (the output pass neither reads nor marks it).
 """
 
 from __future__ import annotations
@@ -214,8 +215,8 @@ class Static(NamedTuple):
                              # and layouts are the (B, Hq, L) ones; `flashmaps.triton_varlen.supported`)
     TMA: bool = False        # the forward reads its K and V tiles through tensor descriptors (TMA on sm_90,
                              # `tiles.kv_desc`); the launcher sets it (`triton_path.TMA_KV`, `tma_ok`)
-    BLOCK_MASK: bool = False # the block mask (module docstring): the forward writes it (Keys.live) and skips dead
-                             # tiles before Q K^T, the backward reads it (BwdRows.live); `block_mask_ok`
+    BLOCK_MASK: bool = False # the block mask (module docstring): the forward's pre-pass writes it (Keys.live), the
+                             # backward skips dead tiles by it (BwdRows.live); `block_mask_ok`
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,
@@ -253,6 +254,10 @@ class BwdRows(NamedTuple):
     # the non-finite rule (`backward`'s docstring), written by the preprocess (fp32)
     head_bad: Any = 0  # (B * Hkv,) zeroed by the launcher: (b, kv head) has a bad row (its dk, dv are NaN)
     row_bad: Any = 0   # (B, Hq, L) like delta, without ST.ATOMIC_DQ: NaN for a bad row (its dq row NaN), else -0.0
+    lists: Any = 0    # Static.BLOCK_MASK: int16 scratch, a slot per backward program for its list of live tiles
+                      # (`blockmask.live_tiles`); as many elements as the block mask (any BM, BN >= MASK_BLOCK).
+                      # int16, not int32: an int32 index load is pipelined (cp.async) and costs the loads that
+                      # depend on it a stage; the launcher keeps the indices < 2**15
 
 
 class NoArgs(NamedTuple):

@@ -23,8 +23,8 @@ statistics (l, l_g, m) are computed without dropout.
 
 With NORM.skip_dead the P @ V step is skipped for tiles where tile_live(s, thr) is False (no row of the
 block keeps a key of the tile: entmax15 z <= tau, topk s < tau_k). With ST.BLOCK_MASK (`kernels.blockmask`) the
-output pass skips the tiles whose block-mask cells the pre-pass marked dead before their Q K^T, and marks
-the cells of the tiles it computes against the final threshold (the mask the backward reads).
+pre-pass writes the block mask and the output pass neither reads nor marks it (both cost the hot loop more
+than they saved: bench/TUNING.md "Issue 17 item 5, the marking cost"); the backward skips by it.
 
 Outputs (`contract.RowOut`): O (B, Hq, L, Dv) in v's dtype; stat0/stat1 (B, Hq, L) fp32 public stats; thr
 (B, Hq, L) fp32 the pre-pass threshold in kernel units (saved for the backward); g_sum (B, Hq, L) and g_out
@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .blockmask import cell_row, mark_tile, reset_cells, row_floor
+from .blockmask import cell_row, reset_cells
 from .contract import Block, Keys
 from .dropout import dropout_keep
 from .tiles import (at_row, fold_keys, head_base, key_bounds, kv_desc, left_bounds, load_tile, mask_rows, mma,
@@ -56,8 +56,6 @@ class _Values(NamedTuple):
     drop_base: Any    # (b * Hq + h) * L, int64: the dropout counter base of the head
     drop_p: Any
     qk_scale: Any     # ScoreScale.qk_scale (ST.RAW_SCORES: NORM.update_raw scales the raw tiles)
-    live: Any = 0     # ST.BLOCK_MASK: the block's cell-row pointer of the block mask (`blockmask`)
-    floor: Any = 0    # ST.BLOCK_MASK: NORM.live_floor of the final threshold [BM] (+inf for rows >= L)
     vd: Any = None    # ST.TMA: V's tensor descriptor at (batch, kv head) (`tiles.kv_desc`)
 
 
@@ -65,8 +63,6 @@ class _Values(NamedTuple):
 def _accumulate(state, s, start_n, vals, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
                 MASKED: tl.constexpr):
     """Fold one score tile s [BM, BN] and its value tile into the running state."""
-    if ST.BLOCK_MASK:                                  # the exact cells of this tile, for the backward
-        mark_tile(vals.live, s, start_n, vals.floor, vals.S)
     if NORM.has_prepass:
         # the non-finite rule, before any tile is skipped: a NaN or +inf score makes its row's l NaN
         # (x * 0 is 0 for a finite x, NaN for NaN and +inf; excluded keys are -inf and add 0)
@@ -195,14 +191,10 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     else:
         acc_g = tl.zeros([1, 1], dtype=tl.float32)
         l_g = tl.zeros([1], dtype=tl.float32)
-    floor = 0
-    if ST.BLOCK_MASK:
-        floor = row_floor(thr_h, offs_m, dims.L, NORM)                                 # [BM]
-        tl.debug_barrier()                             # the pre-pass's marks, stored by other threads
     vals = _Values(thr_h, blk.i, head_base(V, off_b, off_hk), V.sr, V.sc, dims.S, seed, head_rows, drop.p,
-                   scale.qk_scale, live, floor, vd)
+                   scale.qk_scale, vd)
     acc, m_i, l_i, acc_g, l_g = fold_keys((acc, m_i, l_i, acc_g, l_g), _accumulate, vals, blk, keys, BN, ST,
-                                          NORM, True)
+                                          NORM)
 
     inv_l, stat0, stat1 = NORM.finalize(m_i, l_i, thr_h)                                # [BM]
     if ST.GIVEN_THR and NORM.given_final:             # the weights at the global threshold are the union's

@@ -9,7 +9,6 @@ overflow int32.
 import triton
 import triton.language as tl
 
-from .blockmask import tile_marked
 from .contract import LOG2E, MASK_BOOL, MASK_FLOAT, Dims, View
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,37 +352,30 @@ def query_bounds(start_n, L, S, causal_off, BM: tl.constexpr, BN: tl.constexpr,
 
 
 @triton.jit
-def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
-              SKIP_DEAD: tl.constexpr = False):
+def fold_keys(state, FOLD: tl.constexpr, ctx, blk, keys, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr):
     """Fold every key tile the block visits into ``state`` (any tuple):
     ``state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)`` for the score tile s [BM, BN] of keys
     [start_n, start_n + BN): first the whole unmasked tiles [0, full_end), then the masked ones
     [full_end, hi). The forward's output pass and every threshold pass are this sweep. With a window's left
-    bound (ST.LEFT) the sweep starts at blk.lo: masked [lo, full_lo), unmasked [full_lo, full_end), ...
-    ``SKIP_DEAD`` (the output pass, with ST.BLOCK_MASK): tiles whose block-mask cells are all dead
-    (`blockmask.tile_marked`, keys.live) are skipped before their score tile is computed."""
+    bound (ST.LEFT) the sweep starts at blk.lo: masked [lo, full_lo), unmasked [full_lo, full_end), ..."""
     if ST.LEFT or ST.SPLIT:
-        state = _fold_range(state, FOLD, ctx, blk, keys, blk.lo, blk.full_lo, BN, ST, NORM, True, SKIP_DEAD)
-    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_lo, blk.full_end, BN, ST, NORM, False, SKIP_DEAD)
-    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True, SKIP_DEAD)
+        state = _fold_range(state, FOLD, ctx, blk, keys, blk.lo, blk.full_lo, BN, ST, NORM, True)
+    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_lo, blk.full_end, BN, ST, NORM, False)
+    state = _fold_range(state, FOLD, ctx, blk, keys, blk.full_end, blk.hi, BN, ST, NORM, True)
     return state
 
 
 @triton.jit
 def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.constexpr, ST: tl.constexpr,
-                NORM: tl.constexpr, MASKED: tl.constexpr, SKIP_DEAD: tl.constexpr = False):
+                NORM: tl.constexpr, MASKED: tl.constexpr):
     # the guard: a loop that may run zero times lets ptxas put the accumulators' initialisation inside the
     # wgmma pipeline and serialize it (C7515, a full wait after every product); guarded, it pipelines
     if start < end:
         for start_n in range(start, end, BN):
-            go = True
-            if SKIP_DEAD and ST.BLOCK_MASK:            # the block mask: a dead tile costs one small load
-                go = tile_marked(keys.live, start_n, keys.S, blk.q.shape[0], BN)
-            if go:
-                s = score_tile(blk, keys, start_n, BN, ST, MASKED)                      # [BM, BN]
-                if NORM.has_noise:
-                    s = add_noise(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, NORM)
-                state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
+            s = score_tile(blk, keys, start_n, BN, ST, MASKED)                          # [BM, BN]
+            if NORM.has_noise:
+                s = add_noise(s, blk.i, (start_n + tl.arange(0, BN))[None, :], keys, NORM)
+            state = FOLD(state, s, start_n, ctx, BN, ST, NORM, MASKED)
     return state
 
 

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import triton
 import triton.language as tl
 
-from .blockmask import floor_identity
+from .blockmask import floor_identity, mark_tile, row_floor
 from .contract import LN2, LOG2E, make_hooks, next_pow2
 from .softmax import bwd_dscores, lse2_for_backward, lse_natural, online_update
 from .threshold import Bracket, ThresholdRule, collect_group_size, collect_search, point_columns, search
@@ -154,8 +154,24 @@ def _buffer_prepass(blk, keys, args, BM: tl.constexpr, BN: tl.constexpr, ST: tl.
     """tau2 [BM] by the running buffer of KP slots (-inf when the row has <= k allowed keys)."""
     state = (_empty_buffer(args.k, BM, NORM.consts.KP), tl.full([BM], float("-inf"), tl.float32),
              tl.zeros([BM], tl.float32))
-    buf, theta, n = fold_keys(state, _buffer_fold, 0, blk, keys, BN, ST, NORM)
+    if ST.BLOCK_MASK:
+        buf, theta, n = fold_keys(state, _marking_buffer_fold, (keys.live, keys.S, blk.offs_m, keys.L), blk, keys,
+                                  BN, ST, NORM)
+    else:
+        buf, theta, n = fold_keys(state, _buffer_fold, 0, blk, keys, BN, ST, NORM)
     return tl.where(n > args.k, theta, float("-inf"))
+
+
+@triton.jit
+def _marking_buffer_fold(state, s, start_n, ctx, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+                         MASKED: tl.constexpr):
+    """`_buffer_fold` that also marks the tile's block-mask cells (ST.BLOCK_MASK) against the new running
+    k-th largest theta: it only grows, so theta <= tau_k and a cell dead against it is dead (conservative;
+    theta is -inf until k keys were seen). ctx = (cell-row pointer, S, the rows offs_m [BM], L)."""
+    state = _buffer_fold(state, s, start_n, 0, BN, ST, NORM, MASKED)
+    live, S, offs_m, L = ctx
+    mark_tile(live, s, start_n, row_floor(state[1], offs_m, L, NORM), S)
+    return state
 
 
 # ------------------------------------------------------------------ count-based select (the engine's rule)

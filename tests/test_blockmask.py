@@ -1,5 +1,5 @@
 """The block mask (issue 17 item 5, ``Static.BLOCK_MASK``, kernels/blockmask.py): on structured inputs where
-16 x 16 cells are dead, the forward's output pass and both backward kernels skip dead tiles before Q K^T.
+16 x 16 cells are dead, the forward's pre-pass marks them and both backward kernels skip dead tiles before Q K^T.
 
 Every sparse unit with ``Hooks.live_floor`` (from the registry), causal and not, GQA, Dqk != Dv, against the
 float64 reference (out, dq, dk, dv); the mask is conservative (never marks a cell with a nonzero weight dead)
@@ -39,7 +39,7 @@ def _inputs(seed=0):
 
 @pytest.fixture(autouse=True)
 def _block_mask_on(monkeypatch):
-    """The library's default is off (until a GPU times it); these tests are about the mask."""
+    """These tests are about the mask: on whatever the library's default (FLASHMAPS_BLOCK_MASK)."""
     monkeypatch.setattr(triton_path, "BLOCK_MASK", True)
 
 
@@ -92,18 +92,15 @@ def _counts(monkeypatch, spec, block_mask: bool):
 
 @pytest.mark.parametrize("spec", ["entmax15", "topk:5"])
 def test_dead_tiles_are_skipped(monkeypatch, spec):
-    """The same results with the block mask as without, with fewer tiles: the backward recomputes fewer score
-    tiles, and (entmax15, whose pre-pass writes the mask) the output pass folds fewer; top-k's running-buffer
-    pre-pass writes none, so its output pass folds them all."""
+    """The same results with the block mask as without, with fewer tiles: the pre-pass's marks (entmax15's first
+    bracket pass, top-k's running buffer) make the backward recompute fewer score tiles; the output pass folds
+    them all (it does not read the mask)."""
     on, got_on = _counts(monkeypatch, spec, True)
     off, got_off = _counts(monkeypatch, spec, False)
     for a, b in zip(got_on, got_off):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert on["bwd"] < off["bwd"], (on, off)
-    if spec == "entmax15":
-        assert on["out"] < off["out"], (on, off)
-    else:
-        assert on["out"] == off["out"], (on, off)
+    assert on["out"] == off["out"], (on, off)
 
 
 def test_harness_reports_block_sparsity_on_structured_inputs():
