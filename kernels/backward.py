@@ -299,6 +299,7 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
             return
     off_b = pid_bh // Hkv
     off_hk = pid_bh % Hkv
+    head_bad = tl.load(rb.head_bad + (off_b * Hkv + off_hk)) > 0      # the non-finite rule's flag (the epilogue)
     start_n = pid_n * BN
     if ST.VARLEN:                                      # packed sequence off_b: its Dims, its rows and keys
         dims, k0 = varlen_dims(dims, off_b)
@@ -332,12 +333,16 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     key_ok = (start_n + keys_n) < dims.S
     dk_ptrs = head_base(DK, off_b, off_hk) + (start_n + keys_n)[:, None] * DK.sr + offs_d[None, :] * DK.sc
     dv_ptrs = head_base(DV, off_b, off_hk) + (start_n + keys_n)[:, None] * DV.sr + offs_dv[None, :] * DV.sc
-    # the non-finite rule: + NaN if the kv head has a bad row, else + -0.0 (x + -0.0 is x, -0.0 included)
-    nan_head = tl.where(tl.load(rb.head_bad + (off_b * Hkv + off_hk)) > 0, float("nan"), -0.0)
-    tl.store(dk_ptrs, (dk * sm_scale + nan_head).to(DK.ptr.dtype.element_ty),
-             mask=key_ok[:, None] & (offs_d < ST.HEAD_D)[None, :])
-    tl.store(dv_ptrs, (dv + nan_head).to(DV.ptr.dtype.element_ty),
-             mask=key_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :])
+    dk_ok = key_ok[:, None] & (offs_d < ST.HEAD_D)[None, :]
+    dv_ok = key_ok[:, None] & (offs_dv < ST.HEAD_DV)[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.ptr.dtype.element_ty), mask=dk_ok)
+    tl.store(dv_ptrs, dv.to(DV.ptr.dtype.element_ty), mask=dv_ok)
+    # the non-finite rule: NaN over the stored tiles if the kv head has a bad row (head_bad is read before the
+    # loops: read here, as an add on the accumulators or as this branch, it made ptxas serialize the causal
+    # deterministic kernel's wgmma pipeline, C7515)
+    if head_bad:
+        tl.store(dk_ptrs, tl.full(dk.shape, float("nan"), DK.ptr.dtype.element_ty), mask=dk_ok)
+        tl.store(dv_ptrs, tl.full(dv.shape, float("nan"), DV.ptr.dtype.element_ty), mask=dv_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
