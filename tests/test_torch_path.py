@@ -70,28 +70,10 @@ def small_chunks(monkeypatch):
 # the grid
 
 
-#: the shapes run at every (normalizer, mask, causal) triple; the others (the two largest, about 85 % of the
-#: grid's time) run a balanced half of the masks, below
-FULL_SHAPES = (0, 1, 3)
-
-
-def _grid_fp32():
-    """shape x normalizer x mask x causal, with the two costly shapes on half of the masks: the cell (normalizer
-    i, causal c) takes masks (i + c) mod 4 and (i + c + 2) mod 4. Every normalizer still meets every mask and
-    every causal kind at every shape, every (mask, causal) pair meets every shape, and every (normalizer, mask,
-    causal) triple runs at the three full shapes."""
-    cases = []
-    for si, shape in enumerate(SHAPES):
-        for ni, norm in enumerate(NORMS):
-            for ci, (causal, cid) in enumerate(zip(CAUSAL, ("nocausal", "upper_left", "lower_right"))):
-                for mi, mask_kind in enumerate(MASKS):
-                    if si in FULL_SHAPES or (mi - ni - ci) % 2 == 0:
-                        cases.append(pytest.param(shape.values[0], norm, mask_kind, causal,
-                                                  id=f"{shape.id}-{norm}-{mask_kind}-{cid}"))
-    return cases
-
-
-@pytest.mark.parametrize("shape,norm,mask_kind,causal", _grid_fp32())
+@pytest.mark.parametrize("causal", CAUSAL, ids=["nocausal", "upper_left", "lower_right"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_grid_fp32(shape, norm, mask_kind, causal, small_chunks):
     check_against_reference(shape, norm, mask_kind, causal, torch.float32, TOL[torch.float32])
 
@@ -99,23 +81,11 @@ def test_grid_fp32(shape, norm, mask_kind, causal, small_chunks):
 DTYPE_SHAPES = [SHAPES[2], SHAPES[3]]
 
 
-def _grid_dtypes():
-    """shape x normalizer x mask x causal, each cell at one dtype, rotating: the cell (normalizer i, mask m,
-    causal c) runs dtype (i + m + c) mod 3. Every normalizer meets every dtype twice per shape, and every (mask,
-    dtype) and (causal, dtype) pair is met across the normalizers."""
-    dtypes = [(torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float64, "fp64")]
-    cases = []
-    for shape in DTYPE_SHAPES:
-        for ni, norm in enumerate(GRID + ["topk:1"]):
-            for mi, mask_kind in enumerate(["none", "bool-B1LS-emptyrows", "float-inf-min-emptyrow"]):
-                for ci, causal in enumerate(["upper_left", "lower_right"]):
-                    dtype, name = dtypes[(ni + mi + ci) % 3]
-                    cases.append(pytest.param(shape.values[0], norm, mask_kind, causal, dtype,
-                                              id=f"{shape.id}-{norm}-{mask_kind}-{causal}-{name}"))
-    return cases
-
-
-@pytest.mark.parametrize("shape,norm,mask_kind,causal,dtype", _grid_dtypes())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("causal", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool-B1LS-emptyrows", "float-inf-min-emptyrow"])
+@pytest.mark.parametrize("norm", GRID + ["topk:1"])
+@pytest.mark.parametrize("shape", DTYPE_SHAPES)
 def test_grid_dtypes(shape, norm, mask_kind, causal, dtype):
     check_against_reference(shape, norm, mask_kind, causal, dtype, TOL[dtype])
 
