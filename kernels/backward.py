@@ -341,8 +341,8 @@ def attn_bwd_dkdv(Q, K, V, DO, M, DK, DV, rb, dims, scale, sm_scale, drop, seed,
     # loops: read here, as an add on the accumulators or as this branch, it made ptxas serialize the causal
     # deterministic kernel's wgmma pipeline, C7515)
     if head_bad:
-        tl.store(dk_ptrs, tl.full(dk.shape, float("nan"), DK.ptr.dtype.element_ty), mask=dk_ok)
-        tl.store(dv_ptrs, tl.full(dv.shape, float("nan"), DV.ptr.dtype.element_ty), mask=dv_ok)
+        tl.store(dk_ptrs, (dk + float("nan")).to(DK.ptr.dtype.element_ty), mask=dk_ok)
+        tl.store(dv_ptrs, (dv + float("nan")).to(DV.ptr.dtype.element_ty), mask=dv_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
