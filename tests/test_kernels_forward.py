@@ -307,9 +307,10 @@ def _topk_mode(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", TOPK_MODES)
-@pytest.mark.parametrize("k", [1, 2, 3, 16, 40, 42, 43, 44, 100])
+@pytest.mark.parametrize("k", [1, 2, 3, 16, 42, 43, 44, 100])
 def test_topk_every_k(mode, k, monkeypatch):
-    """S = 43: k = 1, small k, k near S (40, 42), k = S and k > S (every key kept, tau = -inf)."""
+    """S = 43: k = 1, small k, k near S (42 = S - 1: KP = 64, like any k in 33..64), k = S and k > S (every key
+    kept, tau = -inf)."""
     _topk_mode(mode, monkeypatch)
     q, k_, v = make_qkv(1, 2, 1, 18, 43, 16, seed=k)
     res, _ = run_case(q, k_, v, f"topk:{k}", causal=None, stats_tol=2e-5)
@@ -336,7 +337,7 @@ def test_topk_ties(mode, k, monkeypatch):
     assert (kept > k).any()
 
 
-@pytest.mark.parametrize("causal, ks", [(None, (3, 20)), ("lower_right", (8,))])
+@pytest.mark.parametrize("causal, ks", [(None, (20,)), ("lower_right", (3,))])
 def test_topk_collect_long_rows_and_overflow(causal, ks, monkeypatch):
     """COLLECT over many tiles and groups (S = 700: groups of 8 keys, two per interpreter tile), with
     random scores (few scores above the bound: no overflow) and with all scores equal (every score
@@ -357,12 +358,12 @@ ROOT_NORMS = [n for n in SPARSE_NORMS if isinstance(flashmaps.parse(n).triton(30
               and flashmaps.parse(n).triton(300)[0].rule.sorted is not None]
 
 
-@pytest.mark.parametrize("norm", ROOT_NORMS)
-@pytest.mark.parametrize("causal", [None, "lower_right"])
+@pytest.mark.parametrize("norm, causal", [(n, (None, "lower_right")[i % 2]) for i, n in enumerate(ROOT_NORMS)])
 def test_root_collect_mode_and_overflow(norm, causal, monkeypatch):
     """The collect method of root_prepass (group maxima bound, collected scores, sort-based threshold):
     random scores (support of a few keys: no overflow), a wide support (scaled-down scores: more than KC = 128
-    keys above the bound, the block falls back to the bracket passes), and equal scores (every key)."""
+    keys above the bound, the block falls back to the bracket passes), and equal scores (every key). Collect is
+    off by default (experimental): the causal kinds alternate over the units instead of a full product."""
     nrm = flashmaps.parse(norm)
     monkeypatch.setattr(importlib.import_module(nrm.kernels), "COLLECT", True)
     q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=17, spread=1.5)

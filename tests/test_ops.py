@@ -17,14 +17,16 @@ def _inputs(dtype=torch.float32, device="cpu", B=1, Hq=4, Hkv=2, L=12, S=17, D=1
     return q, k, v
 
 
-def _backends():
-    yield pytest.param("torch", "cpu", id="torch")
-    yield pytest.param("triton", KERNEL_DEVICE, id="triton")
+def _opcheck_cases():
+    """Every (normalizer, backend) pair once, the softcap alternating (its schema, fake and autograd registration
+    are the same op either way): each unit meets both softcaps, each over one backend."""
+    for i, norm in enumerate(NORMS):
+        for j, (backend, device) in enumerate([("torch", "cpu"), ("triton", KERNEL_DEVICE)]):
+            cap, cap_id = [(None, "nocap"), (4.0, "cap4")][(i + j) % 2]
+            yield pytest.param(backend, device, norm, cap, id=f"{norm}-{cap_id}-{backend}")
 
 
-@pytest.mark.parametrize("backend,device", list(_backends()))
-@pytest.mark.parametrize("softcap", [None, 4.0], ids=["nocap", "cap4"])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("backend,device,norm,softcap", list(_opcheck_cases()))
 def test_opcheck(backend, device, norm, softcap):
     dtype = torch.float64 if backend == "torch" else torch.float32
     q, k, v = (x.requires_grad_() for x in _inputs(dtype, device, Dv=8))
