@@ -84,10 +84,11 @@ BLOCK_MASK_MAX_BYTES = 1 << 28
 #: default until a GPU times it at short L (bench/TUNING.md, "Issue 17 item 6, a persistent forward grid"); True (or
 #: FLASHMAPS_PERSISTENT=1) turns it on
 PERSISTENT = os.environ.get("FLASHMAPS_PERSISTENT", "0") == "1"
-#: resident forward programs per SM at BM = 128, per dim class (`triton_configs.dim_class`), from the offline sm_90
-#: build of softmax's first candidates (bench/results/offline/sm90-report.md): D = 64 108 registers x 8 warps and
-#: 64 KiB of shared memory fit 2 per SM, D = 128 224 KiB of shared memory 1. BM = 64 halves a program: twice as many
-PERSISTENT_PER_SM = {64: 2, 128: 1, 256: 1}
+#: resident persistent forward programs per SM by (dim class (`triton_configs.dim_class`), BM), 1 where not listed:
+#: the offline sm_90 build of the persistent kernel (65536 registers and 228 KiB of shared memory per SM; bench/TUNING.md,
+#: "Issue 17 item 6"): BM = 128 (8 warps) 150-255 registers per thread, 1 per SM; BM = 64 (4 warps) softmax 166 / 242
+#: registers at D = 64 / 128 (3 / 2 per SM), entmax15 248 / 255 (2 / 2)
+PERSISTENT_PER_SM = {(64, 64): 2, (128, 64): 2}
 #: the programs of a persistent grid under the interpreter: few, so that tests loop over several blocks per program
 PERSISTENT_INTERPRET_PROGRAMS = 3
 
@@ -337,11 +338,10 @@ def _sm_count(dev) -> int:
 
 def persistent_programs(n_work: int, BM: int, static: Static, sm_count: int) -> int:
     """The programs of a persistent forward grid of ``n_work`` query blocks (cdiv(L, BM) * B * Hq): ``sm_count``
-    x `PERSISTENT_PER_SM` (its dim class, x 2 for BM <= 64), or `PERSISTENT_INTERPRET_PROGRAMS` under the
-    interpreter; never more than ``n_work``."""
+    x `PERSISTENT_PER_SM`, or `PERSISTENT_INTERPRET_PROGRAMS` under the interpreter; never more than ``n_work``."""
     if _INTERPRET:
         return min(n_work, PERSISTENT_INTERPRET_PROGRAMS)
-    per_sm = PERSISTENT_PER_SM[triton_configs.dim_class(static.BD, static.BDV)] * (2 if BM <= 64 else 1)
+    per_sm = PERSISTENT_PER_SM.get((triton_configs.dim_class(static.BD, static.BDV), BM), 1)
     return max(1, min(n_work, sm_count * per_sm))
 
 

@@ -117,16 +117,25 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     parameters with NORM.head_param (`contract.Hooks`), else a placeholder. ST.VARLEN: packed sequences, grid
     (cdiv(max_seqlen_q, BM), B * Hq); a program of sequence b works on its Dims (`tiles.varlen_dims`) and exits
     when its block starts past L_b; the scratch stays (B, Hq, L_PAD) with L_PAD from max_seqlen_q.
-    ST.PERSISTENT: grid (programs,); program p runs the work items w = p, p + programs, ... < cdiv(L, BM) * B * Hq,
-    item w being the block that program (w % cdiv(L, BM), w // cdiv(L, BM)) of the default grid runs
-    (`tiles.work_program`: the same blocks in the same launch order, the same results bit for bit). The plain
-    forward only: not with ST.SPLIT or ST.VARLEN (their launchers never set it; a compile error otherwise)."""
+    ST.PERSISTENT: grid (P programs,); the work items w < n_work = cdiv(L, BM) * B * Hq run in rounds of P, round r
+    giving item r * P + p to program p, or r * P + P - 1 - p when r is odd (a snake: the default order puts a causal
+    head's heaviest blocks first, and straight rounds (w = p, p + P, ...) would give some programs mostly heavy
+    blocks); item w is the block that program (w % cdiv(L, BM), w // cdiv(L, BM)) of the default grid runs
+    (`tiles.work_program`: the same blocks, the same results bit for bit). The plain forward only: not with ST.SPLIT
+    or ST.VARLEN (their launchers never set it; a compile error otherwise)."""
     if ST.PERSISTENT:                                  # a loop over work items, each one block (`_fwd_block`)
         tl.static_assert(not (ST.SPLIT or ST.VARLEN), "ST.PERSISTENT: the plain forward only (no SPLIT, VARLEN)")
         n_m = tl.cdiv(dims.L, BM)
-        for w in tl.range(tl.program_id(0), n_m * dims.B * dims.Hq, tl.num_programs(0), disable_licm=True):
+        n_work = n_m * dims.B * dims.Hq
+        n_prog = tl.num_programs(0)
+        pid = tl.program_id(0)
+        # the block's setup stays in the loop, unhoisted by LLVM (disable_licm) and by MLIR (the guard keeps the
+        # block in a region of its own): offline sm_90, softmax D = 64 needs 150 registers per thread with both,
+        # 191 / 208 with one, 212 with neither (the default grid: 108; bench/TUNING.md, "Issue 17 item 6")
+        for r in tl.range(0, tl.cdiv(n_work, n_prog), disable_licm=True):
+            w = r * n_prog + tl.where(r % 2 == 1, n_prog - 1 - pid, pid)
             pid_m, off_b, off_h, off_hk = work_program(w, n_m, dims, ST.IS_CAUSAL)
-            if pid_m * BM < dims.L:
+            if w < n_work:
                 _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h,
                            off_hk, 0, BM, BN, ST, NORM, SCRATCH_COLS)
     else:

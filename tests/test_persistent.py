@@ -71,19 +71,20 @@ def test_persistent_grid_is_bit_identical(spec, causal, shape, mask_kind, monkey
 
 
 def test_persistent_programs(monkeypatch):
-    """On a GPU: SMs x the occupancy estimate of the dim class (BM = 64: twice), never more than the work; the
-    grid function sees the chosen config's BM."""
+    """On a GPU: SMs x the occupancy estimate of (dim class, BM), never more than the work; the grid function sees
+    the chosen config's BM."""
     monkeypatch.setattr(triton_path, "_INTERPRET", False)
-    st64 = Static.make(D=64, Dv=64, causal=False, mask_kind=0, softcap=False, dot_prec="ieee", dropout=False,
+    monkeypatch.setattr(triton_path, "PERSISTENT_PER_SM", {(64, 64): 3, (128, 64): 2})
+    st64 = Static.make(D=64, Dv=48, causal=False, mask_kind=0, softcap=False, dot_prec="ieee", dropout=False,
                        dtype="torch.bfloat16")
     st128 = st64._replace(HEAD_D=128, HEAD_DV=128, BD=128, BDV=128)
-    per = triton_path.PERSISTENT_PER_SM
-    assert triton_path.persistent_programs(10 ** 6, 128, st64, 132) == 132 * per[64]
-    assert triton_path.persistent_programs(10 ** 6, 64, st64, 132) == 2 * 132 * per[64]
-    assert triton_path.persistent_programs(10 ** 6, 128, st128, 132) == 132 * per[128]
-    assert triton_path.persistent_programs(100, 128, st128, 132) == 100
-    grid = triton_path._persistent_grid(1024, 16 * 32, st64, 132)      # 16 x 32 heads of 1k rows
-    assert grid({"BM": 128}) == (min(8 * 512, 132 * per[64]),) and grid({"BM": 64}) == (min(16 * 512, 264 * per[64]),)
+    assert triton_path.persistent_programs(10 ** 6, 128, st64, 132) == 132
+    assert triton_path.persistent_programs(10 ** 6, 64, st64, 132) == 3 * 132
+    assert triton_path.persistent_programs(10 ** 6, 64, st128, 100) == 2 * 100
+    assert triton_path.persistent_programs(150, 64, st128, 132) == 150
+    grid = triton_path._persistent_grid(1000, 16 * 32, st64, 132)      # 16 x 32 heads of 1000 rows
+    assert grid({"BM": 128}) == (132,) and grid({"BM": 64}) == (3 * 132,)
+    assert triton_path._persistent_grid(100, 2, st64, 132)({"BM": 64}) == (4,)     # 2 blocks x 2 heads
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
