@@ -100,3 +100,26 @@ def test_work_items_in_the_default_grids_order(causal):
     want = [(n_m - 1 - m if causal else m, bh // Hq, bh % Hq, bh % Hq // group) for bh in range(B * Hq)
             for m in range(n_m)]
     assert got == want
+
+
+def test_persistent_kernel_compiles_for_sm90():
+    """The persistent forward builds for the H100 (`scripts/sm90-compile --persistent`, Triton's bundled ptxas, no
+    launch): softmax and entmax15 at D = 64 with an unserialized wgmma pipeline and no stack. Regression: with the
+    block's setup hoisted out of the work loop softmax needed 191-212 registers per thread (151 with it kept in:
+    `tile_loop.attn_fwd`; bench/TUNING.md, "Issue 17 item 6")."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(root / "scripts" / "sm90-compile"), "--norms", "softmax,entmax15", "--dims", "64",
+           "--no-bwd", "--persistent"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r[0]: dict(w.split(":") for w in r if ":" in w) | {"serial": r[-1]}
+            for r in (ln.split() for ln in proc.stdout.splitlines()[1:]) if r and r[2] == "fwd"}
+    assert set(rows) == {"softmax", "entmax15"}, proc.stdout
+    assert all(r["serial"] == "-" and r["STACK"] == "0" for r in rows.values()), rows
+    assert int(rows["softmax"]["REG"]) <= 170, rows
