@@ -85,9 +85,9 @@ BLOCK_MASK_MAX_BYTES = 1 << 28
 #: FLASHMAPS_PERSISTENT=1) turns it on
 PERSISTENT = os.environ.get("FLASHMAPS_PERSISTENT", "0") == "1"
 #: resident persistent forward programs per SM by (dim class (`triton_configs.dim_class`), BM), 1 where not listed:
-#: the offline sm_90 build of the persistent kernel (65536 registers and 228 KiB of shared memory per SM; bench/TUNING.md,
-#: "Issue 17 item 6"): BM = 128 (8 warps) 150-255 registers per thread, 1 per SM; BM = 64 (4 warps) softmax 166 / 242
-#: registers at D = 64 / 128 (3 / 2 per SM), entmax15 248 / 255 (2 / 2)
+#: the offline sm_90 build of the persistent kernel (65536 registers and 228 KiB of shared memory per SM;
+#: bench/TUNING.md, "Issue 17 item 6"): BM = 128 (8 warps) 151-255 registers per thread, 1 per SM; BM = 64 (4 warps)
+#: softmax 166 / 244 registers at D = 64 / 128 (3 / 2 per SM), entmax15 249 / 255 (2 / 2)
 PERSISTENT_PER_SM = {(64, 64): 2, (128, 64): 2}
 #: the programs of a persistent grid under the interpreter: few, so that tests loop over several blocks per program
 PERSISTENT_INTERPRET_PROGRAMS = 3

@@ -130,8 +130,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
         n_prog = tl.num_programs(0)
         pid = tl.program_id(0)
         # the block's setup stays in the loop, unhoisted by LLVM (disable_licm) and by MLIR (the guard keeps the
-        # block in a region of its own): offline sm_90, softmax D = 64 needs 150 registers per thread with both,
-        # 191 / 208 with one, 212 with neither (the default grid: 108; bench/TUNING.md, "Issue 17 item 6")
+        # block in a region of its own): offline sm_90, softmax D = 64 needs 151 registers per thread, 191-212
+        # without one or both (the default grid: 108; bench/TUNING.md, "Issue 17 item 6")
         for r in tl.range(0, tl.cdiv(n_work, n_prog), disable_licm=True):
             w = r * n_prog + tl.where(r % 2 == 1, n_prog - 1 - pid, pid)
             pid_m, off_b, off_h, off_hk = work_program(w, n_m, dims, ST.IS_CAUSAL)
