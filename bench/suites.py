@@ -5,6 +5,8 @@ is a list of harness jobs (``harness.sweep`` rows), ordered case by case.
                 tokens, causal (upper_left) and not. fwd: flashmaps (Triton) for every default normalizer,
                 torch SDPA (default dispatch, flash, cuDNN) and FlexAttention; fwd+bwd: flashmaps and SDPA.
                 Forward error against the float64 reference (one head) up to L = 4k.
+                softmax's forward also on the persistent grid (knob ``flashmaps.triton_path.PERSISTENT``) at
+                L in {1k, 2k} beside the default grid (issue 17 item 6).
     long        L = S = 128k, B = 1, H = 8, D = 128, bf16, not causal, every normalizer, fwd and fwd+bwd;
                 32 sampled query rows of the forward checked against the reference over all keys
                 (dense attention would need 256 GiB of bf16 scores).
@@ -63,6 +65,8 @@ BWD_CONFIGS = {
 VARIANT_CONFIG = (64, 64, 4, 3)
 #: the blocks every pinned config becomes in a smoke run (the interpreter's)
 SMOKE_CONFIG = {"BM": 16, "BN": 16}
+#: the h100-goals lengths that get the persistent forward grid's row (``flashmaps.triton_path.PERSISTENT``)
+PERSISTENT_MAX_L = 2048
 
 
 @dataclasses.dataclass
@@ -118,6 +122,15 @@ def goals(plan: Plan) -> list[dict]:
     for mode in plan.modes or ("fwd", "fwd+bwd"):
         provs = fm + tma + sdpa + [get_provider("flex")] if mode == "fwd" else fm + det + nomask + sdpa[:1]
         jobs += _grid(plan, provs, dims=dims, seqs=seqs, modes=[mode])
+    # softmax's forward on a persistent grid beside the default grid at the short lengths (issue 17 item 6; off by
+    # default until timed): L <= PERSISTENT_MAX_L of the lengths, (1k, 2k) by default, the default softmax added where
+    # the grid above has no such length
+    if "softmax" in plan.normalizers and "fwd" in (plan.modes or ("fwd",)):
+        soft = flashmaps_provider("softmax", "triton")
+        pers = with_options(soft, knobs={"flashmaps.triton_path.PERSISTENT": True})
+        short = [L for L in plan.lengths if L <= PERSISTENT_MAX_L] if plan.lengths else [1024, 2048]
+        jobs += _grid(plan, [pers], dims=dims, seqs=short, modes=["fwd"])
+        jobs += _grid(plan, [soft], dims=dims, seqs=[L for L in short if L not in seqs], modes=["fwd"])
     for j in jobs:  # the forward against the float64 reference where one head of it fits
         if j["mode"] == "fwd" and j["L"] <= 4096:
             j.update(check=True, max_ref_elems=1 << 24)

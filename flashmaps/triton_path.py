@@ -79,6 +79,18 @@ _TMA_ALIGN = 16
 #: head) runs without it
 BLOCK_MASK = os.environ.get("FLASHMAPS_BLOCK_MASK", "0") == "1"
 BLOCK_MASK_MAX_BYTES = 1 << 28
+#: issue 17 item 6: the plain (unsplit) forward on a persistent grid (Static.PERSISTENT, `persistent_programs`
+#: programs, each looping over query blocks in the default grid's order: the same results bit for bit). Off by
+#: default until a GPU times it at short L (bench/TUNING.md, "Issue 17 item 6, a persistent forward grid"); True (or
+#: FLASHMAPS_PERSISTENT=1) turns it on
+PERSISTENT = os.environ.get("FLASHMAPS_PERSISTENT", "0") == "1"
+#: resident persistent forward programs per SM by (dim class (`triton_configs.dim_class`), BM), 1 where not listed:
+#: the offline sm_90 build of the persistent kernel (65536 registers and 228 KiB of shared memory per SM;
+#: bench/TUNING.md, "Issue 17 item 6"): BM = 128 (8 warps) 151-255 registers per thread, 1 per SM; BM = 64 (4 warps)
+#: softmax 166 / 244 registers at D = 64 / 128 (3 / 2 per SM), entmax15 249 / 255 (2 / 2)
+PERSISTENT_PER_SM = {(64, 64): 2, (128, 64): 2}
+#: the programs of a persistent grid under the interpreter: few, so that tests loop over several blocks per program
+PERSISTENT_INTERPRET_PROGRAMS = 3
 
 
 class Forward(NamedTuple):
@@ -324,6 +336,21 @@ def _sm_count(dev) -> int:
     return DEFAULT_SM_COUNT
 
 
+def persistent_programs(n_work: int, BM: int, static: Static, sm_count: int) -> int:
+    """The programs of a persistent forward grid of ``n_work`` query blocks (cdiv(L, BM) * B * Hq): ``sm_count``
+    x `PERSISTENT_PER_SM`, or `PERSISTENT_INTERPRET_PROGRAMS` under the interpreter; never more than ``n_work``."""
+    if _INTERPRET:
+        return min(n_work, PERSISTENT_INTERPRET_PROGRAMS)
+    per_sm = PERSISTENT_PER_SM.get((triton_configs.dim_class(static.BD, static.BDV), BM), 1)
+    return max(1, min(n_work, sm_count * per_sm))
+
+
+def _persistent_grid(L: int, heads: int, static: Static, sm_count: int):
+    """The grid function of a persistent forward (Static.PERSISTENT) of ``heads`` = B * Hq heads of L rows: it
+    sees the chosen config's BM (autotuned or pinned, `_launch`)."""
+    return lambda META: (persistent_programs(_cdiv(L, META["BM"]) * heads, META["BM"], static, sm_count),)
+
+
 def _can_split(normalizer: Normalizer, hooks, save_extras: bool = False) -> bool:
     """Split-KV needs a merge rule: for independent parts (no threshold pre-pass and no second weighted sum), or
     a sparse unit's two-phase protocol (``Normalizer.two_phase``: the union's threshold first, then the splits at
@@ -442,9 +469,13 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     if splits > 1:
         out, stats = _launch_split(q, k, v, normalizer, c, splits, args_of, config, threshold)
         return Forward(out, stats, saved, c.hooks.unit, extras_buf, None, live)
-    args, meta = args_of(out, stats_t, c.dims, c.static)
-    _launch(attn_fwd, triton_configs.attn_fwd_tuned, config,
-            lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq)), args, meta)
+    if PERSISTENT:           # one axis of programs, each looping over query blocks (Static.PERSISTENT)
+        args, meta = args_of(out, stats_t, c.dims, c.static._replace(PERSISTENT=True))
+        grid_of = _persistent_grid(L, B * Hq, c.static, _sm_count(dev))
+    else:
+        args, meta = args_of(out, stats_t, c.dims, c.static)
+        grid_of = lambda META: (_cdiv(L, META["BM"]), *head_grid(B * Hq))  # noqa: E731
+    _launch(attn_fwd, triton_configs.attn_fwd_tuned, config, grid_of, args, meta)
     stats = dict(zip(normalizer.stats, stats_t))
     if threshold is not None:                              # phase 2 reports the union's threshold
         stats.update({n: x for n, x in threshold.items() if n in stats})

@@ -217,6 +217,9 @@ class Static(NamedTuple):
                              # `tiles.kv_desc`); the launcher sets it (`triton_path.TMA_KV`, `tma_ok`)
     BLOCK_MASK: bool = False # the block mask (module docstring): the forward's pre-pass writes it (Keys.live), the
                              # backward skips dead tiles by it (BwdRows.live); `block_mask_ok`
+    PERSISTENT: bool = False # the forward on a persistent grid (programs,): each program loops over query blocks
+                             # (`tile_loop.attn_fwd`, `tiles.work_program`); the plain forward only (not SPLIT, VARLEN);
+                             # the launcher sets it (`triton_path.PERSISTENT`)
 
     @classmethod
     def make(cls, *, D: int, Dv: int, causal: bool, mask_kind: int, softcap: bool, dot_prec: str, dropout: bool,

@@ -40,7 +40,7 @@ from .blockmask import cell_row, reset_cells
 from .contract import Block, Keys
 from .dropout import dropout_keep
 from .tiles import (at_row, fold_keys, head_base, key_bounds, kv_desc, left_bounds, load_tile, mask_rows, mma,
-                    query_program, rows_base, varlen_dims)
+                    query_program, rows_base, varlen_dims, work_program)
 
 
 class _Values(NamedTuple):
@@ -116,18 +116,51 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
     scratch has L_PAD >= every row index a program touches rows per (batch, head). HP: the (Hq,) fp32 head
     parameters with NORM.head_param (`contract.Hooks`), else a placeholder. ST.VARLEN: packed sequences, grid
     (cdiv(max_seqlen_q, BM), B * Hq); a program of sequence b works on its Dims (`tiles.varlen_dims`) and exits
-    when its block starts past L_b; the scratch stays (B, Hq, L_PAD) with L_PAD from max_seqlen_q."""
-    pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
+    when its block starts past L_b; the scratch stays (B, Hq, L_PAD) with L_PAD from max_seqlen_q.
+    ST.PERSISTENT: grid (P programs,); the work items w < n_work = cdiv(L, BM) * B * Hq run in rounds of P, round r
+    giving item r * P + p to program p, or r * P + P - 1 - p when r is odd (a snake: the default order puts a causal
+    head's heaviest blocks first, and straight rounds (w = p, p + P, ...) would give some programs mostly heavy
+    blocks); item w is the block that program (w % cdiv(L, BM), w // cdiv(L, BM)) of the default grid runs
+    (`tiles.work_program`: the same blocks, the same results bit for bit). The plain forward only: not with ST.SPLIT
+    or ST.VARLEN (their launchers never set it; a compile error otherwise)."""
+    if ST.PERSISTENT:                                  # a loop over work items, each one block (`_fwd_block`)
+        tl.static_assert(not (ST.SPLIT or ST.VARLEN), "ST.PERSISTENT: the plain forward only (no SPLIT, VARLEN)")
+        n_m = tl.cdiv(dims.L, BM)
+        n_work = n_m * dims.B * dims.Hq
+        n_prog = tl.num_programs(0)
+        pid = tl.program_id(0)
+        # the block's setup stays in the loop, unhoisted by LLVM (disable_licm) and by MLIR (the guard keeps the
+        # block in a region of its own): offline sm_90, softmax D = 64 needs 151 registers per thread, 191-212
+        # without one or both (the default grid: 108; bench/TUNING.md, "Issue 17 item 6")
+        for r in tl.range(0, tl.cdiv(n_work, n_prog), disable_licm=True):
+            w = r * n_prog + tl.where(r % 2 == 1, n_prog - 1 - pid, pid)
+            pid_m, off_b, off_h, off_hk = work_program(w, n_m, dims, ST.IS_CAUSAL)
+            if w < n_work:
+                _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h,
+                           off_hk, 0, BM, BN, ST, NORM, SCRATCH_COLS)
+    else:
+        pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
+        split = 0
+        if ST.SPLIT:                                   # axis 0 is (query block, split)
+            n_split = tl.cdiv(dims.S, dims.split_keys)
+            split = pid_m % n_split
+            pid_m = pid_m // n_split
+        if ST.VARLEN:                                  # packed sequence off_b: its Dims, its rows and keys
+            dims, k0 = varlen_dims(dims, off_b)
+            if pid_m * BM >= dims.L:
+                return
+            Q, O, K, V = at_row(Q, dims.q0), at_row(O, dims.q0), at_row(K, k0), at_row(V, k0)
+        _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h, off_hk,
+                   split, BM, BN, ST, NORM, SCRATCH_COLS)
+
+
+@triton.jit
+def _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h, off_hk, split,
+               BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
+               SCRATCH_COLS: tl.constexpr):
+    """The forward of one query block: rows [pid_m * BM, + BM) of (batch off_b, query head off_h), kv head off_hk
+    (ST.SPLIT: the keys of split ``split`` only; ST.VARLEN: dims and views already the sequence's)."""
     pid_bh = off_b * dims.Hq + off_h
-    if ST.SPLIT:                                       # axis 0 is (query block, split)
-        n_split = tl.cdiv(dims.S, dims.split_keys)
-        split = pid_m % n_split
-        pid_m = pid_m // n_split
-    if ST.VARLEN:                                      # packed sequence off_b: its Dims, its rows and keys
-        dims, k0 = varlen_dims(dims, off_b)
-        if pid_m * BM >= dims.L:
-            return
-        Q, O, K, V = at_row(Q, dims.q0), at_row(O, dims.q0), at_row(K, k0), at_row(V, k0)
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
     offs_dv = tl.arange(0, ST.BDV)

@@ -228,6 +228,18 @@ def query_program(dims, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def work_program(w, n_m, dims, IS_CAUSAL: tl.constexpr):
+    """`query_program` of work item w of a persistent grid (Static.PERSISTENT): the program (w % n_m, w // n_m) of
+    the grid (n_m = cdiv(L, BM), B * Hq), i.e. the items in the default grid's launch order (axis 0 fastest)."""
+    pid_m = w % n_m
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    pid_bh = w // n_m
+    off_h = pid_bh % dims.Hq
+    return pid_m, pid_bh // dims.Hq, off_h, off_h // dims.group
+
+
+@triton.jit
 def rows_base(dims, off_b, off_h, VARLEN: tl.constexpr):
     """The int64 offset of row 0 of head (off_b, off_h) in the row outputs: (B, Hq, L) contiguous, or with
     Static.VARLEN (Hq, total_q) at the sequence's first packed row (dims from `varlen_dims`)."""
@@ -382,4 +394,5 @@ def _fold_range(state, FOLD: tl.constexpr, ctx, blk, keys, start, end, BN: tl.co
 __all__ = ["tanh_f32", "safe_inv", "mma", "pick_row", "count_allowed", "head_base", "mask_rows", "load_tile",
            "scale_scores", "mask_scores", "qk_tile", "score_tile", "log_distance", "add_noise", "key_bounds", "query_bounds", "query_program",
            "left_bounds", "left_query_bounds",
-           "fold_keys", "rows_base", "varlen_dims", "at_row", "kv_desc"]
+           "fold_keys", "rows_base", "varlen_dims", "at_row", "kv_desc",
+           "work_program"]

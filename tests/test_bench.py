@@ -543,26 +543,29 @@ def test_suite_h100_goals():
     specs = {n.spec for n in defaults()}
     fwd = {j["provider"] for j in jobs if j["mode"] == "fwd"}
     tma = {f"flashmaps-{s}-triton[flashmaps.triton_path.TMA_KV=True]" for s in ("softmax", "entmax15")}
-    assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex"} | tma
+    pers = "flashmaps-softmax-triton[flashmaps.triton_path.PERSISTENT=True]"   # the persistent grid at 1k, 2k
+    assert fwd == {f"flashmaps-{s}-triton" for s in specs} | {"sdpa", "sdpa-flash", "sdpa-cudnn", "flex", pers} | tma
+    assert {(j["L"], j["B"]) for j in jobs if j["provider"] == pers} == {(1024, 16), (2048, 8)}
     det = "flashmaps-softmax-triton[flashmaps.functional.DETERMINISTIC=True]"   # the two-kernel backward too
     nomask = "flashmaps-entmax15-triton[flashmaps.triton_path.BLOCK_MASK=True]"   # and entmax15 with the mask
     assert {j["provider"] for j in jobs if j["mode"] == "fwd+bwd"} == {f"flashmaps-{s}-triton" for s in specs} | {
         "sdpa", det, nomask}
     assert {j["mode"] for j in jobs} == {"fwd", "fwd+bwd"} and {j["dtype"] for j in jobs} == {"bfloat16"}
     assert {(j["Dqk"], j["Hq"]) for j in jobs} == {(128, 16), (64, 32)}
-    assert {j["L"] for j in jobs} == {1024, 4096, 16384} and all(j["B"] * j["L"] == 16384 for j in jobs)
+    assert {j["L"] for j in jobs} == {1024, 2048, 4096, 16384} and all(j["B"] * j["L"] == 16384 for j in jobs)
     n = len(specs)  # fwd: every normalizer, 2 TMA and 4 SDPA/flex providers; fwd+bwd: every normalizer, det, nomask, SDPA
-    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * 3 * ((n + 6) + (n + 3))
+    # (+ the persistent softmax at 1k and 2k, the default softmax at 2k)
+    assert {j["causal"] for j in jobs} == {None, "upper_left"} and len(jobs) == 2 * 2 * (3 * ((n + 6) + (n + 3)) + 3)
     assert all(bool(j.get("check")) == (j["mode"] == "fwd" and j["L"] <= 4096) for j in jobs)
     assert all(j["suite"] == "h100-goals" for j in jobs)
     # case by case: the first case's providers all come before the next case
-    first = [(j["provider"], j["mode"]) for j in jobs[:n + 6]]
-    assert len({(j["mode"], j["L"], j["Dqk"], j["causal"]) for j in jobs[:n + 6]}) == 1 and len(set(first)) == n + 6
+    first = [(j["provider"], j["mode"]) for j in jobs[:n + 7]]
+    assert len({(j["mode"], j["L"], j["Dqk"], j["causal"]) for j in jobs[:n + 7]}) == 1 and len(set(first)) == n + 7
     small = suites.suite_jobs(["h100-goals"], suites.Plan(normalizers=("softmax",), dims=(64,), lengths=(2048,),
                                                            modes=("fwd",)))
     assert {(j["provider"], j["Dqk"], j["L"]) for j in small} == {
         (p, 64, 2048) for p in ("flashmaps-softmax-triton", "flashmaps-softmax-triton[flashmaps.triton_path.TMA_KV=True]",
-                                "sdpa", "sdpa-flash", "sdpa-cudnn", "flex")}
+                                "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", pers)}
 
 
 def test_suite_long_and_tune():
@@ -647,6 +650,7 @@ def test_gpucheck_cpu_smoke_end_to_end(tmp_path, capsys):
     by = {(r["suite"], r["provider"], r["mode"]): r for r in rows}
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["err"] < 1e-5
     assert by[("h100-goals", "flashmaps-topk:64-triton", "fwd")]["sparsity"] is not None
+    assert by[("h100-goals", "flashmaps-softmax-triton[flashmaps.triton_path.PERSISTENT=True]", "fwd")]["err"] < 1e-5
     soft = by[("h100-goals", "flashmaps-softmax-triton", "fwd")]    # CUDA-graph time: softmax rows, on CUDA only
     assert soft["cudagraph"] and soft["cudagraph_ms"] is None and "cudagraph" not in by[
         ("h100-goals", "flashmaps-topk:64-triton", "fwd")]
