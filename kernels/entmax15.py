@@ -19,7 +19,8 @@ Pre-pass (scores only, no V), per row:
      only from a point with F(t_a) <= 1 (`threshold.POLISH_FMAX`: its fp32 error grows with F(t_a)).
    * Newton from t_a on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+ minus 1: convex and decreasing, and
      linear in t for equal scores): t_a + (s2 - sqrt(s2)) / s1 <= tau (as (s2 - 1) r / ((r + 1) s1), r = sqrt(s2)),
-     the next t0.
+     the next t0; after a polish that was not exact (r >= zmin_a) over a wide support (c >= MID_SUPPORT keys),
+     the middle of [the iterate, up] instead (up <= r: close above tau).
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
    * no feasible point (rounding put the Newton iterate above tau): the smaller root of the lowest point's
      support quadratic is a lower bound, the next point.
@@ -65,6 +66,11 @@ NPTS = 1
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
+#: support count at t_a from which a pass whose polish was not exact goes on from the middle of [Newton iterate, upper
+#: end] instead of the iterate (`_step`): replay (bench/replays/root_polish_rows.py, "Issue 17 item 4: the threshold
+#: engine row by row" in bench/TUNING.md), 128-row block maxima at S = 90-8192: structured inputs 0.25-0.75 bracket
+#: passes fewer, random 0-0.5, sparse and dense rows unchanged (at 8: sparse rows +0.25; at 32: smaller gains)
+MID_SUPPORT: tl.constexpr = tl.constexpr(16.0)
 
 
 # ------------------------------------------------------------------ the bracket rule (threshold engine)
@@ -113,7 +119,11 @@ def _step(br, t, acc, args):
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)
     up = tl.maximum(up, lo)
-    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
+    # a polish that was not exact (r >= zmin_a: keys lie in (t_a, tau]) over a wide support put the upper end r close
+    # above tau, while Newton creeps up on tau under those keys: the next point is the middle of [newton, up]. If it
+    # lands above tau, the root below it (a lower bound) is the next. Only the point moves: exactness is unchanged
+    mid = has_r & (r >= zmin_a) & (c_a >= MID_SUPPORT)
+    t0 = tl.where(found, tl.minimum(tl.maximum(tl.where(mid, newton + 0.5 * (up - newton), newton), lo), up), lo)
     narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
     tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
     done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)

@@ -7,13 +7,16 @@ Usage: python root_polish_rows.py NORM [--S 90,512,1024,8192] [--inputs dense,ra
        [--rule fixed|before|main] [--np NP] [--fmax X] [--near X] [--bn BN] [--compare RULE] [--seed N]
 
 NORM: sparsemax or entmax15. --rule: fixed (default: this branch's kernels), before (the kernels before it: sparsemax
-polished from any feasible point, kept r as the lower end and bisected a pass without a feasible point; entmax15's
-rule is the same as fixed) or main (entmax15 before issue 17 item 4's one point per pass, main d2ff240: NP = 2,
-first point max z - 1, polish from any feasible point, a pass without a feasible point goes on from the bracket's
-lower end). --np NP: points per pass (default: the rule's). --fmax X: take the exact polish only from a point with
-F(t_a) <= X (default: the rule's; fixed: 1, `threshold.POLISH_FMAX`). --near X: entmax15's polish also accepted when
-the keys it wrongly counts move sum p by at most X (as entmax15_bracket_passes.py). --compare RULE: also replay RULE
-and list the rows whose pass counts differ (support size, each rule's last polish point and error).
+polished from any feasible point, kept r as the lower end and bisected a pass without a feasible point; entmax15 went
+on from the Newton iterate after a polish that was not exact, where fixed takes the middle of [the iterate, the upper
+end] over a support of 16+ keys, `MID_SUPPORT`) or main (entmax15 before issue 17 item 4's one point per pass, main
+d2ff240: NP = 2, first point max z - 1, polish from any feasible point, a pass without a feasible point goes on from
+the bracket's lower end). --np NP: points per pass (default: the rule's). --fmax X: take the exact polish only from
+a point with F(t_a) <= X (default: the rule's; fixed: 1, `threshold.POLISH_FMAX`). --near X: entmax15's polish also
+accepted when the keys it wrongly counts move sum p by at most X (as entmax15_bracket_passes.py). --compare RULE: also
+replay RULE and list the rows whose pass counts differ (support size, each rule's last polish point and error).
+Errors: "tau err ulps" in ulps of tau itself and "score ulps" in ulps of max(|z|, |tau|) over the row (the resolution
+at which the kernel forms z - tau: a tau near 0 has tiny ulps of its own).
 Inputs (natural scores, then the normalizer's unit: z = s, sparsemax; z = s / 2, entmax15):
   dense: N(0, 1) x 0.3 / S (sparsemax) or x 0.3 / sqrt(S) (entmax15): the support is (nearly) every key at every S;
   random: N(0, 1); sparse: N(0, 4^2);
@@ -135,6 +138,8 @@ def replay(z, norm, rule="fixed", fmax=None, bn=64, near=0.0, np_=None):
             up = np.where(has_r, np.minimum(up, r), up)
             up = np.maximum(up, lo)
             nxt = lo
+            if rule == "fixed":              # a polish not exact over >= MID_SUPPORT keys: the middle of [newton, up]
+                newton = np.where(has_r & (r >= zmin_a) & (c_a >= f32(16)), newton + f32(0.5) * (up - newton), newton)
             t0n = np.where(found, np.minimum(np.maximum(newton, lo), up), nxt)
         else:
             r = t_a + f_a / np.maximum(c_a, f32(1))             # the Newton step from t_a: <= tau
@@ -186,15 +191,17 @@ def measure(z, norm, rule, fmax, bn, near=0.0, np_=None):
     npass, tau, how, f_last = replay(z, norm, rule, fmax, bn, near, np_)
     ex, supp = exact_tau(z, norm)
     ulps = np.abs(tau.astype(np.float64) - ex) / np.spacing(np.abs(ex).astype(f32)).astype(np.float64)
+    top = np.maximum(np.abs(z).max(1), np.abs(ex).astype(f32))
+    sulps = np.abs(tau.astype(np.float64) - ex) / np.spacing(top).astype(np.float64)
     err = np.abs(sum_p(z, tau, norm) - 1)
-    return dict(npass=npass, tau=tau, how=how, f_last=f_last, ulps=ulps, err=err, supp=supp)
+    return dict(npass=npass, tau=tau, how=how, f_last=f_last, ulps=ulps, sulps=sulps, err=err, supp=supp)
 
 
 def summary(m, R):
     blk = m["npass"].reshape(-1, 128).max(1) if R % 128 == 0 else np.array([m["npass"].max()])
     pol = m["how"] == "polish"
     return (f"passes/row {m['npass'].mean():.2f} (max {m['npass'].max()}), per 128-row block {blk.mean():.2f} | "
-            f"tau err ulps max {m['ulps'].max():.1f} (polished {m['ulps'][pol].max() if pol.any() else 0:.1f}) | "
+            f"tau err ulps max {m['ulps'].max():.1f}, score ulps {m['sulps'].max():.2f} | "
             f"|sum p - 1| max {m['err'].max():.1e} | support {m['supp'].min()}-{m['supp'].max()} | "
             f"polished {pol.sum()}/{R}, max F(t_a) {m['f_last'][pol].max() if pol.any() else 0:.3g}")
 
