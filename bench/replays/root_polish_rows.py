@@ -4,7 +4,7 @@ narrow bracket) and from how far (F(t_a) at the polish), and how exact tau is: i
 the exact float64 tau of the same float32 scores, and |sum p - 1| (float64 sums of the float32 scores and tau).
 
 Usage: python root_polish_rows.py NORM [--S 90,512,1024,8192] [--inputs dense,random,sparse,structured] [--rows R]
-       [--rule fixed|before|main] [--np NP] [--fmax X] [--near X] [--bn BN] [--compare RULE] [--seed N]
+       [--rule fixed|before|main] [--np NP] [--fmax X] [--near X] [--bn BN] [--compare RULE] [--list N] [--seed N]
 
 NORM: sparsemax or entmax15. --rule: fixed (default: this branch's kernels), before (the kernels before it: sparsemax
 polished from any feasible point, kept r as the lower end and bisected a pass without a feasible point; entmax15 went
@@ -14,7 +14,8 @@ d2ff240: NP = 2, first point max z - 1, polish from any feasible point, a pass w
 the bracket's lower end). --np NP: points per pass (default: the rule's). --fmax X: take the exact polish only from
 a point with F(t_a) <= X (default: the rule's; fixed: 1, `threshold.POLISH_FMAX`). --near X: entmax15's polish also
 accepted when the keys it wrongly counts move sum p by at most X (as entmax15_bracket_passes.py). --compare RULE: also
-replay RULE and list the rows whose pass counts differ (support size, each rule's last polish point and error).
+replay RULE and list (the first N, default 12) rows whose pass counts differ (support size, each rule's last polish
+point and error), with a summary of the rows that take more passes.
 Errors: "tau err ulps" in ulps of tau itself and "score ulps" in ulps of max(|z|, |tau|) over the row (the resolution
 at which the kernel forms z - tau: a tau near 0 has tiny ulps of its own).
 Inputs (natural scores, then the normalizer's unit: z = s, sparsemax; z = s / 2, entmax15):
@@ -208,7 +209,8 @@ def summary(m, R):
 
 def main(argv):
     opts = {"--S": "90,512,1024,8192", "--inputs": "dense,random,sparse,structured", "--rows": "512",
-            "--rule": "fixed", "--fmax": "", "--bn": "64", "--compare": "", "--seed": "0", "--near": "0", "--np": "0"}
+            "--rule": "fixed", "--fmax": "", "--bn": "64", "--compare": "", "--seed": "0", "--near": "0", "--np": "0",
+            "--list": "12"}
     for key in list(opts):
         if key in argv:
             i = argv.index(key)
@@ -229,7 +231,16 @@ def main(argv):
                 more = m["npass"] > o["npass"]
                 print(f"  vs {opts['--compare']}: {summary(o, rows)}")
                 print(f"  rows with more passes: {more.sum()}, fewer: {(m['npass'] < o['npass']).sum()}")
-                for i in diff[:12]:
+                if more.any():
+                    po = more & (o["how"] == "polish")
+                    o_, m_, sup = opts["--compare"], opts["--rule"], o["supp"][more]
+                    f_po = o["f_last"][po].max() if po.any() else 0
+                    print(f"  the rows with more passes: support {sup.min()}-{sup.max()} of {S}; {o_} finished "
+                          f"{po.sum()} by the polish, from F(t_a) <= {f_po:.3g} ({(po & (o['f_last'] > 1)).sum()} from "
+                          f"F > 1), tau err <= {o['ulps'][more].max():.1f} ulps ({o['sulps'][more].max():.2f} score "
+                          f"ulps), |sum p - 1| <= {o['err'][more].max():.1e}; {m_}: {m['ulps'][more].max():.1f} ulps "
+                          f"({m['sulps'][more].max():.2f}), {m['err'][more].max():.1e}")
+                for i in diff[:int(opts["--list"])]:
                     print(f"    row {i:4d}: passes {o['npass'][i]} -> {m['npass'][i]}  support {o['supp'][i]}/{S}  "
                           f"{opts['--compare']}: {o['how'][i]} from F={o['f_last'][i]:.3g} "
                           f"ulps {o['ulps'][i]:.1f} |sum p - 1| {o['err'][i]:.1e};  "
