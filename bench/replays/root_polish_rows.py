@@ -30,6 +30,7 @@ BN = 16 (the interpreter's tile) the kernel's tau equals the replay's bit for bi
 
 Referenced by bench/TUNING.md ("Issue 17 item 4: the threshold engine row by row").
 """
+import argparse
 import sys
 
 import numpy as np
@@ -207,46 +208,54 @@ def summary(m, R):
             f"polished {pol.sum()}/{R}, max F(t_a) {m['f_last'][pol].max() if pol.any() else 0:.3g}")
 
 
+def compare(m, o, S, rule, other, n_list):
+    """Print the rows whose pass counts differ between the replays m (rule) and o (other), and a summary of those
+    that take more passes under rule."""
+    diff = np.nonzero(m["npass"] != o["npass"])[0]
+    more = m["npass"] > o["npass"]
+    print(f"  rows with more passes: {more.sum()}, fewer: {(m['npass'] < o['npass']).sum()}")
+    if more.any():
+        po = more & (o["how"] == "polish")
+        sup = o["supp"][more]
+        f_po = o["f_last"][po].max() if po.any() else 0
+        print(f"  the rows with more passes: support {sup.min()}-{sup.max()} of {S}; {other} finished "
+              f"{po.sum()} by the polish, from F(t_a) <= {f_po:.3g} ({(po & (o['f_last'] > 1)).sum()} from "
+              f"F > 1), tau err <= {o['ulps'][more].max():.1f} ulps ({o['sulps'][more].max():.2f} score "
+              f"ulps), |sum p - 1| <= {o['err'][more].max():.1e}; {rule}: {m['ulps'][more].max():.1f} ulps "
+              f"({m['sulps'][more].max():.2f}), {m['err'][more].max():.1e}")
+    for i in diff[:n_list]:
+        print(f"    row {i:4d}: passes {o['npass'][i]} -> {m['npass'][i]}  support {o['supp'][i]}/{S}  "
+              f"{other}: {o['how'][i]} from F={o['f_last'][i]:.3g} ulps {o['ulps'][i]:.1f} "
+              f"|sum p - 1| {o['err'][i]:.1e};  {rule}: {m['how'][i]} from F={m['f_last'][i]:.3g} "
+              f"ulps {m['ulps'][i]:.1f} |sum p - 1| {m['err'][i]:.1e}")
+
+
 def main(argv):
-    opts = {"--S": "90,512,1024,8192", "--inputs": "dense,random,sparse,structured", "--rows": "512",
-            "--rule": "fixed", "--fmax": "", "--bn": "64", "--compare": "", "--seed": "0", "--near": "0", "--np": "0",
-            "--list": "12"}
-    for key in list(opts):
-        if key in argv:
-            i = argv.index(key)
-            opts[key] = argv[i + 1]
-            del argv[i:i + 2]
-    norm = argv[1]
-    fmax = float(opts["--fmax"]) if opts["--fmax"] else None
-    R, bn = int(opts["--rows"]), int(opts["--bn"])
-    for kind in opts["--inputs"].split(","):
-        for S in map(int, opts["--S"].split(",")):
-            rows = min(R, 256) if S >= 8192 else R
-            z = scores(kind, S, rows, norm, int(opts["--seed"]))
-            m = measure(z, norm, opts["--rule"], fmax, bn, float(opts["--near"]), int(opts["--np"]))
-            print(f"{norm} {opts['--rule']} fmax={opts['--fmax'] or 'rule'} {kind:10s} S={S:5d}: {summary(m, rows)}")
-            if opts["--compare"]:
-                o = measure(z, norm, opts["--compare"], None, bn)
-                diff = np.nonzero(m["npass"] != o["npass"])[0]
-                more = m["npass"] > o["npass"]
-                print(f"  vs {opts['--compare']}: {summary(o, rows)}")
-                print(f"  rows with more passes: {more.sum()}, fewer: {(m['npass'] < o['npass']).sum()}")
-                if more.any():
-                    po = more & (o["how"] == "polish")
-                    o_, m_, sup = opts["--compare"], opts["--rule"], o["supp"][more]
-                    f_po = o["f_last"][po].max() if po.any() else 0
-                    print(f"  the rows with more passes: support {sup.min()}-{sup.max()} of {S}; {o_} finished "
-                          f"{po.sum()} by the polish, from F(t_a) <= {f_po:.3g} ({(po & (o['f_last'] > 1)).sum()} from "
-                          f"F > 1), tau err <= {o['ulps'][more].max():.1f} ulps ({o['sulps'][more].max():.2f} score "
-                          f"ulps), |sum p - 1| <= {o['err'][more].max():.1e}; {m_}: {m['ulps'][more].max():.1f} ulps "
-                          f"({m['sulps'][more].max():.2f}), {m['err'][more].max():.1e}")
-                for i in diff[:int(opts["--list"])]:
-                    print(f"    row {i:4d}: passes {o['npass'][i]} -> {m['npass'][i]}  support {o['supp'][i]}/{S}  "
-                          f"{opts['--compare']}: {o['how'][i]} from F={o['f_last'][i]:.3g} "
-                          f"ulps {o['ulps'][i]:.1f} |sum p - 1| {o['err'][i]:.1e};  "
-                          f"{opts['--rule']}: {m['how'][i]} from F={m['f_last'][i]:.3g} ulps {m['ulps'][i]:.1f} "
-                          f"|sum p - 1| {m['err'][i]:.1e}")
+    ap = argparse.ArgumentParser(description="row-by-row replay of the threshold engine (see the module docstring)")
+    ap.add_argument("norm", choices=["sparsemax", "entmax15"])
+    ap.add_argument("--S", default="90,512,1024,8192")
+    ap.add_argument("--inputs", default="dense,random,sparse,structured")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--rule", default="fixed", choices=["fixed", "before", "main"])
+    ap.add_argument("--np", type=int, default=0)
+    ap.add_argument("--fmax", type=float, default=None)
+    ap.add_argument("--near", type=float, default=0.0)
+    ap.add_argument("--bn", type=int, default=64)
+    ap.add_argument("--compare", default="", choices=["", "fixed", "before", "main"])
+    ap.add_argument("--list", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    for kind in a.inputs.split(","):
+        for S in map(int, a.S.split(",")):
+            rows = min(a.rows, 256) if S >= 8192 else a.rows
+            z = scores(kind, S, rows, a.norm, a.seed)
+            m = measure(z, a.norm, a.rule, a.fmax, a.bn, a.near, a.np)
+            print(f"{a.norm} {a.rule} fmax={a.fmax or 'rule'} {kind:10s} S={S:5d}: {summary(m, rows)}")
+            if a.compare:
+                o = measure(z, a.norm, a.compare, None, a.bn)
+                print(f"  vs {a.compare}: {summary(o, rows)}")
+                compare(m, o, S, a.rule, a.compare, a.list)
 
 
 if __name__ == "__main__":
-    main(list(sys.argv))
+    main(sys.argv[1:])
