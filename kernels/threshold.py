@@ -8,9 +8,9 @@ the key tiles of its query block (``tiles.fold_keys``) without ever storing a sc
 passes at NP points ``t0 + (t1 - t0) * a / NP`` (a = 0..NP-1) per row that accumulate the normalizer's
 statistics at each point (support count and moments), after which the normalizer's step narrows the
 bracket [lo, up] around tau, takes a Newton step, or polishes exactly (tau from the statistics of a point
-whose support is already tau's). Passes repeat until every row of the block is done (at most
-``max_passes``). The normalizer supplies the rule (`ThresholdRule`, carried in its `Hooks` as
-``NORM.rule``)::
+whose support is already tau's; the F-root rules only from a point where F <= `POLISH_FMAX`, `polish_near`).
+Passes repeat until every row of the block is done (at most ``max_passes``). The normalizer supplies the rule
+(`ThresholdRule`, carried in its `Hooks` as ``NORM.rule``)::
 
     init(smax, smin, n, args, NP) -> Bracket  the first bracket from the row's range and count (with
                                               ``second``, one more argument: the row's second-largest score)
