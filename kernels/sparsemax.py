@@ -5,7 +5,9 @@ Scores arrive in natural units (score unit 1). With n allowed keys::
     p_j = max(s_j - tau, 0),   tau such that F(tau) = sum_j max(s_j - tau, 0) - 1 = 0,
     tau in [max s - 1, max s - 1/n]   (F(max s - 1) >= 0 >= F(max s - 1/n))
 
-Pre-pass: the threshold engine's `threshold.root_prepass` with the rule `RULE`. Per pass, at NP points t
+Pre-pass: the threshold engine's `threshold.root_prepass` with the rule `RULE`. The range pass also keeps each
+row's second-largest score s2 (``second``): the first point is the threshold of {max s, s2} alone,
+max(max s - 1, (max s + s2 - 1) / 2), a lower bound (F of a subset of the scores is at most F). Per pass, at NP points t
 the support count c = #{s > t}, s1 = sum (s - t)_+ and the smallest s above t; with a = the largest point
 where F(t_a) = s1 - 1 >= 0 (so t_a <= tau):
 
@@ -45,10 +47,11 @@ COLLECT = False
 
 
 @triton.jit
-def _init(smax, smin, n, args, NP: tl.constexpr):
-    """tau in [max s - 1, max s - 1/n]; exact (= max s - 1) for a row with one key."""
+def _init(smax, smin, n, args, NP: tl.constexpr, s2nd):
+    """tau in [lo, max s - 1/n] with lo = the threshold of the two largest scores alone (<= tau: F of a subset is at
+    most F), max(max s - 1, (max s + s2nd - 1) / 2); exact (= max s - 1) for a row with one key."""
     top = tl.where(n == 0, 0.0, smax)
-    lo = top - 1.0
+    lo = tl.maximum(top - 1.0, 0.5 * (top + s2nd) - 0.5)            # s2nd = -inf without a second score
     up = top - 1.0 / tl.maximum(n, 1.0)
     return Bracket(lo, up, lo, up, lo, n <= 1.0)
 
@@ -97,7 +100,7 @@ def sorted_threshold(srt, cnt, args):
 
 
 RULE = ThresholdRule(points=NPTS, max_passes=MAX_PASSES, init=_init, zero=support_zero, fold=support_fold,
-                     step=_step, bound=sorted_bound, sorted=sorted_threshold)
+                     step=_step, bound=sorted_bound, sorted=sorted_threshold, second=True)
 
 
 @triton.jit

@@ -7,15 +7,17 @@ Usage: python root_polish_rows.py NORM [--S 90,512,1024,8192] [--inputs dense,ra
        [--rule fixed|before|main] [--np NP] [--fmax X] [--near X] [--bn BN] [--compare RULE] [--list N] [--seed N]
 
 NORM: sparsemax or entmax15. --rule: fixed (default: this branch's kernels), before (the kernels before it: sparsemax
-polished from any feasible point, kept r as the lower end and bisected a pass without a feasible point; entmax15 went
-on from the Newton iterate after a polish that was not exact, where fixed takes the middle of [the iterate, the upper
-end] over a support of 16+ keys, `MID_SUPPORT`) or main (entmax15 before issue 17 item 4's one point per pass, main
-d2ff240: NP = 2, first point max z - 1, polish from any feasible point, a pass without a feasible point goes on from
-the bracket's lower end). --np NP: points per pass (default: the rule's). --fmax X: take the exact polish only from
-a point with F(t_a) <= X (default: the rule's; fixed: 1, `threshold.POLISH_FMAX`). --near X: entmax15's polish also
-accepted when the keys it wrongly counts move sum p by at most X (as entmax15_bracket_passes.py). --compare RULE: also
-replay RULE and list (the first N, default 12) rows whose pass counts differ (support size, each rule's last polish
-point and error), with a summary of the rows that take more passes.
+started from max z - 1 (fixed: from the threshold of the two largest scores, as entmax15 since session 6; --first lo
+or top2 overrides), polished from any feasible point, kept r as the lower end and bisected a pass without a feasible
+point; entmax15 went on from the Newton iterate after a polish that was not exact, where fixed takes the middle of
+[the iterate, the upper end] over a support of 16+ keys, `MID_SUPPORT`) or main (entmax15 before issue 17 item 4's
+one point per pass, main d2ff240: NP = 2, first point max z - 1, polish from any feasible point, a pass without a
+feasible point goes on from the bracket's lower end). --np NP: points per pass (default: the rule's). --fmax X: take
+the exact polish only from a point with F(t_a) <= X (default: the rule's; fixed: 1, `threshold.POLISH_FMAX`).
+--near X: entmax15's polish also accepted when the keys it wrongly counts move sum p by at most X (as
+entmax15_bracket_passes.py). --compare RULE: also replay RULE and list (the first N, default 12) rows whose pass
+counts differ (support size, each rule's last polish point and error), with a summary of the rows that take more
+passes.
 Errors: "tau err ulps" in ulps of tau itself and "score ulps" in ulps of max(|z|, |tau|) over the row (the resolution
 at which the kernel forms z - tau: a tau near 0 has tiny ulps of its own).
 Inputs (natural scores, then the normalizer's unit: z = s, sparsemax; z = s / 2, entmax15):
@@ -79,9 +81,11 @@ def fold(z, t, bn, squares):
     return cnt, s1, s2, zmin
 
 
-def replay(z, norm, rule="fixed", fmax=None, bn=64, near=0.0, np_=None):
+def replay(z, norm, rule="fixed", fmax=None, bn=64, near=0.0, np_=None, first=None):
     """Per row: passes, tau (float32), how it finished ("polish", "narrow"), F(t_a) of its last polish
-    candidate, following the kernel's `_init` and `_step`."""
+    candidate, following the kernel's `_init` and `_step`. first: the first point, "lo" (max z - 1) or "top2" (the
+    threshold of the two largest scores alone, a lower bound; the range pass keeps the second largest, `second`);
+    default the rule's."""
     R, S = z.shape
     zs = -np.sort(-z, 1)
     zmax = zs[:, 0]
@@ -91,16 +95,18 @@ def replay(z, norm, rule="fixed", fmax=None, bn=64, near=0.0, np_=None):
     if fmax is None:
         fmax = np.inf if (rule == "main" or (rule == "before" and not entmax)) else 1.0
     fmax = f32(fmax)
+    if first is None:
+        first = "lo" if (rule == "main" or (rule == "before" and not entmax)) else "top2"
+    lo = zmax - f32(1)
+    z2 = zs[:, 1] if S > 1 else np.full(R, -np.inf, f32)
     if entmax:
-        if rule == "main":
-            lo = zmax - f32(1)
-        else:                                     # the threshold of the two largest alone (`_init`, `second`)
-            z2 = zs[:, 1] if S > 1 else zmax - f32(2)
+        if first == "top2":
             h = f32(0.5) * (zmax - z2)
             lo = zmax - np.where(h < f32(0.5), h + np.sqrt(np.maximum(f32(0.5) - h * h, f32(0))), f32(1))
         up = zmax - f32(1) / np.sqrt(n)
     else:
-        lo = zmax - f32(1)
+        if first == "top2":
+            lo = np.maximum(lo, f32(0.5) * (zmax + z2) - f32(0.5))
         up = zmax - f32(1) / n
     t0, t1, tau = lo.copy(), up.copy(), lo.copy()
     done = n <= 1
@@ -189,8 +195,8 @@ def scores(kind, S, R, norm, seed=0):
     return (rng.standard_normal((R, S)) * spread).astype(f32) * unit
 
 
-def measure(z, norm, rule, fmax, bn, near=0.0, np_=None):
-    npass, tau, how, f_last = replay(z, norm, rule, fmax, bn, near, np_)
+def measure(z, norm, rule, fmax, bn, near=0.0, np_=None, first=None):
+    npass, tau, how, f_last = replay(z, norm, rule, fmax, bn, near, np_, first)
     ex, supp = exact_tau(z, norm)
     ulps = np.abs(tau.astype(np.float64) - ex) / np.spacing(np.abs(ex).astype(f32)).astype(np.float64)
     top = np.maximum(np.abs(z).max(1), np.abs(ex).astype(f32))
@@ -240,6 +246,7 @@ def main(argv):
     ap.add_argument("--np", type=int, default=0)
     ap.add_argument("--fmax", type=float, default=None)
     ap.add_argument("--near", type=float, default=0.0)
+    ap.add_argument("--first", default=None, choices=["lo", "top2"])
     ap.add_argument("--bn", type=int, default=64)
     ap.add_argument("--compare", default="", choices=["", "fixed", "before", "main"])
     ap.add_argument("--list", type=int, default=12)
@@ -249,8 +256,9 @@ def main(argv):
         for S in map(int, a.S.split(",")):
             rows = min(a.rows, 256) if S >= 8192 else a.rows
             z = scores(kind, S, rows, a.norm, a.seed)
-            m = measure(z, a.norm, a.rule, a.fmax, a.bn, a.near, a.np)
-            print(f"{a.norm} {a.rule} fmax={a.fmax or 'rule'} {kind:10s} S={S:5d}: {summary(m, rows)}")
+            m = measure(z, a.norm, a.rule, a.fmax, a.bn, a.near, a.np, a.first)
+            print(f"{a.norm} {a.rule} fmax={a.fmax or 'rule'} first={a.first or 'rule'} {kind:10s} S={S:5d}: "
+                  f"{summary(m, rows)}")
             if a.compare:
                 o = measure(z, a.norm, a.compare, None, a.bn)
                 print(f"  vs {a.compare}: {summary(o, rows)}")
