@@ -16,10 +16,11 @@ Pre-pass (scores only, no V), per row:
      t_a, the smaller root, y = (s2 - 1) / (s1 + sqrt(s1^2 - c (s2 - 1)))), which is tau - the mean
      minus sqrt(1/c - variance) form - computed relative to t_a for accuracy. The candidate r = t_a + y
      is the exact tau iff r < zmin_a (no z in (t_a, tau]); otherwise r >= tau is an upper bound. Taken
-     only from a point with F(t_a) <= POLISH_FMAX (fp32: its error grows with F(t_a)).
+     only from a point with F(t_a) <= 1 (`threshold.POLISH_FMAX`: its fp32 error grows with F(t_a)).
    * Newton from t_a on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+ minus 1: convex and decreasing, and
      linear in t for equal scores): t_a + (s2 - sqrt(s2)) / s1 <= tau (as (s2 - 1) r / ((r + 1) s1), r = sqrt(s2)),
-     the next t0.
+     the next t0; after a polish that was not exact (r >= zmin_a) over a wide support (c >= MID_SUPPORT keys),
+     the middle of [the iterate, up] instead (up <= r: close above tau).
    * bisection: tau lies in [t_a, t_{a+1}), so the bracket shrinks at least NP-fold per pass.
    * no feasible point (rounding put the Newton iterate above tau): the smaller root of the lowest point's
      support quadratic is a lower bound, the next point.
@@ -47,8 +48,8 @@ s = 2 z is dS = g * (dP - delta): dp/dz = 2 (diag(g) - g g^T / sum g) and dz/ds 
 import triton
 import triton.language as tl
 
-from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, root_hooks, sorted_bound, support_fold,
-                        support_zero)
+from .threshold import (Bracket, ThresholdRule, configure_root, feasible_point, polish_near, root_hooks, sorted_bound,
+                        support_fold, support_zero)
 from .tiles import pick_row, safe_inv
 
 #: upper bound on the refinement passes of one block (each shrinks the bracket at least NP-fold)
@@ -58,18 +59,18 @@ MAX_PASSES = 40
 #: from the two largest scores (`_init`) a query block takes as many passes as main's 2 points did (work counter,
 #: L = S = 512: 6; the replay: 4 bracket passes at S = 512 and 1024, 5 at 8192 against 4-5): the pre-pass costs
 #: 38 % fewer instructions per K tile (bench/TUNING.md, "Issue 17 item 4: entmax15 at one point per pass"). One
-#: point had lost accuracy before POLISH_FMAX (below): the first pass polished from max z - 1, far below tau.
+#: point had lost accuracy before `threshold.POLISH_FMAX`: the first pass polished from max z - 1, far below tau.
 #: H100, bf16, 16k, main's rule: the whole forward took 34.0 ms with 2 points and 41.9 ms with 4 (softmax 5.2).
 NPTS = 1
 #: COLLECT mode: experimental, off by default. Exact and tested on the CPU (Triton's interpreter), but not
 #: validated on a GPU: on the H100 (call C, bench/TUNING.md) the CUDA tests with it on compiled so slowly
 #: that only 6 finished in 170 s (tl.sort over [BM, 128] tiles is the suspect). Set it to True to try it.
 COLLECT = False
-#: the exact polish is taken only from a point t_a with F(t_a) <= POLISH_FMAX. Its fp32 error in sum p is about
-#: a few ulps times F(t_a) (disc = s1^2 - c F(t_a) cancels: both terms grow as (t_a - mean z)^2 while disc does
-#: not), so from t = max z - 1 in a dense row (F ~ 70 at 90 keys) sum p missed 1 by 1.2e-5. A row whose polish
-#: is refused takes the Newton iterate (close below tau) and polishes there one pass later.
-POLISH_FMAX: tl.constexpr = tl.constexpr(1.0)
+#: support count at t_a from which a pass whose polish was not exact goes on from the middle of [Newton iterate, upper
+#: end] instead of the iterate (`_step`): replay (bench/replays/root_polish_rows.py, "Issue 17 item 4: the threshold
+#: engine row by row" in bench/TUNING.md), 128-row block maxima at S = 90-8192: structured inputs 0.25-0.75 bracket
+#: passes fewer, random 0-0.5, sparse and dense rows unchanged (at 8: sparse rows +0.25; at 32: smaller gains)
+MID_SUPPORT: tl.constexpr = tl.constexpr(16.0)
 
 
 # ------------------------------------------------------------------ the bracket rule (threshold engine)
@@ -100,7 +101,7 @@ def _step(br, t, acc, args):
     disc = s1_a * s1_a - c_a * f_a
     r = t_a + f_a / tl.maximum(s1_a + tl.sqrt(tl.maximum(disc, 0.0)), 1e-30)
     has_r = found & (disc >= 0)
-    exact = has_r & (r < zmin_a) & (f_a <= POLISH_FMAX)                # from a point close to tau only
+    exact = has_r & (r < zmin_a) & polish_near(f_a)                    # from a point close to tau only
     # Newton on G = sqrt(F + 1) - 1 (the 2-norm of (z - t)_+, convex and decreasing like F, linear in t for
     # equal scores): from below it never overshoots and takes fewer passes than Newton on F (a replay:
     # bench/replays/entmax15_bracket_passes.py --newton G)
@@ -118,7 +119,11 @@ def _step(br, t, acc, args):
     up = tl.where(found, tl.minimum(br.up, t_b), tl.minimum(br.up, br.t0))
     up = tl.where(has_r, tl.minimum(up, r), up)
     up = tl.maximum(up, lo)
-    t0 = tl.where(found, tl.minimum(tl.maximum(newton, lo), up), lo)
+    # a polish that was not exact (r >= zmin_a: keys lie in (t_a, tau]) over a wide support put the upper end r close
+    # above tau, while Newton creeps up on tau under those keys: the next point is the middle of [newton, up]. If it
+    # lands above tau, the root below it (a lower bound) is the next. Only the point moves: exactness is unchanged
+    mid = has_r & (r >= zmin_a) & (c_a >= MID_SUPPORT)
+    t0 = tl.where(found, tl.minimum(tl.maximum(tl.where(mid, newton + 0.5 * (up - newton), newton), lo), up), lo)
     narrow = (up - lo) <= 2.4e-7 * tl.maximum(tl.abs(lo), 1.0)
     tau = tl.where(br.done, br.tau, tl.where(exact, r, lo))
     done = br.done | exact | narrow | ~(up - lo >= 0)      # (the last: NaN scores)

@@ -8,9 +8,9 @@ the key tiles of its query block (``tiles.fold_keys``) without ever storing a sc
 passes at NP points ``t0 + (t1 - t0) * a / NP`` (a = 0..NP-1) per row that accumulate the normalizer's
 statistics at each point (support count and moments), after which the normalizer's step narrows the
 bracket [lo, up] around tau, takes a Newton step, or polishes exactly (tau from the statistics of a point
-whose support is already tau's). Passes repeat until every row of the block is done (at most
-``max_passes``). The normalizer supplies the rule (`ThresholdRule`, carried in its `Hooks` as
-``NORM.rule``)::
+whose support is already tau's; the F-root rules only from a point where F <= `POLISH_FMAX`, `polish_near`).
+Passes repeat until every row of the block is done (at most ``max_passes``). The normalizer supplies the rule
+(`ThresholdRule`, carried in its `Hooks` as ``NORM.rule``)::
 
     init(smax, smin, n, args, NP) -> Bracket  the first bracket from the row's range and count (with
                                               ``second``, one more argument: the row's second-largest score)
@@ -210,16 +210,19 @@ def feasible_point(f, t, br):
     return sel, a >= 0, pick_row(t, sel), t_b
 
 
+#: the exact polish (tau from the statistics of a point t_a whose support is already tau's) is taken only from a point
+#: with F(t_a) <= POLISH_FMAX (`polish_near`). Its fp32 error grows with F(t_a): the statistics (sums of (z - t_a)_+
+#: over the support) round to a few ulps of their size, about F(t_a) + 1, and entmax15's discriminant also cancels.
+#: In a dense row the first point lies far below tau (F ~ the number of keys): sparsemax's polish from there missed
+#: sum p = 1 by 5.8e-5 at 512 keys and 2.9e-3 at 8192, entmax15's by 1.2e-5 at 90 (bench/TUNING.md, "Issue 17 item 4:
+#: the threshold engine row by row"). A refused row goes on from the Newton iterate, close below tau.
+POLISH_FMAX: tl.constexpr = tl.constexpr(1.0)
+
+
 @triton.jit
-def miss_point(lo, up, t):
-    """The next pass's first point of a row where no point t [BM, NP] was feasible (rounding put them all above
-    tau): the bracket's lower end lo (the NP points then bisect [lo, up]), or with one point per pass its
-    midpoint (the one point at lo would repeat the same Newton iterate)."""
-    NP: tl.constexpr = t.shape[1]
-    if NP == 1:
-        return lo + 0.5 * (up - lo)
-    else:
-        return lo
+def polish_near(f_a):
+    """Whether the exact polish may be taken from a point where F = f_a [BM] (`POLISH_FMAX`)."""
+    return f_a <= POLISH_FMAX
 
 
 @triton.jit

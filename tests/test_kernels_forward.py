@@ -376,7 +376,7 @@ def test_root_collect_mode_and_overflow(norm, causal, monkeypatch):
 @pytest.mark.parametrize("norm", ["entmax15", "sparsemax"])
 def test_root_points_per_pass(norm, monkeypatch):
     """The bracket method at NPTS = 1 (the default: the Newton iterate alone; a row without a feasible point
-    bisects, `threshold.miss_point`), 2 and 4 points per pass: the same exact tau, causal, over 19 tiles."""
+    goes on from a lower bound), 2 and 4 points per pass: the same exact tau, causal, over 19 tiles."""
     mod = importlib.import_module(flashmaps.parse(norm).kernels)
     q, k, v = make_qkv(1, 1, 1, 16, 300, 16, seed=18, spread=1.5)
     for npts in (1, 2, 4):
