@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--norms", default=None, help="specs (default: every registered normalizer's default)")
     ap.add_argument("--inputs", default="random,structured", help="random (N(0, 1)) and/or structured inputs")
     ap.add_argument("--block-mask", choices=("on", "off"), default="on", help="the sparse units with (default here, "
-                    "to count what it skips) or without the block mask (the library's default: on)")
+                    "to count what it skips) or without it (the library's default: off, `triton_path.BLOCK_MASK`)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         print("workcount: set TRITON_INTERPRET=1 (the counters wrap the interpreted kernels)", file=sys.stderr)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     triton_path.BLOCK_MASK = args.block_mask == "on"
     norms = args.norms.split(",") if args.norms else [n.spec for n in flashmaps.defaults() if n.has_triton]
     print(f"L = S = {args.L}, D = {args.D}, fp32 inputs (seed 0): N(0, 1) (random) or `bench/structured.py` "
-          f"(structured), default scale; block mask {args.block_mask} (the library's default: on); per query block of the "
+          f"(structured), default scale; block mask {args.block_mask} (the library's default: off); per query block of the "
           "forward (dQ), per key block of the dK/dV kernel; `passes`: forward score tiles / output-pass tiles "
           "visited (how many times a block streams K); `block sparsity`: dead BM x BN tiles / tiles with an "
           "allowed key (float64 reference). Method: `python -m flashmaps.bench.workcount` "
