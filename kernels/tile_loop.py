@@ -43,6 +43,17 @@ from .tiles import (at_row, fold_keys, head_base, key_bounds, kv_desc, left_boun
                     query_program, rows_base, varlen_dims, work_program)
 
 
+class _Work(NamedTuple):
+    """One query block of the forward: rows [pid_m * BM, + BM) of (batch off_b, query head off_h), kv head off_hk,
+    the keys of split ``split`` (ST.SPLIT; else 0)."""
+
+    pid_m: Any
+    off_b: Any
+    off_h: Any
+    off_hk: Any
+    split: Any
+
+
 class _Values(NamedTuple):
     """What the output pass needs per tile besides the scores."""
 
@@ -136,8 +147,8 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
             w = r * n_prog + tl.where(r % 2 == 1, n_prog - 1 - pid, pid)
             pid_m, off_b, off_h, off_hk = work_program(w, n_m, dims, ST.IS_CAUSAL)
             if w < n_work:
-                _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h,
-                           off_hk, 0, BM, BN, ST, NORM, SCRATCH_COLS)
+                _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP,
+                           _Work(pid_m, off_b, off_h, off_hk, 0), BM, BN, ST, NORM, SCRATCH_COLS)
     else:
         pid_m, off_b, off_h, off_hk = query_program(dims, ST.IS_CAUSAL)
         split = 0
@@ -150,16 +161,15 @@ def attn_fwd(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_BUCKET, S_BUC
             if pid_m * BM >= dims.L:
                 return
             Q, O, K, V = at_row(Q, dims.q0), at_row(O, dims.q0), at_row(K, k0), at_row(V, k0)
-        _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h, off_hk,
-                   split, BM, BN, ST, NORM, SCRATCH_COLS)
+        _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP,
+                   _Work(pid_m, off_b, off_h, off_hk, split), BM, BN, ST, NORM, SCRATCH_COLS)
 
 
 @triton.jit
-def _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, pid_m, off_b, off_h, off_hk, split,
-               BM: tl.constexpr, BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr,
-               SCRATCH_COLS: tl.constexpr):
-    """The forward of one query block: rows [pid_m * BM, + BM) of (batch off_b, query head off_h), kv head off_hk
-    (ST.SPLIT: the keys of split ``split`` only; ST.VARLEN: dims and views already the sequence's)."""
+def _fwd_block(Q, K, V, O, M, rows, dims, scale, args, drop, seed, L_PAD, HP, work, BM: tl.constexpr,
+               BN: tl.constexpr, ST: tl.constexpr, NORM: tl.constexpr, SCRATCH_COLS: tl.constexpr):
+    """The forward of one query block, `_Work` ``work`` (ST.VARLEN: dims and views already the sequence's)."""
+    pid_m, off_b, off_h, off_hk, split = work
     pid_bh = off_b * dims.Hq + off_h
     start_m = pid_m * BM
     offs_m = start_m + tl.arange(0, BM)                # [BM]
