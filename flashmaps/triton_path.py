@@ -25,6 +25,7 @@ of :func:`dropout_keep_mask`, regenerated identically by the backward. Autotune 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, NamedTuple, Optional
@@ -34,8 +35,8 @@ import triton
 
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
-                               Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
+from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, Hooks, RowOut,
+                               ScoreScale, Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
@@ -113,6 +114,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=1024)
 def _bucket(n: int) -> int:
     """Autotune length bucket: the next power of two, at least 256."""
     return max(256, 1 << max(0, math.ceil(math.log2(max(1, n)))))
@@ -197,33 +199,108 @@ class _Call(NamedTuple):
     hp: Any               # the (Hq,) fp32 head parameters (contract.Hooks.head_param) or the placeholder
 
 
+#: {a call's static key (`_setup`): the _Call fields that depend on it alone}; emptied when it reaches _PLANS_MAX
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
 def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder) -> _Call:
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    hooks, args, scratch_cols = normalizer.triton(S)
+    hooks, args, scratch_cols = normalizer.triton(S)     # every call: it reads its module's knobs (COLLECT, NPTS)
+    if mask is None:
+        mask_view = View(placeholder, 0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        mask_view = View.of(mask.view(torch.uint8))   # same strides, no copy
+    else:  # entries <= finfo.min (and -inf) exclude the key
+        mask_view = View.of(mask)
+    # issue 17 (host cost): what follows depends on this key only, so it is built once per key (`_PLANS`)
+    key = (normalizer, _hashed(hooks), args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, q.dtype,
+           None if mask is None else mask.dtype, causal, scale, softcap, dropout_p, _dot_precision(q.dtype))
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:                  # an unhashable user normalizer (a list option): no plan cache
+        plan, key = None, None
+    if plan is None:
+        plan = _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, q.dtype,
+                     None if mask is None else mask.dtype, causal, scale, softcap, dropout_p)
+        if key is not None:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return _Call(plan.hooks, plan.args, plan.scratch_cols, plan.static, plan.dims, plan.scale, mask_view, plan.drop,
+                 int(seed), plan.sm_scale, B, Hkv, _head_params(normalizer, plan.hooks, Hq, placeholder))
+
+
+class _Hashed:
+    """A hashable value with its hash computed once, equal to a _Hashed of an equal value: a Hooks record in a
+    cache key (hashing its JIT functions costs microseconds per call)."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self is other or (type(other) is _Hashed and self.hash == other.hash and self.value == other.value)
+
+
+#: {(id(obj), tag): (obj, what `_memo` made of it)}: holding obj, so that its id is not reused while it is listed;
+#: emptied when it reaches _PLANS_MAX
+_MEMO: dict = {}
+
+
+def _memo(obj, tag, make):
+    """``make()``, once per object ``obj`` (by identity) and ``tag``: the calls of one plan (`_setup`) share their
+    hooks and static records, so what is derived from them (a variant, a `_Hashed`) is derived once."""
+    key = (id(obj), tag)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    made = make()
+    if len(_MEMO) >= _PLANS_MAX:
+        _MEMO.clear()
+    _MEMO[key] = (obj, made)
+    return made
+
+
+def _hashed(value) -> _Hashed:
+    return _memo(value, None, lambda: _Hashed(value))
+
+
+def _variant(record, **fields):
+    """``record._replace(**fields)`` (a NamedTuple), made once per record object and fields."""
+    return _memo(record, tuple(fields.items()), lambda: record._replace(**fields))
+
+
+def _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, dtype, mask_dtype, causal, scale,
+          softcap, dropout_p) -> _Call:
+    """The _Call of `_setup` without its per-call fields (mask view, seed, head parameters: None)."""
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if mask is None:
-        mask_kind, mask_view, mask_min = MASK_NONE, View(placeholder, 0, 0, 0, 0), 0.0
-    elif mask.dtype == torch.bool:
-        mask_kind, mask_view, mask_min = MASK_BOOL, View.of(mask.view(torch.uint8)), 0.0   # same strides, no copy
-    else:  # entries <= finfo.min (and -inf) exclude the key
-        mask_kind, mask_view, mask_min = MASK_FLOAT, View.of(mask), float(torch.finfo(mask.dtype).min)
+    if mask_dtype is None:
+        mask_kind, mask_min = MASK_NONE, 0.0
+    elif mask_dtype == torch.bool:
+        mask_kind, mask_min = MASK_BOOL, 0.0
+    else:
+        mask_kind, mask_min = MASK_FLOAT, float(torch.finfo(mask_dtype).min)
     distance = normalizer.score == "distance"   # the scale goes inside the log (tiles.log_distance)
     qk_scale, cap_mult = fold_score_unit(1.0 if distance else scale, softcap, hooks.unit)
     band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
     static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
-                         softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
-                         dtype=str(q.dtype), left=band.left_off is not None, distance=distance,
+                         softcap=softcap is not None, dot_prec=_dot_precision(dtype), dropout=dropout_p > 0,
+                         dtype=str(dtype), left=band.left_off is not None, distance=distance,
                          raw_scores=raw_scores_ok(hooks, softcap=softcap is not None, mask_kind=mask_kind,
                                                   distance=distance, qk_scale=qk_scale))
     dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0, 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min, float(scale),
-                            -0.5 * normalizer.score_power if distance else 0.0), mask_view, drop,
-                 int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv,
-                 _head_params(normalizer, hooks, Hq, placeholder))
+                            -0.5 * normalizer.score_power if distance else 0.0), None, drop,
+                 None, (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv, None)
 
 
 def tma_ok(*views: torch.Tensor) -> bool:
@@ -276,6 +353,11 @@ _CHOSEN: dict = {}
 _KEY_AT: dict = {}
 
 
+def _key_value(x):
+    """An autotune key value as `_CHOSEN` keys it: a Hooks record hashed once (`_hashed`)."""
+    return _hashed(x) if type(x) is Hooks else x
+
+
 def _launch(kernel, tuned, config, grid_of, args, meta):
     """Run ``kernel`` with a pinned ``config`` (or the interpreter's small blocks), else autotuned.
 
@@ -294,7 +376,7 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
     if at is None:
         at = _KEY_AT[tuned] = tuple(tuned.arg_names.index(name) for name in tuned.keys)
     n = len(args)
-    key = (tuned, *(args[i] if i < n else meta[tuned.arg_names[i]] for i in at))
+    key = (tuned, *(_key_value(args[i] if i < n else meta[tuned.arg_names[i]]) for i in at))
     chosen = _CHOSEN.get(key)
     if chosen is None:
         tuned[grid_of](*args, **meta)
@@ -318,9 +400,16 @@ def split_plan(B: int, Hq: int, L: int, S: int, sm_count: int) -> int:
     return max(1, min(triton.cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
 
 
+#: {CUDA device: its SM count} (`_sm_count`)
+_SM_COUNT: dict = {}
+
+
 def _sm_count(dev) -> int:
     if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).multi_processor_count
+        n = _SM_COUNT.get(dev)
+        if n is None:
+            n = _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        return n
     return DEFAULT_SM_COUNT
 
 
@@ -394,7 +483,9 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     dev = q.device
     placeholder = torch.empty(1, dtype=torch.float32, device=dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
-    c = c._replace(static=_tma_static(c.static, k, v))
+    static = _tma_static(c.static, k, v)
+    if static is not c.static:
+        c = c._replace(static=static)
     if save_extras and not c.hooks.has_backward:
         raise NotImplementedError(
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
@@ -432,7 +523,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
                   saved.get("thr", placeholder) if thr_k is None else thr_k, saved.get("sum_g", placeholder),
                   saved.get("o2", placeholder), scratch, placeholder if live is None else live)
-    norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
+    norm = _variant(c.hooks, has_g=False) if c.hooks.has_g and not save_extras else c.hooks   # the second sum
+                                                                                                 # only when needed
 
     def args_of(o, st, dims, static):
         rw = rows._replace(stat0=st[0], stat1=st[-1]) if st else rows
@@ -508,7 +600,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     rows = RowOut(stats[0] if stats else placeholder, stats[-1] if stats else placeholder,
                   views.get("thr", placeholder), views.get("sum_g", placeholder), placeholder, placeholder)
     o_bwd = views["o2"] if c.hooks.has_g else out      # the row term is taken against O2 for entmax15
-    norm = c.hooks.with_consts(())                         # consts are forward-only: one backward per hooks
+    norm = _memo(c.hooks, "bwd", lambda: c.hooks.with_consts(()))   # consts are forward-only: one backward per hooks
 
     if deterministic is None:
         from .functional import default_deterministic
@@ -523,7 +615,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     rb = rb._replace(lists=placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev))
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
-        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=_variant(c.static, ATOMIC_DQ=atomic),
         NORM=norm, HP=c.hp, SHIFT=shift_rows(delta_shift, (B, Hq, L), dev), DQA=dq_acc, GROUP=Hq // c.Hkv)
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
@@ -538,7 +630,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
             per_kernel.get("dkdv"),
             lambda META: (_cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
-            dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
+            dict(meta, ST=_variant(c.static, ATOMIC_DQ=atomic), DQA=dq_acc))
     if atomic:
         return dq_acc.view(q.shape).to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
