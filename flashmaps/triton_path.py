@@ -214,14 +214,16 @@ def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropou
         mask_view = View.of(mask.view(torch.uint8))   # same strides, no copy
     else:  # entries <= finfo.min (and -inf) exclude the key
         mask_view = View.of(mask)
-    # issue 17 (host cost): what follows depends on this key only, so it is built once per key (`_PLANS`)
-    key = (normalizer, _hashed(hooks), args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, q.dtype,
-           None if mask is None else mask.dtype, causal, scale, softcap, dropout_p, _dot_precision(q.dtype))
+    # issue 17 (host cost): the rest depends on this key and the unit's (hooks, args, scratch_cols) only: built once
+    # (`_PLANS`; a plan whose triton(S) record differs, a module knob changed, is rebuilt)
+    key = (normalizer, B, Hq, L, D, Hkv, S, Dv, q.dtype, None if mask is None else mask.dtype, causal, scale, softcap,
+           dropout_p, _dot_precision(q.dtype))
     try:
         plan = _PLANS.get(key)
     except TypeError:                  # an unhashable user normalizer (a list option): no plan cache
         plan, key = None, None
-    if plan is None:
+    if plan is None or not (plan.scratch_cols == scratch_cols and (plan.hooks is hooks or plan.hooks == hooks)
+                            and (plan.args is args or plan.args == args)):
         plan = _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, q.dtype,
                      None if mask is None else mask.dtype, causal, scale, softcap, dropout_p)
         if key is not None:
@@ -301,6 +303,20 @@ def _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, dtype,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min, float(scale),
                             -0.5 * normalizer.score_power if distance else 0.0), None, drop,
                  None, (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv, None)
+
+
+#: {device: its placeholder} (`_placeholder`)
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(dev) -> torch.Tensor:
+    """The fp32 (1,) tensor the launchers pass for an unused pointer argument, one per device (kept: an allocation
+    less per launch; no kernel reads or writes it)."""
+    ph = _PLACEHOLDERS.get(dev)
+    if ph is None:
+        with torch.inference_mode(False):
+            ph = _PLACEHOLDERS[dev] = torch.empty(1, dtype=torch.float32, device=dev)
+    return ph
 
 
 def tma_ok(*views: torch.Tensor) -> bool:
@@ -481,7 +497,7 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     dev = q.device
-    placeholder = torch.empty(1, dtype=torch.float32, device=dev)
+    placeholder = _placeholder(dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     static = _tma_static(c.static, k, v)
     if static is not c.static:
@@ -581,7 +597,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     B, Hq, L, _ = q.shape
     S = k.shape[2]
     dev = q.device
-    placeholder = torch.empty(1, dtype=torch.float32, device=dev)
+    placeholder = _placeholder(dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     if not c.hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
@@ -641,17 +657,18 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
 
 def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder):
     """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
-    head dim ``head_d``: delta, w0, w1 (uninitialized), ``live`` (the block mask or a placeholder), the non-finite
-    rule's flags (head_bad: ``heads`` = B * Hkv (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with
-    ``atomic`` the zeroed fp32 dQ accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and
-    head_bad."""
+    head dim ``head_d``: delta, w0, w1, ``live`` (the block mask or a placeholder), the non-finite rule's flags
+    (head_bad: ``heads`` = B * Hkv (b, kv head) flags; row_bad without the atomic dQ) and with ``atomic`` the fp32
+    dQ accumulator (rows_shape + (head_d,), flat). All of them are views of ONE zeroed allocation, split in one op
+    (issue 17: two ops instead of five; the rows, written by the preprocess, start 16-byte aligned past the flags)."""
     n = math.prod(rows_shape)
-    dev = placeholder.device
-    rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev).unbind(0)
+    n_rows, dq_n = (3, n * head_d) if atomic else (4, 0)
+    pad = -heads % 4
+    dqa, head_bad, _, *rows = torch.zeros(dq_n + heads + pad + n_rows * n, dtype=torch.float32,
+                                          device=placeholder.device).split([dq_n, heads, pad] + [n] * n_rows)
     if atomic:
-        zeroed = torch.zeros(n * head_d + heads, dtype=torch.float32, device=dev)
-        return BwdRows(*rows, live, zeroed[n * head_d:], placeholder), zeroed[:n * head_d]
-    return BwdRows(*rows[:3], live, torch.zeros(heads, dtype=torch.float32, device=dev), rows[3]), placeholder
+        return BwdRows(*rows, live, head_bad, placeholder), dqa
+    return BwdRows(*rows[:3], live, head_bad, rows[3]), placeholder
 
 
 def shift_rows(delta_shift: Optional[torch.Tensor], rows_shape, dev) -> Optional[torch.Tensor]:
