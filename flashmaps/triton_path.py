@@ -369,11 +369,6 @@ _CHOSEN: dict = {}
 _KEY_AT: dict = {}
 
 
-def _key_value(x):
-    """An autotune key value as `_CHOSEN` keys it: a Hooks record hashed once (`_hashed`)."""
-    return _hashed(x) if type(x) is Hooks else x
-
-
 def _launch(kernel, tuned, config, grid_of, args, meta):
     """Run ``kernel`` with a pinned ``config`` (or the interpreter's small blocks), else autotuned.
 
@@ -392,7 +387,11 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
     if at is None:
         at = _KEY_AT[tuned] = tuple(tuned.arg_names.index(name) for name in tuned.keys)
     n = len(args)
-    key = (tuned, *(_key_value(args[i] if i < n else meta[tuned.arg_names[i]]) for i in at))
+    key = [tuned]
+    for i in at:
+        x = args[i] if i < n else meta[tuned.arg_names[i]]
+        key.append(_hashed(x) if type(x) is Hooks else x)       # (a Hooks record: its hash computed once)
+    key = tuple(key)
     chosen = _CHOSEN.get(key)
     if chosen is None:
         tuned[grid_of](*args, **meta)
