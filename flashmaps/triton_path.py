@@ -36,7 +36,8 @@ import triton
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
 from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, Hooks, RowOut,
-                               ScoreScale, Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
+                               ScoreScale, Static, View, block_mask_ok, block_mask_shape, fold_score_unit,
+                               raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
@@ -624,10 +625,10 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     atomic = not deterministic
     # delta = rowsum(dO * O_bwd) - delta_shift; (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each,
     # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
+    # (and the block mask's per-program lists of live tiles, int16: see `BwdRows.lists`)
+    lists = placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev)
     rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic,
-                                  placeholder if live is None else live, placeholder)
-    # the block mask's per-program lists of live tiles (int16: see `BwdRows.lists`)
-    rb = rb._replace(lists=placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev))
+                                  placeholder if live is None else live, placeholder, lists)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
         View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=_variant(c.static, ATOMIC_DQ=atomic),
@@ -654,20 +655,21 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     return dq, dk, dv
 
 
-def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder):
+def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder, lists=0):
     """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
     head dim ``head_d``: delta, w0, w1, ``live`` (the block mask or a placeholder), the non-finite rule's flags
     (head_bad: ``heads`` = B * Hkv (b, kv head) flags; row_bad without the atomic dQ) and with ``atomic`` the fp32
-    dQ accumulator (rows_shape + (head_d,), flat). All of them are views of ONE zeroed allocation, split in one op
-    (issue 17: two ops instead of five; the rows, written by the preprocess, start 16-byte aligned past the flags)."""
+    dQ accumulator (rows_shape + (head_d,), flat); ``lists``: `BwdRows.lists`. All but ``live`` and ``lists`` are
+    views of ONE zeroed allocation, split in one op (issue 17: two ops instead of five; the rows, written by the
+    preprocess, start 16-byte aligned past the flags)."""
     n = math.prod(rows_shape)
     n_rows, dq_n = (3, n * head_d) if atomic else (4, 0)
     pad = -heads % 4
     dqa, head_bad, _, *rows = torch.zeros(dq_n + heads + pad + n_rows * n, dtype=torch.float32,
                                           device=placeholder.device).split([dq_n, heads, pad] + [n] * n_rows)
     if atomic:
-        return BwdRows(*rows, live, head_bad, placeholder), dqa
-    return BwdRows(*rows[:3], live, head_bad, rows[3]), placeholder
+        return BwdRows(*rows, live, head_bad, placeholder, lists), dqa
+    return BwdRows(*rows[:3], live, head_bad, rows[3], lists), placeholder
 
 
 def shift_rows(delta_shift: Optional[torch.Tensor], rows_shape, dev) -> Optional[torch.Tensor]:
