@@ -410,10 +410,10 @@ def split_plan(B: int, Hq: int, L: int, S: int, sm_count: int) -> int:
     64 splits. The partial results are merged by the normalizer's merge rule."""
     if L > SPLIT_MAX_L or S < 2 * SPLIT_KEY_BLOCK:
         return 1
-    programs = B * Hq * triton.cdiv(L, 64)
+    programs = B * Hq * _cdiv(L, 64)
     if programs >= sm_count:
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
+    return max(1, min(_cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
 
 
 #: {CUDA device: its SM count} (`_sm_count`)
@@ -457,8 +457,8 @@ def _launch_split(q, k, v, normalizer, c, n_split, args_of, config, threshold=No
     """The forward as n_split key splits in one launch (grid axis 0: query block x split), merged."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
-    split_keys = triton.cdiv(triton.cdiv(S, n_split), SPLIT_KEY_BLOCK) * SPLIT_KEY_BLOCK
-    n_split = triton.cdiv(S, split_keys)
+    split_keys = _cdiv(_cdiv(S, n_split), SPLIT_KEY_BLOCK) * SPLIT_KEY_BLOCK
+    n_split = _cdiv(S, split_keys)
     dev = q.device
     out_p = torch.empty((n_split * B, Hq, L, DV), dtype=torch.float32, device=dev)
     stats_p = [torch.empty((n_split * B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
