@@ -174,12 +174,18 @@ def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad:
 
 def _unpack(extras: torch.Tensor, hooks, q, v, need_grad: bool, S: int = 0) -> dict:
     B, Hq, L = q.shape[:3]
-    views, at = {}, 0
-    for name, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S):
-        n = math.prod(shape)
-        views[name] = extras[at: at + n].view(shape)
-        at += n
-    return views
+    parts = _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S)
+    if not parts:
+        return {}
+    sizes = [math.prod(shape) for _, shape in parts]
+    rest = extras.shape[0] - sum(sizes)          # (the block mask's cells when S is not given)
+    if len(parts) == 1 and not rest:             # the whole buffer: one view (issue 17: fewer ops per call)
+        return {parts[0][0]: extras.view(parts[0][1])}
+    if rest < 0:                                 # too short (not this call's extras): each view fails as it did
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return {name: extras[at: at + n].view(shape) for (name, shape), at, n in zip(parts, starts, sizes)}
+    pieces = extras.split(sizes + [rest] if rest else sizes)       # one op for all the parts
+    return {name: piece.view(shape) for (name, shape), piece in zip(parts, pieces)}
 
 
 class _Call(NamedTuple):
