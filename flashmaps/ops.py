@@ -263,7 +263,7 @@ def attention(
     if seed is None:
         if dropout_p > 0 or normalizer.stochastic:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling() or not _plain(q):   # (under a fake or traced mode: its own tensor)
             seed = torch.zeros((), dtype=torch.int64)
         else:
             seed = _ZERO_SEED        # (read-only: no op writes its inputs; one allocation less per call)
