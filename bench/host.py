@@ -2,6 +2,7 @@
 CUDA code path, up to the kernel launches, measured without a GPU.
 
     python -m flashmaps.bench.host [--out FILE] [--baseline FILE] [--rounds N] [--calls N] [--profile CASE]
+                                   [--phases CASE] [--length N]
 
 Method: every Triton launch is stubbed (``JITFunction.run`` returns at once; on an autotune-cache miss the
 autotuner's timing is stubbed too and picks its first pruned candidate, once, in the warm-up), the inputs are
@@ -196,7 +197,8 @@ def measure(cases: dict, rounds: int, calls: int, python_only: bool = False) -> 
 
 def count_ops(fn) -> int:
     """The aten ops one call dispatches (each one a kernel launch or an allocation on CUDA, some
-    microseconds of host time there)."""
+    microseconds of host time there), after a first call (what a process does once is not counted)."""
+    fn()
     timer = _aten_timer()
     with timer():
         fn()
@@ -215,6 +217,73 @@ def profile(fn, calls: int, top: int = 30) -> str:
     out = io.StringIO()
     pstats.Stats(pr, stream=out).sort_stats("cumulative").print_stats(top)
     return out.getvalue()
+
+
+#: (label, owner module or class name, function) wrapped by `phases`; the phases are their differences
+_PHASE_FUNCS = (("A", "flashmaps", "attention"), ("B", "flashmaps.ops", "attention"),
+                ("C", "flashmaps.ops", "_fwd_impl"), ("D", "flashmaps.triton_path", "launch_forward"),
+                ("E", "flashmaps.triton_path", "_setup"), ("F", "flashmaps.triton_path", "_launch"),
+                ("G", "torch.Tensor", "backward"), ("H", "flashmaps.ops", "_backward"),
+                ("I", "flashmaps.ops", "_bwd_impl"), ("J", "flashmaps.triton_path", "launch_backward"),
+                ("K", "flashmaps.triton_path", "bwd_rows_buffers"))
+
+
+def phases(fn, rounds: int, calls: int) -> list[tuple[str, float]]:
+    """[(phase, us per call)] of one case: the functions of `_PHASE_FUNCS` wrapped with timers (this thread's CPU
+    time, inclusive), the minimum over rounds, differenced into phases (a wrapper adds well under a microsecond;
+    `_setup` and `_launch` run in the forward and the backward alike: half of each is given to each side)."""
+    import functools
+    import importlib
+
+    acc: dict = {}
+    clock = time.thread_time_ns
+    saved = []
+    for label, owner_name, name in _PHASE_FUNCS:
+        owner = torch.Tensor if owner_name == "torch.Tensor" else importlib.import_module(owner_name)
+        f = getattr(owner, name)
+
+        def timed(*a, _f=f, _label=label, **kw):
+            t0 = clock()
+            try:
+                return _f(*a, **kw)
+            finally:
+                acc[_label] = acc.get(_label, 0) + clock() - t0
+
+        saved.append((owner, name, f))
+        setattr(owner, name, functools.wraps(f)(timed))
+    try:
+        for _ in range(3):
+            fn()
+        best: dict = {}
+        for _ in range(rounds):
+            acc.clear()
+            gc.collect()
+            t0 = clock()
+            for _ in range(calls):
+                fn()
+            acc["T"] = clock() - t0
+            for k, v in acc.items():
+                best[k] = min(best.get(k, float("inf")), v / calls / 1e3)
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    g = best.get
+    both = 2 if "G" in best else 1
+    rows = [("argument checks, parse, backend choice (functional.attention)", g("A", 0) - g("B", 0)),
+            ("ops.attention and the autograd.Function's forward side", g("B", 0) - g("C", 0)),
+            ("ops._fwd_impl (the op's plumbing)", g("C", 0) - g("D", 0)),
+            ("launch_forward: _setup (hooks, bundles)", g("E", 0) / both),
+            ("launch_forward: _launch (autotune lookup, launch)", g("F", 0) / both),
+            ("launch_forward: the rest (buffers, views, launch arguments)", g("D", 0) - (g("E", 0) + g("F", 0)) / both)]
+    if both == 2:
+        rows += [("Tensor.backward and the autograd engine (torch)", g("G", 0) - g("H", 0)),
+                 ("ops._backward (saved tensors, context)", g("H", 0) - g("I", 0)),
+                 ("ops._bwd_impl (stats, kwargs, output strides)", g("I", 0) - g("J", 0)),
+                 ("launch_backward: _setup", g("E", 0) / 2), ("launch_backward: _launch (dK/dV)", g("F", 0) / 2),
+                 ("launch_backward: bwd_rows_buffers (its zeros compute on the CPU)", g("K", 0)),
+                 ("launch_backward: the rest (preprocess launch, dk, dv, the dq cast)",
+                  g("J", 0) - g("K", 0) - (g("E", 0) + g("F", 0)) / 2)]
+    return rows + [("the whole call (the bench's loop and the wrappers included)", g("T", 0))]
 
 
 def summarize(times: dict, ops: dict) -> list[dict]:
@@ -260,10 +329,22 @@ def main(argv=None) -> int:
     ap.add_argument("--python-only", action="store_true",
                     help="exclude the aten ops' execution (CPU arithmetic and C++ dispatch): the Python frames only")
     ap.add_argument("--label", default="", help="a note stored in the results (e.g. 'before')")
+    ap.add_argument("--phases", default=None, metavar="CASE",
+                    help="print where one case's host time goes ('softmax fwd+bwd'; see `phases`) instead of timing")
+    ap.add_argument("--length", type=int, default=None, help="L = S of the cases (default 1024)")
     args = ap.parse_args(argv)
     setup()
     from . import harness
 
+    if args.length:
+        SHAPE.update(L=args.length, S=args.length)
+    if args.phases:
+        torch.set_num_threads(1)
+        norm, mode = args.phases.split(" ", 1)
+        print(f"| phase ({args.phases}, L=S={SHAPE['L']}) | us per call |\n|---|---|")
+        for name, us in phases(make_case(norm, mode, args.device), args.rounds, args.calls):
+            print(f"| {name} | {us:.1f} |")
+        return 0
     if args.profile:
         norm, mode = args.profile.split(" ", 1)
         print(profile(make_case(norm, mode, args.device), args.calls))

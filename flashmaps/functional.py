@@ -157,6 +157,8 @@ def _check_causal(causal):
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if type(scale) is float and math.isfinite(scale):     # the common case without the ABC check (issue 17)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
@@ -168,6 +170,8 @@ def _check_scale(scale, head_dim: int) -> float:
 def _check_softcap(softcap):
     if softcap is None:
         return None
+    if type(softcap) is float and 0.0 < softcap < math.inf:  # the common case without the ABC check (issue 17)
+        return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a positive float or None, got {type(softcap).__name__}")
     softcap = float(softcap)
@@ -177,6 +181,8 @@ def _check_softcap(softcap):
 
 
 def _check_dropout(dropout_p) -> float:
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the common case without the ABC check (issue 17)
+        return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)

@@ -37,6 +37,10 @@ from .normalizers import Normalizer, parse
 __all__ = ["attention", "backend_module"]
 
 _MODULES = {"torch": "flashmaps.torch_path", "triton": "flashmaps.triton_path"}
+#: the seed of a call without dropout or score noise (never written; an ordinary tensor even if flashmaps is
+#: imported under torch.inference_mode(), so that autograd may save it)
+with torch.inference_mode(False):
+    _ZERO_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def backend_module(name: str):
@@ -234,10 +238,12 @@ def _plain(x) -> bool:
 
 
 def _forward_op(*inputs):
-    """The custom op when compiling or tracing (fake or wrapped tensors), the eager Function otherwise."""
+    """The custom op when compiling or tracing (fake or wrapped tensors), the eager Function otherwise. The
+    normalizer (inputs[6]) is the parsed instance: the custom op takes its spec string, the eager Function the
+    instance itself (its forward, context and backward do not parse the spec again)."""
     q, k, v = inputs[:3]
     if torch.compiler.is_compiling() or not (_plain(q) and _plain(k) and _plain(v)):
-        return attention_fwd(*inputs)
+        return attention_fwd(*inputs[:6], inputs[6].spec, *inputs[7:])
     return _Eager.apply(*inputs)
 
 
@@ -257,8 +263,10 @@ def attention(
     if seed is None:
         if dropout_p > 0 or normalizer.stochastic:
             seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-        else:
+        elif torch.compiler.is_compiling() or not _plain(q):   # (under a fake or traced mode: its own tensor)
             seed = torch.zeros((), dtype=torch.int64)
+        else:
+            seed = _ZERO_SEED        # (read-only: no op writes its inputs; one allocation less per call)
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
                                              (sinks is not None and sinks.requires_grad))
     if not need_grad and not torch.compiler.is_compiling() and _plain(q) and _plain(k) and _plain(v):
@@ -272,7 +280,7 @@ def attention(
             out, stats, _ = _fwd_impl(*args)
     else:
         out, stats, _ = _forward_op(
-            q, k, v, mask, seed, backend, normalizer.spec, causal or "", scale, softcap, dropout_p, need_grad,
+            q, k, v, mask, seed, backend, normalizer, causal or "", scale, softcap, dropout_p, need_grad,
             normalizer.head_params(), sinks, bool(deterministic),
         )
     if not return_stats:

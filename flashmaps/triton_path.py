@@ -25,6 +25,7 @@ of :func:`dropout_keep_mask`, regenerated identically by the backward. Autotune 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, NamedTuple, Optional
@@ -34,8 +35,9 @@ import triton
 
 from . import triton_configs
 from .kernels.backward import attn_bwd_dkdv, attn_bwd_dq, attn_bwd_preprocess
-from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, RowOut, ScoreScale,
-                               Static, View, block_mask_ok, block_mask_shape, fold_score_unit, raw_scores_ok)
+from .kernels.contract import (MASK_BLOCK, MASK_BOOL, MASK_FLOAT, MASK_NONE, BwdRows, Dims, Dropout, Hooks, RowOut,
+                               ScoreScale, Static, View, block_mask_ok, block_mask_shape, fold_score_unit,
+                               raw_scores_ok)
 from .kernels.dropout import dropout_mask_kernel
 from .kernels.tiles import head_grid
 from .kernels.tile_loop import attn_fwd
@@ -125,6 +127,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=1024)
 def _bucket(n: int) -> int:
     """Autotune length bucket: the next power of two, at least 256."""
     return max(256, 1 << max(0, math.ceil(math.log2(max(1, n)))))
@@ -183,12 +186,18 @@ def unpack_extras(extras: torch.Tensor, normalizer: Normalizer, q, v, need_grad:
 
 def _unpack(extras: torch.Tensor, hooks, q, v, need_grad: bool, S: int = 0) -> dict:
     B, Hq, L = q.shape[:3]
-    views, at = {}, 0
-    for name, shape in _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S):
-        n = math.prod(shape)
-        views[name] = extras[at: at + n].view(shape)
-        at += n
-    return views
+    parts = _extras_parts(hooks, B, Hq, L, v.shape[3], need_grad, S)
+    if not parts:
+        return {}
+    sizes = [math.prod(shape) for _, shape in parts]
+    rest = extras.shape[0] - sum(sizes)          # (the block mask's cells when S is not given)
+    if len(parts) == 1 and not rest:             # the whole buffer: one view (issue 17: fewer ops per call)
+        return {parts[0][0]: extras.view(parts[0][1])}
+    if rest < 0:                                 # too short (not this call's extras): each view fails as it did
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return {name: extras[at: at + n].view(shape) for (name, shape), at, n in zip(parts, starts, sizes)}
+    pieces = extras.split(sizes + [rest] if rest else sizes)       # one op for all the parts
+    return {name: piece.view(shape) for (name, shape), piece in zip(parts, pieces)}
 
 
 class _Call(NamedTuple):
@@ -209,33 +218,124 @@ class _Call(NamedTuple):
     hp: Any               # the (Hq,) fp32 head parameters (contract.Hooks.head_param) or the placeholder
 
 
+#: {a call's static key (`_setup`): the _Call fields that depend on it alone}; emptied when it reaches _PLANS_MAX
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
 def _setup(q, k, v, normalizer: Normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder) -> _Call:
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    hooks, args, scratch_cols = normalizer.triton(S)
+    hooks, args, scratch_cols = normalizer.triton(S)     # every call: it reads its module's knobs (COLLECT, NPTS)
+    if mask is None:
+        mask_view = View(placeholder, 0, 0, 0, 0)
+    elif mask.dtype == torch.bool:
+        mask_view = View.of(mask.view(torch.uint8))   # same strides, no copy
+    else:  # entries <= finfo.min (and -inf) exclude the key
+        mask_view = View.of(mask)
+    # issue 17 (host cost): the rest depends on this key and the unit's (hooks, args, scratch_cols) only: built once
+    # (`_PLANS`; a plan whose triton(S) record differs, a module knob changed, is rebuilt)
+    key = (normalizer, B, Hq, L, D, Hkv, S, Dv, q.dtype, None if mask is None else mask.dtype, causal, scale, softcap,
+           dropout_p, _dot_precision(q.dtype))
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:                  # an unhashable user normalizer (a list option): no plan cache
+        plan, key = None, None
+    if plan is None or not (plan.scratch_cols == scratch_cols and (plan.hooks is hooks or plan.hooks == hooks)
+                            and (plan.args is args or plan.args == args)):
+        plan = _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, q.dtype,
+                     None if mask is None else mask.dtype, causal, scale, softcap, dropout_p)
+        if key is not None:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return _Call(plan.hooks, plan.args, plan.scratch_cols, plan.static, plan.dims, plan.scale, mask_view, plan.drop,
+                 int(seed), plan.sm_scale, B, Hkv, _head_params(normalizer, plan.hooks, Hq, placeholder))
+
+
+class _Hashed:
+    """A hashable value with its hash computed once, equal to a _Hashed of an equal value: a Hooks record in a
+    cache key (hashing its JIT functions costs microseconds per call)."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self is other or (type(other) is _Hashed and self.hash == other.hash and self.value == other.value)
+
+
+#: {(id(obj), tag): (obj, what `_memo` made of it)}: holding obj, so that its id is not reused while it is listed;
+#: emptied when it reaches _PLANS_MAX
+_MEMO: dict = {}
+
+
+def _memo(obj, tag, make):
+    """``make()``, once per object ``obj`` (by identity) and ``tag``: the calls of one plan (`_setup`) share their
+    hooks and static records, so what is derived from them (a variant, a `_Hashed`) is derived once."""
+    key = (id(obj), tag)
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    made = make()
+    if len(_MEMO) >= _PLANS_MAX:
+        _MEMO.clear()
+    _MEMO[key] = (obj, made)
+    return made
+
+
+def _hashed(value) -> _Hashed:
+    return _memo(value, None, lambda: _Hashed(value))
+
+
+def _variant(record, **fields):
+    """``record._replace(**fields)`` (a NamedTuple), made once per record object and fields."""
+    return _memo(record, tuple(fields.items()), lambda: record._replace(**fields))
+
+
+def _plan(normalizer, hooks, args, scratch_cols, B, Hq, L, D, Hkv, S, Dv, dtype, mask_dtype, causal, scale,
+          softcap, dropout_p) -> _Call:
+    """The _Call of `_setup` without its per-call fields (mask view, seed, head parameters: None)."""
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if mask is None:
-        mask_kind, mask_view, mask_min = MASK_NONE, View(placeholder, 0, 0, 0, 0), 0.0
-    elif mask.dtype == torch.bool:
-        mask_kind, mask_view, mask_min = MASK_BOOL, View.of(mask.view(torch.uint8)), 0.0   # same strides, no copy
-    else:  # entries <= finfo.min (and -inf) exclude the key
-        mask_kind, mask_view, mask_min = MASK_FLOAT, View.of(mask), float(torch.finfo(mask.dtype).min)
+    if mask_dtype is None:
+        mask_kind, mask_min = MASK_NONE, 0.0
+    elif mask_dtype == torch.bool:
+        mask_kind, mask_min = MASK_BOOL, 0.0
+    else:
+        mask_kind, mask_min = MASK_FLOAT, float(torch.finfo(mask_dtype).min)
     distance = normalizer.score == "distance"   # the scale goes inside the log (tiles.log_distance)
     qk_scale, cap_mult = fold_score_unit(1.0 if distance else scale, softcap, hooks.unit)
     band = bounds(causal, L, S)                      # causal / window offsets (flashmaps.window)
     static = Static.make(D=D, Dv=Dv, causal=band.right_off is not None, mask_kind=mask_kind,
-                         softcap=softcap is not None, dot_prec=_dot_precision(q.dtype), dropout=dropout_p > 0,
-                         dtype=str(q.dtype), left=band.left_off is not None, distance=distance,
+                         softcap=softcap is not None, dot_prec=_dot_precision(dtype), dropout=dropout_p > 0,
+                         dtype=str(dtype), left=band.left_off is not None, distance=distance,
                          raw_scores=raw_scores_ok(hooks, softcap=softcap is not None, mask_kind=mask_kind,
                                                   distance=distance, qk_scale=qk_scale))
     dims = Dims(B, Hq, Hq // Hkv, L, S, band.right_off or 0, band.left_off or 0, 0)
     drop = Dropout(float(dropout_p), 1.0 / (1.0 - float(dropout_p)))
     return _Call(hooks, args, scratch_cols, static, dims,
                  ScoreScale(float(qk_scale), float(cap_mult), float(hooks.unit), mask_min, float(scale),
-                            -0.5 * normalizer.score_power if distance else 0.0), mask_view, drop,
-                 int(seed), (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv,
-                 _head_params(normalizer, hooks, Hq, placeholder))
+                            -0.5 * normalizer.score_power if distance else 0.0), None, drop,
+                 None, (1.0 if distance else float(scale)) * hooks.grad_mult, B, Hkv, None)
+
+
+#: {device: its placeholder} (`_placeholder`)
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(dev) -> torch.Tensor:
+    """The fp32 (1,) tensor the launchers pass for an unused pointer argument, one per device (kept: an allocation
+    less per launch; no kernel reads or writes it)."""
+    ph = _PLACEHOLDERS.get(dev)
+    if ph is None:
+        with torch.inference_mode(False):
+            ph = _PLACEHOLDERS[dev] = torch.empty(1, dtype=torch.float32, device=dev)
+    return ph
 
 
 def tma_ok(*views: torch.Tensor) -> bool:
@@ -306,7 +406,11 @@ def _launch(kernel, tuned, config, grid_of, args, meta):
     if at is None:
         at = _KEY_AT[tuned] = tuple(tuned.arg_names.index(name) for name in tuned.keys)
     n = len(args)
-    key = (tuned, *(args[i] if i < n else meta[tuned.arg_names[i]] for i in at))
+    key = [tuned]
+    for i in at:
+        x = args[i] if i < n else meta[tuned.arg_names[i]]
+        key.append(_hashed(x) if type(x) is Hooks else x)       # (a Hooks record: its hash computed once)
+    key = tuple(key)
     chosen = _CHOSEN.get(key)
     if chosen is None:
         tuned[grid_of](*args, **meta)
@@ -324,15 +428,22 @@ def split_plan(B: int, Hq: int, L: int, S: int, sm_count: int) -> int:
     64 splits. The partial results are merged by the normalizer's merge rule."""
     if L > SPLIT_MAX_L or S < 2 * SPLIT_KEY_BLOCK:
         return 1
-    programs = B * Hq * triton.cdiv(L, 64)
+    programs = B * Hq * _cdiv(L, 64)
     if programs >= sm_count:
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
+    return max(1, min(_cdiv(2 * sm_count, programs), S // SPLIT_KEY_BLOCK, 64))
+
+
+#: {CUDA device: its SM count} (`_sm_count`)
+_SM_COUNT: dict = {}
 
 
 def _sm_count(dev) -> int:
     if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).multi_processor_count
+        n = _SM_COUNT.get(dev)
+        if n is None:
+            n = _SM_COUNT[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+        return n
     return DEFAULT_SM_COUNT
 
 
@@ -379,8 +490,8 @@ def _launch_split(q, k, v, normalizer, c, n_split, args_of, config, threshold=No
     """The forward as n_split key splits in one launch (grid axis 0: query block x split), merged."""
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
-    split_keys = triton.cdiv(triton.cdiv(S, n_split), SPLIT_KEY_BLOCK) * SPLIT_KEY_BLOCK
-    n_split = triton.cdiv(S, split_keys)
+    split_keys = _cdiv(_cdiv(S, n_split), SPLIT_KEY_BLOCK) * SPLIT_KEY_BLOCK
+    n_split = _cdiv(S, split_keys)
     dev = q.device
     out_p = torch.empty((n_split * B, Hq, L, DV), dtype=torch.float32, device=dev)
     stats_p = [torch.empty((n_split * B, Hq, L), dtype=torch.float32, device=dev) for _ in normalizer.stats]
@@ -419,9 +530,11 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     B, Hq, L, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     dev = q.device
-    placeholder = torch.empty(1, dtype=torch.float32, device=dev)
+    placeholder = _placeholder(dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
-    c = c._replace(static=_tma_static(c.static, k, v))
+    static = _tma_static(c.static, k, v)
+    if static is not c.static:
+        c = c._replace(static=static)
     if save_extras and not c.hooks.has_backward:
         raise NotImplementedError(
             f"the normalizer {normalizer.spec!r} has no Triton backward hooks (bwd_rows, bwd_weights, "
@@ -459,7 +572,8 @@ def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer
     rows = RowOut(stats_t[0] if stats_t else placeholder, stats_t[-1] if stats_t else placeholder,
                   saved.get("thr", placeholder) if thr_k is None else thr_k, saved.get("sum_g", placeholder),
                   saved.get("o2", placeholder), scratch, placeholder if live is None else live)
-    norm = c.hooks._replace(has_g=c.hooks.has_g and save_extras)     # the second sum only when it is needed
+    norm = _variant(c.hooks, has_g=False) if c.hooks.has_g and not save_extras else c.hooks   # the second sum
+                                                                                                 # only when needed
 
     def args_of(o, st, dims, static):
         rw = rows._replace(stat0=st[0], stat1=st[-1]) if st else rows
@@ -520,7 +634,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     B, Hq, L, _ = q.shape
     S = k.shape[2]
     dev = q.device
-    placeholder = torch.empty(1, dtype=torch.float32, device=dev)
+    placeholder = _placeholder(dev)
     c = _setup(q, k, v, normalizer, mask, causal, scale, softcap, dropout_p, seed, placeholder)
     if not c.hooks.has_backward:
         raise NotImplementedError(f"the normalizer {normalizer.spec!r} has no Triton backward hooks")
@@ -539,7 +653,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     rows = RowOut(stats[0] if stats else placeholder, stats[-1] if stats else placeholder,
                   views.get("thr", placeholder), views.get("sum_g", placeholder), placeholder, placeholder)
     o_bwd = views["o2"] if c.hooks.has_g else out      # the row term is taken against O2 for entmax15
-    norm = c.hooks.with_consts(())                         # consts are forward-only: one backward per hooks
+    norm = _memo(c.hooks, "bwd", lambda: c.hooks.with_consts(()))   # consts are forward-only: one backward per hooks
 
     if deterministic is None:
         from .functional import default_deterministic
@@ -548,13 +662,13 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     atomic = not deterministic
     # delta = rowsum(dO * O_bwd) - delta_shift; (w0, w1) = bwd_rows(stats, thr, sum_g): (B, Hq, L) fp32 each,
     # the non-finite rule's flags; atomic dQ: the zeroed fp32 accumulator the dK/dV kernel adds into
+    # (and the block mask's per-program lists of live tiles, int16: see `BwdRows.lists`)
+    lists = placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev)
     rb, dq_acc = bwd_rows_buffers((B, Hq, L), B * c.Hkv, q.shape[-1], atomic,
-                                  placeholder if live is None else live, placeholder)
-    # the block mask's per-program lists of live tiles (int16: see `BwdRows.lists`)
-    rb = rb._replace(lists=placeholder if live is None else torch.empty(live.shape, dtype=torch.int16, device=dev))
+                                  placeholder if live is None else live, placeholder, lists)
     pre_bm = INTERPRET_CONFIG["BM"] if _INTERPRET else _PRE_BM
     attn_bwd_preprocess[(_cdiv(L, pre_bm), *head_grid(B * Hq))](
-        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=c.static._replace(ATOMIC_DQ=atomic),
+        View.of(o_bwd), View.of(dout), rows, rb, B, Hq, L, BM=pre_bm, ST=_variant(c.static, ATOMIC_DQ=atomic),
         NORM=norm, HP=c.hp, SHIFT=shift_rows(delta_shift, (B, Hq, L), dev), DQA=dq_acc, GROUP=Hq // c.Hkv)
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
@@ -569,7 +683,7 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
             per_kernel.get("dkdv"),
             lambda META: (_cdiv(S, META["BN"]), *head_grid(B * c.Hkv)),
             (Q, K, V, DO, c.mask, View.of(dk), View.of(dv), *tail),
-            dict(meta, ST=c.static._replace(ATOMIC_DQ=atomic), DQA=dq_acc))
+            dict(meta, ST=_variant(c.static, ATOMIC_DQ=atomic), DQA=dq_acc))
     if atomic:
         return dq_acc.view(q.shape).to(q.dtype), dk, dv
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
@@ -578,19 +692,21 @@ def launch_backward(dout, q, k, v, out, stats, extras, normalizer: Normalizer, *
     return dq, dk, dv
 
 
-def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder):
+def bwd_rows_buffers(rows_shape, heads: int, head_d: int, atomic: bool, live, placeholder, lists=0):
     """(`BwdRows`, DQA) of a backward over ``rows_shape`` query rows ((B, Hq, L), or (Hq, total_q) packed) of
-    head dim ``head_d``: delta, w0, w1 (uninitialized), ``live`` (the block mask or a placeholder), the non-finite
-    rule's flags (head_bad: ``heads`` = B * Hkv (b, kv head) flags, zeroed; row_bad without the atomic dQ) and with
-    ``atomic`` the zeroed fp32 dQ accumulator (rows_shape + (head_d,), flat): one zeroed allocation holds it and
-    head_bad."""
+    head dim ``head_d``: delta, w0, w1, ``live`` (the block mask or a placeholder), the non-finite rule's flags
+    (head_bad: ``heads`` = B * Hkv (b, kv head) flags; row_bad without the atomic dQ) and with ``atomic`` the fp32
+    dQ accumulator (rows_shape + (head_d,), flat); ``lists``: `BwdRows.lists`. All but ``live`` and ``lists`` are
+    views of ONE zeroed allocation, split in one op (issue 17: two ops instead of five; the rows, written by the
+    preprocess, start 16-byte aligned past the flags)."""
     n = math.prod(rows_shape)
-    dev = placeholder.device
-    rows = torch.empty((3 if atomic else 4, n), dtype=torch.float32, device=dev).unbind(0)
+    n_rows, dq_n = (3, n * head_d) if atomic else (4, 0)
+    pad = -heads % 4
+    dqa, head_bad, _, *rows = torch.zeros(dq_n + heads + pad + n_rows * n, dtype=torch.float32,
+                                          device=placeholder.device).split([dq_n, heads, pad] + [n] * n_rows)
     if atomic:
-        zeroed = torch.zeros(n * head_d + heads, dtype=torch.float32, device=dev)
-        return BwdRows(*rows, live, zeroed[n * head_d:], placeholder), zeroed[:n * head_d]
-    return BwdRows(*rows[:3], live, torch.zeros(heads, dtype=torch.float32, device=dev), rows[3]), placeholder
+        return BwdRows(*rows, live, head_bad, placeholder, lists), dqa
+    return BwdRows(*rows[:3], live, head_bad, rows[3], lists), placeholder
 
 
 def shift_rows(delta_shift: Optional[torch.Tensor], rows_shape, dev) -> Optional[torch.Tensor]:

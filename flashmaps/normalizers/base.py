@@ -196,11 +196,10 @@ class Normalizer:
                 "HOOKS); use backend='torch'"
             )
         mod = sys.modules.get(self.kernels) or import_module(self.kernels)
-        if hasattr(mod, "configure"):
-            return mod.configure(self, S)
-        from ..kernels.contract import NoArgs
-
-        return mod.HOOKS, NoArgs(), 0
+        configure = getattr(mod, "configure", None)
+        if configure is not None:
+            return configure(self, S)
+        return mod.HOOKS, _no_args(), 0
 
     # -------------------------------------------------------------------------------- merging
 
@@ -351,6 +350,18 @@ class Normalizer:
         """``c`` (B, Hq, L) from the statistics of the call with the sink: ``dL/dsink_h = -sum_{b,i} c *
         rowsum(dO * out_sink)`` (softmax: the sink's own weight ``exp(sink_h - lse)``)."""
         raise NotImplementedError(f"the normalizer {self.spec!r} has no attention sinks")
+
+
+_NO_ARGS: list = []
+
+
+def _no_args():
+    """The one ``kernels.contract.NoArgs()`` (imported on first use: the torch path needs no Triton)."""
+    if not _NO_ARGS:
+        from ..kernels.contract import NoArgs
+
+        _NO_ARGS.append(NoArgs())
+    return _NO_ARGS[0]
 
 
 # ----------------------------------------------------------------------------------------------------
