@@ -14,7 +14,7 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
   Pass 2 stores every allowed score >= lb in the row's scratch (`threshold.collect_search`, KC = 2 KP
   slots; on random data about 1.2-1.4 k of them); tau_k is the k-th largest of those, read after one
   sort. If a row of the block collected more than KC scores, the block falls back to BUFFER.
-* BUFFER (k <= KMAX, the default, and COLLECT's fallback): one pass keeping, per row, the multiset of
+* BUFFER (k <= KMAX outside SELECT_UP_TO_S, and COLLECT's fallback): one pass keeping, per row, the multiset of
   the k largest scores seen so far in a [BM, KP] register buffer (KP = next power of two >= k; slots >= k hold +inf and never leave).
   theta = min(buffer) is the running k-th largest. Per tile, the candidates are the scores > theta;
   while any row of the block has one, its largest candidate replaces that row's minimum slot (one
@@ -23,7 +23,8 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
   MERGE_AT[KP] candidates (the first tiles: every allowed score is one while the buffer fills) is merged in one
   data-independent step instead (`_merge_tile`: the buffer sorted ascending against the tile's KP largest
   descending, elementwise max: the KP largest of the union).
-* SELECT (larger k): exact count-based selection, the bracket method of the threshold engine
+* SELECT (k > KMAX, and k <= KMAX at S <= SELECT_UP_TO_S[KP], at SELECT_SHORT_POINTS points per pass: cheaper
+  there than the buffer's merges by the offline cost model): exact count-based selection, the bracket method of the threshold engine
   (`threshold.search` with the rule `RULE`). One pass for max, min and n; then passes at NP
   interior points t of [lo, hi] counting c(t) = #{s >= t} with the smallest counted and largest
   uncounted score: c(t) == k gives tau = min{s >= t}, c(t) == k - 1 gives tau = max{s < t}; otherwise
@@ -64,8 +65,17 @@ COLLECT = False
 MERGE_AT = {2: 2, 4: 3, 8: 3, 16: 4, 32: 6, 64: 7, 128: 11}
 #: under the interpreter no merges (insertion steps only; see `configure`)
 INTERPRET_NO_MERGE = True
-#: points per select pass (power of two)
+#: points per select pass (power of two) for k > KMAX
 SELECT_POINTS = 8
+#: SELECT instead of BUFFER for k <= KMAX (COLLECT off): per buffer size KP, the largest S at which the count select
+#: is the default (``{}``: BUFFER for every k <= KMAX). Offline cost model per K tile (SASS at D = 64, replays at
+#: BM = 128, BN = 64, N(0, 1) and structured scores; bench/TUNING.md, "top-k's pre-pass mode by measured cost"): at
+#: KP = 128 (64 < k <= 128) a buffer merge costs 8631 and nearly every tile of a short row merges: BUFFER 7650-8850
+#: per tile at S <= 1024, SELECT at 2 points 174 + 7.5-8.5 passes x 601 = 4680-5280. From S = 2048 on structured
+#: scores (and at 8k on both) the buffer inserts instead and SELECT no longer wins; at KP <= 64 BUFFER wins everywhere.
+SELECT_UP_TO_S = {128: 1024}
+#: points per select pass in that region: 601 SASS per pass tile and 7.5-8.5 passes; 8 points: 2161 and 4-5 passes
+SELECT_SHORT_POINTS = 2
 MAX_PASSES = 64
 #: Consts.MODE values (constexpr: the pre-pass compares against them; ``.value`` in Python)
 MODE_ALL: tl.constexpr = tl.constexpr(0)
@@ -332,12 +342,13 @@ HOOKS = make_hooks(
 
 
 def configure(normalizer, S: int):
-    """(hooks, runtime args, scratch columns) of TopK(k) over S keys; the mode from k, S and COLLECT."""
+    """(hooks, runtime args, scratch columns) of TopK(k) over S keys; the mode from k, S, COLLECT and
+    SELECT_UP_TO_S."""
     k = int(normalizer.k)
     kp = max(2, next_pow2(k))
     if k >= S:
         consts = Consts(MODE_ALL.value, kp, 8, 0)
-    elif k <= KMAX:
+    elif k <= KMAX and (COLLECT or S > SELECT_UP_TO_S.get(kp, 0)):
         mode = MODE_COLLECT.value if COLLECT else MODE_BUFFER.value
         # under the interpreter a merge (numpy's bitonic sorts) costs far more than an insertion step: none by
         # default, at main's test time (the top-k grids' "merge" mode runs the GPU's rule, MERGE_AT[KP])
@@ -346,5 +357,6 @@ def configure(normalizer, S: int):
         consts = Consts(mode, kp, collect_group_size(S, 4 * k), 2 * kp, merge_at)          # about 4k groups
     else:
         consts = Consts(MODE_SELECT.value, kp, 8, 0)
-    hooks = HOOKS._replace(consts=consts, rule=RULE._replace(points=SELECT_POINTS))
+    points = SELECT_SHORT_POINTS if k <= KMAX else SELECT_POINTS
+    hooks = HOOKS._replace(consts=consts, rule=RULE._replace(points=points))
     return hooks, Args(float(k)), consts.KC if consts.MODE == MODE_COLLECT.value else 0

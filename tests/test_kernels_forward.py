@@ -300,6 +300,7 @@ TOPK_MODES = ["collect", "buffer", "merge", "select"]
 
 def _topk_mode(mode, monkeypatch):
     monkeypatch.setattr(topk_kernels, "COLLECT", mode == "collect")
+    monkeypatch.setattr(topk_kernels, "SELECT_UP_TO_S", {})       # buffer / merge: the buffer for every k <= KMAX
     if mode == "select":
         monkeypatch.setattr(topk_kernels, "KMAX", 0)
     if mode == "merge":

@@ -40,19 +40,20 @@ def steps(s, k, BN, seed_first=False, merge=None):
             mx = max(mx, cnt)
         per_tile.append(mx); total += mx
     return total, per_tile, merges
-args = sys.argv[1:]
-K = 64; M = None
-if "--k" in args:
-    i = args.index("--k"); K = int(args[i + 1]); del args[i:i + 2]
-if "--merge" in args:
-    i = args.index("--merge"); M = int(args[i + 1]); del args[i:i + 2]
-rng = np.random.default_rng(0)
-S = int(args[0]); BM = int(args[1]); BN = 64
-s = rng.standard_normal((BM, S))
-if M is None:
-    for sf in (False, True):
-        tot, pt, _ = steps(s, K, BN, sf)
-        print(f"S={S} BM={BM} k={K} seed_first={sf}: total steps {tot} over {S//BN} tiles; first 5 {pt[:5]}; last 5 {pt[-5:]}")
-else:
-    tot, pt, mg = steps(s, K, BN, merge=M)
-    print(f"S={S} BM={BM} k={K} merge>{M}: total steps {tot}, merged tiles {mg} of {S//BN}; first 5 {pt[:5]}; last 5 {pt[-5:]}")
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    K = 64; M = None
+    if "--k" in args:
+        i = args.index("--k"); K = int(args[i + 1]); del args[i:i + 2]
+    if "--merge" in args:
+        i = args.index("--merge"); M = int(args[i + 1]); del args[i:i + 2]
+    rng = np.random.default_rng(0)
+    S = int(args[0]); BM = int(args[1]); BN = 64
+    s = rng.standard_normal((BM, S))
+    if M is None:
+        for sf in (False, True):
+            tot, pt, _ = steps(s, K, BN, sf)
+            print(f"S={S} BM={BM} k={K} seed_first={sf}: total steps {tot} over {S//BN} tiles; first 5 {pt[:5]}; last 5 {pt[-5:]}")
+    else:
+        tot, pt, mg = steps(s, K, BN, merge=M)
+        print(f"S={S} BM={BM} k={K} merge>{M}: total steps {tot}, merged tiles {mg} of {S//BN}; first 5 {pt[:5]}; last 5 {pt[-5:]}")
