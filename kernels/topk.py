@@ -24,8 +24,8 @@ Pre-pass modes (``NORM.consts.MODE``, chosen from k and S by `configure`):
   data-independent step instead (`_merge_tile`: the buffer sorted ascending against the tile's KP largest
   descending, elementwise max: the KP largest of the union).
 * SELECT (k > KMAX, and k <= KMAX at S <= SELECT_UP_TO_S[KP], at SELECT_SHORT_POINTS points per pass: cheaper
-  there than the buffer's merges by the offline cost model): exact count-based selection, the bracket method of the threshold engine
-  (`threshold.search` with the rule `RULE`). One pass for max, min and n; then passes at NP
+  there than the buffer's merges by the offline cost model): exact count-based selection, the bracket method of
+  the threshold engine (`threshold.search` with the rule `RULE`). One pass for max, min and n; then passes at NP
   interior points t of [lo, hi] counting c(t) = #{s >= t} with the smallest counted and largest
   uncounted score: c(t) == k gives tau = min{s >= t}, c(t) == k - 1 gives tau = max{s < t}; otherwise
   the bracket snaps to data values (lo = min{s >= t_a}, hi = max{s < t_b}) and shrinks at least
