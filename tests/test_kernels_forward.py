@@ -589,15 +589,17 @@ def test_cuda_decode_and_strides(norm):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("k", [1, 64, 128, 129, 1000, 2047])
-def test_cuda_topk_every_mode(k):
-    """Both pre-pass modes at S = 2048 (buffer for k <= KMAX, select beyond). Small-integer q and k make
-    every q.k exact on the GPU too (no near-ties that fp32 rounding could order differently from the
-    float64 reference) while leaving many exact ties at the threshold."""
+@pytest.mark.parametrize("k, S", [(1, 2048), (64, 2048), (128, 2048), (129, 2048), (1000, 2048), (2047, 2048),
+                                  (96, 1024), (128, 1024)])
+def test_cuda_topk_every_mode(k, S):
+    """Every pre-pass mode: at S = 2048 buffer for k <= KMAX and select (8 points) beyond; at S = 1024 the select
+    at 2 points of 64 < k <= KMAX (`topk.SELECT_UP_TO_S`). Small-integer q and k make every q.k exact on the GPU
+    too (no near-ties that fp32 rounding could order differently from the float64 reference) while leaving many
+    exact ties at the threshold."""
     g = torch.Generator().manual_seed(33)
     q = torch.randint(-2, 3, (1, 4, 512, 64), generator=g).float().cuda()
-    k_ = torch.randint(-2, 3, (1, 4, 2048, 64), generator=g).float().cuda()
-    v = torch.randn(1, 4, 2048, 64, generator=g).cuda()
+    k_ = torch.randint(-2, 3, (1, 4, S, 64), generator=g).float().cuda()
+    v = torch.randn(1, 4, S, 64, generator=g).cuda()
     run_case(q, k_, v, f"topk:{k}", causal="lower_right", scale=0.05, tol=1e-4, stats_tol=1e-5,
              config=cuda_cfg(64))
 
