@@ -216,27 +216,26 @@ def head_program(n_heads):
 
 
 @triton.jit
-def query_program(dims, IS_CAUSAL: tl.constexpr):
-    """(query block index, batch, query head, kv head) of a program of a grid (cdiv(L, BM),
-    *head_grid(B * Hq)); causal grids run the heaviest blocks (the last rows) first."""
-    pid_m = tl.program_id(0)
+def _query_block(pid_m, n_m, pid_bh, dims, IS_CAUSAL: tl.constexpr):
+    """(query block index, batch, query head, kv head) of block pid_m of n_m and head pid_bh = b * Hq + h; causal
+    grids run the heaviest blocks (the last rows) first."""
     if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = head_program(dims.B * dims.Hq)
+        pid_m = n_m - 1 - pid_m
     off_h = pid_bh % dims.Hq
     return pid_m, pid_bh // dims.Hq, off_h, off_h // dims.group      # GQA: query head h reads kv head h // group
 
 
 @triton.jit
+def query_program(dims, IS_CAUSAL: tl.constexpr):
+    """`_query_block` of a program of a grid (cdiv(L, BM), *head_grid(B * Hq))."""
+    return _query_block(tl.program_id(0), tl.num_programs(0), head_program(dims.B * dims.Hq), dims, IS_CAUSAL)
+
+
+@triton.jit
 def work_program(w, n_m, dims, IS_CAUSAL: tl.constexpr):
-    """`query_program` of work item w of a persistent grid (Static.PERSISTENT): the program (w % n_m, w // n_m) of
+    """`_query_block` of work item w of a persistent grid (Static.PERSISTENT): the program (w % n_m, w // n_m) of
     the grid (n_m = cdiv(L, BM), B * Hq), i.e. the items in the default grid's launch order (axis 0 fastest)."""
-    pid_m = w % n_m
-    if IS_CAUSAL:
-        pid_m = n_m - 1 - pid_m
-    pid_bh = w // n_m
-    off_h = pid_bh % dims.Hq
-    return pid_m, pid_bh // dims.Hq, off_h, off_h // dims.group
+    return _query_block(w % n_m, n_m, w // n_m, dims, IS_CAUSAL)
 
 
 @triton.jit
